@@ -1,0 +1,126 @@
+"""ModelRunner: a scheduled step → flat tensors → one forward → logits of the rows that need them.
+
+Owns the paged KV cache tensors (one (2, num_blocks, block_size, Hkv, D) tensor per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inferd.engine.request import Request
+from inferd.engine.scheduler import SchedulerOutput
+from inferd.errors import InvalidRequestError
+from inferd.models.registry import LoadedModel
+from inferd.ops.attention import AttnMetadata, PrefillChunk
+
+
+def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
+    c = lm.config
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * lm.dtype.itemsize
+
+
+def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, available: int) -> int:
+    per_block = kv_bytes_per_block(lm, block_size)
+    budget = int(budget_gib * (1 << 30)) if budget_gib is not None else min(int(available * 0.25), 2 << 30)
+    num_blocks = budget // per_block
+    need = -(-lm.max_model_len // block_size)
+    if num_blocks < need:
+        raise InvalidRequestError(
+            f"KV cache of {budget / (1 << 30):.2f} GiB holds {num_blocks * block_size} tokens, less than one "
+            f"sequence of max_model_len={lm.max_model_len} ({need * per_block / (1 << 30):.2f} GiB); "
+            "raise --kv-cache-memory or lower --max-model-len",
+            param="kv_cache_memory",
+        )
+    return int(num_blocks)
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    meta: AttnMetadata
+    logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed
+    sample_rows: list[int]  # index into logit_rows of each sampling request's last token, or -1
+    prompt_lp_rows: dict[str, tuple[int, int, int]]  # request id → (first logit row, count, first position)
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
+        self.lm = lm
+        self.block_size = block_size
+        c = lm.config
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype, device=lm.device)
+            for _ in range(c.num_layers)
+        ]
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_lp_rows: dict[str, tuple[int, int, int]] = {}
+        meta = AttnMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
+        decode_reqs: list[Request] = []
+        row = 0
+        for req in out.requests:
+            n = out.num_tokens[req.request_id]
+            start = req.num_computed_tokens
+            end = start + n
+            ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_parts.append(self._slots(req.block_ids, start, end))
+            is_decode = n == 1 and start >= req.num_prompt_tokens
+            if is_decode:
+                decode_reqs.append(req)
+            else:
+                mask = None
+                ctx_slots = self._slots(req.block_ids, 0, end)
+                if start > 0:  # cached prefix or earlier chunks: causal with an offset
+                    mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+                meta.prefills.append(PrefillChunk(row, n, end, ctx_slots, mask))
+            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
+                last = min(end, req.num_prompt_tokens - 1)  # positions whose next token is a prompt token
+                prompt_lp_rows[req.request_id] = (len(logit_rows), last - start, start)
+                logit_rows.extend(range(row, row + last - start))
+            if end == req.num_tokens:
+                sample_rows.append(len(logit_rows))
+                logit_rows.append(row + n - 1)
+            else:
+                sample_rows.append(-1)
+            row += n
+        meta.slot_mapping = torch.cat(slot_parts) if slot_parts else meta.slot_mapping
+        meta.num_decode = len(decode_reqs)
+        if decode_reqs:
+            nblk = max(len(r.block_ids) for r in decode_reqs)
+            table = torch.zeros(len(decode_reqs), nblk, dtype=torch.long)
+            for i, r in enumerate(decode_reqs):
+                table[i, : len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.long)
+            L = nblk * self.block_size
+            offs = torch.arange(self.block_size)
+            meta.decode_slots = (table.unsqueeze(-1) * self.block_size + offs).view(len(decode_reqs), L)
+            ctx = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs])
+            meta.decode_mask = (torch.arange(L).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decode_reqs), 1, 1, L)
+        dev = self.lm.device
+        return StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            meta=meta,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            sample_rows=sample_rows,
+            prompt_lp_rows=prompt_lp_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Returns float32 logits (R, V) for batch.logit_rows."""
+        hidden = self.lm.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return self.lm.model.compute_logits(hidden[batch.logit_rows]).cpu()

@@ -1,0 +1,66 @@
+"""Offline library API, shaped like vLLM's: LLM(model).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from tqdm import tqdm
+
+from inferd.config import CacheConfig, EngineConfig, SchedulerConfig
+from inferd.engine.llm_engine import LLMEngine, run_to_completion
+from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                 kv_cache_memory: float | None = None, enable_prefix_caching: bool = True, block_size: int = 16):
+        self.config = EngineConfig(
+            model=model, dtype=dtype, device=device,
+            cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len),
+        )
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+                 | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for p, sp in zip(prompts, plist):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, p, sp)
+            ids.append(rid)
+        bar = tqdm(total=len(ids), disable=not use_tqdm, desc="generate")
+        results = run_to_completion(self.engine) if not use_tqdm else self._run_with_bar(bar)
+        bar.close()
+        return [results[i] for i in ids]
+
+    def _run_with_bar(self, bar: tqdm) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        merged: dict[str, dict[int, Any]] = {}
+        while self.engine.has_unfinished_requests():
+            for ro in self.engine.step():
+                slot = merged.setdefault(ro.request_id, {})
+                for co in ro.outputs:
+                    slot[co.index] = co
+                if ro.finished:
+                    ro.outputs = [slot[i] for i in sorted(slot)]
+                    done[ro.request_id] = ro
+                    bar.update(1)
+        return done
+
+    def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [self.tokenizer.encode_chat(list(c)) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params, use_tqdm)

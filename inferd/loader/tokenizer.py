@@ -1,0 +1,209 @@
+"""Tokenizer (Hugging Face `tokenizers`) from tokenizer.json or GGUF metadata, plus the jinja2 chat template."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from inferd.errors import InvalidRequestError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` (as in llama.cpp's llama-vocab.cpp).
+_LLAMA3_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+def _bpe_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("smollm", "starcoder", "refact"):
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    if pre in ("llama-bpe", "llama3", "dbrx", "smaug-bpe"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_PAT), "isolated"), byte_level])
+    if pre in ("qwen2", "deepseek-llm"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_PAT), "isolated"), byte_level])
+    if pre not in ("default", "gpt2", "gpt-2"):
+        log.warning("unknown GGUF pre-tokenizer %r: using the GPT-2 split", pre)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Rebuild BPE merges from a SentencePiece vocab: a merge (a, b) exists when a, b and a+b are all tokens;
+    it ranks by the score of a+b (higher first), as SentencePiece's BPE does."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[float, int, str, str]] = []
+    for merged, idx in vocab.items():
+        for cut in range(1, len(merged)):
+            a, b = merged[:cut], merged[cut:]
+            if a in vocab and b in vocab:
+                merges.append((-scores[idx], idx, a, b))
+    merges.sort()
+    return [(a, b) for _, _, a, b in merges]
+
+
+def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
+    kind = md.get("tokenizer.ggml.model")
+    tokens: list[str] | None = md.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+    types: list[int] = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        tok.pre_tokenizer = _bpe_pre_tokenizer(str(md.get("tokenizer.ggml.pre", "default")))
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = md.get("tokenizer.ggml.unknown_token_id", 0)
+        tok = HFTokenizer(
+            models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores), unk_token=tokens[unk], byte_fallback=True,
+                       fuse_unk=True)
+        )
+        prefix = md.get("tokenizer.ggml.add_space_prefix", True)
+        tok.normalizer = normalizers.Sequence(
+            ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+        )
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+        )
+    else:
+        raise ModelLoadError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED) and t
+    ]
+    tok.add_special_tokens(special)
+    return tok
+
+
+def _raise_exception(message: str) -> None:
+    raise InvalidRequestError(f"chat template error: {message}")
+
+
+class Tokenizer:
+    """Encode/decode plus chat templating. `add_bos` says whether encode() prepends BOS itself."""
+
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
+        add_bos: bool,
+        chat_template: str | None,
+    ):
+        self.hf = hf
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._template = None
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.all_special_ids = {
+            i for i, t in hf.get_added_tokens_decoder().items() if t.special
+        }
+
+    @property
+    def bos_token(self) -> str:
+        return self.hf.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self.hf.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        return self.hf.id_to_token(i) or ""
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        if self.chat_template is None:
+            raise InvalidRequestError("this model has no chat template; use a completion prompt instead")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **kwargs,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    # ---- constructors -------------------------------------------------------------------------
+    @staticmethod
+    def from_gguf_metadata(md: dict[str, Any]) -> Tokenizer:
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        eot = md.get("tokenizer.ggml.eot_token_id")
+        return Tokenizer(
+            tokenizer_from_gguf(md),
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None)),
+            add_bos=bool(md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama")),
+            chat_template=md.get("tokenizer.chat_template"),
+        )
+
+    @staticmethod
+    def from_hf_dir(model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{model_dir}: no tokenizer.json")
+        hf = HFTokenizer.from_file(str(path))
+        tc: dict[str, Any] = {}
+        if (model_dir / "tokenizer_config.json").is_file():
+            tc = json.loads((model_dir / "tokenizer_config.json").read_text())
+
+        def tok_id(key: str) -> int | None:
+            v = tc.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return hf.token_to_id(v) if isinstance(v, str) else None
+
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        eos = tok_id("eos_token")
+        eos_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
+        # tokenizer.json's post-processor already adds BOS when the model wants it
+        return Tokenizer(hf, bos_token_id=tok_id("bos_token"), eos_token_ids=eos_ids, add_bos=False,
+                         chat_template=template)

@@ -1,0 +1,115 @@
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) over flat token batches and a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inferd.config import ModelConfig
+from inferd.errors import ModelLoadError
+from inferd.models.blocks import GatedMLP, RMSNorm, Rotary
+from inferd.ops.attention import AttnMetadata, paged_attention, write_kv
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.scale = self.d**-0.5
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv_cache: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k = rotary(positions, q.view(T, self.h, self.d), k.view(T, self.hkv, self.d))
+        v = v.view(T, self.hkv, self.d)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        return self.o_proj(o.reshape(T, self.h * self.d))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, rotary, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaInner(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaInner(cfg)
+        self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttnMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions: (T,) → final hidden states (T, hidden)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            x = layer(x, positions, self.rotary, cache, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """HF-named tensors → parameters, fusing q/k/v and gate/up; every name and shape is checked."""
+        cfg = self.config
+        weights = dict(weights)
+        if "lm_head.weight" not in weights:
+            if not cfg.tie_word_embeddings and "model.embed_tokens.weight" not in weights:
+                raise ModelLoadError("missing tensor lm_head.weight")
+            weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")  # tied
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}"
+            for suffix in ("weight", "bias"):
+                parts = [f"{p}.self_attn.{n}_proj.{suffix}" for n in "qkv"]
+                if suffix == "bias" and not cfg.attention_bias:
+                    continue
+                missing = [n for n in parts if n not in weights]
+                if missing:
+                    raise ModelLoadError(f"missing tensor {missing[0]}")
+                weights[f"{p}.self_attn.qkv_proj.{suffix}"] = torch.cat([weights.pop(n) for n in parts])
+            parts = [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]
+            missing = [n for n in parts if n not in weights]
+            if missing:
+                raise ModelLoadError(f"missing tensor {missing[0]}")
+            weights[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([weights.pop(n) for n in parts])
+        params = dict(self.named_parameters())
+        for name, tensor in weights.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in params:
+                raise ModelLoadError(f"unexpected tensor {name} (shape {tuple(tensor.shape)})")
+            param = params.pop(name)
+            if param.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+        if params:
+            raise ModelLoadError(f"missing tensor {sorted(params)[0]}")
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

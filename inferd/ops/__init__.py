@@ -1,0 +1,1 @@
+"""Hot kernels: attention over the paged KV cache."""
