@@ -198,6 +198,7 @@ class LLMEngine:
 
     def _finish_group_output(self, group: _Group, idxs: set[int]) -> RequestOutput:
         outs = []
+        itl: list[float] = []
         for i in sorted(idxs):
             req, det = group.children[i], group.detoks[i]
             fin = req.status.finished
@@ -205,6 +206,9 @@ class LLMEngine:
                 continue
             if fin:
                 group.reported.add(i)
+            tt = req.times.token_times
+            if len(tt) >= 2 and req.status is not RequestStatus.FINISHED_ABORTED:
+                itl.append(tt[-1] - tt[-2])
             cur = group.logprob_cursor[i]
             group.logprob_cursor[i] = len(req.logprobs)
             outs.append(CompletionOutput(
@@ -224,6 +228,7 @@ class LLMEngine:
             compute_s=sum(c.times.compute_s for c in group.children),
             num_cached_tokens=first.num_cached_tokens,
             num_preemptions=sum(c.num_preemptions for c in group.children),
+            itl_s=itl,
         )
         if t.first_token and t.last_token and len(first.output_token_ids) > 1:
             m.tpot_s = (t.last_token - t.first_token) / (len(first.output_token_ids) - 1)

@@ -14,6 +14,7 @@ class RequestMetrics:
     compute_s: float = 0.0  # share of step wall time spent on this request
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    itl_s: list[float] = field(default_factory=list)  # gaps before the tokens delivered in this output
 
 
 @dataclass

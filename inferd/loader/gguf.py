@@ -165,5 +165,5 @@ def load_gguf_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict
                 arr = llama_unpermute(arr, cfg.num_heads)
             elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
                 arr = llama_unpermute(arr, cfg.num_kv_heads)
-        out[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+        out[name] = torch.from_numpy(np.array(arr, copy=True)).to(dtype)
     return out

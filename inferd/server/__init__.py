@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (FastAPI): protocol models, endpoints, metrics, the `serve` command."""

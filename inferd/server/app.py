@@ -1,0 +1,209 @@
+"""The FastAPI app: routes, auth, body limits, error mapping. HTTP only: no model math here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferd import __version__
+from inferd.engine.async_engine import AsyncLLM
+from inferd.errors import InferdError, InvalidRequestError, ModelNotFoundError, OverloadedError
+from inferd.server.metrics import Metrics
+from inferd.server.protocol import DetokenizeRequest, TokenizeRequest, error_body
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json"}
+
+
+@dataclass
+class ServerState:
+    llms: dict[str, AsyncLLM] = field(default_factory=dict)
+    embedders: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    ready: bool = False
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def llm(self, name: str | None) -> AsyncLLM:
+        if not self.llms:
+            raise ModelNotFoundError("no generative model is loaded")
+        if name is None or name == "":
+            return next(iter(self.llms.values()))
+        if name in self.llms:
+            return self.llms[name]
+        raise ModelNotFoundError(
+            f"the model {name!r} does not exist; available: {', '.join([*self.llms, *self.embedders])}")
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    if isinstance(exc, InferdError):
+        headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+        code = exc.error_type if isinstance(exc, ModelNotFoundError) else None
+        return _error(exc.status_code, str(exc), exc.error_type, getattr(exc, "param", None), code, headers)
+    log.exception("internal error")
+    return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over the limit (declared or streamed), 401 for a bad API key."""
+
+    def __init__(self, app: Callable, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.state.api_key and scope["path"] not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {self.state.api_key}":
+                self.state.metrics.rejected.labels("unauthorized").inc()
+                resp = _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                              "authentication_error", code="invalid_api_key")
+                return await resp(scope, receive, send)
+        limit = self.state.max_body_bytes
+        declared = headers.get(b"content-length")
+        too_big = _error(413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.state.metrics.rejected.labels("body_too_large").inc()
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            self.state.metrics.rejected.labels("body_too_large").inc()
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="inferd", version=__version__,
+                  description="OpenAI-compatible inference server (chat, completions, embeddings)")
+    app.state.inferd = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "request body is not valid JSON"
+        return _error(400, f"{msg}" + (f" ({'.'.join(loc)})" if loc else ""), "invalid_request_error",
+                      ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(InferdError)
+    async def _inferd(_: Request, exc: InferdError) -> JSONResponse:
+        if isinstance(exc, OverloadedError):
+            state.metrics.rejected.labels("queue_full" if not state.draining else "draining").inc()
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if state.ready and not state.draining:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": n, "object": "model", "created": state.created, "owned_by": "inferd",
+                 "max_model_len": llm.engine.max_model_len} for n, llm in state.llms.items()]
+        data += [{"id": n, "object": "model", "created": state.created, "owned_by": "inferd"}
+                 for n in state.embedders]
+        return {"object": "list", "data": data}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        llm = state.llm(req.model)
+        if req.messages is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = llm.tokenizer.encode_chat(msgs, req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise InvalidRequestError("give either prompt or messages", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        llm = state.llm(req.model)
+        vocab = llm.engine.lm.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
+        return {"prompt": llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    from inferd.server import serving_completions
+
+    serving_completions.add_routes(app, state)
+    return app
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[Any], state: ServerState) -> Any:
+    """Await `work`; if the client goes away first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            state.metrics.rejected.labels("client_disconnect").inc()
+            raise asyncio.CancelledError()
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,78 @@
+"""Prometheus metrics with vLLM's names (so existing dashboards work) plus inferd's cost counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from inferd.engine.llm_engine import LLMEngine
+from inferd.engine.outputs import RequestOutput
+
+_LAT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self, price_per_hour: float = 0.0):
+        self.registry = CollectorRegistry()
+        self.price_per_hour = price_per_hour
+        r, lbl = self.registry, ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", lbl, buckets=_LAT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", lbl,
+                             buckets=_LAT_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", lbl,
+                             buckets=_LAT_BUCKETS, registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Time waiting before first scheduled", lbl,
+                               buckets=_LAT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", lbl, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", lbl, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests", lbl + ["finished_reason"], registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests running", lbl, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", lbl, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0-1)", lbl, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens", lbl,
+                                      registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens", lbl, registry=r)
+        self.cost = Counter("inferd_request_cost_usd", "Cost attributed to requests, USD", lbl, registry=r)
+        self.compute = Counter("inferd_compute_seconds", "Engine step seconds attributed to requests", lbl,
+                               registry=r)
+        self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
+        self._seen_prefix: dict[str, tuple[int, int]] = {}
+        self._tok_count: dict[str, int] = {}
+
+    def cost_usd(self, compute_s: float) -> float:
+        return compute_s * self.price_per_hour / 3600.0
+
+    def on_step(self, engine: LLMEngine, _dt: float) -> None:
+        name = engine.model_name
+        s = engine.stats()
+        self.running.labels(name).set(s["num_running"])
+        self.waiting.labels(name).set(s["num_waiting"])
+        self.kv_usage.labels(name).set(s["kv_cache_usage"])
+        q0, h0 = self._seen_prefix.get(name, (0, 0))
+        q, h = int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"])
+        if q > q0:
+            self.prefix_queries.labels(name).inc(q - q0)
+        if h > h0:
+            self.prefix_hits.labels(name).inc(h - h0)
+        self._seen_prefix[name] = (q, h)
+
+    def on_output(self, name: str, ro: RequestOutput) -> None:
+        for co in ro.outputs:
+            if co.delta_token_ids:
+                self.generation_tokens.labels(name).inc(len(co.delta_token_ids))
+        for gap in ro.metrics.itl_s:
+            self.itl.labels(name).observe(gap)
+        if not ro.finished:
+            return
+        m = ro.metrics
+        self.prompt_tokens.labels(name).inc(len(ro.prompt_token_ids))
+        for co in ro.outputs:
+            self.success.labels(name, co.finish_reason or "abort").inc()
+        if m.ttft_s is not None:
+            self.ttft.labels(name).observe(m.ttft_s)
+        if m.e2e_s is not None:
+            self.e2e.labels(name).observe(m.e2e_s)
+        self.queue.labels(name).observe(m.queue_s)
+        self.compute.labels(name).inc(m.compute_s)
+        self.cost.labels(name).inc(self.cost_usd(m.compute_s))

@@ -1,0 +1,249 @@
+"""POST /v1/chat/completions and /v1/completions: engine outputs → OpenAI responses (JSON or SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from inferd.engine.async_engine import AsyncLLM
+from inferd.engine.outputs import CompletionOutput, RequestOutput
+from inferd.errors import InvalidRequestError
+from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
+from inferd.server.app import ServerState, run_until_disconnect, sse
+
+
+def _usage(state: ServerState, prompt_tokens: int, completion_tokens: int, ros: list[RequestOutput]) -> dict:
+    compute = sum(r.metrics.compute_s for r in ros)
+    m = ros[0].metrics if ros else None
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(x * 1000, 3)
+
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(r.metrics.num_cached_tokens for r in ros)},
+        "inferd": {
+            "queue_ms": ms(m.queue_s) if m else None,
+            "ttft_ms": ms(m.ttft_s) if m else None,
+            "tpot_ms": ms(m.tpot_s) if m else None,
+            "compute_s": round(compute, 6),
+            "cost_usd": state.metrics.cost_usd(compute),
+        },
+    }
+
+
+def _chat_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float]] | None, k: int) -> dict | None:
+    if lps is None:
+        return None
+    tok = llm.tokenizer
+    content = []
+    for t, lp in zip(ids, lps):
+        def entry(tid: int, v: float) -> dict[str, Any]:
+            s = tok.decode([tid], skip_special_tokens=False)
+            return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+        e = entry(t, lp[t])
+        e["top_logprobs"] = [entry(a, v) for a, v in sorted(lp.items(), key=lambda kv: -kv[1])[:k]]
+        content.append(e)
+    return {"content": content}
+
+
+def _completion_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float] | None], k: int,
+                         text_offset0: int = 0) -> dict:
+    tok = llm.tokenizer
+    tokens, token_lps, tops, offsets = [], [], [], []
+    off = text_offset0
+    for t, lp in zip(ids, lps):
+        s = tok.decode([t], skip_special_tokens=False)
+        tokens.append(s)
+        offsets.append(off)
+        off += len(s)
+        token_lps.append(None if lp is None else lp.get(t))
+        if lp is None:
+            tops.append(None)
+        else:
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[:k] if k else []
+            if t in lp and all(a != t for a, _ in top) and k:
+                top = top[: k - 1] + [(t, lp[t])] if len(top) >= k else top + [(t, lp[t])]
+            tops.append({tok.decode([a], skip_special_tokens=False): v for a, v in top})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _collect(gen: AsyncIterator[RequestOutput]) -> tuple[RequestOutput, dict[int, CompletionOutput]]:
+    last = None
+    acc: dict[int, CompletionOutput] = {}
+    async for ro in gen:
+        for co in ro.outputs:
+            acc[co.index] = co
+        last = ro
+    assert last is not None
+    return last, acc
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        llm = state.llm(body.model)
+        params = body.sampling_params()
+        if body.max_tokens is None and body.max_completion_tokens is None:
+            params.max_tokens = None
+        msgs = []
+        for m in body.messages:
+            msgs.append({"role": m.role, "content": m.text()})
+        prompt = llm.tokenizer.encode_chat(msgs, body.add_generation_prompt)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        model = body.model or llm.model_name
+        gen = llm.outputs(rid, await llm.add_request(rid, prompt, params, body.priority))
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(_chat_stream(state, llm, body, rid, model, created, gen, len(prompt)),
+                                     media_type="text/event-stream")
+        last, acc = await run_until_disconnect(request, _collect(gen), state)
+        choices = []
+        for i in sorted(acc):
+            co = acc[i]
+            if co.finish_reason == "error":
+                raise RuntimeError(co.error)
+            choices.append({
+                "index": i, "message": {"role": "assistant", "content": co.text},
+                "logprobs": _chat_logprobs(llm, co.token_ids, co.logprobs, body.top_logprobs or 0),
+                "finish_reason": co.finish_reason, "stop_reason": co.stop_reason,
+            })
+        n_out = sum(len(c.token_ids) for c in acc.values())
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": _usage(state, len(prompt), n_out, [last])}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        llm = state.llm(body.model)
+        params = body.sampling_params()
+        prompts = [llm.engine.encode_prompt(p) for p in body.prompts()]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        model = body.model or llm.model_name
+        created = int(time.time())
+        gens = []
+        try:
+            for j, p in enumerate(prompts):
+                gens.append(llm.outputs(f"{rid}-{j}", await llm.add_request(f"{rid}-{j}", p, params, body.priority)))
+        except BaseException:
+            for j in range(len(gens)):
+                llm.abort(f"{rid}-{j}")
+            raise
+        if body.stream:
+            return StreamingResponse(_completion_stream(state, llm, body, rid, model, created, prompts, gens),
+                                     media_type="text/event-stream")
+        results = await run_until_disconnect(request, asyncio.gather(*(_collect(g) for g in gens)), state)
+        choices, n_out = [], 0
+        for j, (last, acc) in enumerate(results):
+            ptext = llm.tokenizer.decode(prompts[j], skip_special_tokens=False) if body.echo else ""
+            for i in sorted(acc):
+                co = acc[i]
+                if co.finish_reason == "error":
+                    raise RuntimeError(co.error)
+                n_out += len(co.token_ids)
+                lp = None
+                if body.logprobs is not None:
+                    ids, lps = co.token_ids, list(co.logprobs or [])
+                    if body.echo:
+                        ids, lps = prompts[j] + ids, list(last.prompt_logprobs or [None] * len(prompts[j])) + lps
+                    lp = _completion_logprobs(llm, ids, lps, body.logprobs)
+                choices.append({"index": j * params.n + i, "text": ptext + co.text, "logprobs": lp,
+                                "finish_reason": co.finish_reason, "stop_reason": co.stop_reason})
+        n_prompt = sum(len(p) for p in prompts)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                "usage": _usage(state, n_prompt, n_out, [r[0] for r in results])}
+
+
+async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRequest, rid: str, model: str,
+                       created: int, gen: AsyncIterator[RequestOutput], n_prompt: int):
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return sse(obj)
+
+    n = body.n
+    for i in range(n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    tokens = [0] * n
+    last = None
+    try:
+        async for ro in gen:
+            last = ro
+            for co in ro.outputs:
+                tokens[co.index] = len(co.token_ids)
+                if co.finish_reason == "error":
+                    yield sse({"error": {"message": co.error, "type": "internal_error", "param": None,
+                                         "code": None}})
+                    continue
+                if not co.delta_text and not co.finished:
+                    continue
+                lp = _chat_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.top_logprobs or 0) \
+                    if co.delta_logprobs else None
+                yield chunk([{"index": co.index, "delta": {"content": co.delta_text} if co.delta_text else {},
+                              "logprobs": lp, "finish_reason": co.finish_reason if co.finished else None}])
+    finally:
+        await gen.aclose()
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], _usage(state, n_prompt, sum(tokens), [last] if last else []))
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(state: ServerState, llm: AsyncLLM, body: CompletionRequest, rid: str, model: str,
+                             created: int, prompts: list[list[int]], gens: list[AsyncIterator[RequestOutput]]):
+    queue: asyncio.Queue = asyncio.Queue()
+    n = body.n
+
+    async def pump(j: int) -> None:
+        try:
+            async for ro in gens[j]:
+                await queue.put((j, ro))
+        finally:
+            await queue.put((j, None))
+
+    tasks = [asyncio.ensure_future(pump(j)) for j in range(len(gens))]
+    tokens: dict[tuple[int, int], int] = {}
+    lasts: dict[int, RequestOutput] = {}
+    if body.echo:
+        for j, p in enumerate(prompts):
+            for i in range(n):
+                text = llm.tokenizer.decode(p, skip_special_tokens=False)
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": j * n + i, "text": text, "logprobs": None, "finish_reason": None}]})
+    done = 0
+    try:
+        while done < len(gens):
+            j, ro = await queue.get()
+            if ro is None:
+                done += 1
+                continue
+            lasts[j] = ro
+            for co in ro.outputs:
+                tokens[(j, co.index)] = len(co.token_ids)
+                if not co.delta_text and not co.finished:
+                    continue
+                lp = None
+                if body.logprobs is not None and co.delta_logprobs:
+                    lp = _completion_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.logprobs)
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": j * n + co.index, "text": co.delta_text, "logprobs": lp,
+                                        "finish_reason": co.finish_reason if co.finished else None}]})
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            await g.aclose()
+    if body.stream_options and body.stream_options.include_usage:
+        usage = _usage(state, sum(len(p) for p in prompts), sum(tokens.values()), list(lasts.values()))
+        yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                   "usage": usage})
+    yield "data: [DONE]\n\n"
