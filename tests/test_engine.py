@@ -1,0 +1,180 @@
+"""Engine on a tiny random Llama: batching, prefix caching, preemption, sampling, stops, n>1, abort."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from inferd import LLM, SamplingParams
+from inferd.engine.llm_engine import prompt_logits
+from inferd.errors import InvalidRequestError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    vocab = tok.vocab_size
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 70))] for _ in range(n)]
+
+
+def texts(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_alone_equals_in_batch_of_32(tiny_llm):
+    ps = prompts(tiny_llm.tokenizer, 32)
+    batch = texts(tiny_llm.generate(ps, GREEDY))
+    for i in (0, 7, 31):
+        assert texts(tiny_llm.generate([ps[i]], GREEDY))[0] == batch[i]
+
+
+def test_small_token_budget_chunks_prefill_with_same_output(tiny_hf, tiny_llm):
+    ps = prompts(tiny_llm.tokenizer, 6, seed=1)
+    ref = texts(tiny_llm.generate(ps, GREEDY))
+    chunked = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.05, max_num_batched_tokens=16, max_num_seqs=4)
+    assert texts(chunked.generate(ps, GREEDY)) == ref
+
+
+def test_prefix_cache_hit_gives_same_output(tiny_llm):
+    eng = tiny_llm.engine
+    p = (prompts(tiny_llm.tokenizer, 1, seed=2)[0] * 50)[:50]  # three full blocks
+    eng.kv.reset_prefix_cache()
+    first = texts(tiny_llm.generate([p], GREEDY))[0]
+    hits0 = eng.kv.hits
+    second = tiny_llm.generate([p], GREEDY)[0]
+    assert eng.kv.hits > hits0 and second.metrics.num_cached_tokens > 0
+    assert second.outputs[0].token_ids == first
+
+
+def test_preemption_gives_same_output(tiny_hf, tiny_llm):
+    ps = prompts(tiny_llm.tokenizer, 8, seed=3)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = texts(tiny_llm.generate(ps, params))
+    # 12 blocks of 16 tokens (512 bytes of K/V per token): room for ~2 of these sequences at once
+    small = LLM(str(tiny_hf), dtype="float32", max_model_len=128, kv_cache_memory=12 * 16 * 512 / (1 << 30),
+                block_size=16)
+    assert small.engine.kv.num_blocks == 12
+    outs = small.generate(ps, params)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert texts(outs) == ref
+    assert small.engine.kv.num_free_blocks == small.engine.kv.num_blocks
+
+
+def test_seeded_sampling_reproducible_regardless_of_batch(tiny_llm):
+    p = prompts(tiny_llm.tokenizer, 1, seed=4)[0]
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    alone = texts(tiny_llm.generate([p], sp))[0]
+    others = prompts(tiny_llm.tokenizer, 7, seed=5)
+    mixed = tiny_llm.generate([*others[:3], p, *others[3:]], [SamplingParams(max_tokens=16, temperature=1.0)] * 3
+                              + [sp] + [SamplingParams(max_tokens=16, temperature=1.0)] * 4)
+    assert mixed[3].outputs[0].token_ids == alone
+    different = texts(tiny_llm.generate([p], SamplingParams(max_tokens=16, temperature=1.0, seed=7,
+                                                            ignore_eos=True)))[0]
+    assert different != alone
+
+
+def test_stop_string_cut_and_not_leaked(tiny_llm):
+    p = prompts(tiny_llm.tokenizer, 1, seed=6)[0]
+    full = tiny_llm.generate([p], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].outputs[0]
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    co = out.outputs[0]
+    assert co.finish_reason == "stop" and co.stop_reason == stop
+    assert co.text == text[: text.find(stop)]
+    # streamed deltas never contain the stop string
+    eng = tiny_llm.engine
+    eng.add_request("stream-stop", p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))
+    streamed = ""
+    while eng.has_unfinished_requests():
+        for ro in eng.step():
+            streamed += "".join(c.delta_text for c in ro.outputs)
+    assert streamed == co.text
+
+
+def test_stop_token_ids_max_tokens_min_tokens(tiny_llm):
+    p = prompts(tiny_llm.tokenizer, 1, seed=8)[0]
+    ref = tiny_llm.generate([p], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop_id = ref.token_ids[4]
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_id and stop_id not in out.token_ids[:-1]
+    assert out.stop_reason == stop_id
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=10, min_tokens=8, temperature=0, ignore_eos=True,
+                                                stop_token_ids=[stop_id]))[0].outputs[0]
+    assert len(out.token_ids) >= 8
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 10
+
+
+def test_n_greater_than_one_shares_prompt_blocks(tiny_llm):
+    eng = tiny_llm.engine
+    eng.kv.reset_prefix_cache()
+    p = (prompts(tiny_llm.tokenizer, 1, seed=9)[0] * 60)[:60]
+    hits0 = eng.kv.hits
+    out = tiny_llm.generate([p], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert eng.kv.hits - hits0 >= 3 * (len(p) // 16) * 16  # three siblings reuse the prompt's full blocks
+
+
+def test_abort_frees_blocks(tiny_llm):
+    eng = tiny_llm.engine
+    free0 = eng.kv.num_free_blocks
+    eng.add_request("to-abort", prompts(tiny_llm.tokenizer, 1, seed=10)[0], SamplingParams(max_tokens=200))
+    eng.step()
+    assert eng.kv.num_free_blocks < free0
+    ro = eng.abort_request("to-abort")
+    assert ro.finished and ro.outputs[0].finish_reason == "abort"
+    assert eng.kv.num_free_blocks == free0
+    assert not eng.has_unfinished_requests()
+
+
+def test_logprobs_and_prompt_logprobs_match_logits(tiny_llm):
+    p = prompts(tiny_llm.tokenizer, 1, seed=11)[0][:20]
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1,
+                                                ignore_eos=True))[0]
+    full = torch.log_softmax(prompt_logits(tiny_llm.engine, p + out.outputs[0].token_ids), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for i in range(1, len(p)):
+        assert out.prompt_logprobs[i][p[i]] == pytest.approx(full[i - 1, p[i]].item(), abs=1e-4)
+    for j, (t, lp) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        assert lp[t] == pytest.approx(full[len(p) - 1 + j, t].item(), abs=1e-4)
+        assert len(lp) <= 3
+
+
+def test_prompt_logprobs_across_chunks(tiny_hf, tiny_llm):
+    p = (prompts(tiny_llm.tokenizer, 1, seed=12)[0] * 60)[:60]
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    ref = tiny_llm.generate([p], sp)[0].prompt_logprobs
+    chunked = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.05, max_num_batched_tokens=16)
+    got = chunked.generate([p], sp)[0].prompt_logprobs
+    assert len(got) == len(ref) == len(p)
+    for a, b in zip(got[1:], ref[1:]):
+        assert list(a) == list(b) and list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+
+
+def test_bad_requests(tiny_llm):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tiny_llm.generate([""])
+    with pytest.raises(InvalidRequestError, match="maximum context length is 512"):
+        tiny_llm.generate(["hello"], SamplingParams(max_tokens=600))
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        tiny_llm.generate([[1, 2, 10**6]])
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=5)
+
+
+def test_chat_applies_template(tiny_llm):
+    conv = [{"role": "user", "content": "hi"}]
+    out = tiny_llm.chat(conv, SamplingParams(max_tokens=4, temperature=0))[0]
+    assert out.prompt_token_ids == tiny_llm.tokenizer.encode(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+
+
+def test_kv_cache_too_small_is_a_clear_error(tiny_hf):
+    with pytest.raises(InvalidRequestError, match="less than one sequence"):
+        LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.00001)
