@@ -169,6 +169,8 @@ class AsyncLLM:
             try:
                 self._run_commands()
                 if not self.engine.has_unfinished_requests():
+                    if self.on_step is not None:  # gauges reflect aborts even when no step follows
+                        self.on_step(self.engine, 0.0)
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue

@@ -112,6 +112,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="inferd", version=__version__,
                   description="OpenAI-compatible inference server (chat, completions, embeddings)")
     app.state.inferd = state
+    app.add_middleware(BodyLimit, state=state)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
