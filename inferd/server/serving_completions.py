@@ -13,9 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from inferd.engine.async_engine import AsyncLLM
 from inferd.engine.outputs import CompletionOutput, RequestOutput
-from inferd.errors import InvalidRequestError
-from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
 from inferd.server.app import ServerState, run_until_disconnect, sse
+from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _usage(state: ServerState, prompt_tokens: int, completion_tokens: int, ros: list[RequestOutput]) -> dict:
