@@ -178,3 +178,26 @@ def test_chat_applies_template(tiny_llm):
 def test_kv_cache_too_small_is_a_clear_error(tiny_hf):
     with pytest.raises(InvalidRequestError, match="less than one sequence"):
         LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.00001)
+
+
+def test_c_attention_kernel_matches_torch_path():
+    from inferd.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler")
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32)):
+            cache = torch.randn(2, 40, 16, hkv, D, generator=g).to(dtype)
+            B = 5
+            tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(B)])
+            lens = torch.tensor([1, 16, 17, 50, 96], dtype=torch.int32)
+            q = torch.randn(B, H, D, generator=g).to(dtype)
+            got = cpu_kernels.paged_decode_attention(q, cache, tables, lens, 0.3)
+            k = cache[0][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
+            v = cache[1][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
+            mask = (torch.arange(96).unsqueeze(0) < lens.unsqueeze(1)).view(B, 1, 1, 96)
+            ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask, scale=0.3).squeeze(2)
+            torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)

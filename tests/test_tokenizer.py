@@ -69,3 +69,17 @@ def test_spm_tokenizer_from_gguf_metadata():
     assert t.decode(ids) == "hello world"
     ids = t.encode("hé")  # é is not in the vocab: byte fallback
     assert t.decode(ids) == "hé"
+
+
+def test_byte_level_fast_path_equals_full_decode(tok):
+    import random
+
+    assert tok.byte_table(True) is not None
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 40))]
+        det = IncrementalDetokenizer(tok, [], True, [], False)
+        for t in ids:
+            det.add(t)
+        det.flush()
+        assert det.text == tok.decode(ids)

@@ -13,6 +13,7 @@ from inferd.engine.request import Request
 from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
+from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, PrefillChunk
 
 
@@ -50,6 +51,7 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
         self.lm = lm
         self.block_size = block_size
+        self.use_c_kernel = lm.device.type == "cpu" and cpu_kernels.available()
         c = lm.config
         self.kv_caches = [
             torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype, device=lm.device)
@@ -105,10 +107,11 @@ class ModelRunner:
             table = torch.zeros(len(decode_reqs), nblk, dtype=torch.long)
             for i, r in enumerate(decode_reqs):
                 table[i, : len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.long)
-            L = nblk * self.block_size
-            meta.decode_blocks = table.view(-1)
-            ctx = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs])
-            meta.decode_mask = (torch.arange(L).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decode_reqs), 1, 1, L)
+            dev = self.lm.device
+            meta.decode_block_tables = table.to(dev)
+            meta.decode_ctx_lens = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs], dtype=torch.int32,
+                                                device=dev)
+            meta.use_c_kernel = self.use_c_kernel
         dev = self.lm.device
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -63,9 +63,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits: (B, V) float32, one row per request in `reqs`."""
         B = logits.shape[0]
+        params = [r.params for r in reqs]
+        if all(p.greedy and p.logprobs is None and not p.min_tokens and p.repetition_penalty == 1.0
+               and not p.presence_penalty and not p.frequency_penalty for p in params):
+            # fast path (the common serving case): one argmax over the batch, no copies
+            return SamplerOutput(logits[:, : self.vocab_size].argmax(dim=-1).tolist(), [None] * B)
         logits = logits[:, : self.vocab_size]
         logits = self.apply_penalties(logits, reqs)
-        params = [r.params for r in reqs]
         for i, r in enumerate(reqs):  # min_tokens: EOS and stop tokens are banned until reached
             if len(r.output_token_ids) < r.params.min_tokens:
                 eos = () if r.params.ignore_eos else r.eos_token_ids

@@ -96,6 +96,19 @@ def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
     return tok
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def _raise_exception(message: str) -> None:
     raise InvalidRequestError(f"chat template error: {message}")
 
@@ -118,10 +131,31 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._template = None
+        self._byte_tables: dict[bool, list[bytes]] = {}
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = {
             i for i, t in hf.get_added_tokens_decoder().items() if t.special
         }
+
+    def byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        """Bytes of every token id for byte-level BPE tokenizers (None for others): lets the detokenizer
+        stream text with an incremental UTF-8 decoder instead of re-decoding a window per token."""
+        if not isinstance(self.hf.decoder, decoders.ByteLevel):
+            return None
+        key = bool(skip_special_tokens)
+        if key not in self._byte_tables:
+            byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+            added = self.hf.get_added_tokens_decoder()
+            table: list[bytes] = []
+            for i in range(self.vocab_size):
+                if i in added:
+                    tok = added[i]
+                    table.append(b"" if (tok.special and skip_special_tokens) else tok.content.encode("utf-8"))
+                    continue
+                piece = self.hf.id_to_token(i) or ""
+                table.append(bytes(byte_of.get(c, 32) for c in piece))
+            self._byte_tables[key] = table
+        return self._byte_tables[key]
 
     @property
     def bos_token(self) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from inferd.ops import cpu_kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -27,8 +29,9 @@ class PrefillChunk:
 class AttnMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: where each new token's K/V goes
     num_decode: int = 0
-    decode_blocks: torch.Tensor | None = None  # (Bd * nblk,) int64 block tables of decoding sequences, padded
-    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, nblk * block_size) bool, True where a key is valid
+    decode_block_tables: torch.Tensor | None = None  # (Bd, nblk) int64 block tables of decoding sequences, padded
+    decode_ctx_lens: torch.Tensor | None = None  # (Bd,) int32 context length of each (including the new token)
+    use_c_kernel: bool = False  # decode attention by the C kernel, reading the paged cache in place
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -56,14 +59,20 @@ def paged_attention(
     nd = meta.num_decode
     outs: list[torch.Tensor] = []
     if nd:
-        assert meta.decode_blocks is not None and meta.decode_mask is not None
-        L = meta.decode_mask.shape[-1]
-        ks = _gather(kv_cache[0], meta.decode_blocks).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
-        vs = _gather(kv_cache[1], meta.decode_blocks).view(nd, L, hkv, D).transpose(1, 2)
-        # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
-        qd = q[:nd].view(nd, hkv, group, D)
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_mask, scale=scale)
-        outs.append(o.reshape(nd, H, D))
+        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+        assert tables is not None and lens is not None
+        if meta.use_c_kernel:
+            outs.append(cpu_kernels.paged_decode_attention(q[:nd].contiguous(), kv_cache, tables, lens, scale))
+        else:
+            bs = kv_cache.shape[2]
+            L = tables.shape[1] * bs
+            ks = _gather(kv_cache[0], tables.view(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
+            vs = _gather(kv_cache[1], tables.view(-1)).view(nd, L, hkv, D).transpose(1, 2)
+            mask = (torch.arange(L, device=q.device).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, L)
+            # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
+            qd = q[:nd].view(nd, hkv, group, D)
+            o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=scale)
+            outs.append(o.reshape(nd, H, D))
     for p in meta.prefills:
         qs = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
         if p.mask is None:  # the chunk is the whole context: use the fresh K/V, plain causal

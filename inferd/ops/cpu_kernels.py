@@ -1,0 +1,88 @@
+"""Loader for the C kernels in csrc/: compiled with the system C compiler at first use, cached under
+$INFERD_HOME/kernels, called through ctypes on raw tensor memory. When no compiler is available, callers
+fall back to the pure-torch path (`available()` is False)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from inferd.hardware import cpu_flags
+
+log = logging.getLogger(__name__)
+SRC = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+
+
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("INFERD_HOME", Path.home() / ".cache" / "inferd"))
+    return home / "kernels"
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("INFERD_DISABLE_C_KERNELS"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        log.warning("no C compiler found: using the slower pure-torch attention")
+        return None
+    src = SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not so.is_file():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            out = Path(tmp) / so.name
+            proc = subprocess.run([cc, *CFLAGS, str(SRC), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("building C kernels failed, using pure torch:\n%s", proc.stderr[-2000:])
+                return None
+            os.replace(out, so)  # atomic: concurrent builders never see a partial file
+    lib = ctypes.CDLL(str(so))
+    p, i64p, i32p = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
+    ci, cf = ctypes.c_int, ctypes.c_float
+    lib.paged_decode_attention.argtypes = [p, p, p, i64p, i32p, p, ci, ci, ci, ci, ci, ci, cf, ci]
+    lib.paged_decode_attention.restype = ci
+    lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
+    lib.gemv_bf16.restype = ci
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: (B, H, D) contiguous; kv_cache: (2, num_blocks, bs, Hkv, D); block_tables: (B, max_blocks) int64;
+    ctx_lens: (B,) int32 → (B, H, D)."""
+    lib = _lib()
+    assert lib is not None
+    B, H, D = q.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    rc = lib.paged_decode_attention(
+        q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
+        out.data_ptr(), B, H, hkv, D, bs, block_tables.shape[1], scale, int(q.dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"paged_decode_attention does not support H={H}, Hkv={hkv}, D={D}, block_size={bs}")
+    return out
+
+
+def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w: (N, K) bf16 contiguous, x: (K,) bf16 → (N,) bf16."""
+    lib = _lib()
+    assert lib is not None
+    y = torch.empty(w.shape[0], dtype=torch.bfloat16)
+    lib.gemv_bf16(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1])
+    return y
