@@ -201,3 +201,17 @@ def test_c_attention_kernel_matches_torch_path():
             mask = (torch.arange(96).unsqueeze(0) < lens.unsqueeze(1)).view(B, 1, 1, 96)
             ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask, scale=0.3).squeeze(2)
             torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+def test_bf16_gemv_kernel_matches_torch():
+    from inferd.ops import cpu_kernels
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 576, generator=g).bfloat16()
+    x = torch.randn(576, generator=g).bfloat16()
+    y = cpu_kernels.gemv_bf16(w, x)
+    if y is None:
+        pytest.skip("no AVX512-BF16 or no compiler")
+    ref = torch.mv(w.float(), x.float())
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.01)
+    assert cpu_kernels.gemv_bf16(w[:, :100].contiguous(), x[:100].contiguous()) is None  # K % 32 != 0

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.ops import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -17,6 +19,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and not x.is_cuda:
+            y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # one call instead of ~8 small ops
+            if y is not None:
+                return y
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32 (as HF does), scale in the compute dtype
@@ -67,12 +73,13 @@ class Rotary(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that routes single-row bf16 inputs on CPU to torch.mv: with weights streamed from DRAM it
-    reads them ~1.7× faster than the GEMM path (measured on SmolLM2's shapes, Zen 4, torch 2.13)."""
+    """nn.Linear with a faster single-row bf16 path on CPU (decode of one sequence): the AVX512-BF16 GEMV
+    kernel (~1.4× torch.mv), else torch.mv (~1.3× the GEMM path when weights stream from DRAM)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and x.dim() == 2 and x.dtype == torch.bfloat16 and not x.is_cuda:
-            y = torch.mv(self.weight, x[0]).unsqueeze(0)
+            y = cpu_kernels.gemv_bf16(self.weight, x[0].contiguous()) if self.weight.is_contiguous() else None
+            y = (torch.mv(self.weight, x[0]) if y is None else y).unsqueeze(0)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 

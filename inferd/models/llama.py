@@ -8,6 +8,7 @@ from torch import nn
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary
+from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, paged_attention, write_kv
 
 
@@ -24,11 +25,18 @@ class LlamaAttention(nn.Module):
         meta: AttnMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        rotary, cos, sin = rope
-        q = rotary.apply(q.view(T, self.h, self.d), cos, sin)  # (T, H, D)
-        k = rotary.apply(k.view(T, self.hkv, self.d), cos, sin)  # (T, Hkv, D)
-        v = v.view(T, self.hkv, self.d)
+        qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D)
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        rotary, cos, sin, positions = rope
+        if cpu_kernels.rope_inplace(q, self.h, self.d, rotary.dim, rotary.cos, rotary.sin, positions) and \
+                cpu_kernels.rope_inplace(k, self.hkv, self.d, rotary.dim, rotary.cos, rotary.sin, positions):
+            q, k = q.reshape(T, self.h, self.d), k.reshape(T, self.hkv, self.d)
+        else:
+            if cos is None:
+                cos, sin = rotary.cos_sin(positions)
+            q = rotary.apply(q.reshape(T, self.h, self.d), cos, sin)  # (T, H, D)
+            k = rotary.apply(k.reshape(T, self.hkv, self.d), cos, sin)  # (T, Hkv, D)
+        v = v.reshape(T, self.hkv, self.d)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.h * self.d))
@@ -68,8 +76,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (T,) → final hidden states (T, hidden)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions)
-        rope = (self.rotary, cos, sin)
+        cos = sin = None  # the C rotary kernel reads the tables itself
+        if x.is_cuda or not cpu_kernels.available():
+            cos, sin = self.rotary.cos_sin(positions)
+        rope = (self.rotary, cos, sin, positions)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         return self.model.norm(x)

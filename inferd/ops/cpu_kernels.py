@@ -55,6 +55,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.paged_decode_attention.restype = ci
     lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
     lib.gemv_bf16.restype = ci
+    lib.rms_norm.argtypes = [p, p, p, ci, ci, ctypes.c_int64, cf, ci]
+    lib.rms_norm.restype = ci
+    lib.rope_inplace.argtypes = [p, ci, ci, ci, ctypes.c_int64, ci, p, p, p, ci]
+    lib.rope_inplace.restype = ci
     return lib
 
 
@@ -79,10 +83,41 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return out
 
 
-def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w: (N, K) bf16 contiguous, x: (K,) bf16 → (N,) bf16."""
+def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """w: (N, K) bf16 contiguous, x: (K,) bf16 contiguous → (N,) bf16; None when the CPU (AVX512-BF16) or
+    the shape (K a multiple of 32) is not supported."""
     lib = _lib()
-    assert lib is not None
+    if lib is None:
+        return None
     y = torch.empty(w.shape[0], dtype=torch.bfloat16)
-    lib.gemv_bf16(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1])
+    if lib.gemv_bf16(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1]) != 0:
+        return None
     return y
+
+
+_FLOAT_TYPES = (torch.float32, torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x: (rows, dim) with unit inner stride, w: (dim,) of x's dtype → a new (rows, dim) tensor; None if the
+    kernels are unavailable or the input is not a CPU fp32/bf16 tensor."""
+    lib = _lib()
+    if lib is None or x.dim() != 2 or x.stride(1) != 1 or x.dtype not in _FLOAT_TYPES or x.is_cuda \
+            or w.dtype != x.dtype:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.rms_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps,
+                 int(x.dtype == torch.bfloat16))
+    return out
+
+
+def rope_inplace(x: torch.Tensor, heads: int, head_dim: int, rot_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor) -> bool:
+    """x: (T, >= heads*head_dim) view with unit inner stride (e.g. the q or k slice of a fused qkv output),
+    rotated in place. cos/sin: fp32 (max_pos, rot_dim/2) contiguous; positions: (T,) int64."""
+    lib = _lib()
+    if lib is None or x.stride(1) != 1 or x.dtype not in _FLOAT_TYPES or x.is_cuda:
+        return False
+    lib.rope_inplace(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), rot_dim, cos.data_ptr(),
+                     sin.data_ptr(), positions.data_ptr(), int(x.dtype == torch.bfloat16))
+    return True

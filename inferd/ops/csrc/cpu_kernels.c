@@ -42,6 +42,7 @@ static inline float exp_neg(float x) {
 }
 
 #define MAX_H 64
+#define LOADF(p, i) (is_bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
 #define MAX_D 256
 #define MAX_BS 64
 
@@ -242,24 +243,89 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     DISPATCH(3, 3, 64, 1)  // SmolLM2-135M
     DISPATCH(3, 3, 64, 0)
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int b = 0; b < B; b++)
-        attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, Hkv, G, D, bs,
-                 scale, is_bf16);
+    for (int b = 0; b < B; b++) {
+        if (D % 16 == 0)
+            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, Hkv, G, D, bs,
+                      scale, is_bf16);
+        else
+            attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, Hkv, G, D, bs,
+                     scale, is_bf16);
+    }
     return 0;
 }
 
-// y (M=1) = W x for a bf16 weight W (N, K) row-major and bf16 x (K): fp32 accumulation, bf16 output.
+// y = W x for one bf16 row x (K) and a bf16 weight W (N, K) row-major; fp32 accumulation, bf16 output.
+// With AVX512-BF16, vdpbf16ps does 32 multiply-adds per instruction; 4 rows per step share each x load.
+// Returns -1 when the CPU or shape is not supported (the caller then uses torch).
 int gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int N, int K) {
-    float xf[8192];
-    if (K > 8192) return -1;
-    for (int k = 0; k < K; k++) xf[k] = bf16_to_f32(x[k]);
+#if defined(__AVX512BF16__)
+    if (K % 32 != 0 || K > 16384) return -1;
+    const int KV = K / 32;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint16_t *row = w + (int64_t)n * K;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int k = 0; k < K; k++) dot += bf16_to_f32(row[k]) * xf[k];
-        y[n] = f32_to_bf16(dot);
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int kv = 0; kv < KV; kv++) {
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(x + kv * 32));
+            for (int r = 0; r < rows; r++) {
+                const __m512bh wb = (__m512bh)_mm512_loadu_si512((const void *)(w + (int64_t)(n0 + r) * K + kv * 32));
+                acc[r] = _mm512_dpbf16_ps(acc[r], wb, xb);
+            }
+        }
+        for (int r = 0; r < rows; r++) y[n0 + r] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+    }
+    return 0;
+#else
+    (void)w; (void)x; (void)y; (void)N; (void)K;
+    return -1;
+#endif
+}
+
+// RMSNorm of `rows` rows of `dim`, computed in fp32: out = x / rms(x) * w. x and out may have row strides.
+int rms_norm(const void *x, const void *w, void *out, int rows, int dim, int64_t x_stride, float eps,
+             int is_bf16) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) {
+        float ss = 0.f;
+        for (int d = 0; d < dim; d++) {
+            const float v = LOADF(x, r * x_stride + d);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / dim + eps);
+        for (int d = 0; d < dim; d++) {
+            const float v = LOADF(x, r * x_stride + d) * inv;
+            if (is_bf16) {  // as HF: normalise in fp32, round, then scale by the bf16 weight
+                const float wv = bf16_to_f32(((const uint16_t *)w)[d]);
+                ((uint16_t *)out)[(int64_t)r * dim + d] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v)) * wv);
+            } else {
+                ((float *)out)[(int64_t)r * dim + d] = v * ((const float *)w)[d];
+            }
+        }
+    }
+    return 0;
+}
+
+// Rotate-half rotary embedding, in place, on `heads` heads of each of T rows (row stride in elements),
+// rotating the first rot_dim features of each head; cos/sin tables are fp32 (max_pos, rot_dim / 2).
+int rope_inplace(void *x, int T, int heads, int head_dim, int64_t row_stride, int rot_dim, const float *cos_t,
+                 const float *sin_t, const int64_t *positions, int is_bf16) {
+    const int half = rot_dim / 2;
+    for (int t = 0; t < T; t++) {
+        const float *c = cos_t + positions[t] * half, *s = sin_t + positions[t] * half;
+        for (int h = 0; h < heads; h++) {
+            const int64_t base = t * row_stride + (int64_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float x1 = LOADF(x, base + i), x2 = LOADF(x, base + i + half);
+                const float y1 = x1 * c[i] - x2 * s[i], y2 = x2 * c[i] + x1 * s[i];
+                if (is_bf16) {
+                    ((uint16_t *)x)[base + i] = f32_to_bf16(y1);
+                    ((uint16_t *)x)[base + i + half] = f32_to_bf16(y2);
+                } else {
+                    ((float *)x)[base + i] = y1;
+                    ((float *)x)[base + i + half] = y2;
+                }
+            }
+        }
     }
     return 0;
 }
