@@ -44,7 +44,10 @@ def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None
     from inferd.loader import hub
 
     try:
-        specs = args.model or [hub.DEFAULT_CHAT_MODEL, hub.DEFAULT_EMBED_MODEL]
+        import importlib.util
+
+        specs = args.model or [hub.DEFAULT_CHAT_MODEL] + (
+            [hub.DEFAULT_EMBED_MODEL] if importlib.util.find_spec("inferd.server.serving_embeddings") else [])
         for spec in specs:
             if _is_encoder(spec):
                 from inferd.server.serving_embeddings import load_embedder
