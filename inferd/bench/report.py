@@ -17,9 +17,8 @@ def table(levels: list[dict]) -> str:
     for lv in levels:
         s = lv["summary"]
 
-        def p3(k: str) -> str:
-            d = s[k]
-            return "/".join(fmt(d[f"p{p}"], 0) for p in (50, 90, 99))
+        def p3(k: str, s: dict = s) -> str:
+            return "/".join(fmt(s[k][f"p{p}"], 0) for p in (50, 90, 99))
 
         lines.append(
             f"| {lv['concurrency']} | {s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {p3('ttft_ms')} | "
