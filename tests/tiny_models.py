@@ -134,3 +134,72 @@ def write_gguf(path: Path, hf_dir: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+BERT_CONFIG = {
+    "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+}
+
+
+def write_bert(dirpath: Path, seed: int = 0, labels: list[str] | None = None, max_seq_length: int = 24) -> Path:
+    """A tiny sentence-transformers style BERT (mean pooling + Normalize), or a sequence classifier."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                        show_progress=False)
+    tok.train_from_iterator(CORPUS + ["my invoice is wrong", "the app crashes on start", "hello there"], trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
+                                                                                                   ("[SEP]", sep)])
+    tok.save(str(dirpath / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    cfg = {**BERT_CONFIG, "vocab_size": vocab}
+    if labels:
+        cfg["architectures"] = ["BertForSequenceClassification"]
+        cfg["id2label"] = {str(i): lb for i, lb in enumerate(labels)}
+        cfg["label2id"] = {lb: i for i, lb in enumerate(labels)}
+    (dirpath / "config.json").write_text(json.dumps(cfg))
+    (dirpath / "tokenizer_config.json").write_text(json.dumps({"cls_token": "[CLS]", "sep_token": "[SEP]"}))
+    if not labels:
+        (dirpath / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (dirpath / "1_Pooling").mkdir(exist_ok=True)
+        (dirpath / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
+        (dirpath / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    g = torch.Generator().manual_seed(seed)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+
+    def w(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    pre = "bert." if labels else ""
+    t = {f"{pre}embeddings.word_embeddings.weight": w(vocab, h, scale=1.0),
+         f"{pre}embeddings.position_embeddings.weight": w(64, h),
+         f"{pre}embeddings.token_type_embeddings.weight": w(2, h),
+         f"{pre}embeddings.LayerNorm.weight": 1 + w(h, scale=0.1), f"{pre}embeddings.LayerNorm.bias": w(h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"{pre}encoder.layer.{i}."
+        for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
+                            ("attention.self.value", (h, h)), ("attention.output.dense", (h, h)),
+                            ("intermediate.dense", (inter, h)), ("output.dense", (h, inter))):
+            t[p + name + ".weight"] = w(*shape)
+            t[p + name + ".bias"] = w(shape[0], scale=0.05)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[p + name + ".weight"] = 1 + w(h, scale=0.1)
+            t[p + name + ".bias"] = w(h, scale=0.05)
+    t[f"{pre}pooler.dense.weight"], t[f"{pre}pooler.dense.bias"] = w(h, h), w(h)
+    if labels:
+        t["classifier.weight"], t["classifier.bias"] = w(len(labels), h, scale=1.0), w(len(labels))
+    save_file({k: v.contiguous() for k, v in t.items()}, str(dirpath / "model.safetensors"))
+    return dirpath

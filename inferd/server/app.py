@@ -187,9 +187,10 @@ def build_app(state: ServerState) -> FastAPI:
             raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
         return {"prompt": llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    from inferd.server import serving_completions
+    from inferd.server import serving_completions, serving_embeddings
 
     serving_completions.add_routes(app, state)
+    serving_embeddings.add_routes(app, state)
     return app
 
 

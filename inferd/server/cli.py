@@ -53,6 +53,7 @@ def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None
                 from inferd.server.serving_embeddings import load_embedder
 
                 emb = load_embedder(spec, args)
+                emb.metrics = state.metrics
                 state.embedders[emb.name] = emb
                 continue
             cfg = EngineConfig(

@@ -36,6 +36,10 @@ class Metrics:
         self.cost = Counter("inferd_request_cost_usd", "Cost attributed to requests, USD", lbl, registry=r)
         self.compute = Counter("inferd_compute_seconds", "Engine step seconds attributed to requests", lbl,
                                registry=r)
+        self.embed_cache_hits = Counter("inferd_embedding_cache_hits", "Embedding cache hits (inputs)", lbl,
+                                        registry=r)
+        self.embed_cache_misses = Counter("inferd_embedding_cache_misses", "Embedding cache misses (inputs)", lbl,
+                                          registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         self._seen_prefix: dict[str, tuple[int, int]] = {}
         self._tok_count: dict[str, int] = {}

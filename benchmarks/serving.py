@@ -1,0 +1,102 @@
+"""Serving benchmark: inferd serve vs a peer server on the same machine, in one run, through the same load
+generator (`inferd bench serve`), plus the offline engine at the same concurrency (server overhead).
+
+    python benchmarks/serving.py --out docs/serving [--peer-python /path/to/venv/bin/python]
+
+The workload follows ../shared/reference/peers.md: streaming chat, ~63 prompt tokens (chat template),
+128 output tokens (ignore_eos), temperature 0. The peer is llama-cpp-python's OpenAI server on the same GGUF
+file (installed in a separate environment; it is never an inferd dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, price: float) -> dict:
+    cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
+           "--tokenizer", "smollm2-135m", "--concurrency", conc, "--num-prompts", str(n), "--input-len", "40",
+           "--output-len", "128", "--out", str(out), "--label", label, "--price-per-hour", str(price)]
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/serving")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--price-per-hour", type=float, default=0.10)
+    ap.add_argument("--peer-python", default=None, help="python of an env with llama-cpp-python[server]")
+    args = ap.parse_args()
+    out = Path(args.out)
+    from inferd.loader.hub import resolve
+
+    gguf = str(resolve("smollm2-135m"))
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", "smollm2-135m", "--port",
+                             str(port), "--price-per-hour", str(args.price_per_hour)])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready", proc)
+        bench(f"http://127.0.0.1:{port}/v1", "smollm2-135m", args.concurrency, args.num_prompts, out / "inferd",
+              "inferd", args.price_per_hour)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    print("\n## offline engine (no HTTP), same shapes", flush=True)
+    subprocess.run([sys.executable, "-m", "inferd.cli", "bench", "offline", "--model", "smollm2-135m",
+                    "--concurrency", args.concurrency, "--input-len", "63", "--output-len", "128"], check=True)
+
+    if args.peer_python:
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+        proc = subprocess.Popen([args.peer_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                                 "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--model_alias",
+                                 "smollm2-135m", "--chat_format", "chatml"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v1/models", proc)
+            bench(f"http://127.0.0.1:{port}/v1", "smollm2-135m", args.concurrency, args.num_prompts,
+                  out / "llama-cpp-python", "llama-cpp-python", args.price_per_hour)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        print("\n## ratio (inferd / llama-cpp-python)")
+        subprocess.run([sys.executable, "-m", "inferd.cli", "bench", "compare", str(out / "llama-cpp-python" /
+                        "results.json"), str(out / "inferd" / "results.json")], check=True)
+
+
+if __name__ == "__main__":
+    main()

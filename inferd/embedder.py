@@ -1,0 +1,222 @@
+"""Embedder: BERT-family encoders for embeddings, similarity scoring and classification.
+
+    Embedder("all-minilm-l6-v2").embed(["a text", ...])  → np.ndarray (n, dim)
+
+Reads a sentence-transformers / Hugging Face directory: config.json, *.safetensors, tokenizer.json,
+modules.json (Pooling, Normalize), 1_Pooling/config.json, sentence_bert_config.json (max_seq_length).
+Texts are sorted by length and packed into batches by a token budget, so almost no compute goes to padding;
+an exact-match LRU cache returns repeated texts without recomputation.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inferd.errors import InvalidRequestError, ModelLoadError
+from inferd.hardware import pick_device, pick_dtype
+from inferd.loader import hub
+from inferd.loader.safetensors import load_safetensors, read_hf_config
+from inferd.models.bert import BertConfig, BertEncoder
+
+
+@dataclass
+class PoolingConfig:
+    mode: str = "mean"  # mean | cls | max
+    normalize: bool = False
+    max_seq_length: int = 512
+
+
+def _pooling_config(d: Path, max_pos: int) -> PoolingConfig:
+    pc = PoolingConfig(max_seq_length=max_pos)
+    modules = json.loads((d / "modules.json").read_text()) if (d / "modules.json").is_file() else []
+    for m in modules:
+        kind = m.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_path = d / m.get("path", "1_Pooling") / "config.json"
+            if cfg_path.is_file():
+                c = json.loads(cfg_path.read_text())
+                pc.mode = "cls" if c.get("pooling_mode_cls_token") else "max" if c.get("pooling_mode_max_tokens") \
+                    else "mean"
+        elif kind.endswith("Normalize"):
+            pc.normalize = True
+    sb = d / "sentence_bert_config.json"
+    if sb.is_file():
+        pc.max_seq_length = min(int(json.loads(sb.read_text()).get("max_seq_length", max_pos)), max_pos)
+    return pc
+
+
+class LRUCache:
+    """Bounded exact-match cache of embedding vectors; thread-safe; counts hits and misses."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        if self.max_entries <= 0:
+            return None
+        with self.lock:
+            v = self.data.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self.data.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if self.max_entries <= 0:
+            return
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.max_entries:
+                self.data.popitem(last=False)
+
+
+class Embedder:
+    def __init__(self, model: str = "all-minilm-l6-v2", *, dtype: str = "auto", device: str = "auto",
+                 cache_size: int = 10000, max_batch_tokens: int = 8192):
+        from inferd.loader.tokenizer import Tokenizer
+
+        path = hub.resolve(model)
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: an encoder must be a Hugging Face model directory")
+        self.name = model if model in hub.CATALOGUE else path.name
+        self.path = path
+        self.config = BertConfig.from_hf(read_hf_config(path))
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        with torch.device("meta"):
+            enc = BertEncoder(self.config)
+        self.model = enc.to_empty(device=self.device)
+        self.model.load_weights(load_safetensors(path, torch.float32))
+        self.model = self.model.to(self.dtype).eval().requires_grad_(False)
+        tok = Tokenizer.from_hf_dir(path)
+        self.tokenizer = tok.hf
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.pooling = _pooling_config(path, self.config.max_position_embeddings)
+        self.max_batch_tokens = max_batch_tokens
+        self.cache = LRUCache(cache_size)
+        self.dim = self.config.hidden_size
+        self._lock = threading.Lock()  # one forward at a time (torch uses every core already)
+
+    # ---- tokenization ----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        encs = self.tokenizer.encode_batch(texts)
+        out = []
+        limit = self.pooling.max_seq_length
+        for i, e in enumerate(encs):
+            ids = e.ids
+            if len(ids) > limit:
+                if not truncate:
+                    raise InvalidRequestError(
+                        f"input {i} has {len(ids)} tokens, more than this model's maximum of {limit}; shorten it "
+                        "or set truncate_prompt_tokens", param="input")
+                ids = ids[: limit - 1] + ids[-1:]  # keep [SEP]
+            out.append(ids)
+        return out
+
+    # ---- compute ---------------------------------------------------------------------------------
+    def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Indices grouped by length (longest first) so that each batch's padded size ≤ max_batch_tokens."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        batches, cur = [], []
+        for i in order:
+            longest = len(seqs[cur[0]]) if cur else len(seqs[i])
+            if cur and longest * (len(cur) + 1) > self.max_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    @torch.inference_mode()
+    def _hidden_pooled(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled (B, h) float32 and, for classifiers, logits (B, labels)."""
+        with self._lock:
+            x, lens = self.model(seqs)
+        seg = torch.arange(len(seqs)).repeat_interleave(lens).to(x.device)
+        starts = torch.cumsum(lens, 0) - lens
+        xf = x.float()
+        logits = None
+        if self.config.num_labels:
+            cls = xf[starts.to(x.device)]
+            pooled_cls = torch.tanh(self.model.pooler(cls.to(self.dtype)).float())
+            logits = self.model.classifier(pooled_cls.to(self.dtype)).float()
+        mode = self.pooling.mode
+        if mode == "cls":
+            pooled = xf[starts.to(x.device)]
+        elif mode == "max":
+            pooled = torch.full((len(seqs), xf.shape[1]), float("-inf"), device=x.device)
+            pooled = pooled.scatter_reduce(0, seg.unsqueeze(1).expand_as(xf), xf, "amax")
+        else:
+            pooled = torch.zeros(len(seqs), xf.shape[1], device=x.device).index_add_(0, seg, xf)
+            pooled = pooled / lens.to(x.device).unsqueeze(1)
+        if self.pooling.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled, logits
+
+    def embed_ids(self, seqs: list[list[int]]) -> np.ndarray:
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        for batch in self._batches(seqs):
+            pooled, _ = self._hidden_pooled([seqs[i] for i in batch])
+            out[batch] = pooled.cpu().numpy()
+        return out
+
+    def embed(self, texts: str | list[str], truncate: bool = True) -> np.ndarray:
+        """Texts → float32 (n, dim); repeated texts come from the cache."""
+        if isinstance(texts, str):
+            texts = [texts]
+        result = np.zeros((len(texts), self.dim), dtype=np.float32)
+        todo = []
+        for i, t in enumerate(texts):
+            hit = self.cache.get((self.name, t, truncate))
+            if hit is None:
+                todo.append(i)
+            else:
+                result[i] = hit
+        if todo:
+            seqs = self.tokenize([texts[i] for i in todo], truncate)
+            vecs = self.embed_ids(seqs)
+            for j, i in enumerate(todo):
+                result[i] = vecs[j]
+                self.cache.put((self.name, texts[i], truncate), vecs[j].copy())
+        return result
+
+    def score(self, query: str, documents: list[str]) -> np.ndarray:
+        """Cosine similarity of the query to each document."""
+        v = self.embed([query, *documents])
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return v[1:] @ v[0]
+
+    @property
+    def labels(self) -> list[str]:
+        c = self.config
+        return [(c.id2label or {}).get(i, f"LABEL_{i}") for i in range(c.num_labels)]
+
+    def classify(self, texts: str | list[str], truncate: bool = True) -> np.ndarray:
+        """Texts → class probabilities (n, num_labels), softmax over the classifier's logits."""
+        if not self.config.num_labels:
+            raise InvalidRequestError(f"model {self.name} has no classification head", param="model")
+        if isinstance(texts, str):
+            texts = [texts]
+        seqs = self.tokenize(texts, truncate)
+        out = np.zeros((len(seqs), self.config.num_labels), dtype=np.float32)
+        for batch in self._batches(seqs):
+            _, logits = self._hidden_pooled([seqs[i] for i in batch])
+            assert logits is not None
+            out[batch] = torch.softmax(logits, dim=-1).cpu().numpy()
+        return out

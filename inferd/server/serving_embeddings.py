@@ -1,0 +1,243 @@
+"""POST /v1/embeddings, /v1/score (and /score), /v1/classify, with dynamic batching and the embedding cache.
+
+Requests that arrive within a short window are merged into one length-sorted, token-budgeted pass over the
+encoder (run in a worker thread so the event loop keeps serving); each request gets its own vectors back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict
+
+from inferd.embedder import Embedder
+from inferd.errors import InvalidRequestError
+
+WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM: truncate over-long inputs instead of rejecting them
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    text_1: str | list[str] | None = None  # vLLM's names
+    text_2: str | list[str] | None = None
+    query: str | None = None  # search-style: one query, documents ranked by score
+    documents: list[str] | None = None
+    top_n: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str]
+    truncate_prompt_tokens: int | None = None
+
+
+@dataclass
+class _Job:
+    seqs: list[list[int]]
+    future: asyncio.Future
+
+
+@dataclass
+class EmbeddingService:
+    embedder: Embedder
+    metrics: Any = None
+    queue: asyncio.Queue | None = None
+    worker: asyncio.Task | None = None
+    pending: list[_Job] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.embedder.name
+
+    def _ensure_worker(self) -> None:
+        if self.worker is None or self.worker.done():
+            self.queue = asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            await asyncio.sleep(WINDOW_S)  # let concurrent requests join this pass
+            while not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+            seqs = [s for j in jobs for s in j.seqs]
+            try:
+                vecs = await loop.run_in_executor(None, self.embedder.embed_ids, seqs)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            i = 0
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_result(vecs[i : i + len(j.seqs)])
+                i += len(j.seqs)
+
+    async def embed_seqs(self, seqs: list[list[int]]) -> np.ndarray:
+        self._ensure_worker()
+        assert self.queue is not None
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(seqs, fut))
+        return await fut
+
+    async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
+        """Vectors for texts (cache first), and the number of tokens in the inputs."""
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidRequestError(f"input {i} is an empty string", param="input")
+        e = self.embedder
+        out = np.zeros((len(texts), e.dim), dtype=np.float32)
+        todo, hits = [], 0
+        for i, t in enumerate(texts):
+            v = e.cache.get((e.name, t, truncate))
+            if v is None:
+                todo.append(i)
+            else:
+                out[i] = v
+                hits += 1
+        if self.metrics is not None:
+            self.metrics.embed_cache_hits.labels(e.name).inc(hits)
+            self.metrics.embed_cache_misses.labels(e.name).inc(len(todo))
+        ntok = 0
+        if todo:
+            seqs = e.tokenize([texts[i] for i in todo], truncate)
+            ntok = sum(len(s) for s in seqs)
+            vecs = await self.embed_seqs(seqs)
+            for j, i in enumerate(todo):
+                out[i] = vecs[j]
+                e.cache.put((e.name, texts[i], truncate), vecs[j].copy())
+        return out, ntok
+
+
+def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
+    return vec.astype(np.float32).tolist()
+
+
+def add_routes(app: FastAPI, state) -> None:
+    def service(name: str | None) -> EmbeddingService:
+        from inferd.errors import ModelNotFoundError
+
+        if not state.embedders:
+            raise ModelNotFoundError("no embedding model is loaded (start the server with an encoder --model)")
+        if not name:
+            return next(iter(state.embedders.values()))
+        if name in state.embedders:
+            return state.embedders[name]
+        raise ModelNotFoundError(
+            f"the model {name!r} does not exist; available: {', '.join([*state.llms, *state.embedders])}")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        svc = service(body.model)
+        e = svc.embedder
+        if body.dimensions is not None and body.dimensions != e.dim:
+            raise InvalidRequestError(f"model {e.name} does not support dimensions={body.dimensions} "
+                                      f"(its embeddings have {e.dim})", param="dimensions")
+        truncate = body.truncate_prompt_tokens is not None
+        inp = body.input
+        if isinstance(inp, str):
+            inp = [inp]
+        if not inp:
+            raise InvalidRequestError("input must not be empty", param="input")
+        if all(isinstance(x, int) for x in inp):
+            inp = [inp]  # one token-id list
+        if isinstance(inp[0], list):
+            seqs = [list(s) for s in inp]  # type: ignore[arg-type]
+            for i, s in enumerate(seqs):
+                if not s:
+                    raise InvalidRequestError(f"input {i} is empty", param="input")
+                if any(not 0 <= t < e.config.vocab_size for t in s):
+                    raise InvalidRequestError(f"input {i} has a token id out of range", param="input")
+                if len(s) > e.pooling.max_seq_length:
+                    if not truncate:
+                        raise InvalidRequestError(f"input {i} has {len(s)} tokens, more than this model's maximum "
+                                                  f"of {e.pooling.max_seq_length}", param="input")
+                    seqs[i] = s[: e.pooling.max_seq_length]
+            vecs, ntok = await svc.embed_seqs(seqs), sum(len(s) for s in seqs)
+        else:
+            vecs, ntok = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
+        data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                for i, v in enumerate(vecs)]
+        return {"object": "list", "data": data, "model": body.model or e.name,
+                "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+
+    async def _score(body: ScoreRequest) -> dict:
+        svc = service(body.model)
+        truncate = body.truncate_prompt_tokens is not None
+        if body.query is not None:
+            if not body.documents:
+                raise InvalidRequestError("documents must be a non-empty list", param="documents")
+            q, docs = [body.query], list(body.documents)
+        elif body.text_1 is not None and body.text_2 is not None:
+            t1 = [body.text_1] if isinstance(body.text_1, str) else list(body.text_1)
+            docs = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
+            if len(t1) != 1 and len(t1) != len(docs):
+                raise InvalidRequestError("text_1 must be one text or as many as text_2", param="text_1")
+            q = t1
+        else:
+            raise InvalidRequestError("give query + documents, or text_1 + text_2", param="query")
+        vecs, ntok = await svc.embed_texts(q + docs, truncate)
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        qv, dv = vecs[: len(q)], vecs[len(q):]
+        scores = (dv * (qv if len(q) > 1 else qv[0])).sum(axis=1) if len(q) > 1 else dv @ qv[0]
+        data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
+        out: dict = {"id": f"score-{time.time_ns()}", "object": "list", "model": body.model or svc.name,
+                     "data": data, "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+        if body.query is not None:
+            ranked = sorted(data, key=lambda d: -d["score"])[: body.top_n or len(data)]
+            out["results"] = [{"index": d["index"], "document": docs[d["index"]], "relevance_score": d["score"]}
+                              for d in ranked]
+        return out
+
+    app.post("/v1/score")(_score)
+    app.post("/score")(_score)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict:
+        svc = service(body.model)
+        e = svc.embedder
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise InvalidRequestError("input must not be empty", param="input")
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidRequestError(f"input {i} is an empty string", param="input")
+        if not e.config.num_labels:
+            raise InvalidRequestError(f"model {e.name} has no classification head", param="model")
+        loop = asyncio.get_running_loop()
+        truncate = body.truncate_prompt_tokens is not None
+        e.tokenize(texts, truncate)  # raises 400 for over-long input before any work
+        probs = await loop.run_in_executor(None, e.classify, texts, truncate)
+        labels = e.labels
+        data = [{"index": i, "label": labels[int(p.argmax())], "probs": {lb: float(x) for lb, x in zip(labels, p)},
+                 "num_classes": len(labels)} for i, p in enumerate(probs)]
+        return {"id": f"classify-{time.time_ns()}", "object": "list", "model": body.model or e.name, "data": data}
+
+
+def load_embedder(spec: str, args) -> EmbeddingService:
+    emb = Embedder(spec, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"),
+                   cache_size=getattr(args, "embedding_cache_size", 10000))
+    return EmbeddingService(emb)
