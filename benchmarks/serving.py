@@ -44,18 +44,26 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, price: float) -> dict:
-    cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
-           "--tokenizer", "smollm2-135m", "--concurrency", conc, "--num-prompts", str(n), "--input-len", "40",
-           "--output-len", "128", "--out", str(out), "--label", label, "--price-per-hour", str(price)]
-    subprocess.run(cmd, check=True)
-    return json.loads((out / "results.json").read_text())
+    levels = []
+    for c in conc.split(","):  # at least n prompts per level, and at least one per concurrent slot
+        cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
+               "--tokenizer", "smollm2-135m", "--concurrency", c, "--num-prompts", str(max(n, int(c))),
+               "--input-len", "40", "--output-len", "128", "--out", str(out / f"c{c}"), "--label", label,
+               "--price-per-hour", str(price), "--no-plots"]
+        subprocess.run(cmd, check=True)
+        levels += json.loads((out / f"c{c}" / "results.json").read_text())["levels"]
+    from inferd.bench.report import plot, write_results
+
+    write_results(out, {"label": label, "base_url": base_url, "model": model}, levels)
+    plot(out, levels, label)
+    return {"levels": levels}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/serving")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=32, help="per level (at least the concurrency)")
     ap.add_argument("--price-per-hour", type=float, default=0.10)
     ap.add_argument("--peer-python", default=None, help="python of an env with llama-cpp-python[server]")
     args = ap.parse_args()

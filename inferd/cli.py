@@ -29,6 +29,13 @@ def _engine_args(p: argparse.ArgumentParser, default_model: str | None = "smollm
     p.add_argument("--block-size", type=int, default=c.block_size, help="tokens per KV cache block")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4", "gguf"],
+                   help="weight-only quantization: int8 per-channel, int4 group-wise, or gguf (keep the file's "
+                        "Q4_0/Q4_1 blocks packed; Q8_0 as int8)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
+    p.add_argument("--quant-dense-rows", type=int, default=0,
+                   help="also keep bf16 copies of quantized weights and use them for steps of at least this many "
+                        "rows (large batches run faster on bf16 GEMM; costs the bf16 memory). 0: packed only")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -49,7 +56,8 @@ def _make_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-               block_size=args.block_size)
+               block_size=args.block_size, quantization=args.quantization, group_size=args.group_size,
+               quant_dense_rows=args.quant_dense_rows)
 
 
 def _params(args: argparse.Namespace):
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable]:
     regs: list[Callable] = []
-    for mod in ("inferd.server.cli", "inferd.bench.cli", "inferd.embed_cli"):
+    for mod in ("inferd.server.cli", "inferd.bench.cli", "inferd.embed_cli", "inferd.quant.cli"):
         try:
             regs.append(__import__(mod, fromlist=["register"]).register)
         except ImportError as exc:  # optional part missing: keep the rest usable

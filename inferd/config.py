@@ -95,3 +95,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     price_per_hour: float = 0.0
+    quantization: str = "none"  # none | int8 | int4 | gguf
+    group_size: int = 32  # int4 group size
+    quant_dense_rows: int = 0  # >0: keep bf16 copies of quantized weights for steps with at least this many rows

@@ -88,8 +88,9 @@ def write_hf(dirpath: Path, seed: int = 0, config: dict | None = None) -> Path:
     return dirpath
 
 
-def write_gguf(path: Path, hf_dir: Path) -> Path:
-    """The same model as `hf_dir`, written the way llama.cpp's converter does (Q/K rows permuted)."""
+def write_gguf(path: Path, hf_dir: Path, quant: str | None = None) -> Path:
+    """The same model as `hf_dir`, written the way llama.cpp's converter does (Q/K rows permuted); `quant`
+    (e.g. "Q4_1") stores the decoder's linear weights in that block format."""
     import gguf
     from safetensors.torch import load_file
 
@@ -128,6 +129,10 @@ def write_gguf(path: Path, hf_dir: Path) -> Path:
             arr = llama_permute(arr, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             arr = llama_permute(arr, cfg["num_key_value_heads"])
+        if quant and name.startswith("model.layers.") and name.endswith("proj.weight"):
+            qt = getattr(gguf.GGMLQuantizationType, quant)
+            w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(arr), qt), raw_dtype=qt)
+            continue
         w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(arr))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -24,6 +24,7 @@ from inferd.engine.scheduler import Scheduler
 from inferd.errors import InvalidRequestError
 from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
 from inferd.models.registry import LoadedModel, load_model
+from inferd.quant.apply import QuantConfig
 from inferd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class LLMEngine:
         self.config = config
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
-        self.lm = loaded or load_model(config.model, dtype, device, config.scheduler.max_model_len)
+        quant = QuantConfig(config.quantization, config.group_size, config.quant_dense_rows)
+        self.lm = loaded or load_model(config.model, dtype, device, config.scheduler.max_model_len, quant)
         self.tokenizer = self.lm.tokenizer
         self.max_model_len = self.lm.max_model_len
         cc = config.cache

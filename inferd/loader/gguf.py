@@ -143,8 +143,21 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         raise ModelLoadError(f"{f.path.name}: GGUF metadata is missing a required {arch}.* key ({exc})") from exc
 
 
-def load_gguf_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor, dequantized to `dtype`, under its HF name, with Q/K rows un-permuted."""
+@dataclass
+class RawTensor:
+    """A GGUF tensor as stored: its type name, bytes (rows, bytes per row) and logical (rows, cols)."""
+
+    type_name: str
+    data: np.ndarray
+    rows: int
+    cols: int
+    unpermute_heads: int | None = None  # Q/K rows still need llama_unpermute with this many heads
+
+
+def load_gguf_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                      raw: dict[str, RawTensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor, dequantized to `dtype`, under its HF name, with Q/K rows un-permuted. When `raw` is given,
+    quantized tensors are also recorded there as stored (for repacking without a second rounding)."""
     import gguf
 
     out: dict[str, torch.Tensor] = {}
@@ -160,10 +173,15 @@ def load_gguf_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict
             raise ModelLoadError(f"{f.path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from exc
         # numpy shape is the reverse of ggml's ne[]: (rows=out_features, cols=in_features)
         arr = np.asarray(arr, dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+        heads = None
         if cfg.architecture in ("llama", "mistral"):
             if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
-                arr = llama_unpermute(arr, cfg.num_heads)
+                heads = cfg.num_heads
             elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
-                arr = llama_unpermute(arr, cfg.num_kv_heads)
+                heads = cfg.num_kv_heads
+            if heads is not None:
+                arr = llama_unpermute(arr, heads)
+        if raw is not None and arr.ndim == 2 and t.tensor_type.name not in ("F32", "F16", "BF16"):
+            raw[name] = RawTensor(t.tensor_type.name, np.asarray(t.data), arr.shape[0], arr.shape[1], heads)
         out[name] = torch.from_numpy(np.array(arr, copy=True)).to(dtype)
     return out

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 
 
@@ -51,8 +50,3 @@ def load_safetensors(model_dir: str | Path, dtype: torch.dtype | None) -> dict[s
         for name, t in tensors.items():
             out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return out
-
-
-def load_hf_causal_lm(model_dir: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
-    return cfg, load_safetensors(model_dir, dtype)

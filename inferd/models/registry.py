@@ -11,11 +11,13 @@ import torch
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 from inferd.loader import hub
-from inferd.loader.gguf import config_from_gguf, load_gguf_tensors, read_gguf
-from inferd.loader.safetensors import load_hf_causal_lm
+from inferd.loader.gguf import RawTensor, config_from_gguf, load_gguf_tensors, read_gguf
+from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
 from inferd.models.blocks import Rotary
 from inferd.models.llama import LlamaForCausalLM
+from inferd.quant.apply import QuantConfig, quantize_model
+from inferd.quant.io import load_quantized_into
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,27 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None
+    spec: str, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None,
+    quant: QuantConfig | None = None,
 ) -> LoadedModel:
+    quant = quant or QuantConfig()
     path = hub.resolve(spec)
+    raw: dict[str, RawTensor] | None = None
+    recipe = None
     if path.is_dir():
-        cfg, weights = load_hf_causal_lm(path, dtype)
+        hf_cfg = read_hf_config(path)
+        recipe = hf_cfg.get("quantization_config")
+        if recipe is not None and recipe.get("quant_method") != "inferd":
+            raise ModelLoadError(f"{path}: quantization {recipe.get('quant_method')!r} is not supported "
+                                 "(inferd loads its own int8/int4 files, and GGUF)")
+        cfg = ModelConfig.from_hf(hf_cfg)
+        weights = load_safetensors(path, None if recipe else dtype)
         tok = Tokenizer.from_hf_dir(path, cfg.eos_token_ids)
     elif path.suffix == ".gguf" or path.is_file():
         f = read_gguf(path)
         cfg = config_from_gguf(f)
-        weights = load_gguf_tensors(f, cfg, dtype)
+        raw = {} if quant.method == "gguf" else None
+        weights = load_gguf_tensors(f, cfg, dtype, raw)
         tok = Tokenizer.from_gguf_metadata(f.metadata)
     else:
         raise ModelLoadError(f"cannot load {path}: not a .gguf file or a model directory")
@@ -60,7 +73,17 @@ def load_model(
         model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
     model = model.to_empty(device=device).to(dtype)
     model.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
-    model.load_weights({k: v.to(device) for k, v in weights.items()})
+    if recipe is not None:  # a model written by `inferd quantize`
+        if quant.method not in ("none", recipe.get("method")):
+            raise ModelLoadError(f"{path} is already quantized ({recipe.get('method')}); drop --quantization")
+        load_quantized_into(model, weights, recipe, dtype, quant.dense_from_rows)
+    else:
+        model.load_weights({k: v.to(device) for k, v in weights.items()})
+        if quant.method == "gguf" and raw is None:
+            raise ModelLoadError("--quantization gguf needs a .gguf model (use int8 or int4 for other formats)")
+        quantize_model(model, quant, raw)
+        if quant.method != "none":
+            log.info("quantized %s with %s", path.name, quant)
     model.eval().requires_grad_(False)
     if not tok.eos_token_ids and cfg.eos_token_ids:
         tok.eos_token_ids = cfg.eos_token_ids

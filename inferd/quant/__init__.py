@@ -1,0 +1,1 @@
+"""Weight-only quantization: int8 per-channel and int4 group-wise layers, GGUF block repacking."""

@@ -1,0 +1,109 @@
+"""Swap a loaded model's linear layers (and embedding) for quantized ones.
+
+Methods: `int8` (per-channel), `int4` (group-wise, `group_size` 32/64/128), `gguf` (keep the file's own
+4-bit blocks: Q4_0/Q4_1 repack exactly into int4 group-32; Q8_0 becomes int8 per-channel; any other type
+is kept dequantized, with a log line saying so).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inferd.loader.gguf import RawTensor, llama_unpermute
+from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4
+from inferd.quant.linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_int8
+
+log = logging.getLogger(__name__)
+METHODS = ("none", "int8", "int4", "gguf")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "none"
+    group_size: int = 32
+    dense_from_rows: int = 0  # keep a bf16 copy and use it for steps with at least this many rows (0: never)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group size must be 32, 64, 128 or 256, got {self.group_size}")
+
+
+# fused layer → the HF tensors it was built from (row blocks, in order)
+def _parts(i: int) -> dict[str, list[str]]:
+    p = f"model.layers.{i}"
+    return {
+        f"{p}.self_attn.qkv_proj": [f"{p}.self_attn.{n}_proj.weight" for n in "qkv"],
+        f"{p}.self_attn.o_proj": [f"{p}.self_attn.o_proj.weight"],
+        f"{p}.mlp.gate_up_proj": [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"],
+        f"{p}.mlp.down_proj": [f"{p}.mlp.down_proj.weight"],
+    }
+
+
+def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, name: str) -> nn.Module:
+    types = {r.type_name if r else "F32" for r in raws}
+    bias = dense.bias.data if dense.bias is not None else None
+    if types <= EXACT_INT4:
+        qs, ss, zs = [], [], []
+        for r in raws:
+            assert r is not None
+            q, s, z = unpack_q4(r.data, r.type_name, r.rows, r.cols)
+            if r.unpermute_heads:
+                q, s, z = (torch.from_numpy(llama_unpermute(t.numpy(), r.unpermute_heads)) for t in (q, s, z))
+            qs.append(q)
+            ss.append(s)
+            zs.append(z)
+        return Int4Linear(torch.cat(qs), torch.cat(ss), torch.cat(zs), 32, bias, qc.dense_from_rows)
+    if types == {"Q8_0"}:
+        return Int8Linear(*quantize_int8(dense.weight.data), bias, qc.dense_from_rows)
+    log.info("%s: GGUF type(s) %s have no packed kernel here; kept dequantized", name, ",".join(sorted(types)))
+    return dense
+
+
+def _quantized(dense: nn.Linear, qc: QuantConfig, raws: list[RawTensor | None] | None, name: str) -> nn.Module:
+    bias = dense.bias.data if dense.bias is not None else None
+    if qc.method == "int8":
+        return Int8Linear(*quantize_int8(dense.weight.data), bias, qc.dense_from_rows)
+    if qc.method == "int4":
+        if dense.in_features % qc.group_size:
+            log.info("%s: in_features %d not a multiple of %d; kept dense", name, dense.in_features, qc.group_size)
+            return dense
+        return Int4Linear(*quantize_int4(dense.weight.data, qc.group_size), qc.group_size, bias, qc.dense_from_rows)
+    assert qc.method == "gguf"
+    if raws is None:
+        raise ValueError("--quantization gguf needs a GGUF model; use int8 or int4 for other formats")
+    return _from_gguf(raws, dense, qc, name)
+
+
+def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] | None = None) -> None:
+    """In place: every decoder linear and the lm_head become packed layers; the embedding becomes int8."""
+    if qc.method == "none":
+        return
+    if any(p.is_cuda for p in model.parameters()):
+        raise ValueError("quantized kernels are CPU-only for now; use --quantization none on CUDA")
+    cfg = model.config
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for i in range(cfg.num_layers):
+        layer = model.model.layers[i]
+        for fused, parts in _parts(i).items():
+            owner = layer.self_attn if "self_attn" in fused else layer.mlp
+            attr = fused.rsplit(".", 1)[1]
+            dense = getattr(owner, attr)
+            raws = [raw.get(p) for p in parts] if raw is not None else None
+            setattr(owner, attr, _quantized(dense, qc, raws, fused))
+    emb = model.model.embed_tokens
+    q8, s8 = quantize_int8(emb.weight.data)
+    model.model.embed_tokens = Int8Embedding(q8, s8, emb.weight.dtype)
+    head_raw = None
+    if raw is not None:
+        head_raw = [raw.get("lm_head.weight") or (raw.get("model.embed_tokens.weight") if tied else None)]
+    if tied and qc.method in ("int8", "gguf") and (head_raw is None or head_raw[0] is None
+                                                   or head_raw[0].type_name not in EXACT_INT4):
+        model.lm_head = Int8Linear(q8, s8, None, qc.dense_from_rows)  # shares the embedding's int8 table
+    else:
+        model.lm_head = _quantized(model.lm_head, qc, head_raw, "lm_head")

@@ -1,0 +1,119 @@
+"""Quantized linear and embedding layers computed with PyTorch's packed CPU kernels.
+
+- Int8Linear: int8 weights with one scale per output channel; `aten._weight_int8pack_mm` (bf16 activations).
+- Int4Linear: 4-bit weights in groups of `group_size` along K with a scale and zero per group
+  (w = (q - 8) · scale + zero); `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
+- Int8Embedding: int8 rows with a scale per row (the lookup dequantizes only the rows it reads).
+
+Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
+GEMM wins for large batches. `dense_from_rows` keeps a bf16 copy of the weight and uses it for steps with at
+least that many rows (more memory, best of both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float → int8 (N, K), scales (N,) float32; symmetric per output channel."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float → q int32 in [0, 15] (N, K), scale and zero (N, K / group) float32 (asymmetric, min/max)."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features {K} is not a multiple of the group size {group_size}")
+    wg = w.float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32).view(N, K)
+    return q, scale, lo + 8.0 * scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    N, K = q.shape
+    qg = q.view(N, K // group_size, group_size).float()
+    return ((qg - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(N, K)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 dense_from_rows: int = 0):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self.register_buffer("dense", (self.qweight.float() * self.scales.float()[:, None]).bfloat16()
+                             if dense_from_rows else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.bfloat16)
+        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
+            y = F.linear(x, self.dense)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, dense_from_rows: int = 0):
+        """q: int32 (N, K) in [0, 15]; scale, zero: (N, K / group_size)."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
+        sz = torch.stack([scale.t(), zero.t()], dim=-1)  # (K / g, N, 2)
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self.register_buffer("dense", dequantize_int4(q, scale, zero, group_size).bfloat16()
+                             if dense_from_rows else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.bfloat16)
+        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
+            y = F.linear(x, self.dense)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
+                                                  self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.dtype)
+
+
+def module_bytes(m: nn.Module) -> int:
+    """Bytes of parameters and buffers, each storage counted once (tied weights are shared)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*m.parameters(), *m.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
