@@ -138,3 +138,10 @@ def test_eval_perplexity_cli(tiny_hf, tmp_path):
                         "--quantization", "int8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "perplexity" in r.stdout and "quantization int8" in r.stdout
+
+
+def test_group_size_that_does_not_divide_is_a_clear_error(tiny_hf):
+    from inferd.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not divide"):
+        LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, quantization="int4", group_size=128)

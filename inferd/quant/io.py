@@ -3,7 +3,8 @@
 Layout: config.json (with `quantization_config` = the recipe), model.safetensors, tokenizer.json,
 tokenizer_config.json (chat template, special tokens). Quantized tensors: `<layer>.qweight` int8 +
 `<layer>.scales` (int8), or `<layer>.qint4` uint8 (two 4-bit values per byte, low nibble first) +
-`<layer>.scale` + `<layer>.zero` (int4, per group). The embedding is int8 (`model.embed_tokens.qweight`).
+`<layer>.scale` + `<layer>.zero` (int4, per group). The embedding and the lm_head are int8 in both methods
+(`model.embed_tokens.qweight`, `lm_head.qweight`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def save_quantized(lm, dst: str | Path, qc: QuantConfig, progress: Callable[[int
     names = linear_names(c.num_layers)
     for k, name in enumerate(names):
         w = modules[name].weight.data.float()
-        if qc.method == "int8":
+        if qc.method == "int8" or name == "lm_head":  # the lm_head is int8 in every method (see quant/apply.py)
             q, s = quantize_int8(w)
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s.to(torch.bfloat16)
         else:
@@ -105,7 +106,7 @@ def load_quantized_into(model: nn.Module, weights: dict[str, torch.Tensor], reci
         parent_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
         parent = modules[parent_name] if parent_name else model
         bias = w.pop(f"{name}.bias", None)
-        if method == "int8":
+        if method == "int8" or name == "lm_head":
             layer: nn.Module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias, dense_from_rows)
         elif method == "int4":
             layer = Int4Linear(_unpack_nibbles(take(f"{name}.qint4")), take(f"{name}.scale").float(),

@@ -1,0 +1,75 @@
+"""llama.cpp (through llama-cpp-python's Python API) on the same GGUF file, on this machine, in the same run as
+inferd's engine: prefill of the 512-token prompt and single-stream decode of 128 tokens.
+
+    python benchmarks/llamacpp_peer.py --peer-python /path/to/env-with-llama-cpp-python/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+PEER = r"""
+import json, sys, time
+from llama_cpp import Llama
+ids = json.load(open(sys.argv[2]))
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=int(sys.argv[3]), n_batch=512, verbose=False)
+res = {}
+pp = []
+for _ in range(3):
+    llm.reset(); t = time.perf_counter(); llm.eval(ids["ids512"]); pp.append(512 / (time.perf_counter() - t))
+res["prefill_tok_s"] = sorted(pp)[1]
+tg = []
+for _ in range(3):
+    llm.reset(); llm.eval(ids["ids128"]); tok = ids["ids128"][-1]
+    t = time.perf_counter()
+    for _ in range(128):
+        llm.eval([tok]); tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tg.append(128 / (time.perf_counter() - t))
+res["decode_tok_s"] = sorted(tg)[1]
+print(json.dumps(res))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer-python", required=True)
+    ap.add_argument("--quantization", nargs="+", default=["none", "gguf", "int4"])
+    args = ap.parse_args()
+    from inferd import LLM, SamplingParams
+    from inferd.hardware import machine_info
+    from inferd.loader.hub import resolve
+
+    ref = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bench_prompt_ids.json"
+    ids = json.loads(ref.read_text())
+    print(f"# {time.strftime('%Y-%m-%d')}  {machine_info()}")
+    out = subprocess.run([args.peer_python, "-c", PEER, str(resolve("smollm2-135m")), str(ref),
+                          str(os.cpu_count())], capture_output=True, text=True, check=True)
+    peer = json.loads(out.stdout.strip().splitlines()[-1])
+    print("| engine / format | prefill tok/s (512) | decode tok/s (128) | decode ratio vs llama.cpp |")
+    print("|---|---|---|---|")
+    print(f"| llama.cpp Q4_1 (llama-cpp-python) | {peer['prefill_tok_s']:.0f} | {peer['decode_tok_s']:.1f} | 1.00x |")
+    for q in args.quantization:
+        llm = LLM("smollm2-135m", quantization=q, kv_cache_memory=0.5, max_model_len=1024)
+        llm.generate([ids["ids128"]], SamplingParams(max_tokens=4, temperature=0))
+        pps = []
+        for _ in range(3):
+            t = time.perf_counter()
+            llm.generate([ids["ids512"]], SamplingParams(max_tokens=1, temperature=0))
+            pps.append(512 / (time.perf_counter() - t))
+        tgs = []
+        for _ in range(3):
+            o = llm.generate([ids["ids128"]], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
+            tgs.append(127 / (o.metrics.e2e_s - o.metrics.ttft_s))
+        pp, tg = sorted(pps)[1], sorted(tgs)[1]
+        label = {"none": "bf16 (dequantized at load)", "gguf": "Q4_1 blocks kept packed", "int4": "int4 g32",
+                 "int8": "int8"}[q]
+        print(f"| inferd {label} | {pp:.0f} | {tg:.1f} | {tg / peer['decode_tok_s']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
