@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +47,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, price: float) -> dict:
     levels = []
     for c in conc.split(","):  # at least n prompts per level, and at least one per concurrent slot
-        cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
-               "--tokenizer", "smollm2-135m", "--concurrency", c, "--num-prompts", str(max(n, int(c))),
-               "--input-len", "40", "--output-len", "128", "--out", str(out / f"c{c}"), "--label", label,
-               "--price-per-hour", str(price), "--no-plots"]
-        subprocess.run(cmd, check=True)
-        levels += json.loads((out / f"c{c}" / "results.json").read_text())["levels"]
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
+                   "--tokenizer", "smollm2-135m", "--concurrency", c, "--num-prompts", str(max(n, int(c))),
+                   "--input-len", "40", "--output-len", "128", "--out", tmp, "--label", label,
+                   "--price-per-hour", str(price), "--no-plots"]
+            subprocess.run(cmd, check=True)
+            levels += json.loads((Path(tmp) / "results.json").read_text())["levels"]
     from inferd.bench.report import plot, write_results
 
     write_results(out, {"label": label, "base_url": base_url, "model": model}, levels)

@@ -116,10 +116,14 @@ async def run_load(cfg: ClientConfig, requests: list[BenchRequest], concurrency:
 
         start = time.perf_counter()
         tasks = []
+        due = 0.0  # open loop: Poisson arrival times, kept on an absolute schedule so a late wake-up never drifts
         for i, req in enumerate(requests):
-            if request_rate:  # open loop: Poisson arrivals
+            if request_rate:
                 if i:
-                    await asyncio.sleep(rng.expovariate(request_rate))
+                    due += rng.expovariate(request_rate)
+                delay = start + due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(worker(i, req)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
