@@ -5,7 +5,8 @@ generator (`inferd bench serve`), plus the offline engine at the same concurrenc
 
 The workload follows ../shared/reference/peers.md: streaming chat, ~63 prompt tokens (chat template),
 128 output tokens (ignore_eos), temperature 0. The peer is llama-cpp-python's OpenAI server on the same GGUF
-file (installed in a separate environment; it is never an inferd dependency).
+file (installed in a separate environment; it is never an inferd dependency). It serves one request at a time
+and ignores `ignore_eos`, so its requests may stop early at EOS (token counts come from its usage).
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
         proc = subprocess.Popen([args.peer_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
                                  "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--model_alias",
-                                 "smollm2-135m", "--chat_format", "chatml"], env=env, stdout=subprocess.DEVNULL,
+                                 "smollm2-135m", "--chat_format", "chatml",
+                                 # by default a new request interrupts the running one: with concurrency > 1
+                                 # every stream would end after a token or two
+                                 "--interrupt_requests", "False"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1/models", proc)

@@ -215,3 +215,27 @@ def test_bf16_gemv_kernel_matches_torch():
     ref = torch.mv(w.float(), x.float())
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.01)
     assert cpu_kernels.gemv_bf16(w[:, :100].contiguous(), x[:100].contiguous()) is None  # K % 32 != 0
+
+
+def test_failed_step_fails_only_its_requests_and_engine_goes_on(tiny_hf):
+    llm = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.02)
+    eng = llm.engine
+    real = eng.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated kernel fault")
+        return real(batch)
+
+    eng.runner.execute = flaky
+    eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    final = [o for o in outs if o.finished][0]
+    assert final.outputs[0].finish_reason == "error" and "simulated kernel fault" in final.outputs[0].error
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks  # nothing leaked
+    ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 5

