@@ -176,10 +176,8 @@ class Embedder:
             out[batch] = pooled.cpu().numpy()
         return out
 
-    def embed(self, texts: str | list[str], truncate: bool = True) -> np.ndarray:
-        """Texts → float32 (n, dim); repeated texts come from the cache."""
-        if isinstance(texts, str):
-            texts = [texts]
+    def lookup(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, list[int]]:
+        """Cached vectors filled in a (n, dim) array, and the indices of the texts still to compute."""
         result = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo = []
         for i, t in enumerate(texts):
@@ -188,12 +186,22 @@ class Embedder:
                 todo.append(i)
             else:
                 result[i] = hit
+        return result, todo
+
+    def remember(self, texts: list[str], todo: list[int], vecs: np.ndarray, truncate: bool, out: np.ndarray) -> None:
+        """Store freshly computed vectors (row j belongs to texts[todo[j]]) in `out` and in the cache."""
+        for j, i in enumerate(todo):
+            out[i] = vecs[j]
+            self.cache.put((self.name, texts[i], truncate), vecs[j].copy())
+
+    def embed(self, texts: str | list[str], truncate: bool = True) -> np.ndarray:
+        """Texts → float32 (n, dim); repeated texts come from the cache."""
+        if isinstance(texts, str):
+            texts = [texts]
+        result, todo = self.lookup(texts, truncate)
         if todo:
-            seqs = self.tokenize([texts[i] for i in todo], truncate)
-            vecs = self.embed_ids(seqs)
-            for j, i in enumerate(todo):
-                result[i] = vecs[j]
-                self.cache.put((self.name, texts[i], truncate), vecs[j].copy())
+            vecs = self.embed_ids(self.tokenize([texts[i] for i in todo], truncate))
+            self.remember(texts, todo, vecs, truncate, result)
         return result
 
     def score(self, query: str, documents: list[str]) -> np.ndarray:

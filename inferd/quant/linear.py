@@ -43,7 +43,29 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     return ((qg - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(N, K)
 
 
-class Int8Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """Shared forward: bf16 activations into the packed kernel (or the bf16 copy for big steps), bias, dtype."""
+
+    dense: torch.Tensor | None
+    bias: nn.Parameter | None
+    dense_from_rows: int
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.bfloat16)
+        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
+            y = F.linear(x, self.dense)
+        else:
+            y = self._packed(x.contiguous())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+
+class Int8Linear(_PackedLinear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                  dense_from_rows: int = 0):
         super().__init__()
@@ -55,19 +77,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("dense", (self.qweight.float() * self.scales.float()[:, None]).bfloat16()
                              if dense_from_rows else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.bfloat16)
-        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
-            y = F.linear(x, self.dense)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(dtype)
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_PackedLinear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, dense_from_rows: int = 0):
         """q: int32 (N, K) in [0, 15]; scale, zero: (N, K / group_size)."""
@@ -82,17 +96,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("dense", dequantize_int4(q, scale, zero, group_size).bfloat16()
                              if dense_from_rows else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.bfloat16)
-        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
-            y = F.linear(x, self.dense)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
-                                                  self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(dtype)
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
 
 class Int8Embedding(nn.Module):

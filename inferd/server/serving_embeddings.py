@@ -107,27 +107,14 @@ class EmbeddingService:
             if not t:
                 raise InvalidRequestError(f"input {i} is an empty string", param="input")
         e = self.embedder
-        out = np.zeros((len(texts), e.dim), dtype=np.float32)
-        todo, hits = [], 0
-        for i, t in enumerate(texts):
-            v = e.cache.get((e.name, t, truncate))
-            if v is None:
-                todo.append(i)
-            else:
-                out[i] = v
-                hits += 1
+        out, todo = e.lookup(texts, truncate)
         if self.metrics is not None:
-            self.metrics.embed_cache_hits.labels(e.name).inc(hits)
+            self.metrics.embed_cache_hits.labels(e.name).inc(len(texts) - len(todo))
             self.metrics.embed_cache_misses.labels(e.name).inc(len(todo))
-        ntok = 0
+        seqs = e.tokenize(texts, truncate)  # every input: usage counts cached inputs too, errors are the same
         if todo:
-            seqs = e.tokenize([texts[i] for i in todo], truncate)
-            ntok = sum(len(s) for s in seqs)
-            vecs = await self.embed_seqs(seqs)
-            for j, i in enumerate(todo):
-                out[i] = vecs[j]
-                e.cache.put((e.name, texts[i], truncate), vecs[j].copy())
-        return out, ntok
+            e.remember(texts, todo, await self.embed_seqs([seqs[i] for i in todo]), truncate, out)
+        return out, sum(len(s) for s in seqs)
 
 
 def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
