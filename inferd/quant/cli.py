@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
     p.add_argument("src", help="known model name, .gguf file or HF directory")
     p.add_argument("dst", help="output directory (loads with --model DST)")
     p.add_argument("--method", choices=["int8", "int4"], required=True)
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="int4 group size (32, 64, 128; must divide every layer's input features)")
     p.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model")
