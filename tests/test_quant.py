@@ -145,3 +145,19 @@ def test_group_size_that_does_not_divide_is_a_clear_error(tiny_hf):
 
     with pytest.raises(ModelLoadError, match="does not divide"):
         LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, quantization="int4", group_size=128)
+
+
+def test_single_row_vnni_path_close_to_bf16_kernel():
+    from inferd.ops import cpu_kernels
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(300, 576, generator=g), torch.randn(1, 576, generator=g).bfloat16()
+    q, s = quantize_int8(w)
+    layer = Int8Linear(q, s)
+    fast = cpu_kernels.qgemv_int8_vnni(x, layer.qweight, layer.scales_f32, layer.row_sums)
+    if fast is None:
+        pytest.skip("no AVX512-VNNI or no compiler")
+    ref = torch.ops.aten._weight_int8pack_mm(x, q, s.bfloat16()).float()
+    # activations quantized to int8 (one scale): error within 2% of the output scale
+    assert (fast.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert torch.equal(layer(x), fast)

@@ -55,6 +55,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.paged_decode_attention.restype = ci
     lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
     lib.gemv_bf16.restype = ci
+    lib.qgemv_int8_vnni.argtypes = [p, p, p, p, p, ci, ci, ci]
+    lib.qgemv_int8_vnni.restype = ci
     lib.rms_norm.argtypes = [p, p, p, ci, ci, ctypes.c_int64, cf, ci]
     lib.rms_norm.restype = ci
     lib.rope_inplace.argtypes = [p, ci, ci, ci, ctypes.c_int64, ci, p, p, p, ci]
@@ -121,3 +123,16 @@ def rope_inplace(x: torch.Tensor, heads: int, head_dim: int, rot_dim: int, cos: 
     lib.rope_inplace(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), rot_dim, cos.data_ptr(),
                      sin.data_ptr(), positions.data_ptr(), int(x.dtype == torch.bfloat16))
     return True
+
+
+def qgemv_int8_vnni(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor | None:
+    """One row x (1, K) fp32/bf16 contiguous; w int8 (N, K); scales fp32 (N,); wsum int32 (N,) = w.sum(1).
+    x is quantized to int8 (one scale) as llama.cpp does; None when AVX512-VNNI or the shape is unsupported."""
+    lib = _lib()
+    if lib is None or x.shape[0] != 1 or x.dtype not in _FLOAT_TYPES:
+        return None
+    y = torch.empty(1, w.shape[0], dtype=x.dtype)
+    if lib.qgemv_int8_vnni(x.data_ptr(), w.data_ptr(), scales.data_ptr(), wsum.data_ptr(), y.data_ptr(),
+                           w.shape[0], w.shape[1], int(x.dtype == torch.bfloat16)) != 0:
+        return None
+    return y

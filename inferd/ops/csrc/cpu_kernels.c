@@ -329,3 +329,37 @@ int rope_inplace(void *x, int T, int heads, int head_dim, int64_t row_stride, in
     }
     return 0;
 }
+
+// y (1, N) = x W^T for int8 W (N, K) with per-row scales, the way llama.cpp runs its Q8_0 dot products: x is
+// quantized to int8 with one scale (|x|max / 127), then vpdpbusd does 64 u8·s8 multiply-adds per instruction
+// (x is offset by +128 to be unsigned; wsum[n] = Σ_k W[n,k] removes the offset).
+int qgemv_int8_vnni(const void *x, const int8_t *w, const float *scales, const int32_t *wsum, void *y, int N, int K,
+                    int is_bf16) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (K % 64 != 0 || K > 16384) return -1;
+    uint8_t xu[16384];
+    float amax = 0.f;
+    for (int k = 0; k < K; k++) {
+        const float v = fabsf(LOADF(x, k));
+        amax = v > amax ? v : amax;
+    }
+    const float sx = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / sx;
+    for (int k = 0; k < K; k++) xu[k] = (uint8_t)((int)lrintf(LOADF(x, k) * inv) + 128);
+    const int KV = K / 64;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = w + (int64_t)n * K;
+        __m512i acc = _mm512_setzero_si512();
+        for (int kv = 0; kv < KV; kv++)
+            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(xu + kv * 64)),
+                                      _mm512_loadu_si512((const void *)(row + kv * 64)));
+        const float v = sx * scales[n] * (float)(_mm512_reduce_add_epi32(acc) - 128 * wsum[n]);
+        if (is_bf16) ((uint16_t *)y)[n] = f32_to_bf16(v);
+        else ((float *)y)[n] = v;
+    }
+    return 0;
+#else
+    (void)x; (void)w; (void)scales; (void)wsum; (void)y; (void)N; (void)K; (void)is_bf16;
+    return -1;
+#endif
+}
