@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 
 from inferd.config import CacheConfig, SchedulerConfig
 from inferd.errors import InferdError
@@ -205,6 +204,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-_ = fields  # dataclass defaults feed the flags above
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from inferd.engine.llm_engine import LLMEngine
-from inferd.engine.outputs import CompletionOutput, RequestOutput
+from inferd.engine.outputs import RequestOutput
 from inferd.errors import InvalidRequestError, OverloadedError
 from inferd.sampling_params import SamplingParams
 
@@ -193,8 +193,3 @@ def _set_result(fut: asyncio.Future, value: Any) -> None:
 def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
-
-
-def merge_outputs(acc: dict[int, CompletionOutput], ro: RequestOutput) -> None:
-    for co in ro.outputs:
-        acc[co.index] = co

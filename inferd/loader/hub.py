@@ -80,8 +80,7 @@ def _read_registry() -> dict[str, str]:
 
 
 def is_installed(name: str) -> bool:
-    m = CATALOGUE[name]
-    return all(importlib.util.find_spec(p.replace("-", "_")) is not None for p in (m.module,))
+    return importlib.util.find_spec(CATALOGUE[name].module) is not None
 
 
 def pull(name: str, quiet: bool = False) -> Path:
@@ -128,13 +127,12 @@ def resolve(spec: str) -> Path:
 
 def list_models() -> list[dict[str, str]]:
     rows = []
+    registry = _read_registry()
     for m in CATALOGUE.values():
-        try:
-            where = str(m.locate()) if not m.assemble else "(assembled on pull)"
-            status = "installed" if is_installed(m.name) else "not installed"
-        except ModelNotFoundError:
-            where, status = "", "not installed"
-        if not is_installed(m.name):
-            where, status = "", "not installed"
+        where, status = "", "not installed"
+        if is_installed(m.name):
+            status = "installed"
+            # an assembled model's path is known once pulled; never assemble just to list
+            where = registry.get(m.name, "(assembled by `inferd pull`)") if m.assemble else str(m.locate())
         rows.append({"name": m.name, "kind": m.kind, "status": status, "path": where, "description": m.description})
     return rows
