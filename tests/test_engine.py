@@ -239,3 +239,10 @@ def test_failed_step_fails_only_its_requests_and_engine_goes_on(tiny_hf):
     assert eng.kv.num_free_blocks == eng.kv.num_blocks  # nothing leaked
     ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0))[0]
     assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 5
+
+
+def test_block_size_beyond_c_kernel_limits_uses_torch_path(tiny_hf, tiny_llm):
+    big = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.05, block_size=128)
+    assert not big.engine.runner.use_c_kernel
+    ps = prompts(tiny_llm.tokenizer, 4, seed=13)
+    assert texts(big.generate(ps, GREEDY)) == texts(tiny_llm.generate(ps, GREEDY))

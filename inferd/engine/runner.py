@@ -51,8 +51,10 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
         self.lm = lm
         self.block_size = block_size
-        self.use_c_kernel = lm.device.type == "cpu" and cpu_kernels.available()
         c = lm.config
+        # the C kernel's limits (csrc: MAX_H, MAX_D, MAX_BS); anything larger uses the torch path
+        self.use_c_kernel = (lm.device.type == "cpu" and cpu_kernels.available() and block_size <= 64
+                             and c.num_heads <= 64 and c.head_dim <= 256)
         self.kv_caches = [
             torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype, device=lm.device)
             for _ in range(c.num_layers)
