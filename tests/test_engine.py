@@ -246,3 +246,24 @@ def test_block_size_beyond_c_kernel_limits_uses_torch_path(tiny_hf, tiny_llm):
     assert not big.engine.runner.use_c_kernel
     ps = prompts(tiny_llm.tokenizer, 4, seed=13)
     assert texts(big.generate(ps, GREEDY)) == texts(tiny_llm.generate(ps, GREEDY))
+
+
+def test_fused_norm_and_silu_kernels_match_torch():
+    from inferd.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x, res, w = (torch.randn(3, 96, generator=g).to(dtype) for _ in range(3))
+        w = w[0]
+        want_res = res + x
+        want = (torch.nn.functional.rms_norm(want_res.float(), (96,), None, 1e-5).to(dtype) * w)
+        res2 = res.clone()
+        got = cpu_kernels.add_rms_norm(x, res2, w, 1e-5)
+        torch.testing.assert_close(res2, want_res, atol=0, rtol=0)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        gu = torch.randn(3, 2 * 40, generator=g).to(dtype)
+        gate, up = gu.chunk(2, dim=-1)
+        torch.testing.assert_close(cpu_kernels.silu_mul(gu).float(),
+                                   (torch.nn.functional.silu(gate) * up).float(), atol=tol, rtol=tol)

@@ -18,6 +18,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + x, normalised; returns (normalised, new residual). One C call on CPU."""
+        if not x.is_cuda:
+            y = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)  # updates residual in place
+            if y is not None:
+                return y, residual
+        residual = residual + x
+        return self(residual), residual
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and not x.is_cuda:
             y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # one call instead of ~8 small ops
@@ -93,5 +102,9 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gu = self.gate_up_proj(x)
+        h = cpu_kernels.silu_mul(gu) if not gu.is_cuda else None
+        if h is None:
+            gate, up = gu.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.down_proj(h)

@@ -50,9 +50,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """x: the previous layer's output (or the embeddings when residual is None) → (output, residual);
+        residual adds are fused into the following norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaInner(nn.Module):
@@ -80,9 +87,10 @@ class LlamaForCausalLM(nn.Module):
         if x.is_cuda or not cpu_kernels.available():
             cos, sin = self.rotary.cos_sin(positions)
         rope = (self.rotary, cos, sin, positions)
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, cache, meta)
+        return self.model.norm.add_forward(x, residual)[0] if residual is not None else self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

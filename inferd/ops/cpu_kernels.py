@@ -57,6 +57,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.gemv_bf16.restype = ci
     lib.qgemv_int8_vnni.argtypes = [p, p, p, p, p, ci, ci, ci]
     lib.qgemv_int8_vnni.restype = ci
+    lib.add_rms_norm.argtypes = [p, p, p, p, ci, ci, cf, ci]
+    lib.add_rms_norm.restype = ci
+    lib.silu_mul.argtypes = [p, p, ci, ci, ci]
+    lib.silu_mul.restype = ci
     lib.rms_norm.argtypes = [p, p, p, ci, ci, ctypes.c_int64, cf, ci]
     lib.rms_norm.restype = ci
     lib.rope_inplace.argtypes = [p, ci, ci, ci, ctypes.c_int64, ci, p, p, p, ci]
@@ -136,3 +140,28 @@ def qgemv_int8_vnni(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, wsum
                            w.shape[0], w.shape[1], int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """residual += x in place, returns RMSNorm(residual) · w; all (rows, dim) contiguous CPU tensors of one
+    dtype (fp32/bf16). None when unavailable (nothing is modified then)."""
+    lib = _lib()
+    if (lib is None or x.dtype not in _FLOAT_TYPES or x.is_cuda or residual.dtype != x.dtype or w.dtype != x.dtype
+            or not (x.is_contiguous() and residual.is_contiguous()) or x.dim() != 2):
+        return None
+    out = torch.empty_like(x)
+    lib.add_rms_norm(x.data_ptr(), residual.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                     int(x.dtype == torch.bfloat16))
+    return out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """gu: (rows, 2·inter) contiguous → silu(gu[:, :inter]) · gu[:, inter:]; None when unavailable."""
+    lib = _lib()
+    if (lib is None or gu.dtype not in _FLOAT_TYPES or gu.is_cuda or not gu.is_contiguous() or gu.dim() != 2
+            or gu.shape[0] > 16):  # big batches: torch's vectorised ops are as fast and need no dispatch savings
+        return None
+    inter = gu.shape[1] // 2
+    out = torch.empty(gu.shape[0], inter, dtype=gu.dtype)
+    lib.silu_mul(gu.data_ptr(), out.data_ptr(), gu.shape[0], inter, int(gu.dtype == torch.bfloat16))
+    return out

@@ -363,3 +363,58 @@ int qgemv_int8_vnni(const void *x, const int8_t *w, const float *scales, const i
     return -1;
 #endif
 }
+
+// residual += x (rounded to the residual's dtype, as a separate add would), then out = RMSNorm(residual) * w.
+int add_rms_norm(const void *x, void *residual, const void *w, void *out, int rows, int dim, float eps,
+                 int is_bf16) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) {
+        const int64_t base = (int64_t)r * dim;
+        float ss = 0.f;
+        for (int d = 0; d < dim; d++) {
+            float v = LOADF(x, base + d) + LOADF(residual, base + d);
+            if (is_bf16) {
+                const uint16_t h = f32_to_bf16(v);
+                ((uint16_t *)residual)[base + d] = h;
+                v = bf16_to_f32(h);
+            } else {
+                ((float *)residual)[base + d] = v;
+            }
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / dim + eps);
+        for (int d = 0; d < dim; d++) {
+            const float v = LOADF(residual, base + d) * inv;
+            if (is_bf16) {
+                const float wv = bf16_to_f32(((const uint16_t *)w)[d]);
+                ((uint16_t *)out)[base + d] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v)) * wv);
+            } else {
+                ((float *)out)[base + d] = v * ((const float *)w)[d];
+            }
+        }
+    }
+    return 0;
+}
+
+// out (rows, inter) = silu(gu[:, :inter]) * gu[:, inter:], for the fused gate/up projection's output.
+int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) {
+        const int64_t in = (int64_t)r * 2 * inter, o = (int64_t)r * inter;
+#pragma omp simd
+        for (int i = 0; i < inter; i++) {
+            const float g = LOADF(gu, in + i), u = LOADF(gu, in + inter + i);
+            // silu(g) * u: round the silu to the compute dtype first, as torch's separate ops do;
+            // sigmoid via exp(-|g|) <= 1 so the polynomial exp_neg applies and the loop vectorises
+            const float e = exp_neg(-fabsf(g));
+            float s = g * (g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+            if (is_bf16) {
+                s = bf16_to_f32(f32_to_bf16(s));
+                ((uint16_t *)out)[o + i] = f32_to_bf16(s * u);
+            } else {
+                ((float *)out)[o + i] = s * u;
+            }
+        }
+    }
+    return 0;
+}
