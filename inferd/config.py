@@ -91,10 +91,8 @@ class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"  # auto | float32 | bfloat16
     device: str = "auto"
-    seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    price_per_hour: float = 0.0
     quantization: str = "none"  # none | int8 | int4 | gguf
     group_size: int = 32  # int4 group size
     quant_dense_rows: int = 0  # >0: keep bf16 copies of quantized weights for steps with at least this many rows

@@ -150,8 +150,9 @@ class LLMEngine:
             sample_reqs = [r for r, row in zip(out.requests, batch.sample_rows) if row >= 0]
             rows = [row for row in batch.sample_rows if row >= 0]
             so = self.sampler(logits[rows], sample_reqs) if rows else None
+            by_id = {r.request_id: r for r in out.requests}
             for rid, (first, count, pos0) in batch.prompt_lp_rows.items():
-                req = self.scheduler.requests.get(rid) or self.child_of[rid][0].children[self.child_of[rid][1]]
+                req = by_id[rid]
                 nxt = req.prompt_token_ids[pos0 + 1 : pos0 + 1 + count]
                 req.prompt_logprobs.extend(prompt_logprobs(logits[first : first + count], nxt,
                                                            req.params.prompt_logprobs or 0))
@@ -187,7 +188,8 @@ class LLMEngine:
             if stop_str is not None and status is None:
                 req.stop_reason, status = stop_str, RequestStatus.FINISHED_STOPPED
             if status is not None:
-                group.detoks[idx].flush() if stop_str is None else None
+                if stop_str is None:  # text cut at a stop string is final; otherwise emit any held bytes
+                    group.detoks[idx].flush()
                 self.scheduler.finish(req, status)
                 self.sampler.forget(req.request_id)
             changed.setdefault(group.request_id, set()).add(idx)

@@ -57,7 +57,7 @@ def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None
                 state.embedders[emb.name] = emb
                 continue
             cfg = EngineConfig(
-                model=spec, dtype=args.dtype, device=args.device, price_per_hour=args.price_per_hour,
+                model=spec, dtype=args.dtype, device=args.device,
                 quantization=args.quantization, group_size=args.group_size, quant_dense_rows=args.quant_dense_rows,
                 cache=CacheConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                                   enable_prefix_caching=not args.no_prefix_caching),

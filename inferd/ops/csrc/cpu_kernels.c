@@ -46,6 +46,11 @@ static inline float exp_neg(float x) {
 #define MAX_D 256
 #define MAX_BS 64
 
+// One K or V row of D values from the cache, as fp32.
+static inline void load_row(const void *cache, int64_t off, int D, int is_bf16, float *out) {
+    for (int d = 0; d < D; d++) out[d] = LOADF(cache, off + d);
+}
+
 // One sequence: every head, reading each K/V block front to back (sequential, prefetch-friendly).
 // Inlined with constant Hkv, G and D so the short inner loops unroll.
 static inline __attribute__((always_inline)) void attn_seq(
@@ -59,7 +64,7 @@ static inline __attribute__((always_inline)) void attn_seq(
     for (int h = 0; h < H; h++) {
         const int64_t qoff = ((int64_t)b * H + h) * D;
         for (int d = 0; d < D; d++) {
-            qf[h][d] = (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[qoff + d]) : ((const float *)q)[qoff + d]) * scale;
+            qf[h][d] = LOADF(q, qoff + d) * scale;
             acc[h][d] = 0.f;
         }
         m[h] = -INFINITY;
@@ -71,13 +76,7 @@ static inline __attribute__((always_inline)) void attn_seq(
         const int64_t base = bt[j] * blk_stride;
         for (int t = 0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
-                const int64_t off = base + t * tok_stride + (int64_t)kh * D;
-                if (is_bf16) {
-                    const uint16_t *kp = (const uint16_t *)k_cache + off;
-                    for (int d = 0; d < D; d++) kf[d] = bf16_to_f32(kp[d]);
-                } else {
-                    memcpy(kf, (const float *)k_cache + off, D * sizeof(float));
-                }
+                load_row(k_cache, base + t * tok_stride + (int64_t)kh * D, D, is_bf16, kf);
                 for (int g = 0; g < G; g++) {
                     const int h = kh * G + g;
                     float dot = 0.f;
@@ -104,13 +103,7 @@ static inline __attribute__((always_inline)) void attn_seq(
         }
         for (int t = 0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
-                const int64_t off = base + t * tok_stride + (int64_t)kh * D;
-                if (is_bf16) {
-                    const uint16_t *vp = (const uint16_t *)v_cache + off;
-                    for (int d = 0; d < D; d++) kf[d] = bf16_to_f32(vp[d]);
-                } else {
-                    memcpy(kf, (const float *)v_cache + off, D * sizeof(float));
-                }
+                load_row(v_cache, base + t * tok_stride + (int64_t)kh * D, D, is_bf16, kf);
                 for (int g = 0; g < G; g++) {
                     const int h = kh * G + g;
                     const float p = s[h][t];
