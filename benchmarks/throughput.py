@@ -2,6 +2,7 @@
 aggregate decode at 1/4/16/64 concurrent sequences (128-token prompts, 128 output tokens each).
 
     python benchmarks/throughput.py [--dtype bfloat16 float32] [--concurrency 1 4 16 64] [--json out.json]
+        [--model NAME_OR_PATH] [--device auto|cpu|cuda] [--quantization none int8 int4]
 
 Achieved bandwidth = weight bytes read per step × steps / s (each decode step streams every weight once).
 """
@@ -19,6 +20,7 @@ import torch
 
 from inferd import LLM, SamplingParams
 from inferd.hardware import machine_info
+from inferd.quant.linear import module_bytes
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bench_prompt_ids.json"
 
@@ -32,22 +34,17 @@ def prompts() -> tuple[list[int], list[int]]:
     return ids[:128], ids
 
 
-def weight_bytes(llm: LLM) -> int:
-    seen, total = set(), 0
-    for p in llm.engine.lm.model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def bench_dtype(dtype: str, concurrency: list[int], reps: int) -> dict:
-    llm = LLM("smollm2-135m", dtype=dtype, max_num_seqs=max(concurrency), max_num_batched_tokens=512,
-              kv_cache_memory=1.0, max_model_len=2048, enable_prefix_caching=False)
+def bench_dtype(dtype: str, concurrency: list[int], reps: int, model: str = "smollm2-135m", device: str = "auto",
+                quantization: str = "none", enforce_eager: bool = False) -> dict:
+    llm = LLM(model, dtype=dtype, device=device, quantization=quantization, max_num_seqs=max(concurrency),
+              enforce_eager=enforce_eager,
+              max_num_batched_tokens=512, kv_cache_memory=1.0, max_model_len=2048, enable_prefix_caching=False)
     p128, p512 = prompts()
-    wb = weight_bytes(llm)
+    wb = module_bytes(llm.engine.lm.model)
     llm.generate([p128], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-    res: dict = {"dtype": dtype, "weight_mb": wb / 1e6}
+    res: dict = {"dtype": dtype, "quantization": quantization, "device": str(llm.engine.lm.device),
+                 "cuda_graphs": llm.engine.runner.graphs is not None,
+                 "weight_mb": wb / 1e6}
     # prefill: one 512-token prompt, one output token
     times = []
     for _ in range(reps):
@@ -81,13 +78,21 @@ def main() -> None:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantization", nargs="+", default=["none"])
+    ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     args = ap.parse_args()
     print(f"# {datetime.date.today()}  {machine_info()}")
+    if torch.cuda.is_available() and args.device != "cpu":
+        print(f"# GPU: {torch.cuda.get_device_name()}")
     all_res = []
-    for dt in args.dtype:
-        r = bench_dtype(dt, args.concurrency, args.reps)
+    for dt, qm in [(dt, qm) for dt in args.dtype for qm in args.quantization]:
+        r = bench_dtype(dt, args.concurrency, args.reps, args.model, args.device, qm, args.enforce_eager)
         all_res.append(r)
-        print(f"\n## {dt}: weights {r['weight_mb']:.0f} MB, prefill (512-token prompt) {r['prefill_tok_s']:.0f} tok/s")
+        graphs = ", CUDA graphs" if r["cuda_graphs"] else ""
+        print(f"\n## {dt}, quantization {qm}, {r['device']}{graphs}: weights {r['weight_mb']:.0f} MB, "
+              f"prefill (512-token prompt) {r['prefill_tok_s']:.0f} tok/s")
         print("| seqs | aggregate tok/s (wall) | decode tok/s | per-stream tok/s | TTFT p50 ms | weight GB/s |")
         print("|---|---|---|---|---|---|")
         for c, b in r["batch"].items():

@@ -35,6 +35,8 @@ def _engine_args(p: argparse.ArgumentParser, default_model: str | None = "smollm
     p.add_argument("--quant-dense-rows", type=int, default=0,
                    help="also keep bf16 copies of quantized weights and use them for steps of at least this many "
                         "rows (large batches run faster on bf16 GEMM; costs the bf16 memory). 0: packed only")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly instead of replaying decode steps from CUDA graphs")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -56,7 +58,7 @@ def _make_llm(args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                block_size=args.block_size, quantization=args.quantization, group_size=args.group_size,
-               quant_dense_rows=args.quant_dense_rows)
+               quant_dense_rows=args.quant_dense_rows, enforce_eager=args.enforce_eager)
 
 
 def _params(args: argparse.Namespace):

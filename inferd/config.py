@@ -96,3 +96,4 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | int4 | gguf
     group_size: int = 32  # int4 group size
     quant_dense_rows: int = 0  # >0: keep bf16 copies of quantized weights for steps with at least this many rows
+    enforce_eager: bool = False  # CUDA: never replay decode steps from captured CUDA graphs

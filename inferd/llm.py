@@ -17,10 +17,11 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  kv_cache_memory: float | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
-                 quantization: str = "none", group_size: int = 32, quant_dense_rows: int = 0):
+                 quantization: str = "none", group_size: int = 32, quant_dense_rows: int = 0,
+                 enforce_eager: bool = False):
         self.config = EngineConfig(
             model=model, dtype=dtype, device=device, quantization=quantization, group_size=group_size,
-            quant_dense_rows=quant_dense_rows,
+            quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -54,7 +54,7 @@ def test_mean_pooling_by_hand(tiny_bert):
     ids = e.tokenize(["hello there friend"])
     with torch.inference_mode():
         x, _ = e.model(ids)
-    want = torch.nn.functional.normalize(x.mean(0), dim=0).numpy()
+    want = torch.nn.functional.normalize(x.mean(0), dim=0).cpu().numpy()
     np.testing.assert_allclose(e.embed_ids(ids)[0], want, atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_classifier_probabilities(tiny_classifier):
     with torch.inference_mode():
         x, _ = e.model(ids)
         pooled = torch.tanh(e.model.pooler(x[0]))
-        want = torch.softmax(e.model.classifier(pooled), -1).numpy()
+        want = torch.softmax(e.model.classifier(pooled), -1).cpu().numpy()
     np.testing.assert_allclose(probs[0], want, atol=1e-5)
 
 

@@ -63,7 +63,8 @@ class LLMEngine:
         sc = replace(config.scheduler, max_model_len=self.max_model_len)
         sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
         self.scheduler = Scheduler(sc, self.kv)
-        self.runner = ModelRunner(self.lm, num_blocks, cc.block_size)
+        self.runner = ModelRunner(self.lm, num_blocks, cc.block_size,
+                                  cuda_graphs=not config.enforce_eager, max_num_seqs=sc.max_num_seqs)
         self.sampler = Sampler(self.lm.config.vocab_size)
         self.groups: dict[str, _Group] = {}
         self.child_of: dict[str, tuple[_Group, int]] = {}

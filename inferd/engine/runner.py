@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inferd.engine.cuda_graphs import DecodeGraphs
 from inferd.engine.request import Request
 from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
@@ -48,17 +49,23 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int):
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, cuda_graphs: bool = False,
+                 max_num_seqs: int = 64):
         self.lm = lm
         self.block_size = block_size
         c = lm.config
         # the C kernel's limits (csrc: MAX_H, MAX_D, MAX_BS); anything larger uses the torch path
         self.use_c_kernel = (lm.device.type == "cpu" and cpu_kernels.available() and block_size <= 64
                              and c.num_heads <= 64 and c.head_dim <= 256)
+        use_graphs = cuda_graphs and lm.device.type == "cuda"
+        # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype, device=lm.device)
+            torch.zeros(2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype,
+                        device=lm.device)
             for _ in range(c.num_layers)
         ]
+        self.graphs = (DecodeGraphs(lm.model, self.kv_caches, block_size, num_blocks, max_num_seqs,
+                                    -(-lm.max_model_len // block_size)) if use_graphs else None)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
@@ -115,6 +122,11 @@ class ModelRunner:
                                                 device=dev)
             meta.use_c_kernel = self.use_c_kernel
         dev = self.lm.device
+        if dev.type != "cpu":
+            meta.slot_mapping = meta.slot_mapping.to(dev, non_blocking=True)
+            for p in meta.prefills:
+                p.blocks = p.blocks.to(dev, non_blocking=True)
+                p.mask = None if p.mask is None else p.mask.to(dev, non_blocking=True)
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -127,5 +139,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Returns float32 logits (R, V) for batch.logit_rows."""
+        meta = batch.meta
+        if self.graphs is not None and meta.num_decode == len(batch.sample_rows) and not meta.prefills \
+                and not batch.prompt_lp_rows:  # pure decode: every row is sampled, in order
+            logits = self.graphs.run(batch.input_ids, batch.positions, meta)
+            if logits is not None:
+                return logits.cpu()
         hidden = self.lm.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return self.lm.model.compute_logits(hidden[batch.logit_rows]).cpu()

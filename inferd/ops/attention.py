@@ -66,8 +66,8 @@ def paged_attention(
         else:
             bs = kv_cache.shape[2]
             L = tables.shape[1] * bs
-            ks = _gather(kv_cache[0], tables.view(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
-            vs = _gather(kv_cache[1], tables.view(-1)).view(nd, L, hkv, D).transpose(1, 2)
+            ks = _gather(kv_cache[0], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
+            vs = _gather(kv_cache[1], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)
             mask = (torch.arange(L, device=q.device).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, L)
             # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
             qd = q[:nd].view(nd, hkv, group, D)

@@ -59,7 +59,9 @@ def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, 
             qs.append(q)
             ss.append(s)
             zs.append(z)
-        return Int4Linear(torch.cat(qs), torch.cat(ss), torch.cat(zs), 32, bias, qc.dense_from_rows)
+        dev = dense.weight.device
+        return Int4Linear(torch.cat(qs).to(dev), torch.cat(ss).to(dev), torch.cat(zs).to(dev), 32, bias,
+                          qc.dense_from_rows)
     if types == {"Q8_0"}:
         return Int8Linear(*quantize_int8(dense.weight.data), bias, qc.dense_from_rows)
     log.info("%s: GGUF type(s) %s have no packed kernel here; kept dequantized", name, ",".join(sorted(types)))
@@ -85,8 +87,6 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
     """In place: every decoder linear and the lm_head become packed layers; the embedding becomes int8."""
     if qc.method == "none":
         return
-    if any(p.is_cuda for p in model.parameters()):
-        raise ValueError("quantized kernels are CPU-only for now; use --quantization none on CUDA")
     cfg = model.config
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     for i in range(cfg.num_layers):

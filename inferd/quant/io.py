@@ -28,7 +28,7 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(p.shape[0], p.shape[1] * 2, dtype=torch.int32)
+    out = torch.empty(p.shape[0], p.shape[1] * 2, dtype=torch.int32, device=p.device)
     out[:, 0::2] = (p & 0x0F).to(torch.int32)
     out[:, 1::2] = (p >> 4).to(torch.int32)
     return out
@@ -96,16 +96,18 @@ def load_quantized_into(model: nn.Module, weights: dict[str, torch.Tensor], reci
     method = recipe.get("method")
     modules = dict(model.named_modules())
     w = dict(weights)
+    device = next(model.parameters()).device  # packed layouts are built on the device they run on
 
     def take(key: str) -> torch.Tensor:
         if key not in w:
             raise ModelLoadError(f"missing tensor {key}")
-        return w.pop(key)
+        return w.pop(key).to(device)
 
     for name in linear_names(model.config.num_layers):
         parent_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
         parent = modules[parent_name] if parent_name else model
         bias = w.pop(f"{name}.bias", None)
+        bias = None if bias is None else bias.to(device)
         if method == "int8" or name == "lm_head":
             layer: nn.Module = Int8Linear(take(f"{name}.qweight"), take(f"{name}.scales"), bias, dense_from_rows)
         elif method == "int4":

@@ -3,7 +3,9 @@
 - Int8Linear: int8 weights with one scale per output channel; `aten._weight_int8pack_mm` (bf16 activations),
   and for a single row our AVX512-VNNI kernel (activations quantized to int8 as llama.cpp does; 2x faster).
 - Int4Linear: 4-bit weights in groups of `group_size` along K with a scale and zero per group
-  (w = (q - 8) · scale + zero); `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
+  (w = (q - 8) · scale + zero); `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`,
+  and on CUDA the tinygemm kernel `aten._weight_int4pack_mm` after `_convert_weight_to_int4pack` (the packed
+  layout is device-specific: a layer is packed for the device its tensors are on when it is built).
 - Int8Embedding: int8 rows with a scale per row (the lookup dequantizes only the rows it reads).
 
 Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.errors import ModelLoadError
 from inferd.ops import cpu_kernels
 
 
@@ -44,6 +47,34 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     N, K = q.shape
     qg = q.view(N, K // group_size, group_size).float()
     return ((qg - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(N, K)
+
+
+_CUDA_INT8PACK: bool | None = None  # does this torch build have aten._weight_int8pack_mm for CUDA?
+
+
+def _int8_mm_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 on CUDA: aten's kernel where this torch build has one, else int8 → bf16 in the matmul."""
+    global _CUDA_INT8PACK
+    if _CUDA_INT8PACK is not False:
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+            _CUDA_INT8PACK = True
+            return y
+        except (RuntimeError, NotImplementedError):
+            _CUDA_INT8PACK = False
+    return F.linear(x, qweight.to(x.dtype)) * scales
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int32 (N, K) in [0, 15] → aten's packed int4 layout for q's device."""
+    if not q.is_cuda:
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    n, k = q.shape
+    tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+    if tiles is None or n % 8:
+        raise ModelLoadError(f"the CUDA int4 kernel needs out_features % 8 == 0 and in_features % 32 == 0, got {n}×{k}")
+    u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+    return torch._convert_weight_to_int4pack(u8, tiles)
 
 
 class _PackedLinear(nn.Module):
@@ -84,7 +115,9 @@ class Int8Linear(_PackedLinear):
                              if dense_from_rows else None)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and not x.is_cuda:  # decode of one sequence: 2x faster than aten's int8 kernel
+        if x.is_cuda:
+            return _int8_mm_cuda(x, self.qweight, self.scales)
+        if x.shape[0] == 1:  # decode of one sequence: 2x faster than aten's int8 kernel
             y = cpu_kernels.qgemv_int8_vnni(x, self.qweight, self.scales_f32, self.row_sums)
             if y is not None:
                 return y
@@ -98,7 +131,7 @@ class Int4Linear(_PackedLinear):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
+        self.register_buffer("packed", pack_int4(q))
         sz = torch.stack([scale.t(), zero.t()], dim=-1)  # (K / g, N, 2)
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
@@ -107,6 +140,8 @@ class Int4Linear(_PackedLinear):
                              if dense_from_rows else None)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
 

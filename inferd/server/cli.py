@@ -59,6 +59,7 @@ def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None
             cfg = EngineConfig(
                 model=spec, dtype=args.dtype, device=args.device,
                 quantization=args.quantization, group_size=args.group_size, quant_dense_rows=args.quant_dense_rows,
+                enforce_eager=args.enforce_eager,
                 cache=CacheConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                                   enable_prefix_caching=not args.no_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
