@@ -26,6 +26,7 @@ from inferd.quant.linear import (
     quantize_int8,
 )
 from inferd.quant.perplexity import perplexity
+from tests.conftest import needs_smollm2
 from tests.tiny_models import write_gguf
 
 
@@ -78,12 +79,22 @@ def test_quantized_tiny_model_close_to_fp32(tiny_hf):
     ref = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01)
     ids = ref.tokenizer.encode("The capital of France is Paris. The quick brown fox")
     base = prompt_logits(ref.engine, ids)
-    # a 64-wide random model is harsh on 4 bits (SmolLM2's perplexity table is the real quality check)
-    for method, bound in (("int8", 0.999), ("int4", 0.9)):
-        q = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, quantization=method)
+    # a 64-wide random model is harsh on 4 bits (SmolLM2's perplexity, test_smollm2_quantized_perplexity and
+    # docs/benchmarks.md, is the real quality check). Weight-only int8 (aten layout, bf16 activations) keeps
+    # 0.999; the VNNI layouts also quantize activations to int8 per group of 32 (as llama.cpp), worth ~0.0005.
+    import inferd.quant.linear as qlin
+
+    for method, layout, bound in (("int8", "aten", 0.999), ("int8", None, 0.998), ("int4", None, 0.9)):
+        if layout:
+            orig, qlin.int8_layout = qlin.int8_layout, lambda q, lay=layout: lay
+        try:
+            q = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, quantization=method)
+        finally:
+            if layout:
+                qlin.int8_layout = orig
         got = prompt_logits(q.engine, ids)
         cos = torch.nn.functional.cosine_similarity(got, base, dim=-1)
-        assert cos.min() > bound, (method, cos.min())
+        assert cos.min() > bound, (method, layout, cos.min())
         assert module_bytes(q.engine.lm.model) < module_bytes(ref.engine.lm.model) / 2
 
 
@@ -147,17 +158,60 @@ def test_group_size_that_does_not_divide_is_a_clear_error(tiny_hf):
         LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, quantization="int4", group_size=128)
 
 
-def test_single_row_vnni_path_close_to_bf16_kernel():
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_vnni_int8_layout_close_to_aten_kernel(rows):
+    """q8vnni (interleaved rows, int8 activations per group of 32) vs aten's int8 kernel on the same weights."""
     from inferd.ops import cpu_kernels
 
-    g = torch.Generator().manual_seed(3)
-    w, x = torch.randn(300, 576, generator=g), torch.randn(1, 576, generator=g).bfloat16()
-    q, s = quantize_int8(w)
-    layer = Int8Linear(q, s)
-    fast = cpu_kernels.qgemv_int8_vnni(x, layer.qweight, layer.scales_f32, layer.row_sums)
-    if fast is None:
+    if not cpu_kernels.has_q4_vnni():
         pytest.skip("no AVX512-VNNI or no compiler")
-    ref = torch.ops.aten._weight_int8pack_mm(x, q, s.bfloat16()).float()
-    # activations quantized to int8 (one scale): error within 2% of the output scale
-    assert (fast.float() - ref).abs().max() <= 0.02 * ref.abs().max()
-    assert torch.equal(layer(x), fast)
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(304, 576, generator=g), torch.randn(rows, 576, generator=g).bfloat16()
+    q, s = quantize_int8(w)
+    fast, ref = Int8Linear(q, s), Int8Linear(q, s, layout="aten")
+    assert fast.layout == "q8vnni" and torch.equal(fast.rowmajor(), q)
+    got, want = fast(x).float(), ref(x).float()
+    # activations quantized to int8 (one scale per row): error within 2% of the output scale
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert torch.equal(fast(x), cpu_kernels.q8_gemm(x, fast.qweight, fast.scales, 304))
+
+
+def test_vnni_int4_layout_matches_aten_and_dequant():
+    from inferd.ops import cpu_kernels
+
+    if not cpu_kernels.has_q4_vnni():
+        pytest.skip("no AVX512-VNNI or no compiler")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 1536, generator=g)
+    q, s, z = quantize_int4(w, 64)
+    fast, ref = Int4Linear(q, s, z, 64), Int4Linear(q, s, z, 64, layout="aten")
+    assert fast.layout == "q4vnni" and ref.layout == "aten"
+    # unpack the layout independently: bytes (N/16, K/32, 4, 16, 4), low nibble = k 8c+b, high = 8c+4+b
+    b = fast.packed.view(6, 48, 4, 16, 4)
+    q_back = torch.stack([b & 15, b >> 4], dim=3).permute(0, 4, 1, 2, 3, 5).reshape(96, 1536)
+    assert torch.equal(q_back.int(), q)
+    d, m = fast.dm.float().permute(0, 3, 1, 2).reshape(96, 48, 2).unbind(-1)  # per row, per group of 32
+    assert torch.equal(d, s.repeat_interleave(2, dim=1))  # fp16-exact by construction (quantize_int4)
+    assert torch.allclose(m, (z - 8 * s).repeat_interleave(2, 1), rtol=1e-3, atol=1e-4)  # m rounded to fp16
+    for rows in (1, 3, 8, 9, 64, 65):
+        x = torch.randn(rows, 1536, generator=g).bfloat16()
+        got, want = fast(x).float(), ref(x).float()
+        assert (got - want).abs().max() <= 0.02 * want.abs().max(), rows
+
+
+
+
+@needs_smollm2
+def test_smollm2_quantized_perplexity_targets():
+    """The issue's quality targets on the real model, through the kernels decode uses: int8 within +1% and
+    int4 / GGUF Q4_1 kept packed within +5% of fp32 perplexity on the same weights."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "inference_essay.txt").read_text()
+    ppl = {}
+    for method, dtype in (("none", "float32"), ("int8", "bfloat16"), ("int4", "bfloat16"), ("gguf", "bfloat16")):
+        llm = LLM("smollm2-135m", dtype=dtype, quantization=method, kv_cache_memory=0.2, max_model_len=1024)
+        ids = llm.tokenizer.encode(text)[:1024]
+        ppl[method], _ = perplexity(llm.engine, ids, context=512, stride=256)
+    assert ppl["int8"] <= 1.01 * ppl["none"], ppl
+    assert ppl["int4"] <= 1.05 * ppl["none"] and ppl["gguf"] <= 1.05 * ppl["none"], ppl

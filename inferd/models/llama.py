@@ -10,6 +10,7 @@ from inferd.errors import ModelLoadError
 from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary
 from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, paged_attention, write_kv
+from inferd.ops.fused_decode import FusedDecoder
 
 
 class LlamaAttention(nn.Module):
@@ -77,6 +78,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaInner(cfg)
         self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._fused: FusedDecoder | None | bool = False  # built at the first forward (after quantization)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttnMetadata
@@ -86,6 +88,11 @@ class LlamaForCausalLM(nn.Module):
         cos = sin = None  # the C rotary kernel reads the tables itself
         if x.is_cuda or not cpu_kernels.available():
             cos, sin = self.rotary.cos_sin(positions)
+        if self._fused is False:
+            self._fused = FusedDecoder.build(self) if not x.is_cuda else None
+        fused = self._fused.run(x, positions, kv_caches, meta) if self._fused else None
+        if fused is not None:  # a decode step: all layers in one C call
+            return self.model.norm.add_forward(*fused)[0]
         rope = (self.rotary, cos, sin, positions)
         residual = None
         for layer, cache in zip(self.model.layers, kv_caches):

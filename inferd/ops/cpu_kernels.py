@@ -55,8 +55,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.paged_decode_attention.restype = ci
     lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
     lib.gemv_bf16.restype = ci
-    lib.qgemv_int8_vnni.argtypes = [p, p, p, p, p, ci, ci, ci]
-    lib.qgemv_int8_vnni.restype = ci
+    lib.q8_gemm_vnni.argtypes = [p, ci, p, p, p, ci, ci, ci]
+    lib.q8_gemm_vnni.restype = ci
     lib.add_rms_norm.argtypes = [p, p, p, p, ci, ci, cf, ci]
     lib.add_rms_norm.restype = ci
     lib.silu_mul.argtypes = [p, p, ci, ci, ci]
@@ -65,6 +65,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.rms_norm.restype = ci
     lib.rope_inplace.argtypes = [p, ci, ci, ci, ctypes.c_int64, ci, p, p, p, ci]
     lib.rope_inplace.restype = ci
+    lib.q4_gemm_vnni.argtypes = [p, ci, p, p, p, ci, ci, ci]
+    lib.q4_gemm_vnni.restype = ci
+    lib.decode_layers.restype = ci  # arguments: ctypes structs from ops/fused_decode.py
     return lib
 
 
@@ -129,19 +132,6 @@ def rope_inplace(x: torch.Tensor, heads: int, head_dim: int, rot_dim: int, cos: 
     return True
 
 
-def qgemv_int8_vnni(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor | None:
-    """One row x (1, K) fp32/bf16 contiguous; w int8 (N, K); scales fp32 (N,); wsum int32 (N,) = w.sum(1).
-    x is quantized to int8 (one scale) as llama.cpp does; None when AVX512-VNNI or the shape is unsupported."""
-    lib = _lib()
-    if lib is None or x.shape[0] != 1 or x.dtype not in _FLOAT_TYPES:
-        return None
-    y = torch.empty(1, w.shape[0], dtype=x.dtype)
-    if lib.qgemv_int8_vnni(x.data_ptr(), w.data_ptr(), scales.data_ptr(), wsum.data_ptr(), y.data_ptr(),
-                           w.shape[0], w.shape[1], int(x.dtype == torch.bfloat16)) != 0:
-        return None
-    return y
-
-
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
     """residual += x in place, returns RMSNorm(residual) · w; all (rows, dim) contiguous CPU tensors of one
     dtype (fp32/bf16). None when unavailable (nothing is modified then)."""
@@ -165,3 +155,38 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(gu.shape[0], inter, dtype=gu.dtype)
     lib.silu_mul(gu.data_ptr(), out.data_ptr(), gu.shape[0], inter, int(gu.dtype == torch.bfloat16))
     return out
+
+
+def has_bf16_gemv() -> bool:
+    return available() and "avx512_bf16" in cpu_flags()
+
+
+def has_q4_vnni() -> bool:
+    """The row-interleaved int4 kernels need AVX512-BW and AVX512-VNNI (and the C kernels built)."""
+    return available() and {"avx512bw", "avx512_vnni"} <= cpu_flags()
+
+
+def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
+    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4-bit weights packed by quant.linear.pack_q4_vnni; activations
+    are quantized to int8 per group of 32 inside. None when the kernel does not apply."""
+    lib = _lib()
+    if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if lib.q4_gemm_vnni(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
+                        int(x.dtype == torch.bfloat16)) != 0:
+        return None
+    return y
+
+
+def q8_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor | None:
+    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for int8 weights in the q8vnni layout (quant.linear) with fp16 scales
+    per group of 32; activations quantized to int8 per group of 32 inside (llama.cpp's Q8_0 dot product)."""
+    lib = _lib()
+    if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if lib.q8_gemm_vnni(x.data_ptr(), x.shape[0], w.data_ptr(), scales.data_ptr(), y.data_ptr(), n,
+                        x.shape[1], int(x.dtype == torch.bfloat16)) != 0:
+        return None
+    return y

@@ -16,7 +16,14 @@ from torch import nn
 from inferd.errors import ModelLoadError
 from inferd.loader.gguf import RawTensor, llama_unpermute
 from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4
-from inferd.quant.linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_int8
+from inferd.quant.linear import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int8_group_size,
+    quantize_int4,
+    quantize_int8,
+)
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "int8", "int4", "gguf")
@@ -63,7 +70,7 @@ def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, 
         return Int4Linear(torch.cat(qs).to(dev), torch.cat(ss).to(dev), torch.cat(zs).to(dev), 32, bias,
                           qc.dense_from_rows)
     if types == {"Q8_0"}:
-        return Int8Linear(*quantize_int8(dense.weight.data), bias, qc.dense_from_rows)
+        return Int8Linear(*quantize_int8(dense.weight.data, int8_group_size()), bias, qc.dense_from_rows)
     log.info("%s: GGUF type(s) %s have no packed kernel here; kept dequantized", name, ",".join(sorted(types)))
     return dense
 
@@ -71,7 +78,7 @@ def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, 
 def _quantized(dense: nn.Linear, qc: QuantConfig, raws: list[RawTensor | None] | None, name: str) -> nn.Module:
     bias = dense.bias.data if dense.bias is not None else None
     if qc.method == "int8":
-        return Int8Linear(*quantize_int8(dense.weight.data), bias, qc.dense_from_rows)
+        return Int8Linear(*quantize_int8(dense.weight.data, int8_group_size()), bias, qc.dense_from_rows)
     if qc.method == "int4":
         if dense.in_features % qc.group_size:
             raise ModelLoadError(f"int4 group size {qc.group_size} does not divide {name}'s {dense.in_features} "
@@ -101,9 +108,11 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
     # most quantization-sensitive matrix (a 4-bit lm_head cost +8% perplexity on SmolLM2), and when the
     # embeddings are tied the lm_head shares the embedding's int8 table, so it costs no extra memory.
     emb = model.model.embed_tokens
-    q8, s8 = quantize_int8(emb.weight.data)
-    model.model.embed_tokens = Int8Embedding(q8, s8, emb.weight.dtype)
-    if tied:
+    gs = int8_group_size()
+    q8, s8 = quantize_int8(emb.weight.data, gs)
+    if tied:  # one int8 table for both, in the lm_head's layout
         model.lm_head = Int8Linear(q8, s8, None, qc.dense_from_rows)
+        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, emb.weight.dtype)
     else:
-        model.lm_head = Int8Linear(*quantize_int8(model.lm_head.weight.data), None, qc.dense_from_rows)
+        model.model.embed_tokens = Int8Embedding(q8, s8, emb.weight.dtype)
+        model.lm_head = Int8Linear(*quantize_int8(model.lm_head.weight.data, gs), None, qc.dense_from_rows)

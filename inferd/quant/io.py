@@ -19,7 +19,14 @@ from torch import nn
 
 from inferd.errors import ModelLoadError
 from inferd.quant.apply import QuantConfig, _parts
-from inferd.quant.linear import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_int8
+from inferd.quant.linear import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int8_group_size,
+    quantize_int4,
+    quantize_int8,
+)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -52,17 +59,17 @@ def save_quantized(lm, dst: str | Path, qc: QuantConfig, progress: Callable[[int
     for k, name in enumerate(names):
         w = modules[name].weight.data.float()
         if qc.method == "int8" or name == "lm_head":  # the lm_head is int8 in every method (see quant/apply.py)
-            q, s = quantize_int8(w)
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s.to(torch.bfloat16)
+            q, s = quantize_int8(w, int8_group_size())
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s.half()  # fp16: exact when grouped
         else:
             q, s, z = quantize_int4(w, qc.group_size)
             tensors[f"{name}.qint4"] = _pack_nibbles(q)
-            tensors[f"{name}.scale"], tensors[f"{name}.zero"] = s.to(torch.bfloat16), z.to(torch.bfloat16)
+            tensors[f"{name}.scale"], tensors[f"{name}.zero"] = s.half(), z.half()  # exact (see quantize_int4)
         if modules[name].bias is not None:
             tensors[f"{name}.bias"] = modules[name].bias.data.to(torch.bfloat16)
         if progress:
             progress(k + 1, len(names))
-    q8, s8 = quantize_int8(model.model.embed_tokens.weight.data)
+    q8, s8 = quantize_int8(model.model.embed_tokens.weight.data, int8_group_size())
     tensors["model.embed_tokens.qweight"], tensors["model.embed_tokens.scales"] = q8, s8
     for name, p in model.named_parameters():
         if "layernorm" in name or name == "model.norm.weight":

@@ -3,9 +3,14 @@
 - Int8Linear: int8 weights with one scale per output channel; `aten._weight_int8pack_mm` (bf16 activations),
   and for a single row our AVX512-VNNI kernel (activations quantized to int8 as llama.cpp does; 2x faster).
 - Int4Linear: 4-bit weights in groups of `group_size` along K with a scale and zero per group
-  (w = (q - 8) · scale + zero); `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`,
-  and on CUDA the tinygemm kernel `aten._weight_int4pack_mm` after `_convert_weight_to_int4pack` (the packed
-  layout is device-specific: a layer is packed for the device its tensors are on when it is built).
+  (w = (q - 8) · scale + zero). Three packed layouts, chosen when the layer is built, for the device its tensors
+  are on:
+  - `q4vnni` (CPU with AVX512-VNNI): our row-interleaved layout (see ops/csrc, `q4_gemm_vnni`): fp16 d and m per
+    group of 32, activations quantized to int8 per group of 32 as llama.cpp does, 16 rows per vpdpbusd;
+    steps of more than 8 rows dequantize the layer to bf16 (a C kernel) and use a GEMM. ~2.5x faster than
+    aten's int4 kernel for one row (it is compute-bound there: ~12 GB/s with the weights in cache).
+  - `aten` (other CPUs): `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
+  - `cuda`: the tinygemm kernel `aten._weight_int4pack_mm` after `_convert_weight_to_int4pack`.
 - Int8Embedding: int8 rows with a scale per row (the lookup dequantizes only the rows it reads).
 
 Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
@@ -23,24 +28,39 @@ from inferd.errors import ModelLoadError
 from inferd.ops import cpu_kernels
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float → int8 (N, K), scales (N,) float32; symmetric per output channel."""
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float → int8 (N, K) and float32 scales, symmetric: one per output channel (N,), or with
+    `group_size` one per group of K (N, K / group_size), fp16-representable (llama.cpp's Q8_0 for 32)."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    if group_size is None:
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+    n, k = w.shape
+    wg = w.view(n, k // group_size, group_size)
+    scales = (wg.abs().amax(dim=-1) / 127.0).clamp(min=2.0**-24).half().float()
+    q = torch.round(wg / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8).view(n, k)
     return q, scales
 
 
+def int8_group_size() -> int | None:
+    """Scales per group of 32 where the VNNI int8 kernel runs (better quality: it also quantizes activations),
+    else per channel (aten's int8 kernel takes one scale per channel)."""
+    return 32 if cpu_kernels.has_q4_vnni() else None
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float → q int32 in [0, 15] (N, K), scale and zero (N, K / group) float32 (asymmetric, min/max)."""
+    """(N, K) float → q int32 in [0, 15] (N, K), scale and zero (N, K / group) float32 (asymmetric, min/max).
+    Scale and zero are fp16-representable (the precision the CPU kernel and `inferd quantize` files keep), so a
+    model quantized in memory and one loaded from its quantized file compute with the same numbers."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of the group size {group_size}")
     wg = w.float().view(N, K // group_size, group_size)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
-    q = torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32).view(N, K)
-    return q, scale, lo + 8.0 * scale
+    scale = ((hi - lo) / 15.0).clamp(min=2.0**-14).half().float()
+    zero = (lo + 8.0 * scale).half().float()
+    q = torch.round((wg - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8.0).clamp(0, 15).to(torch.int32).view(N, K)
+    return q, scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -77,6 +97,29 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack(u8, tiles)
 
 
+def pack_q4_vnni(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q int (N, K) in [0, 15], scale/zero (N, K / group_size) → (uint8 weights, fp16 dm) in the layout of
+    ops/csrc `q4_gemm_vnni`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m."""
+    n, k = q.shape
+    g = k // 32
+    rep = group_size // 32
+    d = scale.float().repeat_interleave(rep, dim=1)
+    m = (zero.float() - 8.0 * scale.float()).repeat_interleave(rep, dim=1)
+    qb = q.to(torch.uint8).reshape(n // 16, 16, g, 4, 2, 4)  # row block, row, group, chunk, low/high, byte
+    packed = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+    dm = torch.stack([d.reshape(n // 16, 16, g), m.reshape(n // 16, 16, g)], dim=2)  # (rb, row, 2, group)
+    return packed, dm.permute(0, 3, 2, 1).to(torch.float16).contiguous()
+
+
+def int4_layout(q: torch.Tensor, group_size: int) -> str:
+    if q.is_cuda:
+        return "cuda"
+    n, k = q.shape
+    ok = n % 16 == 0 and k % 32 == 0 and group_size % 32 == 0
+    return "q4vnni" if ok and cpu_kernels.has_q4_vnni() else "aten"
+
+
 class _PackedLinear(nn.Module):
     """Shared forward: bf16 activations into the packed kernel (or the bf16 copy for big steps), bias, dtype."""
 
@@ -99,61 +142,138 @@ class _PackedLinear(nn.Module):
         return y.to(dtype)
 
 
+def int8_layout(q: torch.Tensor) -> str:
+    if q.is_cuda:
+        return "cuda"
+    n, k = q.shape
+    return "q8vnni" if n % 16 == 0 and k % 32 == 0 and cpu_kernels.has_q4_vnni() else "aten"
+
+
 class Int8Linear(_PackedLinear):
+    """int8 weights with scales per output channel (N,) or per group of 32 along K (N, K / 32).
+
+    Layouts: `q8vnni` (CPU with AVX512-VNNI, N % 16 == 0, K % 32 == 0): q + 128 as unsigned bytes, rows
+    interleaved by 16 as (N/16, K/4, 16, 4), fp16 scales (N/16, K/32, 16), for `q8_gemm_vnni` (activations
+    quantized to int8 per group of 32: llama.cpp's Q8_0 dot product). `aten`: `aten._weight_int8pack_mm` on
+    row-major weights (per-channel scales; grouped scales multiply a bf16 copy made per call). `cuda`: see
+    `_int8_mm_cuda`."""
+
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                 dense_from_rows: int = 0):
+                 dense_from_rows: int = 0, layout: str | None = None):
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())
-        # for the single-row VNNI kernel: fp32 scales and row sums (4 + 4 bytes per output channel)
-        self.register_buffer("scales_f32", scales.float().contiguous())
-        self.register_buffer("row_sums", self.qweight.sum(dim=1, dtype=torch.int32))
+        n, k = self.out_features, self.in_features = qweight.shape
+        self.layout = layout or int8_layout(qweight)
+        self.grouped = scales.dim() == 2 and scales.shape[1] > 1
+        if self.grouped and scales.shape[1] * 32 != k:
+            raise ValueError(f"grouped int8 scales must be per 32 along K, got {tuple(scales.shape)} for {n}×{k}")
+        full = scales.float().view(n, -1)  # (N, 1) or (N, K / 32)
+        q = qweight.contiguous()
+        if self.layout == "q8vnni":
+            q = (q.to(torch.int16) + 128).to(torch.uint8).view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+            d = full.expand(n, k // 32).reshape(n // 16, 16, k // 32).permute(0, 2, 1)
+            self.register_buffer("scales", d.to(torch.float16).contiguous())  # (N/16, K/32, 16)
+        else:
+            self.register_buffer("scales", (full if self.grouped else full[:, 0]).to(torch.bfloat16).contiguous())
+        self.register_buffer("qweight", q)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
         self.dense_from_rows = dense_from_rows
-        self.register_buffer("dense", (self.qweight.float() * self.scales.float()[:, None]).bfloat16()
-                             if dense_from_rows else None)
+        self.register_buffer("dense", self.dequantized().bfloat16() if dense_from_rows else None)
+
+    def rowmajor(self) -> torch.Tensor:
+        """The int8 weights as (N, K) (a view, or a copy for the interleaved layout)."""
+        if self.layout != "q8vnni":
+            return self.qweight
+        q = self.qweight.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+        return (q.to(torch.int16) - 128).to(torch.int8)
+
+    def scales_per_group(self) -> torch.Tensor:
+        """float32 scales (N, K / 32) for grouped layers, (N, 1) per channel."""
+        if self.layout == "q8vnni":
+            return self.scales.float().permute(0, 2, 1).reshape(self.out_features, -1)
+        return self.scales.float().view(self.out_features, -1)
+
+    def dequantized(self) -> torch.Tensor:
+        s = self.scales_per_group()
+        return (self.rowmajor().float().view(self.out_features, s.shape[1], -1) * s.unsqueeze(-1)).view(
+            self.out_features, self.in_features)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "q8vnni":
+            y = cpu_kernels.q8_gemm(x, self.qweight, self.scales, self.out_features)
+            assert y is not None
+            return y
+        if self.grouped:  # aten's kernels take one scale per channel
+            return F.linear(x, self.dequantized().to(x.dtype))
         if x.is_cuda:
             return _int8_mm_cuda(x, self.qweight, self.scales)
-        if x.shape[0] == 1:  # decode of one sequence: 2x faster than aten's int8 kernel
-            y = cpu_kernels.qgemv_int8_vnni(x, self.qweight, self.scales_f32, self.row_sums)
-            if y is not None:
-                return y
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
 
 class Int4Linear(_PackedLinear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None, dense_from_rows: int = 0):
-        """q: int32 (N, K) in [0, 15]; scale, zero: (N, K / group_size)."""
+                 bias: torch.Tensor | None = None, dense_from_rows: int = 0, layout: str | None = None):
+        """q: int32 (N, K) in [0, 15]; scale, zero: (N, K / group_size). layout: see the module doc (default:
+        the fastest one for q's device)."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("packed", pack_int4(q))
-        sz = torch.stack([scale.t(), zero.t()], dim=-1)  # (K / g, N, 2)
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
+        self.layout = layout or int4_layout(q, group_size)
+        if self.layout == "q4vnni":
+            packed, dm = pack_q4_vnni(q, scale, zero, group_size)
+            if not torch.isfinite(dm).all():  # scales beyond fp16's range: use aten's bf16 scales
+                self.layout = "aten"
+        if self.layout == "q4vnni":
+            self.register_buffer("packed", packed)
+            self.register_buffer("dm", dm)
+            self.scales_and_zeros = None
+        else:
+            self.register_buffer("packed", pack_int4(q))
+            sz = torch.stack([scale.t(), zero.t()], dim=-1)  # (K / g, N, 2)
+            self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
         self.dense_from_rows = dense_from_rows
         self.register_buffer("dense", dequantize_int4(q, scale, zero, group_size).bfloat16()
                              if dense_from_rows else None)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "q4vnni":
+            y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features)
+            assert y is not None
+            return y
         if x.is_cuda:
             return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
 
 class Int8Embedding(nn.Module):
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+    """int8 rows with a scale per row (V,) or per group of 32 (V, H / 32); or a tied lm_head's table
+    (`Int8Embedding.tied(lm_head)`), read in its layout so the table is stored once."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                 lm_head: Int8Linear | None = None):
         super().__init__()
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())
         self.dtype = dtype
+        self.lm_head = [lm_head]  # a list: not registered as a submodule (no double counting, no state dict)
+        if lm_head is None:
+            self.register_buffer("qweight", qweight.contiguous())
+            self.register_buffer("scales", scales.float().view(qweight.shape[0], -1).contiguous())
+
+    @staticmethod
+    def tied(lm_head: Int8Linear, dtype: torch.dtype) -> Int8Embedding:
+        return Int8Embedding(lm_head.qweight, lm_head.scales, dtype, lm_head)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.qweight[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.dtype)
+        head = self.lm_head[0]
+        if head is None:
+            rows, scales = self.qweight[ids].float(), self.scales[ids]
+        elif head.layout == "q8vnni":  # q + 128, rows interleaved by 16; fp16 scales (N/16, K/32, 16)
+            rows = (head.qweight[ids // 16, :, ids % 16, :].reshape(*ids.shape, -1).to(torch.int16) - 128).float()
+            scales = head.scales[ids // 16, :, ids % 16].float()
+        else:
+            rows, scales = head.qweight[ids].float(), head.scales.float().view(head.out_features, -1)[ids]
+        k = rows.shape[-1]
+        out = rows.view(*ids.shape, scales.shape[-1], -1) * scales.unsqueeze(-1)
+        return out.view(*ids.shape, k).to(self.dtype)
 
 
 def module_bytes(m: nn.Module) -> int:

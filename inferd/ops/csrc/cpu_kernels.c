@@ -323,40 +323,6 @@ int rope_inplace(void *x, int T, int heads, int head_dim, int64_t row_stride, in
     return 0;
 }
 
-// y (1, N) = x W^T for int8 W (N, K) with per-row scales, the way llama.cpp runs its Q8_0 dot products: x is
-// quantized to int8 with one scale (|x|max / 127), then vpdpbusd does 64 u8·s8 multiply-adds per instruction
-// (x is offset by +128 to be unsigned; wsum[n] = Σ_k W[n,k] removes the offset).
-int qgemv_int8_vnni(const void *x, const int8_t *w, const float *scales, const int32_t *wsum, void *y, int N, int K,
-                    int is_bf16) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (K % 64 != 0 || K > 16384) return -1;
-    uint8_t xu[16384];
-    float amax = 0.f;
-    for (int k = 0; k < K; k++) {
-        const float v = fabsf(LOADF(x, k));
-        amax = v > amax ? v : amax;
-    }
-    const float sx = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / sx;
-    for (int k = 0; k < K; k++) xu[k] = (uint8_t)((int)lrintf(LOADF(x, k) * inv) + 128);
-    const int KV = K / 64;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const int8_t *row = w + (int64_t)n * K;
-        __m512i acc = _mm512_setzero_si512();
-        for (int kv = 0; kv < KV; kv++)
-            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(xu + kv * 64)),
-                                      _mm512_loadu_si512((const void *)(row + kv * 64)));
-        const float v = sx * scales[n] * (float)(_mm512_reduce_add_epi32(acc) - 128 * wsum[n]);
-        if (is_bf16) ((uint16_t *)y)[n] = f32_to_bf16(v);
-        else ((float *)y)[n] = v;
-    }
-    return 0;
-#else
-    (void)x; (void)w; (void)scales; (void)wsum; (void)y; (void)N; (void)K; (void)is_bf16;
-    return -1;
-#endif
-}
-
 // residual += x (rounded to the residual's dtype, as a separate add would), then out = RMSNorm(residual) * w.
 int add_rms_norm(const void *x, void *residual, const void *w, void *out, int rows, int dim, float eps,
                  int is_bf16) {
@@ -408,6 +374,262 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
                 ((float *)out)[o + i] = s * u;
             }
         }
+    }
+    return 0;
+}
+
+// ---- 4-bit weights in a row-interleaved layout for AVX512-VNNI (int8 activations, as llama.cpp) ----
+// Made once at load by inferd/quant/linear.py (pack_q4_vnni). For row block rb (16 rows), group g (32 weights
+// along K), chunk c (8 weights), row j, byte b: low nibble = q[16rb+j][32g+8c+b], high nibble =
+// q[16rb+j][32g+8c+4+b], so one 64-byte load holds 8 weights of each of 16 rows and a vpdpbusd lane is a row.
+// dm: fp16 (rb, g, [d, m], j) with w = d·q + m. Activations are quantized per group of 32 to int8 (scale
+// |x|max/127); y = Σ_g dx_g (d_g Σ q·xq + m_g Σ xq). No horizontal sums: 16 outputs per accumulator.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#ifndef Q4_MCHUNK
+#define Q4_MCHUNK 8  // rows per pass over a row block's weights (accumulators in registers)
+#endif
+#define Q4_MAXK 16384
+#include <stdlib.h>
+
+static inline void store16(void *y, int64_t off, __m512 v, int is_bf16) {
+    if (is_bf16) {
+        // round to nearest even, as f32_to_bf16
+        __m512i u = _mm512_castps_si512(v);
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + off), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    } else {
+        _mm512_storeu_ps((float *)y + off, v);
+    }
+}
+
+static inline __m512 load16x(const void *p, int64_t off, const int is_bf16) {
+    if (is_bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)p + off);
+}
+
+// one row of K activations → int8 per group of 32, with dx (scale) and sx = dx · Σ xq per group
+static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_t *xq, float *dx, float *sx) {
+    for (int g = 0; g < K / 32; g++) {
+        const __m512 a = load16x(x, off + g * 32, is_bf16), b = load16x(x, off + g * 32 + 16, is_bf16);
+        const __m512 absmax = _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b));
+        const float amax = _mm512_reduce_max_ps(absmax);
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+        const __m512i ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(xq + g * 32), _mm512_cvtsepi32_epi8(ia));
+        _mm_storeu_si128((__m128i *)(xq + g * 32 + 16), _mm512_cvtsepi32_epi8(ib));
+        dx[g] = d;
+        sx[g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+    }
+}
+
+// y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
+// chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
+int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int G = K / 32;
+    static __thread int8_t *xq = NULL;
+    static __thread float *dsx = NULL;
+    static __thread int cap = 0;
+    if (M * K > cap) {
+        free(xq);
+        free(dsx);
+        cap = M * K;
+        xq = (int8_t *)aligned_alloc(64, ((size_t)cap + 63) / 64 * 64);
+        dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
+        if (!xq || !dsx) {
+            cap = 0;
+            return -1;
+        }
+    }
+    float *dx = dsx, *sx = dsx + M * G;
+    for (int m = 0; m < M; m++) quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dx + m * G, sx + m * G);
+    const int8_t *xqp = xq;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        const uint8_t *wb = w + (int64_t)rb * G * 256;
+        const uint16_t *db = dm + (int64_t)rb * G * 32;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m512 acc[Q4_MCHUNK];
+            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 256);
+                const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 1);
+                const __m512i w2 = _mm512_loadu_si512(wp + 2), w3 = _mm512_loadu_si512(wp + 3);
+                const __m512i l0 = _mm512_and_si512(w0, mask), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask);
+                const __m512i l1 = _mm512_and_si512(w1, mask), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);
+                const __m512i l2 = _mm512_and_si512(w2, mask), h2 = _mm512_and_si512(_mm512_srli_epi16(w2, 4), mask);
+                const __m512i l3 = _mm512_and_si512(w3, mask), h3 = _mm512_and_si512(_mm512_srli_epi16(w3, 4), mask);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32)));
+                const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32 + 16)));
+                for (int m = 0; m < mc; m++) {
+                    const int64_t row = m0 + m;
+                    const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_set1_epi32(xg[0]));
+                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l1, _mm512_set1_epi32(xg[2]));
+                    s0 = _mm512_dpbusd_epi32(s0, h0, _mm512_set1_epi32(xg[1]));
+                    s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(xg[3]));
+                    s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(xg[4]));
+                    s1 = _mm512_dpbusd_epi32(s1, l3, _mm512_set1_epi32(xg[6]));
+                    s0 = _mm512_dpbusd_epi32(s0, h2, _mm512_set1_epi32(xg[5]));
+                    s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(xg[7]));
+                    const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    acc[m] = _mm512_fmadd_ps(sf, _mm512_mul_ps(d, _mm512_set1_ps(dx[row * G + g])), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[row * G + g]), acc[m]);
+                }
+            }
+            for (int m = 0; m < mc; m++) store16(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+        }
+    }
+    return 0;
+}
+
+// ---- int8 weights with a scale per group of 32 (llama.cpp's Q8_0), row-interleaved for AVX512-VNNI ----
+// Layout: w[N/16][K/4][16][4] bytes holding q + 128 (unsigned): one 64-byte load = 4 consecutive k of 16 rows,
+// so a vpdpbusd lane is a row and no horizontal sums are needed; d: fp16 [N/16][K/32][16]. Activations are
+// quantized per group of 32 too, so y = Σ_g d_g dx_g (Σ (q+128)·xq − 128 Σ xq): the offset needs only Σ xq.
+int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int K4 = K / 4, G = K / 32;
+    static __thread int8_t *xq = NULL;
+    static __thread float *dsx = NULL;
+    static __thread int cap = 0;
+    if (M * K > cap) {
+        free(xq);
+        free(dsx);
+        cap = M * K;
+        xq = (int8_t *)aligned_alloc(64, ((size_t)cap + 63) / 64 * 64);
+        dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
+        if (!xq || !dsx) {
+            cap = 0;
+            return -1;
+        }
+    }
+    float *dx = dsx, *sx = dsx + M * G;
+    for (int m = 0; m < M; m++) quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dx + m * G, sx + m * G);
+    const int8_t *xqp = xq;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const uint8_t *wb = w + (int64_t)rb * K4 * 64;
+        const uint16_t *db = dw + (int64_t)rb * G * 16;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m512 acc[Q4_MCHUNK];
+            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 512);
+                __m512i wv[8];
+                for (int c = 0; c < 8; c++) wv[c] = _mm512_loadu_si512(wp + c);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 16)));
+                for (int m = 0; m < mc; m++) {
+                    const int64_t row = m0 + m;
+                    const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_set1_epi32(xg[0]));
+                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_set1_epi32(xg[1]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2], _mm512_set1_epi32(xg[2]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[3], _mm512_set1_epi32(xg[3]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[4], _mm512_set1_epi32(xg[4]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[5], _mm512_set1_epi32(xg[5]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[6], _mm512_set1_epi32(xg[6]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[7], _mm512_set1_epi32(xg[7]));
+                    const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    // d · (dx · Σ (q+128)·xq − 128 · dx · Σ xq)   (sx = dx · Σ xq)
+                    const __m512 t = _mm512_fmadd_ps(sf, _mm512_set1_ps(dx[row * G + g]),
+                                                     _mm512_set1_ps(-128.f * sx[row * G + g]));
+                    acc[m] = _mm512_fmadd_ps(t, d, acc[m]);
+                }
+            }
+            for (int m = 0; m < mc; m++) store16(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+        }
+    }
+    return 0;
+}
+#else
+int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16;
+    return -1;
+}
+int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
+    (void)x; (void)M; (void)w; (void)dw; (void)y; (void)N; (void)K; (void)is_bf16;
+    return -1;
+}
+#endif
+
+// ---- the decoder stack of a Llama-family model for decode rows, in one call ----
+// Per layer: (add +) RMSNorm, qkv, rotary, K/V write, paged attention, o, add + RMSNorm, gate_up, silu·mul,
+// down — the same kernels the Python path calls one by one, without ~100 Python-level calls per layer.
+typedef struct {
+    int kind;  // 0: bf16 dense (gemv_bf16, one row), 1: 4-bit q4vnni, 2: int8 q8vnni
+    int N, K;
+    const void *w, *a1, *a2;  // weights; kind 1: dm; kind 2: fp16 scales
+} lin_desc;
+
+typedef struct {
+    const void *in_norm, *post_norm;
+    lin_desc qkv, o, gate_up, down;
+    void *k_cache, *v_cache;  // this layer's (num_blocks, bs, Hkv, D) halves
+} layer_desc;
+
+typedef struct {
+    int M, H, Hkv, D, hidden, inter, rot_dim, bs, max_blocks, is_bf16, first;
+    float eps, scale;
+    const int64_t *positions, *slots, *block_tables;
+    const int32_t *ctx_lens;
+    const float *cos, *sin;
+    void *x, *residual;                // (M, hidden): layer input/output and the residual stream
+    void *h, *qkv, *q, *attn, *gu, *act;  // workspaces
+} step_desc;
+
+static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
+    switch (l->kind) {
+    case 0:
+        return M == 1 && is_bf16 ? gemv_bf16((const uint16_t *)l->w, (const uint16_t *)x, (uint16_t *)y, l->N, l->K) : -1;
+    case 1:
+        return q4_gemm_vnni(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    case 2:
+        return q8_gemm_vnni(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    }
+    return -1;
+}
+
+int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
+    const int M = s->M, E = s->is_bf16 ? 2 : 4;
+    const int qdim = s->H * s->D, kvdim = s->Hkv * s->D, qkvdim = qdim + 2 * kvdim;
+    char *qkv = (char *)s->qkv;
+    for (int i = 0; i < n_layers; i++) {
+        const layer_desc *L = layers + i;
+        if (i == 0 && s->first) {
+            memcpy(s->residual, s->x, (size_t)M * s->hidden * E);
+            rms_norm(s->x, L->in_norm, s->h, M, s->hidden, s->hidden, s->eps, s->is_bf16);
+        } else {
+            add_rms_norm(s->x, s->residual, L->in_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
+        }
+        if (linear_run(&L->qkv, s->h, qkv, M, s->is_bf16)) return -1;
+        rope_inplace(qkv, M, s->H, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions, s->is_bf16);
+        rope_inplace(qkv + (size_t)qdim * E, M, s->Hkv, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions,
+                     s->is_bf16);
+        for (int m = 0; m < M; m++) {
+            const char *row = qkv + (size_t)m * qkvdim * E;
+            memcpy((char *)s->q + (size_t)m * qdim * E, row, (size_t)qdim * E);
+            memcpy((char *)L->k_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)qdim * E, (size_t)kvdim * E);
+            memcpy((char *)L->v_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)(qdim + kvdim) * E,
+                   (size_t)kvdim * E);
+        }
+        if (paged_decode_attention(s->q, L->k_cache, L->v_cache, s->block_tables, s->ctx_lens, s->attn, M, s->H,
+                                   s->Hkv, s->D, s->bs, s->max_blocks, s->scale, s->is_bf16))
+            return -1;
+        if (linear_run(&L->o, s->attn, s->x, M, s->is_bf16)) return -1;
+        add_rms_norm(s->x, s->residual, L->post_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
+        if (linear_run(&L->gate_up, s->h, s->gu, M, s->is_bf16)) return -1;
+        silu_mul(s->gu, s->act, M, s->inter, s->is_bf16);
+        if (linear_run(&L->down, s->act, s->x, M, s->is_bf16)) return -1;
     }
     return 0;
 }

@@ -1,0 +1,132 @@
+"""The decoder stack of a Llama-family model for a decode step in one C call (`decode_layers` in csrc).
+
+Single-stream decode of a small model is dominated by per-op overhead: the Python path makes ~10 module
+calls and ~10 kernel calls per layer (each a few µs of Python + ctypes), ~4 ms per step for SmolLM2's 30
+layers against ~2 ms of 4-bit matmuls. Here every layer's weights are described once (pointers in ctypes
+structs) and a step is one call that runs the same kernels in the same order, so the result equals the Python
+path's (tests/test_engine.py checks it).
+
+Used for bf16 models on CPU when every decoder linear has a C kernel for the step's rows: 4-bit `q4vnni` and
+int8 `q8vnni` layers (any number of decode rows), bf16 dense layers (one row), no biases.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from inferd.ops import cpu_kernels
+from inferd.ops.attention import AttnMetadata
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
+
+
+class LinDesc(ctypes.Structure):
+    _fields_ = [("kind", _i), ("N", _i), ("K", _i), ("w", _p), ("a1", _p), ("a2", _p)]
+
+
+class LayerDesc(ctypes.Structure):
+    _fields_ = [("in_norm", _p), ("post_norm", _p), ("qkv", LinDesc), ("o", LinDesc), ("gate_up", LinDesc),
+                ("down", LinDesc), ("k_cache", _p), ("v_cache", _p)]
+
+
+class StepDesc(ctypes.Structure):
+    _fields_ = [(n, _i) for n in ("M", "H", "Hkv", "D", "hidden", "inter", "rot_dim", "bs", "max_blocks", "is_bf16",
+                                  "first")] + [("eps", _f), ("scale", _f)] + \
+               [(n, _p) for n in ("positions", "slots", "block_tables", "ctx_lens", "cos", "sin", "x", "residual", "h",
+                                  "qkv", "q", "attn", "gu", "act")]
+
+
+def _linear_desc(mod: nn.Module) -> tuple[LinDesc, int] | None:
+    """(descriptor, most rows it handles), or None when this layer has no C kernel here."""
+    from inferd.models.blocks import Linear
+    from inferd.quant.linear import Int4Linear, Int8Linear
+
+    if getattr(mod, "bias", None) is not None:
+        return None
+    if isinstance(mod, Int4Linear) and mod.layout == "q4vnni":
+        rows = MAX_ROWS if mod.dense is None else min(MAX_ROWS, mod.dense_from_rows - 1)
+        return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
+    if isinstance(mod, Int8Linear) and mod.layout == "q8vnni":
+        rows = MAX_ROWS if mod.dense is None else min(MAX_ROWS, mod.dense_from_rows - 1)
+        return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
+                       None), rows
+    if isinstance(mod, Linear) and mod.weight.dtype == torch.bfloat16 and mod.weight.is_contiguous() \
+            and mod.in_features % 32 == 0 and cpu_kernels.has_bf16_gemv():
+        return LinDesc(0, mod.out_features, mod.in_features, mod.weight.data_ptr(), None, None), 1
+    return None
+
+
+class FusedDecoder:
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL, linears: list[list[LinDesc]], max_rows: int):
+        self.model, self.lib, self.linears, self.max_rows = model, lib, linears, max_rows
+        self.layers: ctypes.Array | None = None
+        self.cache_key: tuple[int, ...] = ()
+        self.work: dict[int, list[torch.Tensor]] = {}
+        self.steps = 0  # decode steps run here (tests check the path is taken)
+
+    @staticmethod
+    def build(model: nn.Module) -> FusedDecoder | None:
+        lib = cpu_kernels._lib()
+        cfg = model.config
+        if lib is None or not hasattr(lib, "decode_layers") or model.model.norm.weight.device.type != "cpu" \
+                or model.model.norm.weight.dtype != torch.bfloat16:
+            return None
+        linears, max_rows = [], 1 << 30
+        for layer in model.model.layers:
+            row = []
+            for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                d = _linear_desc(mod)
+                if d is None:
+                    return None
+                row.append(d[0])
+                max_rows = min(max_rows, d[1])
+            linears.append(row)
+        if cfg.head_dim % 16 or max_rows < 1:
+            return None
+        return FusedDecoder(model, lib, linears, max_rows)
+
+    def _layer_descs(self, kv_caches: list[torch.Tensor]) -> ctypes.Array:
+        key = tuple(c.data_ptr() for c in kv_caches)
+        if self.layers is None or key != self.cache_key:
+            arr = (LayerDesc * len(kv_caches))()
+            for d, layer, lin, cache in zip(arr, self.model.model.layers, self.linears, kv_caches):
+                d.in_norm = layer.input_layernorm.weight.data_ptr()
+                d.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+                d.qkv, d.o, d.gate_up, d.down = lin
+                d.k_cache, d.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
+            self.layers, self.cache_key = arr, key
+        return self.layers
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+            meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x: (M, hidden) embeddings of a pure-decode step → (last layer's output, residual), or None when this
+        step is not one the fused path takes (the caller then runs the layers in Python)."""
+        M = x.shape[0]
+        if (meta.prefills or meta.num_decode != M or not meta.use_c_kernel or M > self.max_rows
+                or x.dtype != torch.bfloat16):
+            return None
+        cfg = self.model.config
+        attn = self.model.model.layers[0].self_attn
+        if M not in self.work:
+            qkv_dim = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+            shapes = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, qkv_dim, cfg.num_heads * cfg.head_dim,
+                      cfg.num_heads * cfg.head_dim, 2 * cfg.intermediate_size, cfg.intermediate_size]
+            self.work[M] = [torch.empty(M, n, dtype=torch.bfloat16) for n in shapes]
+        out, residual, h, qkv, q, att, gu, act = self.work[M]
+        out.copy_(x)
+        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+        assert tables is not None and lens is not None
+        rot = self.model.rotary
+        s = StepDesc(M, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size, rot.dim,
+                     kv_caches[0].shape[2], tables.shape[1], 1, 1, cfg.rms_norm_eps, attn.scale,
+                     positions.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                     rot.cos.data_ptr(), rot.sin.data_ptr(), out.data_ptr(), residual.data_ptr(), h.data_ptr(),
+                     qkv.data_ptr(), q.data_ptr(), att.data_ptr(), gu.data_ptr(), act.data_ptr())
+        if self.lib.decode_layers(self._layer_descs(kv_caches), len(kv_caches), ctypes.byref(s)) != 0:
+            return None
+        self.steps += 1
+        return out.clone(), residual.clone()
