@@ -1,7 +1,7 @@
 """Serving benchmark: inferd serve vs a peer server on the same machine, in one run, through the same load
 generator (`inferd bench serve`), plus the offline engine at the same concurrency (server overhead).
 
-    python benchmarks/serving.py --out docs/serving [--peer-python /path/to/venv/bin/python]
+    python benchmarks/serving.py --out docs/serving [--peer-python /path/to/venv/bin/python] [--serve-args "-q gguf"]
 
 The workload follows ../shared/reference/peers.md: streaming chat, ~63 prompt tokens (chat template),
 128 output tokens (ignore_eos), temperature 0. The peer is llama-cpp-python's OpenAI server on the same GGUF
@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=32, help="per level (at least the concurrency)")
     ap.add_argument("--price-per-hour", type=float, default=0.10)
     ap.add_argument("--peer-python", default=None, help="python of an env with llama-cpp-python[server]")
+    ap.add_argument("--serve-args", default="", help="extra engine flags for inferd, e.g. \"-q gguf\"")
     args = ap.parse_args()
+    extra = args.serve_args.split()
     out = Path(args.out)
     from inferd.loader.hub import resolve
 
@@ -77,7 +79,7 @@ def main() -> None:
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", "smollm2-135m", "--port",
-                             str(port), "--price-per-hour", str(args.price_per_hour)])
+                             str(port), "--price-per-hour", str(args.price_per_hour), *extra])
     try:
         wait_ready(f"http://127.0.0.1:{port}/ready", proc)
         bench(f"http://127.0.0.1:{port}/v1", "smollm2-135m", args.concurrency, args.num_prompts, out / "inferd",
@@ -88,7 +90,7 @@ def main() -> None:
 
     print("\n## offline engine (no HTTP), same shapes", flush=True)
     subprocess.run([sys.executable, "-m", "inferd.cli", "bench", "offline", "--model", "smollm2-135m",
-                    "--concurrency", args.concurrency, "--input-len", "63", "--output-len", "128"], check=True)
+                    "--concurrency", args.concurrency, "--input-len", "63", "--output-len", "128", *extra], check=True)
 
     if args.peer_python:
         port = free_port()

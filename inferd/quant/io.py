@@ -2,7 +2,7 @@
 
 Layout: config.json (with `quantization_config` = the recipe), model.safetensors, tokenizer.json,
 tokenizer_config.json (chat template, special tokens). Quantized tensors: `<layer>.qweight` int8 +
-`<layer>.scales` (int8), or `<layer>.qint4` uint8 (two 4-bit values per byte, low nibble first) +
+`<layer>.scales` (int8; fp16, per group of 32 along K where the VNNI kernel runs, else per channel), or `<layer>.qint4` uint8 (two 4-bit values per byte, low nibble first) +
 `<layer>.scale` + `<layer>.zero` (int4, per group). The embedding and the lm_head are int8 in both methods
 (`model.embed_tokens.qweight`, `lm_head.qweight`).
 """
