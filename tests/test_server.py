@@ -215,6 +215,10 @@ def test_non_stream_disconnect_aborts(server, model):
 
 
 def test_metrics_names(server):
+    # every series exists from load; one request (the test must not rely on other tests' traffic) gives cost > 0
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
     text = httpx.get(server.url + "/metrics").text
     for name in ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
                  "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds", "vllm:prompt_tokens_total",

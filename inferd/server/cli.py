@@ -67,6 +67,7 @@ def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None
                                           max_model_len=args.max_model_len))
             engine = LLMEngine(cfg)
             name = engine.model_name
+            state.metrics.add_model(name)
             llm = AsyncLLM(engine, max_queue=args.max_queue, on_step=state.metrics.on_step,
                            on_output=lambda ro, n=name: state.metrics.on_output(n, ro))
             state.llms[name] = llm

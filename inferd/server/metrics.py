@@ -11,6 +11,8 @@ _LAT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0)
 
 
+REJECT_REASONS = ("queue_full", "draining", "unauthorized", "body_too_large", "client_disconnect")
+
 class Metrics:
     def __init__(self, price_per_hour: float = 0.0):
         self.registry = CollectorRegistry()
@@ -41,8 +43,19 @@ class Metrics:
         self.embed_cache_misses = Counter("inferd_embedding_cache_misses", "Embedding cache misses (inputs)", lbl,
                                           registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
+        for reason in REJECT_REASONS:  # every series exists from the start, at 0
+            self.rejected.labels(reason)
         self._seen_prefix: dict[str, tuple[int, int]] = {}
         self._tok_count: dict[str, int] = {}
+
+    def add_model(self, name: str) -> None:
+        """Create every per-model series at load (value 0), so dashboards and scrapes see them before traffic."""
+        for m in (self.running, self.waiting, self.kv_usage, self.prefix_queries, self.prefix_hits,
+                  self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
+                  self.compute, self.cost):
+            m.labels(name)
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(name, reason)
 
     def cost_usd(self, compute_s: float) -> float:
         return compute_s * self.price_per_hour / 3600.0
