@@ -28,9 +28,10 @@ def _engine_args(p: argparse.ArgumentParser, default_model: str | None = "smollm
     p.add_argument("--block-size", type=int, default=c.block_size, help="tokens per KV cache block")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4", "gguf"],
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
                    help="quantized weights: int8 (scales per 32), int4 group-wise, or gguf (keep the file's "
-                        "Q4_0/Q4_1 blocks packed; Q8_0 as int8); on AVX512-VNNI CPUs activations are int8 too")
+                        "Q4_0/Q4_1 blocks packed; Q8_0 as int8); on AVX512-VNNI CPUs activations are int8 too. "
+                        "auto: gguf (+ --quant-dense-rows 32) for a Q4_0/Q4_1/Q8_0 GGUF on such a CPU, else none")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--quant-dense-rows", type=int, default=0,
                    help="also keep bf16 copies of quantized weights and use them for steps of at least this many "

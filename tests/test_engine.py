@@ -300,3 +300,25 @@ def test_decode_graph_buckets_pad_and_match_eager(tiny_hf, tiny_llm, monkeypatch
     assert got == want
     # 5 sequences pad to the 8-row bucket; block-table widths round up to powers of two (≥ 4)
     assert {b for b, _ in runner.graphs.graphs} == {8} and all(w in (4, 8) for _, w in runner.graphs.graphs)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("method", ["none", "int8", "int4"])
+def test_fused_decode_step_equals_python_layers(tiny_hf, dtype, method):
+    """A decode step's decoder stack as one C call (ops/fused_decode.py) gives exactly the tokens of the
+    layer-by-layer path, for one and for several sequences."""
+    from inferd.ops import cpu_kernels
+
+    if not cpu_kernels.has_q4_vnni() and method != "none":
+        pytest.skip("no AVX512-VNNI: the quantized layers use aten's kernels, which the fused path does not run")
+    fused = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05)
+    plain = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05)
+    plain.engine.lm.model._fused = None
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = ["hello world", "the quick brown fox jumps", "a b c d e f g"]
+    for ps in (prompts[:1], prompts):
+        assert [o.outputs[0].token_ids for o in fused.generate(ps, sp)] == \
+            [o.outputs[0].token_ids for o in plain.generate(ps, sp)]
+    decoder = fused.engine.lm.model._fused
+    expect_fused = cpu_kernels.available() and (method != "none" or (dtype == "bfloat16" and cpu_kernels.has_bf16_gemv()))
+    assert (decoder is not None and decoder.steps > 0) == expect_fused

@@ -16,7 +16,7 @@ from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
 from inferd.models.blocks import Rotary
 from inferd.models.llama import LlamaForCausalLM
-from inferd.quant.apply import QuantConfig, quantize_model
+from inferd.quant.apply import QuantConfig, quantize_model, resolve_auto
 from inferd.quant.io import load_quantized_into
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def load_model(
     raw: dict[str, RawTensor] | None = None
     recipe = None
     if path.is_dir():
+        quant = resolve_auto(quant, None, device)
         hf_cfg = read_hf_config(path)
         recipe = hf_cfg.get("quantization_config")
         if recipe is not None and recipe.get("quant_method") != "inferd":
@@ -62,6 +63,9 @@ def load_model(
     elif path.suffix == ".gguf" or path.is_file():
         f = read_gguf(path)
         cfg = config_from_gguf(f)
+        linear_types = {t.tensor_type.name for t in f.reader.tensors
+                        if t.name.startswith("blk.") and len(t.shape) == 2}
+        quant = resolve_auto(quant, linear_types, device)
         raw = {} if quant.method == "gguf" else None
         weights = load_gguf_tensors(f, cfg, dtype, raw)
         tok = Tokenizer.from_gguf_metadata(f.metadata)

@@ -6,8 +6,9 @@ layers against ~2 ms of 4-bit matmuls. Here every layer's weights are described 
 structs) and a step is one call that runs the same kernels in the same order, so the result equals the Python
 path's (tests/test_engine.py checks it).
 
-Used for bf16 models on CPU when every decoder linear has a C kernel for the step's rows: 4-bit `q4vnni` and
-int8 `q8vnni` layers (any number of decode rows), bf16 dense layers (one row), no biases.
+Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows: 4-bit
+`q4vnni` and int8 `q8vnni` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
+dense layers in bf16 models (one row), no biases.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class StepDesc(ctypes.Structure):
                                   "qkv", "q", "attn", "gu", "act")]
 
 
-def _linear_desc(mod: nn.Module) -> tuple[LinDesc, int] | None:
+def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:
     """(descriptor, most rows it handles), or None when this layer has no C kernel here."""
     from inferd.models.blocks import Linear
     from inferd.quant.linear import Int4Linear, Int8Linear
@@ -54,7 +55,8 @@ def _linear_desc(mod: nn.Module) -> tuple[LinDesc, int] | None:
         rows = MAX_ROWS if mod.dense is None else min(MAX_ROWS, mod.dense_from_rows - 1)
         return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
                        None), rows
-    if isinstance(mod, Linear) and mod.weight.dtype == torch.bfloat16 and mod.weight.is_contiguous() \
+    if isinstance(mod, Linear) and dtype == torch.bfloat16 and mod.weight.dtype == torch.bfloat16 \
+            and mod.weight.is_contiguous() \
             and mod.in_features % 32 == 0 and cpu_kernels.has_bf16_gemv():
         return LinDesc(0, mod.out_features, mod.in_features, mod.weight.data_ptr(), None, None), 1
     return None
@@ -72,14 +74,15 @@ class FusedDecoder:
     def build(model: nn.Module) -> FusedDecoder | None:
         lib = cpu_kernels._lib()
         cfg = model.config
+        dtype = model.model.norm.weight.dtype
         if lib is None or not hasattr(lib, "decode_layers") or model.model.norm.weight.device.type != "cpu" \
-                or model.model.norm.weight.dtype != torch.bfloat16:
+                or dtype not in (torch.bfloat16, torch.float32):
             return None
         linears, max_rows = [], 1 << 30
         for layer in model.model.layers:
             row = []
             for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                d = _linear_desc(mod)
+                d = _linear_desc(mod, dtype)
                 if d is None:
                     return None
                 row.append(d[0])
@@ -106,8 +109,8 @@ class FusedDecoder:
         """x: (M, hidden) embeddings of a pure-decode step → (last layer's output, residual), or None when this
         step is not one the fused path takes (the caller then runs the layers in Python)."""
         M = x.shape[0]
-        if (meta.prefills or meta.num_decode != M or not meta.use_c_kernel or M > self.max_rows
-                or x.dtype != torch.bfloat16):
+        if meta.prefills or meta.num_decode != M or not meta.use_c_kernel or M > self.max_rows \
+                or x.dtype != self.model.model.norm.weight.dtype:
             return None
         cfg = self.model.config
         attn = self.model.model.layers[0].self_attn
@@ -115,14 +118,15 @@ class FusedDecoder:
             qkv_dim = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
             shapes = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, qkv_dim, cfg.num_heads * cfg.head_dim,
                       cfg.num_heads * cfg.head_dim, 2 * cfg.intermediate_size, cfg.intermediate_size]
-            self.work[M] = [torch.empty(M, n, dtype=torch.bfloat16) for n in shapes]
+            self.work[M] = [torch.empty(M, n, dtype=x.dtype) for n in shapes]
         out, residual, h, qkv, q, att, gu, act = self.work[M]
         out.copy_(x)
         tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
         assert tables is not None and lens is not None
         rot = self.model.rotary
         s = StepDesc(M, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size, rot.dim,
-                     kv_caches[0].shape[2], tables.shape[1], 1, 1, cfg.rms_norm_eps, attn.scale,
+                     kv_caches[0].shape[2], tables.shape[1], int(x.dtype == torch.bfloat16), 1, cfg.rms_norm_eps,
+                     attn.scale,
                      positions.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                      rot.cos.data_ptr(), rot.sin.data_ptr(), out.data_ptr(), residual.data_ptr(), h.data_ptr(),
                      qkv.data_ptr(), q.data_ptr(), att.data_ptr(), gu.data_ptr(), act.data_ptr())

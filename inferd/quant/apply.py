@@ -26,7 +26,8 @@ from inferd.quant.linear import (
 )
 
 log = logging.getLogger(__name__)
-METHODS = ("none", "int8", "int4", "gguf")
+METHODS = ("none", "int8", "int4", "gguf", "auto")
+AUTO_DENSE_ROWS = 32  # `auto` on a packed GGUF: bf16 copies for steps of ≥ 32 rows (prefill, big batches)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,20 @@ class QuantConfig:
             raise ModelLoadError(f"unknown quantization {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.group_size not in (32, 64, 128, 256):
             raise ModelLoadError(f"group size must be 32, 64, 128 or 256, got {self.group_size}")
+
+
+def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: torch.device) -> QuantConfig:
+    """`auto` (the CLI default): a GGUF whose decoder linears are all Q4_0/Q4_1/Q8_0 keeps its blocks packed on a
+    CPU with the VNNI kernels (faster decode, 4-bit memory), with bf16 copies for steps of ≥ 32 rows unless
+    `quant_dense_rows` says otherwise; anything else loads as `none`."""
+    if qc.method != "auto":
+        return qc
+    from inferd.ops import cpu_kernels
+
+    packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= EXACT_INT4 | {"Q8_0"}
+    if packable and device.type == "cpu" and cpu_kernels.has_q4_vnni():
+        return QuantConfig("gguf", 32, qc.dense_from_rows or AUTO_DENSE_ROWS)
+    return QuantConfig("none", qc.group_size, qc.dense_from_rows)
 
 
 # fused layer → the HF tensors it was built from (row blocks, in order)

@@ -132,11 +132,12 @@ class _PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] >= self.dense_from_rows:
-            y = F.linear(x, self.dense)
-        else:
+            y = F.linear(x.to(torch.bfloat16), self.dense)
+        elif getattr(self, "layout", "") in ("q4vnni", "q8vnni"):  # our kernels take fp32 or bf16 activations
             y = self._packed(x.contiguous())
+        else:
+            y = self._packed(x.to(torch.bfloat16).contiguous())
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
