@@ -525,6 +525,8 @@ int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, voi
             for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
             for (int g = 0; g < G; g++) {
                 const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 512);
+                if (m0 == 0)  // stream ahead: 4 groups (2 KB) of this row block
+                    for (int c = 0; c < 8; c++) _mm_prefetch((const char *)(wp + 32 + c), _MM_HINT_T0);
                 __m512i wv[8];
                 for (int c = 0; c < 8; c++) wv[c] = _mm512_loadu_si512(wp + c);
                 const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 16)));
