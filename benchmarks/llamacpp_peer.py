@@ -35,42 +35,63 @@ print(json.dumps(res))
 """
 
 
+def bench_inferd(model: str, q: str, ids: dict) -> tuple[float, float]:
+    from inferd import LLM, SamplingParams
+
+    llm = LLM(model, quantization=q, kv_cache_memory=0.5, max_model_len=1024, enable_prefix_caching=False)
+    llm.generate([ids["ids128"]], SamplingParams(max_tokens=4, temperature=0))
+    pps = []
+    for _ in range(3):
+        t = time.perf_counter()
+        llm.generate([ids["ids512"]], SamplingParams(max_tokens=1, temperature=0))
+        pps.append(512 / (time.perf_counter() - t))
+    tgs = []
+    for _ in range(3):
+        o = llm.generate([ids["ids128"]], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
+        tgs.append(127 / (o.metrics.e2e_s - o.metrics.ttft_s))
+    return sorted(pps)[1], sorted(tgs)[1]
+
+
+def run_peer(python: str, gguf: str, ref: Path) -> dict:
+    out = subprocess.run([python, "-c", PEER, gguf, str(ref), str(os.cpu_count())], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer-python", required=True)
     ap.add_argument("--quantization", nargs="+", default=["none", "gguf", "int4"])
+    ap.add_argument("--q8-gguf", default=None,
+                    help="a Q8_0 GGUF of the same weights (e.g. made with llama.cpp's quantize, --allow-requantize): "
+                         "llama.cpp on it vs inferd -q gguf (Q8_0 → int8) and -q int8 on the shipped file")
     args = ap.parse_args()
-    from inferd import LLM, SamplingParams
     from inferd.hardware import machine_info
     from inferd.loader.hub import resolve
 
     ref = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bench_prompt_ids.json"
     ids = json.loads(ref.read_text())
     print(f"# {time.strftime('%Y-%m-%d')}  {machine_info()}")
-    out = subprocess.run([args.peer_python, "-c", PEER, str(resolve("smollm2-135m")), str(ref),
-                          str(os.cpu_count())], capture_output=True, text=True, check=True)
-    peer = json.loads(out.stdout.strip().splitlines()[-1])
+    peer = run_peer(args.peer_python, str(resolve("smollm2-135m")), ref)
     print("| engine / format | prefill tok/s (512) | ratio | decode tok/s (128) | ratio |")
     print("|---|---|---|---|---|")
     print(f"| llama.cpp Q4_1 (llama-cpp-python) | {peer['prefill_tok_s']:.0f} | 1.00x | {peer['decode_tok_s']:.1f} | "
           "1.00x |")
+    labels = {"none": "bf16 (dequantized at load)", "gguf": "Q4_1 blocks kept packed", "int4": "int4 g32",
+              "int8": "int8", "auto": "auto (CLI default)"}
     for q in args.quantization:
-        llm = LLM("smollm2-135m", quantization=q, kv_cache_memory=0.5, max_model_len=1024, enable_prefix_caching=False)
-        llm.generate([ids["ids128"]], SamplingParams(max_tokens=4, temperature=0))
-        pps = []
-        for _ in range(3):
-            t = time.perf_counter()
-            llm.generate([ids["ids512"]], SamplingParams(max_tokens=1, temperature=0))
-            pps.append(512 / (time.perf_counter() - t))
-        tgs = []
-        for _ in range(3):
-            o = llm.generate([ids["ids128"]], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
-            tgs.append(127 / (o.metrics.e2e_s - o.metrics.ttft_s))
-        pp, tg = sorted(pps)[1], sorted(tgs)[1]
-        label = {"none": "bf16 (dequantized at load)", "gguf": "Q4_1 blocks kept packed", "int4": "int4 g32",
-                 "int8": "int8"}[q]
-        print(f"| inferd {label} | {pp:.0f} | {pp / peer['prefill_tok_s']:.2f}x | {tg:.1f} | "
+        pp, tg = bench_inferd("smollm2-135m", q, ids)
+        print(f"| inferd {labels[q]} | {pp:.0f} | {pp / peer['prefill_tok_s']:.2f}x | {tg:.1f} | "
               f"{tg / peer['decode_tok_s']:.2f}x |", flush=True)
+    if args.q8_gguf:
+        p8 = run_peer(args.peer_python, args.q8_gguf, ref)
+        print(f"| llama.cpp Q8_0 (llama-cpp-python) | {p8['prefill_tok_s']:.0f} | 1.00x | {p8['decode_tok_s']:.1f} | "
+              "1.00x |")
+        for label, model, q in (("Q8_0 blocks kept packed (int8)", args.q8_gguf, "gguf"),
+                                ("int8 (-q int8, shipped file)", "smollm2-135m", "int8")):
+            pp, tg = bench_inferd(model, q, ids)
+            print(f"| inferd {label} | {pp:.0f} | {pp / p8['prefill_tok_s']:.2f}x | {tg:.1f} | "
+                  f"{tg / p8['decode_tok_s']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
