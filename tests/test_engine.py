@@ -311,8 +311,9 @@ def test_fused_decode_step_equals_python_layers(tiny_hf, dtype, method):
 
     if not cpu_kernels.has_q4_vnni() and method != "none":
         pytest.skip("no AVX512-VNNI: the quantized layers use aten's kernels, which the fused path does not run")
-    fused = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05)
-    plain = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05)
+    # a CPU path: pinned to the CPU (on a GPU machine `auto` would pick CUDA)
+    fused = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05, device="cpu")
+    plain = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05, device="cpu")
     plain.engine.lm.model._fused = None
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompts = ["hello world", "the quick brown fox jumps", "a b c d e f g"]
