@@ -48,13 +48,14 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
 
     if getattr(mod, "bias", None) is not None:
         return None
-    if isinstance(mod, Int4Linear) and mod.layout == "q4vnni":
+    if isinstance(mod, (Int4Linear, Int8Linear)):  # packed: any rows, up to where a bf16 copy takes over
         rows = MAX_ROWS if mod.dense is None else min(MAX_ROWS, mod.dense_from_rows - 1)
-        return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
-    if isinstance(mod, Int8Linear) and mod.layout == "q8vnni":
-        rows = MAX_ROWS if mod.dense is None else min(MAX_ROWS, mod.dense_from_rows - 1)
-        return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
-                       None), rows
+        if isinstance(mod, Int4Linear) and mod.layout == "q4vnni":
+            return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
+        if isinstance(mod, Int8Linear) and mod.layout == "q8vnni":
+            return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
+                           None), rows
+        return None
     if isinstance(mod, Linear) and dtype == torch.bfloat16 and mod.weight.dtype == torch.bfloat16 \
             and mod.weight.is_contiguous() \
             and mod.in_features % 32 == 0 and cpu_kernels.has_bf16_gemv():
@@ -107,7 +108,8 @@ class FusedDecoder:
     def run(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
             meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x: (M, hidden) embeddings of a pure-decode step → (last layer's output, residual), or None when this
-        step is not one the fused path takes (the caller then runs the layers in Python)."""
+        step is not one the fused path takes (the caller then runs the layers in Python). The returned tensors
+        are work buffers reused by the next step: the caller consumes them at once (the final norm)."""
         M = x.shape[0]
         if meta.prefills or meta.num_decode != M or not meta.use_c_kernel or M > self.max_rows \
                 or x.dtype != self.model.model.norm.weight.dtype:
@@ -133,4 +135,4 @@ class FusedDecoder:
         if self.lib.decode_layers(self._layer_descs(kv_caches), len(kv_caches), ctypes.byref(s)) != 0:
             return None
         self.steps += 1
-        return out.clone(), residual.clone()
+        return out, residual  # this decoder's work buffers: valid until its next step

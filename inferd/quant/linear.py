@@ -126,6 +126,7 @@ class _PackedLinear(nn.Module):
     dense: torch.Tensor | None
     bias: nn.Parameter | None
     dense_from_rows: int
+    layout: str
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -134,7 +135,7 @@ class _PackedLinear(nn.Module):
         dtype = x.dtype
         if self.dense is not None and x.shape[0] >= self.dense_from_rows:
             y = F.linear(x.to(torch.bfloat16), self.dense)
-        elif getattr(self, "layout", "") in ("q4vnni", "q8vnni"):  # our kernels take fp32 or bf16 activations
+        elif self.layout in ("q4vnni", "q8vnni"):  # our kernels take fp32 or bf16 activations
             y = self._packed(x.contiguous())
         else:
             y = self._packed(x.to(torch.bfloat16).contiguous())

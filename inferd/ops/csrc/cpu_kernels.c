@@ -428,11 +428,9 @@ static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_
     }
 }
 
-// y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
-// chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
-int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
-    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
-    const int G = K / 32;
+// M rows of K activations → int8 per group of 32 (row-major, in a per-thread buffer that grows as needed), with
+// dx (M, K/32) scales and sx = dx · Σ xq per group; NULL if the buffer cannot be allocated.
+static const int8_t *quantize_rows_q8_32(const void *x, int M, int K, int is_bf16, const float **dx, const float **sx) {
     static __thread int8_t *xq = NULL;
     static __thread float *dsx = NULL;
     static __thread int cap = 0;
@@ -444,12 +442,25 @@ int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, voi
         dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
         if (!xq || !dsx) {
             cap = 0;
-            return -1;
+            return NULL;
         }
     }
-    float *dx = dsx, *sx = dsx + M * G;
-    for (int m = 0; m < M; m++) quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dx + m * G, sx + m * G);
-    const int8_t *xqp = xq;
+    const int G = K / 32;
+    for (int m = 0; m < M; m++)
+        quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dsx + m * G, dsx + M * G + m * G);
+    *dx = dsx;
+    *sx = dsx + M * G;
+    return xq;
+}
+
+// y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
+// chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
+int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int G = K / 32;
+    const float *dx, *sx;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx);
+    if (!xqp) return -1;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -498,23 +509,9 @@ int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, voi
 int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
     if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
     const int K4 = K / 4, G = K / 32;
-    static __thread int8_t *xq = NULL;
-    static __thread float *dsx = NULL;
-    static __thread int cap = 0;
-    if (M * K > cap) {
-        free(xq);
-        free(dsx);
-        cap = M * K;
-        xq = (int8_t *)aligned_alloc(64, ((size_t)cap + 63) / 64 * 64);
-        dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
-        if (!xq || !dsx) {
-            cap = 0;
-            return -1;
-        }
-    }
-    float *dx = dsx, *sx = dsx + M * G;
-    for (int m = 0; m < M; m++) quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dx + m * G, sx + m * G);
-    const int8_t *xqp = xq;
+    const float *dx, *sx;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx);
+    if (!xqp) return -1;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const uint8_t *wb = w + (int64_t)rb * K4 * 64;
