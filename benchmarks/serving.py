@@ -3,7 +3,8 @@ generator (`inferd bench serve`), plus the offline engine at the same concurrenc
 
     python benchmarks/serving.py --out docs/serving [--peer-python /path/to/venv/bin/python] [--serve-args "-q gguf"]
 
-The workload follows ../shared/reference/peers.md: streaming chat, ~63 prompt tokens (chat template),
+The workload follows ../shared/reference/peers.md: streaming chat, 63 prompt tokens (33 random-text tokens
+plus SmolLM2's chat template with its default system prompt, 30 tokens),
 128 output tokens (ignore_eos), temperature 0. The peer is llama-cpp-python's OpenAI server on the same GGUF
 file (installed in a separate environment; it is never an inferd dependency). It serves one request at a time
 and ignores `ignore_eos`, so its requests may stop early at EOS (token counts come from its usage).
@@ -51,7 +52,7 @@ def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, p
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
                    "--tokenizer", "smollm2-135m", "--concurrency", c, "--num-prompts", str(max(n, int(c))),
-                   "--input-len", "40", "--output-len", "128", "--out", tmp, "--label", label,
+                   "--input-len", "33", "--output-len", "128", "--out", tmp, "--label", label,
                    "--price-per-hour", str(price), "--no-plots"]
             subprocess.run(cmd, check=True)
             levels += json.loads((Path(tmp) / "results.json").read_text())["levels"]

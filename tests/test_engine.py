@@ -263,10 +263,15 @@ def test_fused_norm_and_silu_kernels_match_torch():
         got = cpu_kernels.add_rms_norm(x, res2, w, 1e-5)
         torch.testing.assert_close(res2, want_res, atol=0, rtol=0)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-        gu = torch.randn(3, 2 * 40, generator=g).to(dtype)
-        gate, up = gu.chunk(2, dim=-1)
-        torch.testing.assert_close(cpu_kernels.silu_mul(gu).float(),
-                                   (torch.nn.functional.silu(gate) * up).float(), atol=tol, rtol=tol)
+        for rows, inter in ((3, 40), (20, 1536)):  # 40: 16-wide vectors plus a scalar tail; 20 rows: threads
+            gu = 4 * torch.randn(rows, 2 * inter, generator=g).to(dtype)
+            gate, up = gu.chunk(2, dim=-1)
+            torch.testing.assert_close(cpu_kernels.silu_mul(gu).float(),
+                                       (torch.nn.functional.silu(gate) * up).float(), atol=tol, rtol=tol)
+        x = torch.randn(20, 576, generator=g).to(dtype)
+        w = torch.randn(576, generator=g).to(dtype)
+        want = torch.nn.functional.rms_norm(x.float(), (576,), None, 1e-5).to(dtype) * w
+        torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5).float(), want.float(), atol=tol, rtol=tol)
 
 
 def test_decode_graph_buckets_pad_and_match_eager(tiny_hf, tiny_llm, monkeypatch):

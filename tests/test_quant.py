@@ -60,8 +60,32 @@ def test_quantized_matmuls_match_dequantized_fp32(rows):
     ref4 = x.bfloat16().float() @ dequantize_int4(q4, s4.bfloat16().float(), z4.bfloat16().float(), 32).t()
     got4 = Int4Linear(q4, s4, z4, 32)(x).float()
     assert (got4 - ref4).abs().max() <= 0.01 * ref4.abs().max()
-    dense = Int4Linear(q4, s4, z4, 32, dense_from_rows=16)(x).float()  # bf16-copy path for big batches
+    big = Int4Linear(q4, s4, z4, 32, dense_from_rows=16)  # bf16-copy path for big batches
+    dense = big(x).float()
     assert (dense - ref4).abs().max() <= 0.01 * ref4.abs().max()
+    plain = torch.nn.functional.linear(x.bfloat16(), dequantize_int4(q4, s4, z4, 32).bfloat16()).float()
+    assert big.has_dense
+    if rows >= 16:  # the oneDNN-prepacked copy computes exactly what F.linear on the plain copy does
+        assert torch.equal(dense, plain)
+
+
+def test_onednn_prepacked_linear_equals_f_linear():
+    from inferd.ops import onednn
+
+    if not onednn.available():
+        pytest.skip("no native bf16 oneDNN on this CPU")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    packed = onednn.prepack(w)
+    assert packed is not None and onednn.nbytes(packed) == w.numel() * 2
+    for shape in [(1, 64), (33, 64), (2, 7, 64)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        assert torch.equal(onednn.linear(x, packed), torch.nn.functional.linear(x, w))
+    layer = Int8Linear(*quantize_int8(w.float(), 32), dense_from_rows=32)
+    assert layer.dense is None and layer.has_dense  # the packed copy replaces the buffer; bytes still counted
+    from inferd.quant.linear import module_bytes
+
+    assert module_bytes(layer) >= w.numel() * 3
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])

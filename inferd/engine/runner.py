@@ -15,7 +15,7 @@ from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
 from inferd.ops import cpu_kernels
-from inferd.ops.attention import AttnMetadata, PrefillChunk
+from inferd.ops.attention import AttnMetadata, PrefillChunk, plan_prefill_kernel
 
 
 def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
@@ -110,6 +110,8 @@ class ModelRunner:
                 sample_rows.append(-1)
             row += n
         meta.slot_mapping = torch.cat(slot_parts) if slot_parts else meta.slot_mapping
+        if meta.prefills and self.use_c_kernel:
+            plan_prefill_kernel(meta)
         meta.num_decode = len(decode_reqs)
         if decode_reqs:
             nblk = max(len(r.block_ids) for r in decode_reqs)

@@ -53,6 +53,8 @@ def _lib() -> ctypes.CDLL | None:
     ci, cf = ctypes.c_int, ctypes.c_float
     lib.paged_decode_attention.argtypes = [p, p, p, i64p, i32p, p, ci, ci, ci, ci, ci, ci, cf, ci]
     lib.paged_decode_attention.restype = ci
+    lib.paged_prefill_attention.argtypes = [p, p, p, i64p, i32p, i32p, i32p, p, ci, ci, ci, ci, ci, ci, cf, ci]
+    lib.paged_prefill_attention.restype = ci
     lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
     lib.gemv_bf16.restype = ci
     lib.q8_gemm_vnni.argtypes = [p, ci, p, p, p, ci, ci, ci]
@@ -90,6 +92,24 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if rc != 0:
         raise ValueError(f"paged_decode_attention does not support H={H}, Hkv={hkv}, D={D}, block_size={bs}")
     return out
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
+                            q_starts: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> bool:
+    """Causal attention of C prefill chunks, written into `out` (T, H, D) at their rows. q: (T, H, D)
+    contiguous; kv_cache: (2, num_blocks, bs, Hkv, D) holding every chunk's K/V; block_tables (C, max_blocks)
+    int64; q_starts / q_lens / ctx_lens (C,) int32 (a chunk covers the last q_len positions of its ctx_len).
+    False when the kernel does not support the shape (D or block_size not a multiple of 16, no AVX-512)."""
+    lib = _lib()
+    assert lib is not None
+    _, _, bs, hkv, d = kv_cache.shape
+    rc = lib.paged_prefill_attention(
+        q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), q_starts.data_ptr(),
+        q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(), block_tables.shape[0], q.shape[1], hkv, d, bs,
+        block_tables.shape[1], scale, int(q.dtype == torch.bfloat16))
+    if rc == -2:
+        raise MemoryError("paged_prefill_attention: out of memory")
+    return rc == 0
 
 
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -148,8 +168,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     """gu: (rows, 2·inter) contiguous → silu(gu[:, :inter]) · gu[:, inter:]; None when unavailable."""
     lib = _lib()
-    if (lib is None or gu.dtype not in _FLOAT_TYPES or gu.is_cuda or not gu.is_contiguous() or gu.dim() != 2
-            or gu.shape[0] > 16):  # big batches: torch's vectorised ops are as fast and need no dispatch savings
+    if lib is None or gu.dtype not in _FLOAT_TYPES or gu.is_cuda or not gu.is_contiguous() or gu.dim() != 2:
         return None
     inter = gu.shape[1] // 2
     out = torch.empty(gu.shape[0], inter, dtype=gu.dtype)

@@ -15,7 +15,8 @@
 
 Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
 GEMM wins for large batches. `dense_from_rows` keeps a bf16 copy of the weight and uses it for steps with at
-least that many rows (more memory, best of both).
+least that many rows (more memory, best of both); on CPUs with native bf16 that copy is prepacked for oneDNN
+(ops/onednn.py) instead of kept as a plain tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferd.errors import ModelLoadError
-from inferd.ops import cpu_kernels
+from inferd.ops import cpu_kernels, onednn
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +129,27 @@ class _PackedLinear(nn.Module):
     dense_from_rows: int
     layout: str
 
+    _dense_onednn: torch.Tensor | None = None
+
+    def _set_dense(self, dense: torch.Tensor | None) -> None:
+        """The bf16 copy for big steps: prepacked for oneDNN where possible (then it is not a buffer: the
+        packed copy replaces it), else a plain buffer."""
+        packed = onednn.prepack(dense) if dense is not None else None
+        self._dense_onednn = packed
+        self.register_buffer("dense", dense if packed is None else None)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.dense is not None or self._dense_onednn is not None
+
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if self.dense is not None and x.shape[0] >= self.dense_from_rows:
+        if self._dense_onednn is not None and x.shape[0] >= self.dense_from_rows:
+            y = onednn.linear(x.to(torch.bfloat16), self._dense_onednn)
+        elif self.dense is not None and x.shape[0] >= self.dense_from_rows:
             y = F.linear(x.to(torch.bfloat16), self.dense)
         elif self.layout in ("q4vnni", "q8vnni"):  # our kernels take fp32 or bf16 activations
             y = self._packed(x.contiguous())
@@ -179,7 +195,7 @@ class Int8Linear(_PackedLinear):
         self.register_buffer("qweight", q)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
         self.dense_from_rows = dense_from_rows
-        self.register_buffer("dense", self.dequantized().bfloat16() if dense_from_rows else None)
+        self._set_dense(self.dequantized().bfloat16() if dense_from_rows else None)
 
     def rowmajor(self) -> torch.Tensor:
         """The int8 weights as (N, K) (a view, or a copy for the interleaved layout)."""
@@ -234,8 +250,7 @@ class Int4Linear(_PackedLinear):
             self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
         self.dense_from_rows = dense_from_rows
-        self.register_buffer("dense", dequantize_int4(q, scale, zero, group_size).bfloat16()
-                             if dense_from_rows else None)
+        self._set_dense(dequantize_int4(q, scale, zero, group_size).bfloat16() if dense_from_rows else None)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "q4vnni":
@@ -288,4 +303,8 @@ def module_bytes(m: nn.Module) -> int:
             continue
         seen.add(ptr)
         total += t.untyped_storage().nbytes()
+    for mod in m.modules():  # oneDNN-packed bf16 copies are not buffers
+        packed = getattr(mod, "_dense_onednn", None)
+        if packed is not None:
+            total += onednn.nbytes(packed)
     return total

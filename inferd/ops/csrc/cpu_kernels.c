@@ -5,6 +5,7 @@
 // online softmax one block of tokens at a time.
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -247,6 +248,216 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     return 0;
 }
 
+// ---- 16-wide fp32 helpers for the row-wise kernels below (same rounding as the scalar code) ----
+#ifdef __AVX512F__
+#define HAVE_V16 1
+static inline __m512 v16_load(const void *p, int64_t i, int is_bf16) {
+    if (!is_bf16) return _mm512_loadu_ps((const float *)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 v16_round_bf16(__m512 v) {  // round to nearest even bf16, kept as fp32
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+static inline void v16_store(void *p, int64_t i, __m512 v, int is_bf16) {
+    if (!is_bf16) {
+        _mm512_storeu_ps((float *)p + i, v);
+        return;
+    }
+    const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(v16_round_bf16(v)), 16);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(u));
+}
+static inline __m512 v16_exp_neg(__m512 x) {  // exp_neg, 16 lanes
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, fi);
+}
+// Σ v² of one row of dim values (dim % 16 == 0).
+static inline float v16_sumsq(const void *x, int64_t base, int dim, int is_bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < dim; d += 16) {
+        const __m512 v = v16_load(x, base + d, is_bf16);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+// out[r] = (round(x · inv) · w) for one row: the scaling half of RMSNorm (dim % 16 == 0).
+static inline void v16_scale_row(const void *x, int64_t xbase, const void *w, void *out, int64_t obase, int dim,
+                                 float inv, int is_bf16) {
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int d = 0; d < dim; d += 16) {
+        __m512 v = _mm512_mul_ps(v16_load(x, xbase + d, is_bf16), vi);
+        if (is_bf16) v = v16_round_bf16(v);
+        v16_store(out, obase + d, _mm512_mul_ps(v, v16_load(w, d, is_bf16)), is_bf16);
+    }
+}
+#endif
+
+// paged_prefill_attention: the query rows of C prefill chunks (chunk c: q_lens[c] consecutive rows of the
+// flat batch from q_starts[c], the last q_lens[c] positions of a context of ctx_lens[c] tokens) against
+// their context read in place from the paged cache, causal (the chunk's own K/V are already written). One
+// work item is (chunk, KV head, tile of PF_QT rows): it converts each run of 16 keys once (K transposed to
+// D × 16 so one FMA chain scores 16 keys for a query), shared by the tile's rows and the G query heads of
+// the KV head; online softmax per query. Replaces one SDPA call per chunk and the gather of its context.
+#define PF_QT 16
+int paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+                            const int32_t *q_starts, const int32_t *q_lens, const int32_t *ctx_lens, void *out,
+                            int C, int H, int Hkv, int D, int bs, int max_blocks, float scale, int is_bf16) {
+#ifdef __AVX512F__
+    if (Hkv <= 0 || H % Hkv || D % 16 || bs % 16 || D > MAX_D || H > MAX_H) return -1;
+    const int G = H / Hkv, NV = D / 16, NQ = PF_QT * G;
+    int n_items = 0;
+    for (int c = 0; c < C; c++) n_items += (q_lens[c] + PF_QT - 1) / PF_QT * Hkv;
+    int *items = malloc(sizeof(int) * 3 * (size_t)(n_items ? n_items : 1));
+    if (!items) return -2;
+    for (int c = 0, k = 0; c < C; c++)
+        for (int t = 0; t < (q_lens[c] + PF_QT - 1) / PF_QT; t++)
+            for (int kh = 0; kh < Hkv; kh++, k++) {
+                items[3 * k] = c;
+                items[3 * k + 1] = t;
+                items[3 * k + 2] = kh;
+            }
+    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)bs * tok_stride;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *qf = aligned_alloc(64, sizeof(float) * NQ * D), *acc = aligned_alloc(64, sizeof(float) * NQ * D);
+        float *kt = aligned_alloc(64, sizeof(float) * D * 16), *vf = aligned_alloc(64, sizeof(float) * 16 * D);
+        float *m = malloc(sizeof(float) * NQ), *l = malloc(sizeof(float) * NQ);
+        if (!qf || !acc || !kt || !vf || !m || !l) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            if (failed) continue;
+            const int c = items[3 * it], r0 = items[3 * it + 1] * PF_QT, kh = items[3 * it + 2];
+            const int r1 = q_lens[c] < r0 + PF_QT ? q_lens[c] : r0 + PF_QT, nr = r1 - r0;
+            const int pos0 = ctx_lens[c] - q_lens[c];  // position of the chunk's first row
+            const int64_t *bt = block_tables + (int64_t)c * max_blocks;
+            const __m512 sc = _mm512_set1_ps(scale);
+            for (int rr = 0; rr < nr; rr++)
+                for (int g = 0; g < G; g++) {
+                    const int j = rr * G + g;
+                    const int64_t qoff = ((int64_t)(q_starts[c] + r0 + rr) * H + kh * G + g) * D;
+                    for (int i = 0; i < NV; i++) {
+                        _mm512_store_ps(qf + (int64_t)j * D + i * 16, _mm512_mul_ps(load16(q, qoff + i * 16, is_bf16), sc));
+                        _mm512_store_ps(acc + (int64_t)j * D + i * 16, _mm512_setzero_ps());
+                    }
+                    m[j] = -INFINITY;
+                    l[j] = 0.f;
+                }
+            const int nk = pos0 + r1;  // keys 0 .. nk-1 are visible to some row of the tile
+            const __m512i sidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(16));
+            for (int k0 = 0; k0 < nk; k0 += 16) {
+                const int n = nk - k0 < 16 ? nk - k0 : 16;
+                const int64_t base = bt[k0 / bs] * blk_stride + (int64_t)(k0 % bs) * tok_stride + (int64_t)kh * D;
+                for (int t = 0; t < 16; t++) {
+                    if (t < n) {
+                        const int64_t off = base + t * tok_stride;
+                        for (int i = 0; i < NV; i++) {  // K row → column t of kt (a scatter with stride 16)
+                            _mm512_i32scatter_ps(kt + i * 256 + t, sidx, load16(k_cache, off + i * 16, is_bf16), 4);
+                            _mm512_store_ps(vf + t * D + i * 16, load16(v_cache, off + i * 16, is_bf16));
+                        }
+                    } else {
+                        for (int d = 0; d < D; d++) kt[d * 16 + t] = 0.f;
+                    }
+                }
+                // queries j = rr * G + g, four at a time (four independent FMA chains); row rr sees the
+                // first lim = pos0 + r0 + rr - k0 + 1 keys of this run (none when <= 0: rows ascend, so skip ahead)
+                int jstart = (k0 - pos0 - r0) * G;
+                if (jstart < 0) jstart = 0;
+                for (int j0 = jstart; j0 < nr * G; j0 += 4) {
+                    const int nq = nr * G - j0 < 4 ? nr * G - j0 : 4;
+                    __m512 sq[4];
+                    __mmask16 vis[4];
+                    for (int u = 0; u < 4; u++) {
+                        sq[u] = _mm512_setzero_ps();
+                        int lim = u < nq ? pos0 + r0 + (j0 + u) / G - k0 + 1 : 0;
+                        lim = lim < 0 ? 0 : (lim > n ? n : lim);
+                        vis[u] = (__mmask16)((1u << lim) - 1u);
+                    }
+                    const float *q0 = qf + (int64_t)j0 * D;
+                    if (nq == 4) {
+                        for (int d = 0; d < D; d++) {
+                            const __m512 kd = _mm512_load_ps(kt + d * 16);
+                            sq[0] = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kd, sq[0]);
+                            sq[1] = _mm512_fmadd_ps(_mm512_set1_ps(q0[D + d]), kd, sq[1]);
+                            sq[2] = _mm512_fmadd_ps(_mm512_set1_ps(q0[2 * D + d]), kd, sq[2]);
+                            sq[3] = _mm512_fmadd_ps(_mm512_set1_ps(q0[3 * D + d]), kd, sq[3]);
+                        }
+                    } else {
+                        for (int d = 0; d < D; d++) {
+                            const __m512 kd = _mm512_load_ps(kt + d * 16);
+                            for (int u = 0; u < nq; u++) sq[u] = _mm512_fmadd_ps(_mm512_set1_ps(q0[u * D + d]), kd, sq[u]);
+                        }
+                    }
+                    float pt[4][16], corr[4];
+                    for (int u = 0; u < nq; u++) {
+                        const int j = j0 + u;
+                        if (!vis[u]) {  // row sees none of these keys: p = 0, nothing changes
+                            memset(pt[u], 0, sizeof(pt[u]));
+                            corr[u] = 1.f;
+                            continue;
+                        }
+                        const float mx_run = _mm512_mask_reduce_max_ps(vis[u], sq[u]);
+                        const float mx = mx_run > m[j] ? mx_run : m[j];
+                        corr[u] = m[j] == -INFINITY ? 0.f : exp_neg(m[j] - mx);
+                        const __m512 p = _mm512_maskz_mov_ps(vis[u], v16_exp_neg(_mm512_sub_ps(sq[u], _mm512_set1_ps(mx))));
+                        l[j] = l[j] * corr[u] + _mm512_reduce_add_ps(p);
+                        m[j] = mx;
+                        _mm512_storeu_ps(pt[u], p);
+                    }
+                    for (int i = 0; i < NV; i++) {
+                        __m512 a[4];
+                        for (int u = 0; u < nq; u++)
+                            a[u] = _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)(j0 + u) * D + i * 16), _mm512_set1_ps(corr[u]));
+                        for (int t = 0; t < n; t++) {
+                            const __m512 vt = _mm512_load_ps(vf + t * D + i * 16);
+                            for (int u = 0; u < nq; u++) a[u] = _mm512_fmadd_ps(_mm512_set1_ps(pt[u][t]), vt, a[u]);
+                        }
+                        for (int u = 0; u < nq; u++) _mm512_store_ps(acc + (int64_t)(j0 + u) * D + i * 16, a[u]);
+                    }
+                }
+            }
+            for (int rr = 0; rr < nr; rr++)
+                for (int g = 0; g < G; g++) {
+                    const int j = rr * G + g;
+                    const __m512 inv = _mm512_set1_ps(l[j] > 0.f ? 1.f / l[j] : 0.f);
+                    const int64_t ooff = ((int64_t)(q_starts[c] + r0 + rr) * H + kh * G + g) * D;
+                    for (int i = 0; i < NV; i++)
+                        v16_store(out, ooff + i * 16, _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)j * D + i * 16), inv), is_bf16);
+                }
+        }
+        free(qf);
+        free(acc);
+        free(kt);
+        free(vf);
+        free(m);
+        free(l);
+    }
+    free(items);
+    return failed ? -2 : 0;
+#else
+    (void)q; (void)k_cache; (void)v_cache; (void)block_tables; (void)q_starts; (void)q_lens; (void)ctx_lens;
+    (void)out; (void)C; (void)H; (void)Hkv; (void)D; (void)bs; (void)max_blocks; (void)scale; (void)is_bf16;
+    return -1;
+#endif
+}
+
 // y = W x for one bf16 row x (K) and a bf16 weight W (N, K) row-major; fp32 accumulation, bf16 output.
 // With AVX512-BF16, vdpbf16ps does 32 multiply-adds per instruction; 4 rows per step share each x load.
 // Returns -1 when the CPU or shape is not supported (the caller then uses torch).
@@ -279,6 +490,13 @@ int rms_norm(const void *x, const void *w, void *out, int rows, int dim, int64_t
              int is_bf16) {
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
+#ifdef HAVE_V16
+        if (dim % 16 == 0) {
+            const float inv = 1.f / sqrtf(v16_sumsq(x, r * x_stride, dim, is_bf16) / dim + eps);
+            v16_scale_row(x, r * x_stride, w, out, (int64_t)r * dim, dim, inv, is_bf16);
+            continue;
+        }
+#endif
         float ss = 0.f;
         for (int d = 0; d < dim; d++) {
             const float v = LOADF(x, r * x_stride + d);
@@ -329,6 +547,17 @@ int add_rms_norm(const void *x, void *residual, const void *w, void *out, int ro
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
         const int64_t base = (int64_t)r * dim;
+#ifdef HAVE_V16
+        if (dim % 16 == 0) {
+            for (int d = 0; d < dim; d += 16) {  // residual += x, rounded to the residual's dtype
+                const __m512 v = _mm512_add_ps(v16_load(x, base + d, is_bf16), v16_load(residual, base + d, is_bf16));
+                v16_store(residual, base + d, v, is_bf16);
+            }
+            const float inv = 1.f / sqrtf(v16_sumsq(residual, base, dim, is_bf16) / dim + eps);
+            v16_scale_row(residual, base, w, out, base, dim, inv, is_bf16);
+            continue;
+        }
+#endif
         float ss = 0.f;
         for (int d = 0; d < dim; d++) {
             float v = LOADF(x, base + d) + LOADF(residual, base + d);
@@ -360,8 +589,21 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
         const int64_t in = (int64_t)r * 2 * inter, o = (int64_t)r * inter;
+        int i0 = 0;
+#ifdef HAVE_V16
+        for (; i0 + 16 <= inter; i0 += 16) {
+            const __m512 g = v16_load(gu, in + i0, is_bf16), u = v16_load(gu, in + inter + i0, is_bf16);
+            const __m512 e = v16_exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            const __m512 one = _mm512_set1_ps(1.f);
+            const __mmask16 pos = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+            const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
+            __m512 sv = _mm512_mul_ps(g, sig);
+            if (is_bf16) sv = v16_round_bf16(sv);
+            v16_store(out, o + i0, _mm512_mul_ps(sv, u), is_bf16);
+        }
+#endif
 #pragma omp simd
-        for (int i = 0; i < inter; i++) {
+        for (int i = i0; i < inter; i++) {
             const float g = LOADF(gu, in + i), u = LOADF(gu, in + inter + i);
             // silu(g) * u: round the silu to the compute dtype first, as torch's separate ops do;
             // sigmoid via exp(-|g|) <= 1 so the polynomial exp_neg applies and the loop vectorises
