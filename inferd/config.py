@@ -82,7 +82,7 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 256
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
 
 
