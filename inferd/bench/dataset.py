@@ -29,13 +29,12 @@ def load_tokenizer(spec: str | None):
         return None
 
 
-def _text_of_length(tokenizer, prefix: str, ids: list[int], n: int, rng: random.Random) -> str:
+def _text_of_length(tokenizer, prefix: str, ids: list[int], n: int, rng: random.Random, lo: int, hi: int) -> str:
     """prefix + the text of random ids, adjusted so that it encodes back to n tokens: decoding random ids
     and encoding the text again merges and splits tokens (about +12% on SmolLM2's vocabulary), so without
     this a prompt of "40 tokens" is ~45 on the wire. A few rounds of trimming or extending the ids reach n
     (or the closest length seen)."""
-    lo, hi = (256, min(tokenizer.vocab_size, 30000) - 1) if tokenizer.vocab_size > 1000 else (3, tokenizer.vocab_size - 1)
-    best, best_err = prefix + tokenizer.decode(ids), None
+    best, best_err = "", None
     for _ in range(16):
         text = prefix + tokenizer.decode(ids)
         got = len(tokenizer.encode(text, add_special_tokens=False))
@@ -62,7 +61,7 @@ def random_requests(n: int, input_len: int, output_len: int, seed: int = 0, toke
             if token_ids:
                 out.append(BenchRequest(ids, input_len, output_len))
                 continue
-            out.append(BenchRequest(_text_of_length(tokenizer, f"{i}: ", ids, input_len, rng), input_len,
+            out.append(BenchRequest(_text_of_length(tokenizer, f"{i}: ", ids, input_len, rng, lo, hi), input_len,
                                     output_len))
         else:
             words = " ".join(rng.choice(_WORDS) for _ in range(input_len))

@@ -88,8 +88,8 @@ def paged_attention(
         qc = q.contiguous()
         if cpu_kernels.paged_prefill_attention(qc, kv_cache, out, *meta.prefill_tables, scale):
             if nd:
-                out[:nd] = cpu_kernels.paged_decode_attention(qc[:nd], kv_cache, meta.decode_block_tables,
-                                                              meta.decode_ctx_lens, scale)
+                cpu_kernels.paged_decode_attention(qc[:nd], kv_cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                                   scale, out=out[:nd])
             for p in meta.prefills:
                 if not p.by_c_kernel:
                     out[p.q_start : p.q_start + p.q_len] = _prefill_sdpa(q, k, v, kv_cache, p, scale, group)

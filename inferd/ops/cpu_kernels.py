@@ -78,14 +78,14 @@ def available() -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           ctx_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, H, D) contiguous; kv_cache: (2, num_blocks, bs, Hkv, D); block_tables: (B, max_blocks) int64;
-    ctx_lens: (B,) int32 → (B, H, D)."""
+    ctx_lens: (B,) int32 → (B, H, D), written into `out` (contiguous, like q) when given."""
     lib = _lib()
     assert lib is not None
     B, H, D = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     rc = lib.paged_decode_attention(
         q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
         out.data_ptr(), B, H, hkv, D, bs, block_tables.shape[1], scale, int(q.dtype == torch.bfloat16))

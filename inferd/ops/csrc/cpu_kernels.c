@@ -139,6 +139,23 @@ static inline __m512 load16(const void *p, int64_t off, const int is_bf16) {
     return _mm512_loadu_ps((const float *)p + off);
 }
 
+// round to nearest even bf16 (as f32_to_bf16), kept as fp32
+static inline __m512 round_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline void store16(void *p, int64_t off, __m512 v, const int is_bf16) {
+    if (!is_bf16) {
+        _mm512_storeu_ps((float *)p + off, v);
+        return;
+    }
+    const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + off), _mm512_cvtepi32_epi16(u));
+}
+
 static inline __attribute__((always_inline)) void attn_seq_avx512(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int ctx, void *out, int b,
     const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
@@ -204,16 +221,7 @@ static inline __attribute__((always_inline)) void attn_seq_avx512(
     for (int h = 0; h < H; h++) {
         const __m512 inv = _mm512_set1_ps(l[h] > 0.f ? 1.f / l[h] : 0.f);
         const int64_t ooff = ((int64_t)b * H + h) * D;
-        for (int i = 0; i < NV; i++) {
-            float tmp[16];
-            _mm512_storeu_ps(tmp, _mm512_mul_ps(acc[h][i], inv));
-            if (is_bf16) {
-                uint16_t *op = (uint16_t *)out + ooff + i * 16;
-                for (int d = 0; d < 16; d++) op[d] = f32_to_bf16(tmp[d]);
-            } else {
-                memcpy((float *)out + ooff + i * 16, tmp, sizeof(tmp));
-            }
-        }
+        for (int i = 0; i < NV; i++) store16(out, ooff + i * 16, _mm512_mul_ps(acc[h][i], inv), is_bf16);
     }
 }
 #define ATTN_FAST attn_seq_avx512
@@ -250,26 +258,6 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 
 // ---- 16-wide fp32 helpers for the row-wise kernels below (same rounding as the scalar code) ----
 #ifdef __AVX512F__
-#define HAVE_V16 1
-static inline __m512 v16_load(const void *p, int64_t i, int is_bf16) {
-    if (!is_bf16) return _mm512_loadu_ps((const float *)p + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline __m512 v16_round_bf16(__m512 v) {  // round to nearest even bf16, kept as fp32
-    __m512i u = _mm512_castps_si512(v);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-static inline void v16_store(void *p, int64_t i, __m512 v, int is_bf16) {
-    if (!is_bf16) {
-        _mm512_storeu_ps((float *)p + i, v);
-        return;
-    }
-    const __m512i u = _mm512_srli_epi32(_mm512_castps_si512(v16_round_bf16(v)), 16);
-    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(u));
-}
 static inline __m512 v16_exp_neg(__m512 x) {  // exp_neg, 16 lanes
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
@@ -288,7 +276,7 @@ static inline __m512 v16_exp_neg(__m512 x) {  // exp_neg, 16 lanes
 static inline float v16_sumsq(const void *x, int64_t base, int dim, int is_bf16) {
     __m512 acc = _mm512_setzero_ps();
     for (int d = 0; d < dim; d += 16) {
-        const __m512 v = v16_load(x, base + d, is_bf16);
+        const __m512 v = load16(x, base + d, is_bf16);
         acc = _mm512_fmadd_ps(v, v, acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -298,9 +286,9 @@ static inline void v16_scale_row(const void *x, int64_t xbase, const void *w, vo
                                  float inv, int is_bf16) {
     const __m512 vi = _mm512_set1_ps(inv);
     for (int d = 0; d < dim; d += 16) {
-        __m512 v = _mm512_mul_ps(v16_load(x, xbase + d, is_bf16), vi);
-        if (is_bf16) v = v16_round_bf16(v);
-        v16_store(out, obase + d, _mm512_mul_ps(v, v16_load(w, d, is_bf16)), is_bf16);
+        __m512 v = _mm512_mul_ps(load16(x, xbase + d, is_bf16), vi);
+        if (is_bf16) v = round_bf16(v);
+        store16(out, obase + d, _mm512_mul_ps(v, load16(w, d, is_bf16)), is_bf16);
     }
 }
 #endif
@@ -439,7 +427,7 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
                     const __m512 inv = _mm512_set1_ps(l[j] > 0.f ? 1.f / l[j] : 0.f);
                     const int64_t ooff = ((int64_t)(q_starts[c] + r0 + rr) * H + kh * G + g) * D;
                     for (int i = 0; i < NV; i++)
-                        v16_store(out, ooff + i * 16, _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)j * D + i * 16), inv), is_bf16);
+                        store16(out, ooff + i * 16, _mm512_mul_ps(_mm512_load_ps(acc + (int64_t)j * D + i * 16), inv), is_bf16);
                 }
         }
         free(qf);
@@ -490,7 +478,7 @@ int rms_norm(const void *x, const void *w, void *out, int rows, int dim, int64_t
              int is_bf16) {
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
-#ifdef HAVE_V16
+#ifdef __AVX512F__
         if (dim % 16 == 0) {
             const float inv = 1.f / sqrtf(v16_sumsq(x, r * x_stride, dim, is_bf16) / dim + eps);
             v16_scale_row(x, r * x_stride, w, out, (int64_t)r * dim, dim, inv, is_bf16);
@@ -547,11 +535,11 @@ int add_rms_norm(const void *x, void *residual, const void *w, void *out, int ro
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
         const int64_t base = (int64_t)r * dim;
-#ifdef HAVE_V16
+#ifdef __AVX512F__
         if (dim % 16 == 0) {
             for (int d = 0; d < dim; d += 16) {  // residual += x, rounded to the residual's dtype
-                const __m512 v = _mm512_add_ps(v16_load(x, base + d, is_bf16), v16_load(residual, base + d, is_bf16));
-                v16_store(residual, base + d, v, is_bf16);
+                const __m512 v = _mm512_add_ps(load16(x, base + d, is_bf16), load16(residual, base + d, is_bf16));
+                store16(residual, base + d, v, is_bf16);
             }
             const float inv = 1.f / sqrtf(v16_sumsq(residual, base, dim, is_bf16) / dim + eps);
             v16_scale_row(residual, base, w, out, base, dim, inv, is_bf16);
@@ -590,16 +578,16 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
     for (int r = 0; r < rows; r++) {
         const int64_t in = (int64_t)r * 2 * inter, o = (int64_t)r * inter;
         int i0 = 0;
-#ifdef HAVE_V16
+#ifdef __AVX512F__
         for (; i0 + 16 <= inter; i0 += 16) {
-            const __m512 g = v16_load(gu, in + i0, is_bf16), u = v16_load(gu, in + inter + i0, is_bf16);
+            const __m512 g = load16(gu, in + i0, is_bf16), u = load16(gu, in + inter + i0, is_bf16);
             const __m512 e = v16_exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
             const __m512 one = _mm512_set1_ps(1.f);
             const __mmask16 pos = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
             const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
             __m512 sv = _mm512_mul_ps(g, sig);
-            if (is_bf16) sv = v16_round_bf16(sv);
-            v16_store(out, o + i0, _mm512_mul_ps(sv, u), is_bf16);
+            if (is_bf16) sv = round_bf16(sv);
+            store16(out, o + i0, _mm512_mul_ps(sv, u), is_bf16);
         }
 #endif
 #pragma omp simd
@@ -634,30 +622,10 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
 #define Q4_MAXK 16384
 #include <stdlib.h>
 
-static inline void store16(void *y, int64_t off, __m512 v, int is_bf16) {
-    if (is_bf16) {
-        // round to nearest even, as f32_to_bf16
-        __m512i u = _mm512_castps_si512(v);
-        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)y + off), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-    } else {
-        _mm512_storeu_ps((float *)y + off, v);
-    }
-}
-
-static inline __m512 load16x(const void *p, int64_t off, const int is_bf16) {
-    if (is_bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + off));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)p + off);
-}
-
 // one row of K activations → int8 per group of 32, with dx (scale) and sx = dx · Σ xq per group
 static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_t *xq, float *dx, float *sx) {
     for (int g = 0; g < K / 32; g++) {
-        const __m512 a = load16x(x, off + g * 32, is_bf16), b = load16x(x, off + g * 32 + 16, is_bf16);
+        const __m512 a = load16(x, off + g * 32, is_bf16), b = load16(x, off + g * 32 + 16, is_bf16);
         const __m512 absmax = _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b));
         const float amax = _mm512_reduce_max_ps(absmax);
         const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
