@@ -93,7 +93,7 @@ class EngineConfig:
     device: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    quantization: str = "none"  # none | int8 | int4 | gguf
+    quantization: str = "auto"  # auto | none | int8 | int4 | gguf (auto: see quant.apply.resolve_auto)
     group_size: int = 32  # int4 group size
     quant_dense_rows: int = 0  # >0: keep bf16 copies of quantized weights for steps with at least this many rows
     enforce_eager: bool = False  # CUDA: never replay decode steps from captured CUDA graphs

@@ -14,12 +14,19 @@ from inferd.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 kv_cache_memory: float | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
-                 quantization: str = "none", group_size: int = 32, quant_dense_rows: int = 0,
-                 enforce_eager: bool = False):
-        self.config = EngineConfig(
+    """Defaults come from the config dataclasses, the same ones the CLI reads, so `LLM(m)` and
+    `inferd generate --model m` run the same engine."""
+
+    def __init__(self, model: str = EngineConfig.model, *, dtype: str = EngineConfig.dtype,
+                 device: str = EngineConfig.device, max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+                 max_model_len: int | None = SchedulerConfig.max_model_len,
+                 kv_cache_memory: float | None = CacheConfig.kv_cache_memory_gib,
+                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                 block_size: int = CacheConfig.block_size, quantization: str = EngineConfig.quantization,
+                 group_size: int = EngineConfig.group_size, quant_dense_rows: int = EngineConfig.quant_dense_rows,
+                 enforce_eager: bool = EngineConfig.enforce_eager, config: EngineConfig | None = None):
+        self.config = config or EngineConfig(
             model=model, dtype=dtype, device=device, quantization=quantization, group_size=group_size,
             quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_cache_memory,

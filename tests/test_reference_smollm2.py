@@ -21,12 +21,13 @@ pytestmark = [needs_smollm2, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def smollm2_fp32():
-    return LLM("smollm2-135m", dtype="float32", kv_cache_memory=0.2, max_model_len=1024)
+    return LLM("smollm2-135m", dtype="float32", quantization="none", kv_cache_memory=0.2, max_model_len=1024)
 
 
 @pytest.fixture(scope="module")
 def smollm2_bf16():
-    return LLM("smollm2-135m", dtype="bfloat16", kv_cache_memory=0.2, max_model_len=1024)
+    return LLM("smollm2-135m", dtype="bfloat16", quantization="none", kv_cache_memory=0.2,
+               max_model_len=1024)
 
 
 def test_tokenization_matches_reference(smollm2_fp32, reference_dir):
