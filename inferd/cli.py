@@ -8,65 +8,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from inferd.config import CacheConfig, SchedulerConfig
+from inferd.cli_args import add_engine_args, add_sampling_args, load_llm, sampling_params
 from inferd.errors import InferdError
-
-
-def _engine_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
-    s, c = SchedulerConfig(), CacheConfig()
-    p.add_argument("--model", "-m", default=default_model,
-                   help="known model name (see `inferd models`), a .gguf file or a Hugging Face directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (auto: bf16 where the CPU/GPU supports it, else fp32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    p.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs, help="sequences running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=s.max_num_batched_tokens,
-                   help="tokens computed per engine step (prefill chunk size)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, ≤ 8192)")
-    p.add_argument("--kv-cache-memory", type=float, default=c.kv_cache_memory_gib,
-                   help="GiB for the paged KV cache (default: a quarter of free memory, at most 2 GiB)")
-    p.add_argument("--block-size", type=int, default=c.block_size, help="tokens per KV cache block")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
-                   help="quantized weights: int8 (scales per 32), int4 group-wise, or gguf (keep the file's "
-                        "Q4_0/Q4_1 blocks packed; Q8_0 as int8); on AVX512-VNNI CPUs activations are int8 too. "
-                        "auto: gguf (+ --quant-dense-rows 32) for a Q4_0/Q4_1/Q8_0 GGUF on such a CPU, else none")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
-    p.add_argument("--quant-dense-rows", type=int, default=0,
-                   help="also keep bf16 copies of quantized weights and use them for steps of at least this many "
-                        "rows (large batches run faster on bf16 GEMM; costs the bf16 memory). 0: packed only")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run every step eagerly instead of replaying decode steps from CUDA graphs")
-
-
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def _make_llm(args: argparse.Namespace):
-    from inferd.llm import LLM
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-               block_size=args.block_size, quantization=args.quantization, group_size=args.group_size,
-               quant_dense_rows=args.quant_dense_rows, enforce_eager=args.enforce_eager)
-
-
-def _params(args: argparse.Namespace):
-    from inferd.sampling_params import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
 
 
 def _stream(llm, prompt: str | list[int], params) -> str:
@@ -91,11 +34,11 @@ def _stream(llm, prompt: str | list[int], params) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = sampling_params(args)
     prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
     if not prompt.strip():
         raise InferdError("the prompt is empty: pass it as an argument or on standard input")
-    llm = _make_llm(args)
+    llm = load_llm(args)
     if args.chat_template:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     _stream(llm, prompt, params)
@@ -104,8 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    params = _params(args)
-    llm = _make_llm(args)
+    params = sampling_params(args)
+    llm = load_llm(args)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -162,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt and print the text as it is produced")
     p.add_argument("prompt", nargs="*", help="prompt text (default: read standard input)")
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat message")
-    _engine_args(p)
-    _sampling_args(p, 128)
+    add_engine_args(p)
+    add_sampling_args(p, 128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     p.add_argument("--system", default=None, help="system prompt")
-    _engine_args(p)
-    _sampling_args(p, 512)
+    add_engine_args(p)
+    add_sampling_args(p, 512)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("models", help="list the models inferd knows")
@@ -180,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     for register in _extra_commands():
-        register(sub, _engine_args)
+        register(sub)
     return parser
 
 

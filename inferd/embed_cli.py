@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from inferd.errors import InferdError
 
 
-def register(sub: argparse._SubParsersAction, _engine_args: Callable) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed texts with an encoder model")
     p.add_argument("texts", nargs="*", help="texts to embed (or --file)")
     p.add_argument("--model", "-m", default="all-minilm-l6-v2", help="known name or a sentence-transformers dir")

@@ -29,6 +29,13 @@ class ModelLoadError(InferdError):
     error_type = "model_load_error"
 
 
+class ModelNotReadyError(InferdError):
+    """The model is configured but still loading: retry later (503 + Retry-After)."""
+
+    status_code = 503
+    error_type = "model_not_ready"
+
+
 class OverloadedError(InferdError):
     status_code = 503
     error_type = "overloaded"

@@ -8,6 +8,7 @@ from inferd.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 forces it
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token (0: only the chosen token's)
     prompt_logprobs: int | None = None  # same for every prompt token (the first gets None)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id → value added to its logit before sampling
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,3 +72,9 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
                 raise bad(f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}", name)
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or tok < 0:
+                raise bad(f"logit_bias keys must be token ids (non-negative integers), got {tok!r}", "logit_bias")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # also false for NaN
+                raise bad(f"logit_bias values must be between -100 and 100, got {bias} for token {tok}",
+                          "logit_bias")

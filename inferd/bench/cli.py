@@ -7,9 +7,9 @@ import asyncio
 import datetime
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from inferd.cli_args import add_engine_args, load_llm
 from inferd.errors import InferdError
 
 
@@ -20,7 +20,7 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from exc
 
 
-def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark a server (any OpenAI-compatible) or the engine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
     c.set_defaults(func=cmd_compare)
 
     o = bsub.add_parser("offline", help="measure the engine without HTTP")
-    engine_args(o)
+    add_engine_args(o)
     o.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     o.add_argument("--input-len", type=int, default=128)
     o.add_argument("--output-len", type=int, default=128)
@@ -119,10 +119,9 @@ def cmd_offline(args: argparse.Namespace) -> int:
     import time
 
     from inferd.bench.dataset import random_requests
-    from inferd.cli import _make_llm
     from inferd.sampling_params import SamplingParams
 
-    llm = _make_llm(args)
+    llm = load_llm(args)
     print("| seqs | output tok/s (wall) | TTFT p50 ms | TPOT p50 ms |")
     print("|---|---|---|---|")
     for conc in args.concurrency:

@@ -1,6 +1,6 @@
 """Sampler: logits → next tokens for a whole batch at once, plus logprobs.
 
-Order (as vLLM): penalties on raw logits → logprobs taken from the penalised logits → temperature →
+Order (as vLLM): penalties on raw logits → logit_bias added → logprobs taken from the penalised logits → temperature →
 top-k → top-p → min-p → sample. Greedy rows take the argmax. Sampling uses the exponential race
 (argmax of p / E, E ~ Exp(1)), so each seeded request draws its noise from its own generator and gets the
 same tokens whatever else is in the batch.
@@ -60,16 +60,31 @@ class Sampler:
             logits[i] = row
         return logits
 
+    @staticmethod
+    def apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Add each request's OpenAI-style logit_bias ({token id: value}) to its row; ids past the vocabulary
+        were refused at the edge, and are skipped here."""
+        V = logits.shape[1]
+        for i, r in enumerate(reqs):
+            bias = r.params.logit_bias
+            if not bias:
+                continue
+            ids = [t for t in bias if t < V]
+            if ids:
+                logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype)
+        return logits
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits: (B, V) float32, one row per request in `reqs`."""
         B = logits.shape[0]
         params = [r.params for r in reqs]
         if all(p.greedy and p.logprobs is None and not p.min_tokens and p.repetition_penalty == 1.0
-               and not p.presence_penalty and not p.frequency_penalty for p in params):
+               and not p.presence_penalty and not p.frequency_penalty and not p.logit_bias for p in params):
             # fast path (the common serving case): one argmax over the batch, no copies
             return SamplerOutput(logits[:, : self.vocab_size].argmax(dim=-1).tolist(), [None] * B)
         logits = logits[:, : self.vocab_size]
         logits = self.apply_penalties(logits, reqs)
+        logits = self.apply_logit_bias(logits, reqs)
         for i, r in enumerate(reqs):  # min_tokens: EOS and stop tokens are banned until reached
             if len(r.output_token_ids) < r.params.min_tokens:
                 eos = () if r.params.ignore_eos else r.eos_token_ids

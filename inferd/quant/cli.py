@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from inferd.cli_args import add_engine_args, load_llm
 from inferd.errors import InferdError
 
 
-def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a model")
     p.add_argument("src", help="known model name, .gguf file or HF directory")
     p.add_argument("dst", help="output directory (loads with --model DST)")
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
     pp = esub.add_parser("perplexity", help="perplexity of a model on a text file")
-    engine_args(pp)
+    add_engine_args(pp)
     pp.add_argument("--file", required=True, help="UTF-8 text file")
     pp.add_argument("--context", type=int, default=512, help="window length in tokens")
     pp.add_argument("--stride", type=int, default=256, help="window step in tokens")
@@ -50,7 +50,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from inferd.cli import _make_llm
     from inferd.quant.perplexity import perplexity
 
     try:
@@ -59,7 +58,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         raise InferdError(f"cannot read {args.file}: {exc}") from exc
     if args.max_model_len is None:
         args.max_model_len = max(args.context, 512)
-    llm = _make_llm(args)
+    llm = load_llm(args)
     ids = llm.tokenizer.encode(text)
     ppl, n = perplexity(llm.engine, ids, args.context, args.stride)
     print(f"perplexity {ppl:.4f} over {n} tokens (model {args.model}, dtype {llm.engine.lm.dtype}, "

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,36 +13,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferd import __version__
-from inferd.engine.async_engine import AsyncLLM
-from inferd.errors import InferdError, InvalidRequestError, ModelNotFoundError, OverloadedError
-from inferd.server.metrics import Metrics
+from inferd.errors import (
+    InferdError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+from inferd.server import serving_completions, serving_embeddings
 from inferd.server.protocol import DetokenizeRequest, TokenizeRequest, error_body
+from inferd.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json"}
-
-
-@dataclass
-class ServerState:
-    llms: dict[str, AsyncLLM] = field(default_factory=dict)
-    embedders: dict[str, Any] = field(default_factory=dict)
-    metrics: Metrics = field(default_factory=Metrics)
-    api_key: str | None = None
-    max_body_bytes: int = 4 << 20
-    ready: bool = False
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def llm(self, name: str | None) -> AsyncLLM:
-        if not self.llms:
-            raise ModelNotFoundError("no generative model is loaded")
-        if name is None or name == "":
-            return next(iter(self.llms.values()))
-        if name in self.llms:
-            return self.llms[name]
-        raise ModelNotFoundError(
-            f"the model {name!r} does not exist; available: {', '.join([*self.llms, *self.embedders])}")
+RETRY_AFTER_S = {OverloadedError: 1, ModelNotReadyError: 5}
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: Any = None,
@@ -56,7 +37,8 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, InferdError):
-        headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+        retry = next((v for k, v in RETRY_AFTER_S.items() if isinstance(exc, k)), None)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
         code = exc.error_type if isinstance(exc, ModelNotFoundError) else None
         return _error(exc.status_code, str(exc), exc.error_type, getattr(exc, "param", None), code, headers)
     log.exception("internal error")
@@ -141,14 +123,16 @@ def build_app(state: ServerState) -> FastAPI:
         return error_response(exc)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        code, body = state.health()
+        return JSONResponse(body, status_code=code)
 
     @app.get("/ready")
     async def ready() -> Response:
-        if state.ready and not state.draining:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        code, body = state.health()
+        return JSONResponse({"status": "ready"} if code == 200 else body, status_code=code)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -158,54 +142,56 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": n, "object": "model", "created": state.created, "owned_by": "inferd",
-                 "max_model_len": llm.engine.max_model_len} for n, llm in state.llms.items()]
-        data += [{"id": n, "object": "model", "created": state.created, "owned_by": "inferd"}
-                 for n in state.embedders]
+        data = []
+        for slot in state.slots:
+            for n in slot.names:
+                entry = {"id": n, "object": "model", "created": state.created, "owned_by": "inferd",
+                         "root": slot.name, "status": slot.status}
+                if slot.llm is not None:
+                    entry["max_model_len"] = slot.llm.engine.max_model_len
+                data.append(entry)
         return {"object": "list", "data": data}
+
+    app.get("/v1/models")(models)
+    app.get("/models", include_in_schema=False)(models)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        llm = state.llm(req.model)
+        llm, _ = await state.llm(req.model)
+        tok = llm.tokenizer
+        text = req.prompt if req.prompt is not None else req.content
         if req.messages is not None:
             msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = llm.tokenizer.encode_chat(msgs, req.add_generation_prompt)
-        elif req.prompt is not None:
-            ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = tok.encode_chat(msgs, req.add_generation_prompt)
+        elif text is not None:
+            ids = tok.encode(text, add_special_tokens=req.special_tokens())
         else:
-            raise InvalidRequestError("give either prompt or messages", param="prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+            raise InvalidRequestError("give prompt (or llama.cpp's content) or messages", param="prompt")
+        tokens: list[Any] = ids
+        if req.with_pieces:  # llama.cpp: [{"id", "piece"}], a piece that is not whole UTF-8 as its bytes
+            table = tok.byte_table(False)
+            tokens = [{"id": t, "piece": _piece(table[t]) if table else tok.decode([t], skip_special_tokens=False)}
+                      for t in ids]
+        return {"tokens": tokens, "count": len(ids), "max_model_len": llm.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        llm = state.llm(req.model)
+        llm, _ = await state.llm(req.model)
         vocab = llm.engine.lm.config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
-        return {"prompt": llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
-
-    from inferd.server import serving_completions, serving_embeddings
+        text = llm.tokenizer.decode(req.tokens, skip_special_tokens=False)
+        return {"prompt": text, "content": text}  # vLLM's name and llama.cpp's
 
     serving_completions.add_routes(app, state)
     serving_embeddings.add_routes(app, state)
     return app
 
 
-async def run_until_disconnect(request: Request, work: Awaitable[Any], state: ServerState) -> Any:
-    """Await `work`; if the client goes away first, cancel it (which aborts the engine request)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.05)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            state.metrics.rejected.labels("client_disconnect").inc()
-            raise asyncio.CancelledError()
-
-
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _piece(b: bytes) -> str | list[int]:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(b)

@@ -4,29 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 import threading
-from collections.abc import Callable
+import time
+from pathlib import Path
 
+from inferd.cli_args import add_engine_args, engine_config, set_threads
 from inferd.errors import InferdError
+from inferd.server.state import ModelSlot, ServerState, default_model_name
 
 log = logging.getLogger("inferd.serve")
 
+# Debug knob, used by the readiness tests: seconds to wait before loading the models, so the window in which
+# the server is up but not ready is long and deterministic. Never set it in production.
+LOAD_DELAY_ENV = "INFERD_DEBUG_LOAD_DELAY_S"
 
-def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    engine_args(p, default_model=None)
-    p.set_defaults(model=None)
-    p._option_string_actions["--model"].help = (
-        "model to serve (repeatable; default: smollm2-135m and all-minilm-l6-v2): a known name, .gguf, or HF dir")
-    p._option_string_actions["--model"].action = "append"  # type: ignore[attr-defined]
-    for a in p._actions:
-        if a.dest == "model":
-            a.__class__ = argparse._AppendAction
+    add_engine_args(p, default_model=None, repeatable_model=True)
+    p.add_argument("--served-model-name", nargs="+", action="append", default=None, metavar="NAME",
+                   help="names to serve a model under (vLLM's flag; the first is used in responses and metrics). "
+                        "Give it once per --model, in the same order; models without one keep their own name")
+    p.add_argument("--accept-any-model-name", action="store_true",
+                   help="route a request naming an unknown model to the only chat (or embedding) model, as "
+                        "llama-server does, instead of 404")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (400 above it); also the chat default when a "
+                        "request sends none (default: no limit, up to the context length)")
+    p.add_argument("--load-wait", type=float, default=5.0,
+                   help="seconds a request for a model that is still loading waits before 503 + Retry-After")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version, "
+                        "/docs and /openapi.json")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 above it)")
     p.add_argument("--price-per-hour", type=float, default=0.0, help="machine price, USD/hour, for cost reporting")
@@ -37,104 +52,109 @@ def register(sub: argparse._SubParsersAction, engine_args: Callable) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _load_models(args: argparse.Namespace, state, done: threading.Event) -> None:
-    from inferd.config import CacheConfig, EngineConfig, SchedulerConfig
-    from inferd.engine.async_engine import AsyncLLM
-    from inferd.engine.llm_engine import LLMEngine
+def plan_slots(args: argparse.Namespace) -> list[ModelSlot]:
+    """One slot per --model, with its served names and kind, known before anything loads."""
     from inferd.loader import hub
 
-    try:
-        import importlib.util
+    specs = args.model or [hub.DEFAULT_CHAT_MODEL, hub.DEFAULT_EMBED_MODEL]
+    names = args.served_model_name or []
+    if len(names) > len(specs):
+        raise InferdError(f"--served-model-name is given {len(names)} times for {len(specs)} --model(s); give it "
+                          "at most once per model, in the same order")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise InferdError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
+    slots = [ModelSlot(spec, list(dict.fromkeys(names[i])) if i < len(names) else [default_model_name(spec)],
+                       "embed" if _is_encoder(spec) else "generate") for i, spec in enumerate(specs)]
+    seen: set[str] = set()
+    for slot in slots:
+        for n in slot.names:
+            if n in seen:
+                raise InferdError(f"two models are served as {n!r}: give them different --served-model-name")
+            seen.add(n)
+    return slots
 
-        specs = args.model or [hub.DEFAULT_CHAT_MODEL] + (
-            [hub.DEFAULT_EMBED_MODEL] if importlib.util.find_spec("inferd.server.serving_embeddings") else [])
-        for spec in specs:
-            if _is_encoder(spec):
-                from inferd.server.serving_embeddings import load_embedder
 
-                emb = load_embedder(spec, args)
-                emb.metrics = state.metrics
-                state.embedders[emb.name] = emb
-                continue
-            cfg = EngineConfig(
-                model=spec, dtype=args.dtype, device=args.device,
-                quantization=args.quantization, group_size=args.group_size, quant_dense_rows=args.quant_dense_rows,
-                enforce_eager=args.enforce_eager,
-                cache=CacheConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
-                                  enable_prefix_caching=not args.no_prefix_caching),
-                scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                          max_num_batched_tokens=args.max_num_batched_tokens,
-                                          max_model_len=args.max_model_len))
-            engine = LLMEngine(cfg)
-            name = engine.model_name
-            state.metrics.add_model(name)
-            llm = AsyncLLM(engine, max_queue=args.max_queue, on_step=state.metrics.on_step,
-                           on_output=lambda ro, n=name: state.metrics.on_output(n, ro))
-            state.llms[name] = llm
-        state.ready = True
-        log.info("models ready: %s", ", ".join([*state.llms, *state.embedders]))
-    except Exception as exc:  # noqa: BLE001 - report and stop the server
-        state.load_error = exc
-        log.error("failed to load models: %s", exc)
-    finally:
-        done.set()
+def _load_models(args: argparse.Namespace, state: ServerState) -> None:
+    """Load every slot in turn (background thread). A model that fails is marked failed with its error; the
+    others still load."""
+    from inferd.engine.async_engine import AsyncLLM
+    from inferd.engine.llm_engine import LLMEngine
+    from inferd.server.serving_embeddings import load_embedder
+
+    time.sleep(float(os.environ.get(LOAD_DELAY_ENV) or 0))
+    for slot in state.slots:
+        try:
+            if slot.kind == "embed":
+                slot.embedder = load_embedder(slot.spec, args.dtype, args.device, args.embedding_cache_size,
+                                              state.metrics)
+            else:
+                engine = LLMEngine(engine_config(args, model=slot.spec))
+                state.metrics.add_model(slot.name)
+                slot.llm = AsyncLLM(engine, max_queue=args.max_queue,
+                                    on_step=lambda eng, _dt, n=slot.name: state.metrics.on_step(n, eng),
+                                    on_output=lambda ro, n=slot.name: state.metrics.on_output(n, ro))
+            slot.status = "ready"  # last: a request that sees "ready" finds the engine set
+            log.info("model ready: %s", slot.name)
+        except Exception as exc:  # noqa: BLE001 - reported by /health and to requests for this model
+            slot.error = str(exc) or type(exc).__name__
+            slot.status = "failed"
+            log.error("failed to load %s: %s", slot.spec, slot.error)
 
 
 def _is_encoder(spec: str) -> bool:
-    from pathlib import Path
-
     from inferd.loader import hub
 
     if spec in hub.CATALOGUE:
         return hub.CATALOGUE[spec].kind == "embed"
-    p = Path(spec)
-    if p.is_dir() and (p / "config.json").is_file():
-        import json
-
-        archs = json.loads((p / "config.json").read_text()).get("architectures") or []
-        return any(a.startswith(("Bert", "Roberta", "XLMRoberta")) for a in archs) or \
-            json.loads((p / "config.json").read_text()).get("model_type") == "bert"
-    return False
+    cfg_path = Path(spec).expanduser() / "config.json"
+    if not cfg_path.is_file():
+        return False
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return False  # the loader reports the broken file
+    archs = cfg.get("architectures") or []
+    return any(a.startswith(("Bert", "Roberta", "XLMRoberta")) for a in archs) or cfg.get("model_type") == "bert"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from inferd.server.app import ServerState, build_app
+    from inferd.server.app import build_app
     from inferd.server.metrics import Metrics
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    state = ServerState(metrics=Metrics(args.price_per_hour), api_key=args.api_key,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    state.load_error = None  # type: ignore[attr-defined]
+    set_threads(args)
+    state = ServerState(slots=plan_slots(args), metrics=Metrics(args.price_per_hour), api_key=args.api_key,
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                        accept_any_model_name=args.accept_any_model_name, max_tokens_limit=args.max_tokens_limit,
+                        load_wait_s=args.load_wait)
     app = build_app(state)
-    loaded = threading.Event()
+    loader = threading.Thread(target=_load_models, args=(args, state), daemon=True, name="inferd-load")
     server: DrainingServer | None = None
 
     @app.on_event("startup")
     async def _start() -> None:
-        threading.Thread(target=_load_models, args=(args, state, loaded), daemon=True).start()
+        loader.start()
         asyncio.get_running_loop().create_task(_watch_load())
 
     async def _watch_load() -> None:
-        while not loaded.is_set():
+        while loader.is_alive():
             await asyncio.sleep(0.1)
-        if getattr(state, "load_error", None) is not None and server is not None:
-            server.should_exit = True
+        if all(s.status == "failed" for s in state.slots) and server is not None:
+            server.should_exit = True  # nothing can serve: exit with the load errors
+        elif state.all_ready:
+            log.info("models ready: %s", ", ".join(state.names()))
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, state, args.shutdown_timeout)
     print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
     server.run()
-    for llm in state.llms.values():
-        llm.shutdown()
-    err = getattr(state, "load_error", None)
-    if err is not None:
-        raise err if isinstance(err, InferdError) else InferdError(str(err))
+    for slot in state.slots:
+        if slot.llm is not None:
+            slot.llm.shutdown()
+    if state.slots and all(s.status == "failed" for s in state.slots):
+        raise InferdError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
     return 0
 
 
@@ -145,7 +165,7 @@ try:
         """First SIGTERM/SIGINT: readiness 503, refuse new work, let in-flight requests finish (up to the
         timeout), then exit 0. A second signal exits at once."""
 
-        def __init__(self, config, state, timeout: float):
+        def __init__(self, config: _uv.Config, state: ServerState, timeout: float):
             super().__init__(config)
             self.state, self.timeout = state, timeout
             self._loop: asyncio.AbstractEventLoop | None = None
@@ -158,13 +178,13 @@ try:
             if self.state.draining or self._loop is None:
                 return super().handle_exit(sig, frame)
             self.state.draining = True
-            for llm in self.state.llms.values():
+            for llm in self.state.engines():
                 llm.accepting = False
             self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
 
         async def _drain(self) -> None:
             log.warning("draining: waiting up to %.0fs for in-flight requests", self.timeout)
-            await asyncio.gather(*(llm.drain(self.timeout) for llm in self.state.llms.values()))
+            await asyncio.gather(*(llm.drain(self.timeout) for llm in self.state.engines()))
             await asyncio.sleep(0.2)  # let the last responses flush
             self.should_exit = True
 except ImportError:  # pragma: no cover

@@ -11,7 +11,8 @@ _LAT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0)
 
 
-REJECT_REASONS = ("queue_full", "draining", "unauthorized", "body_too_large", "client_disconnect")
+REJECT_REASONS = ("queue_full", "draining", "unauthorized", "body_too_large", "client_disconnect", "model_loading")
+
 
 class Metrics:
     def __init__(self, price_per_hour: float = 0.0):
@@ -60,8 +61,7 @@ class Metrics:
     def cost_usd(self, compute_s: float) -> float:
         return compute_s * self.price_per_hour / 3600.0
 
-    def on_step(self, engine: LLMEngine, _dt: float) -> None:
-        name = engine.model_name
+    def on_step(self, name: str, engine: LLMEngine) -> None:
         s = engine.stats()
         self.running.labels(name).set(s["num_running"])
         self.waiting.labels(name).set(s["num_waiting"])

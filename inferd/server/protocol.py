@@ -64,6 +64,19 @@ class _Sampling(_Open):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) → bias in [-100, 100]
+    return_tokens_as_token_ids: bool = False  # vLLM: logprobs name tokens "token_id:N"
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for k, v in self.logit_bias.items():
+            try:
+                out[int(k)] = v
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+        return out
 
     def _base(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,7 +89,7 @@ class _Sampling(_Open):
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.logit_bias_ids(),
         )
 
 
@@ -115,17 +128,29 @@ class CompletionRequest(_Sampling):
     def sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
-        max_tokens = 16 if self.max_tokens is None else self.max_tokens
         plp = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._base(max_tokens, self.logprobs, plp)
+        return self._base(self.max_tokens, self.logprobs, plp)  # None: the server's default applies
 
 
 class TokenizeRequest(_Open):
+    """vLLM's shape ({prompt | messages, add_special_tokens}) or llama.cpp's ({content, add_special,
+    with_pieces})."""
+
     model: str | None = None
     prompt: str | None = None
+    content: str | None = None  # llama.cpp
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # vLLM; default true
+    add_special: bool | None = None  # llama.cpp; default false
     add_generation_prompt: bool = True
+    with_pieces: bool = False  # llama.cpp: tokens as [{"id", "piece"}]
+
+    def special_tokens(self) -> bool:
+        """Whether to add BOS and the like: the flag that was sent, else each API's default."""
+        for flag in (self.add_special_tokens, self.add_special):
+            if flag is not None:
+                return flag
+        return self.prompt is not None
 
 
 class DetokenizeRequest(_Open):

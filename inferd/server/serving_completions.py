@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions and /v1/completions: engine outputs → OpenAI responses (JSON or SSE)."""
+"""POST /v1/chat/completions and /v1/completions (also without /v1): engine outputs → OpenAI responses
+(JSON or SSE)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from fastapi.responses import StreamingResponse
 
 from inferd.engine.async_engine import AsyncLLM
 from inferd.engine.outputs import CompletionOutput, RequestOutput
-from inferd.server.app import ServerState, run_until_disconnect, sse
+from inferd.errors import InvalidRequestError
+from inferd.sampling_params import SamplingParams
 from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
+from inferd.server.state import ServerState, run_until_disconnect, sse
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
 
 
 def _usage(state: ServerState, prompt_tokens: int, completion_tokens: int, ros: list[RequestOutput]) -> dict:
@@ -39,14 +44,18 @@ def _usage(state: ServerState, prompt_tokens: int, completion_tokens: int, ros: 
     }
 
 
-def _chat_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float]] | None, k: int) -> dict | None:
+def _token_str(llm: AsyncLLM, tid: int, as_ids: bool) -> str:
+    return f"token_id:{tid}" if as_ids else llm.tokenizer.decode([tid], skip_special_tokens=False)
+
+
+def _chat_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float]] | None, k: int,
+                   as_ids: bool = False) -> dict | None:
     if lps is None:
         return None
-    tok = llm.tokenizer
     content = []
     for t, lp in zip(ids, lps):
         def entry(tid: int, v: float) -> dict[str, Any]:
-            s = tok.decode([tid], skip_special_tokens=False)
+            s = _token_str(llm, tid, as_ids)
             return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
 
         e = entry(t, lp[t])
@@ -56,13 +65,13 @@ def _chat_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float]] | 
 
 
 def _completion_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, float] | None], k: int,
-                         text_offset0: int = 0) -> dict:
+                         as_ids: bool = False) -> dict:
     tok = llm.tokenizer
     tokens, token_lps, tops, offsets = [], [], [], []
-    off = text_offset0
+    off = 0
     for t, lp in zip(ids, lps):
         s = tok.decode([t], skip_special_tokens=False)
-        tokens.append(s)
+        tokens.append(_token_str(llm, t, as_ids))
         offsets.append(off)
         off += len(s)
         token_lps.append(None if lp is None else lp.get(t))
@@ -72,7 +81,7 @@ def _completion_logprobs(llm: AsyncLLM, ids: list[int], lps: list[dict[int, floa
             top = sorted(lp.items(), key=lambda kv: -kv[1])[:k] if k else []
             if t in lp and all(a != t for a, _ in top) and k:
                 top = top[: k - 1] + [(t, lp[t])] if len(top) >= k else top + [(t, lp[t])]
-            tops.append({tok.decode([a], skip_special_tokens=False): v for a, v in top})
+            tops.append({_token_str(llm, a, as_ids): v for a, v in top})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -87,19 +96,28 @@ async def _collect(gen: AsyncIterator[RequestOutput]) -> tuple[RequestOutput, di
     return last, acc
 
 
+def _check(state: ServerState, llm: AsyncLLM, params: SamplingParams) -> None:
+    """Server-side limits and model-dependent checks the engine-independent validation cannot do."""
+    state.check_max_tokens(params.max_tokens)
+    vocab = llm.engine.lm.config.vocab_size
+    bad = [t for t in params.logit_bias or {} if t >= vocab]
+    if bad:
+        raise InvalidRequestError(f"logit_bias token id {bad[0]} is out of range [0, {vocab})", param="logit_bias")
+
+
 def add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        llm = state.llm(body.model)
+        llm, model = await state.llm(body.model)
         params = body.sampling_params()
-        if body.max_tokens is None and body.max_completion_tokens is None:
-            params.max_tokens = None
+        _check(state, llm, params)
         msgs = []
         for m in body.messages:
             msgs.append({"role": m.role, "content": m.text()})
         prompt = llm.tokenizer.encode_chat(msgs, body.add_generation_prompt)
+        if params.max_tokens is None:
+            params.max_tokens = state.default_max_tokens(llm, len(prompt))
+            params.validate()
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        model = body.model or llm.model_name
         gen = llm.outputs(rid, await llm.add_request(rid, prompt, params, body.priority))
         created = int(time.time())
         if body.stream:
@@ -113,20 +131,24 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 raise RuntimeError(co.error)
             choices.append({
                 "index": i, "message": {"role": "assistant", "content": co.text},
-                "logprobs": _chat_logprobs(llm, co.token_ids, co.logprobs, body.top_logprobs or 0),
+                "logprobs": _chat_logprobs(llm, co.token_ids, co.logprobs, body.top_logprobs or 0,
+                                           body.return_tokens_as_token_ids),
                 "finish_reason": co.finish_reason, "stop_reason": co.stop_reason,
             })
         n_out = sum(len(c.token_ids) for c in acc.values())
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage(state, len(prompt), n_out, [last])}
 
-    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        llm = state.llm(body.model)
+        llm, model = await state.llm(body.model)
         params = body.sampling_params()
+        if params.max_tokens is None:
+            limit = state.max_tokens_limit
+            params.max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, limit or COMPLETIONS_DEFAULT_MAX_TOKENS)
+            params.validate()
+        _check(state, llm, params)
         prompts = [llm.engine.encode_prompt(p) for p in body.prompts()]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        model = body.model or llm.model_name
         created = int(time.time())
         gens = []
         try:
@@ -153,12 +175,16 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                     ids, lps = co.token_ids, list(co.logprobs or [])
                     if body.echo:
                         ids, lps = prompts[j] + ids, list(last.prompt_logprobs or [None] * len(prompts[j])) + lps
-                    lp = _completion_logprobs(llm, ids, lps, body.logprobs)
+                    lp = _completion_logprobs(llm, ids, lps, body.logprobs, body.return_tokens_as_token_ids)
                 choices.append({"index": j * params.n + i, "text": ptext + co.text, "logprobs": lp,
                                 "finish_reason": co.finish_reason, "stop_reason": co.stop_reason})
         n_prompt = sum(len(p) for p in prompts)
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage(state, n_prompt, n_out, [r[0] for r in results])}
+
+    for prefix in ("/v1", ""):  # llama-server-style clients call the routes without /v1
+        app.post(f"{prefix}/chat/completions", include_in_schema=bool(prefix))(chat)
+        app.post(f"{prefix}/completions", include_in_schema=bool(prefix))(completions)
 
 
 async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRequest, rid: str, model: str,
@@ -186,8 +212,8 @@ async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRe
                     continue
                 if not co.delta_text and not co.finished:
                     continue
-                lp = _chat_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.top_logprobs or 0) \
-                    if co.delta_logprobs else None
+                lp = _chat_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.top_logprobs or 0,
+                                    body.return_tokens_as_token_ids) if co.delta_logprobs else None
                 yield chunk([{"index": co.index, "delta": {"content": co.delta_text} if co.delta_text else {},
                               "logprobs": lp, "finish_reason": co.finish_reason if co.finished else None}])
     finally:
@@ -232,7 +258,8 @@ async def _completion_stream(state: ServerState, llm: AsyncLLM, body: Completion
                     continue
                 lp = None
                 if body.logprobs is not None and co.delta_logprobs:
-                    lp = _completion_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.logprobs)
+                    lp = _completion_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.logprobs,
+                                              body.return_tokens_as_token_ids)
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                            "choices": [{"index": j * n + co.index, "text": co.delta_text, "logprobs": lp,
                                         "finish_reason": co.finish_reason if co.finished else None}]})

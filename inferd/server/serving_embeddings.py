@@ -1,4 +1,4 @@
-"""POST /v1/embeddings, /v1/score (and /score), /v1/classify, with dynamic batching and the embedding cache.
+"""POST /v1/embeddings (and /embeddings), /v1/score (and /score), /v1/classify, with dynamic batching and the embedding cache.
 
 Requests that arrive within a short window are merged into one length-sorted, token-budgeted pass over the
 encoder (run in a worker thread so the event loop keeps serving); each request gets its own vectors back."""
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from inferd.embedder import Embedder
 from inferd.errors import InvalidRequestError
+from inferd.server.state import ServerState
 
 WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived
 
@@ -123,22 +124,9 @@ def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
     return vec.astype(np.float32).tolist()
 
 
-def add_routes(app: FastAPI, state) -> None:
-    def service(name: str | None) -> EmbeddingService:
-        from inferd.errors import ModelNotFoundError
-
-        if not state.embedders:
-            raise ModelNotFoundError("no embedding model is loaded (start the server with an encoder --model)")
-        if not name:
-            return next(iter(state.embedders.values()))
-        if name in state.embedders:
-            return state.embedders[name]
-        raise ModelNotFoundError(
-            f"the model {name!r} does not exist; available: {', '.join([*state.llms, *state.embedders])}")
-
-    @app.post("/v1/embeddings")
+def add_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings(body: EmbeddingRequest) -> dict:
-        svc = service(body.model)
+        svc, model = await state.embedder(body.model)
         e = svc.embedder
         if body.dimensions is not None and body.dimensions != e.dim:
             raise InvalidRequestError(f"model {e.name} does not support dimensions={body.dimensions} "
@@ -168,11 +156,14 @@ def add_routes(app: FastAPI, state) -> None:
             vecs, ntok = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                 for i, v in enumerate(vecs)]
-        return {"object": "list", "data": data, "model": body.model or e.name,
+        return {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
 
+    app.post("/v1/embeddings")(embeddings)
+    app.post("/embeddings", include_in_schema=False)(embeddings)
+
     async def _score(body: ScoreRequest) -> dict:
-        svc = service(body.model)
+        svc, model = await state.embedder(body.model)
         truncate = body.truncate_prompt_tokens is not None
         if body.query is not None:
             if not body.documents:
@@ -191,7 +182,7 @@ def add_routes(app: FastAPI, state) -> None:
         qv, dv = vecs[: len(q)], vecs[len(q):]
         scores = (dv * (qv if len(q) > 1 else qv[0])).sum(axis=1) if len(q) > 1 else dv @ qv[0]
         data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
-        out: dict = {"id": f"score-{time.time_ns()}", "object": "list", "model": body.model or svc.name,
+        out: dict = {"id": f"score-{time.time_ns()}", "object": "list", "model": model,
                      "data": data, "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
         if body.query is not None:
             ranked = sorted(data, key=lambda d: -d["score"])[: body.top_n or len(data)]
@@ -200,11 +191,11 @@ def add_routes(app: FastAPI, state) -> None:
         return out
 
     app.post("/v1/score")(_score)
-    app.post("/score")(_score)
+    app.post("/score", include_in_schema=False)(_score)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict:
-        svc = service(body.model)
+        svc, model = await state.embedder(body.model)
         e = svc.embedder
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if not texts:
@@ -221,10 +212,8 @@ def add_routes(app: FastAPI, state) -> None:
         labels = e.labels
         data = [{"index": i, "label": labels[int(p.argmax())], "probs": {lb: float(x) for lb, x in zip(labels, p)},
                  "num_classes": len(labels)} for i, p in enumerate(probs)]
-        return {"id": f"classify-{time.time_ns()}", "object": "list", "model": body.model or e.name, "data": data}
+        return {"id": f"classify-{time.time_ns()}", "object": "list", "model": model, "data": data}
 
 
-def load_embedder(spec: str, args) -> EmbeddingService:
-    emb = Embedder(spec, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"),
-                   cache_size=getattr(args, "embedding_cache_size", 10000))
-    return EmbeddingService(emb)
+def load_embedder(spec: str, dtype: str, device: str, cache_size: int, metrics: Any = None) -> EmbeddingService:
+    return EmbeddingService(Embedder(spec, dtype=dtype, device=device, cache_size=cache_size), metrics)
