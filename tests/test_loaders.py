@@ -123,9 +123,12 @@ def test_cli_generate_and_chat(tiny_hf):
     want = ref.generate(["The capital"], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0].text
     assert r.stdout == want + "\n"
     r = run_cli("chat", "--model", str(tiny_hf), "--kv-cache-memory", "0.01", "--max-tokens", "4",
-                input="hello\n/exit\n")
+                "--temperature", "0", "--dtype", "float32", input="hello\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert ">>> " in r.stdout
+    reply = ref.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=4, temperature=0))
+    want = reply[0].outputs[0].text
+    assert want  # so the check below is not vacuous
+    assert r.stdout == f">>> {want}\n>>> "  # prompt, the streamed reply, the next prompt
 
 
 def test_cli_models_lists_catalogue():

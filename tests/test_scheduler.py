@@ -154,8 +154,10 @@ def test_no_leaks_after_many_random_requests():
             s.finish(live.pop(rng.randrange(len(live))), RequestStatus.FINISHED_ABORTED)
         step = fake_step(s)
         assert sum(step.values()) <= 128
-        held = sum(len(r.block_ids) for r in s.running)
-        assert kv.num_free_blocks + len({b for r in s.running for b in r.block_ids}) == kv.num_blocks or held
+        # every block is either free (cached or not) or held by a running request; waiting ones hold none
+        held = {b for r in s.running for b in r.block_ids}
+        assert kv.num_free_blocks + len(held) == kv.num_blocks, (i, kv.num_free_blocks, len(held))
+        assert all(not r.block_ids for *_, r in s.waiting), i
         live = [r for r in live if not r.status.finished]
     for _ in range(5000):
         if not s.has_unfinished():

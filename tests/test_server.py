@@ -54,7 +54,8 @@ def metric(server, name: str, labels: str = "") -> float:
 
 def test_models_health_version(server, client, model):
     assert [m.id for m in client.models.list().data] == [model]
-    assert httpx.get(server.url + "/health").status_code == 200
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
     assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
     assert "version" in httpx.get(server.url + "/version").json()
 
@@ -183,6 +184,80 @@ def test_tokenize_detokenize(server):
     ids = post(server, "/tokenize", {"prompt": "Café 東京"}).json()["tokens"]
     assert post(server, "/detokenize", {"tokens": ids}).json()["prompt"] == "Café 東京"
     assert post(server, "/detokenize", {"tokens": [10**7]}).status_code == 400
+    assert post(server, "/tokenize", {"prompt": "x"}, key=None).status_code == 401  # --api-key covers it
+
+
+def test_tokenize_llama_cpp_shapes(server):
+    # llama.cpp: {"content"} → {"tokens"} (the tiny tokenizer adds no BOS, so the add_special defaults are
+    # checked on the request model below)
+    plain = post(server, "/tokenize", {"content": "Café 東京"}).json()["tokens"]
+    assert plain == post(server, "/tokenize", {"prompt": "Café 東京", "add_special_tokens": False}).json()["tokens"]
+    pieces = post(server, "/tokenize", {"content": "Café 東京", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == plain
+    # a piece is its text, or its bytes when it is not whole UTF-8; together they spell the input
+    raw = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert raw.decode() == "Café 東京"
+    assert post(server, "/detokenize", {"tokens": plain}).json()["content"] == "Café 東京"
+
+
+def test_tokenize_add_special_defaults():
+    from inferd.server.protocol import TokenizeRequest
+
+    assert TokenizeRequest(prompt="x").special_tokens() is True  # vLLM's default
+    assert TokenizeRequest(content="x").special_tokens() is False  # llama.cpp's default
+    assert TokenizeRequest(content="x", add_special=True).special_tokens() is True
+    assert TokenizeRequest(prompt="x", add_special_tokens=False).special_tokens() is False
+
+
+def test_openai_routes_without_v1(server, model):
+    r = httpx.get(server.url + "/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [model]
+    body = {"model": model, "prompt": "The", "max_tokens": 3, "temperature": 0}
+    assert post(server, "/completions", body).json()["choices"][0]["text"] == \
+        post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    r = post(server, "/chat/completions", chat)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert post(server, "/completions", body, key=None).status_code == 401
+    assert post(server, "/embeddings", {"input": "x"}).status_code == 404  # no encoder served here
+
+
+def token_ids(server, body: dict) -> list[int]:
+    """The generated token ids of a completion (vLLM's return_tokens_as_token_ids)."""
+    r = post(server, "/v1/completions", {**body, "logprobs": 0, "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    return [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_logit_bias_bans_and_forces_tokens(server, model):
+    body = {"model": model, "prompt": "The capital of France", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    greedy = token_ids(server, body)
+    assert len(greedy) == 12
+    banned = {str(t): -100 for t in greedy}
+    other = token_ids(server, {**body, "logit_bias": banned})
+    assert len(other) == 12 and not set(other) & set(greedy)
+    sampled = token_ids(server, {**body, "temperature": 1.0, "seed": 3, "logit_bias": banned})
+    assert not set(sampled) & set(greedy)
+    # chat: +100 makes one token win every step
+    forced = greedy[0]
+    r = post(server, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                                              "logprobs": True, "return_tokens_as_token_ids": True,
+                                              "logit_bias": {str(forced): 100}})
+    assert r.status_code == 200, r.text
+    assert [c["token"] for c in r.json()["choices"][0]["logprobs"]["content"]] == [f"token_id:{forced}"] * 5
+
+
+@pytest.mark.parametrize("bias,needle", [({"5": 101}, "between -100 and 100"), ({"5": -100.5}, "between"),
+                                         ({"abc": 1}, "token ids"), ({"-1": 1}, "token ids"),
+                                         ({"100000": 1}, "out of range")])
+def test_bad_logit_bias_is_400(server, model, bias, needle):
+    for path, extra in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = post(server, path, {"model": model, "max_tokens": 2, "logit_bias": bias, **extra})
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"] and r.json()["error"]["param"] == "logit_bias"
 
 
 def test_disconnect_frees_blocks(server, model):
@@ -199,7 +274,12 @@ def test_disconnect_frees_blocks(server, model):
             break
         time.sleep(0.1)
     assert metric(server, "vllm:request_success_total", 'finished_reason="abort"') == aborted0 + 1
-    assert metric(server, "vllm:kv_cache_usage_perc") == 0.0 or metric(server, "vllm:num_requests_running") == 0
+    # nothing else runs now, so every KV block must be back in the pool (cached prefix blocks count as free)
+    while time.time() < deadline and (metric(server, "vllm:num_requests_running") != 0
+                                      or metric(server, "vllm:kv_cache_usage_perc") != 0.0):
+        time.sleep(0.05)
+    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_non_stream_disconnect_aborts(server, model):
