@@ -2,12 +2,18 @@
 
 Plain Python, no torch. A block's hash is (parent block's hash, its token ids), so equal hashes mean equal
 prefixes. A block is registered in the prefix cache only once its tokens are computed, so a hit never reads
-K/V that is still being written. Freed blocks keep their hash until reused: the free queue is the LRU order
-of eviction (uncached blocks are handed out first, then the least recently freed cached ones).
+K/V that is still being written. Freed blocks keep their hash until reused, in an LRU queue of eviction.
+
+Memory: the runner's KV pool is backed by pages only once written, so the block ids handed out decide the
+resident size. Uncached free blocks come from a min-heap (lowest id first), so the touched part of the pool
+(`high_water` blocks) tracks the peak number of blocks held, not the pool size. When the only uncached free
+blocks are untouched ones, `grow_before_evict` decides: True keeps cached prefixes and touches new memory
+(more prefix hits), False evicts the least recently used cached block first (less memory).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,15 +33,18 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 grow_before_evict: bool = True):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.grow_before_evict = grow_before_evict
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # free blocks in eviction order; value unused. Uncached blocks are moved to the front.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_uncached: list[int] = list(range(num_blocks))  # min-heap of free blocks without a hash
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, LRU first
+        self.high_water = 0  # blocks 0 .. high_water-1 have been handed out at least once (their pages touched)
         self.cached: dict[int, int] = {}  # block hash → block id
         self.num_hashed: dict[str, int] = {}  # request id → number of its blocks already hashed
         self.hits = 0  # prefix-cache queries/hits, in tokens (as vLLM counts them)
@@ -44,11 +53,15 @@ class KVCacheManager:
     # ---- queries -------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free_uncached) + len(self.free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -101,26 +114,36 @@ class KVCacheManager:
         reviving = sum(1 for b in computed if self.blocks[b].ref_count == 0)
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         need = self.blocks_needed(total) - len(req.block_ids) - len(computed)
-        if need + reviving > len(self.free):
+        if need + reviving > self.num_free_blocks:
             return False
         for bid in computed:
             block = self.blocks[bid]
             if block.ref_count == 0:
-                del self.free[bid]
+                del self.free_cached[bid]
             block.ref_count += 1
             req.block_ids.append(bid)
         if computed:
             self.num_hashed[req.request_id] = len(computed)
         for _ in range(max(need, 0)):
-            bid, _ = self.free.popitem(last=False)
-            block = self.blocks[bid]
-            if block.block_hash is not None:  # evict from the prefix cache
-                if self.cached.get(block.block_hash) == bid:
-                    del self.cached[block.block_hash]
-                block.block_hash, block.token_ids = None, ()
-            block.ref_count = 1
+            bid = self._take_free_block()
+            self.blocks[bid].ref_count = 1
             req.block_ids.append(bid)
         return True
+
+    def _take_free_block(self) -> int:
+        """The lowest uncached free block if its memory is already touched (or growing is preferred), else the
+        least recently used cached one (evicted from the prefix cache)."""
+        heap = self.free_uncached
+        if heap and (heap[0] < self.high_water or self.grow_before_evict or not self.free_cached):
+            bid = heapq.heappop(heap)
+            self.high_water = max(self.high_water, bid + 1)
+            return bid
+        bid, _ = self.free_cached.popitem(last=False)
+        block = self.blocks[bid]
+        if self.cached.get(block.block_hash) == bid:  # type: ignore[arg-type]
+            del self.cached[block.block_hash]  # type: ignore[arg-type]
+        block.block_hash, block.token_ids = None, ()
+        return bid
 
     def free_request(self, req: Request) -> None:
         # free the tail first so that, among equal blocks, prefixes stay cached longest
@@ -129,9 +152,10 @@ class KVCacheManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {bid} freed twice"
             if block.ref_count == 0:
-                self.free[bid] = None
                 if block.block_hash is None:
-                    self.free.move_to_end(bid, last=False)
+                    heapq.heappush(self.free_uncached, bid)
+                else:
+                    self.free_cached[bid] = None
         req.block_ids = []
         self.num_hashed.pop(req.request_id, None)
 
@@ -139,3 +163,6 @@ class KVCacheManager:
         for block in self.blocks:
             block.block_hash, block.token_ids = None, ()
         self.cached.clear()
+        for bid in self.free_cached:
+            heapq.heappush(self.free_uncached, bid)
+        self.free_cached.clear()

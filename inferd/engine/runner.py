@@ -1,10 +1,13 @@
 """ModelRunner: a scheduled step → flat tensors → one forward → logits of the rows that need them.
 
-Owns the paged KV cache tensors (one (2, num_blocks, block_size, Hkv, D) tensor per layer).
+Owns the paged KV cache tensors (one (2, num_blocks, block_size, Hkv, D) tensor per layer). On the CPU the pool
+is one anonymous mmap: its pages are zero and take no memory until first written, so with the block manager
+handing out low block ids first, resident KV memory follows the blocks actually used, up to the pool size.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +17,8 @@ from inferd.engine.request import Request
 from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
-from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, PrefillChunk, plan_prefill_kernel
+from inferd.ops.kernels import get_kernels
 
 
 def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
@@ -38,6 +41,26 @@ def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, 
     return int(num_blocks)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages are backed by memory only when first written (an anonymous mmap)."""
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MiB huge page per first touch would defeat the point
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    # the tensor keeps `buf` alive (frombuffer holds a reference to the exporting object)
+    return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
+
+
+def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """One (2, blocks, block_size, Hkv, D) tensor per layer. CPU: views of one lazily backed pool."""
+    if device.type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    return list(lazy_zeros((num_layers, *shape), dtype).unbind(0))
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # (T,)
@@ -54,16 +77,13 @@ class ModelRunner:
         self.lm = lm
         self.block_size = block_size
         c = lm.config
-        # the C kernel's limits (csrc: MAX_H, MAX_D, MAX_BS); anything larger uses the torch path
-        self.use_c_kernel = (lm.device.type == "cpu" and cpu_kernels.available() and block_size <= 64
-                             and c.num_heads <= 64 and c.head_dim <= 256)
+        # the C attention's limits (exported by the library); anything larger uses the torch path
+        self.use_c_kernel = lm.device.type == "cpu" and get_kernels().attention_fits(c.num_heads, c.head_dim,
+                                                                                      block_size)
         use_graphs = cuda_graphs and lm.device.type == "cuda"
         # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
-        self.kv_caches = [
-            torch.zeros(2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim, dtype=lm.dtype,
-                        device=lm.device)
-            for _ in range(c.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(
+            c.num_layers, (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim), lm.dtype, lm.device)
         self.graphs = (DecodeGraphs(lm.model, self.kv_caches, block_size, num_blocks, max_num_seqs,
                                     -(-lm.max_model_len // block_size)) if use_graphs else None)
 
