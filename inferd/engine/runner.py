@@ -17,8 +17,8 @@ from inferd.engine.request import Request
 from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
-from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, PrefillChunk, plan_prefill_kernel
+from inferd.ops.kernels import get_kernels
 
 
 def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
@@ -77,9 +77,9 @@ class ModelRunner:
         self.lm = lm
         self.block_size = block_size
         c = lm.config
-        # the C kernel's limits (csrc: MAX_H, MAX_D, MAX_BS); anything larger uses the torch path
-        self.use_c_kernel = (lm.device.type == "cpu" and cpu_kernels.available() and block_size <= 64
-                             and c.num_heads <= 64 and c.head_dim <= 256)
+        # the C attention's limits (exported by the library); anything larger uses the torch path
+        self.use_c_kernel = lm.device.type == "cpu" and get_kernels().attention_fits(c.num_heads, c.head_dim,
+                                                                                      block_size)
         use_graphs = cuda_graphs and lm.device.type == "cuda"
         # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
         self.kv_caches = allocate_kv_caches(

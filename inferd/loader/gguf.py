@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,34 +155,103 @@ class RawTensor:
     unpermute_heads: int | None = None  # Q/K rows still need llama_unpermute with this many heads
 
 
+class GGUFTensors:
+    """The tensors of a GGUF file under their HF names, read one at a time from the file's mmap: `raw` gives the
+    stored blocks (no copy), `dense` one dequantized tensor, `release` drops a consumed tensor's file pages from
+    this process's resident memory (they stay in the page cache)."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig):
+        self.file, self.cfg = f, cfg
+        self.tensors: dict[str, Any] = {}
+        for t in f.reader.tensors:
+            name = gguf_to_hf_name(t.name)
+            if name is None:
+                if t.name == "rope_freqs.weight":
+                    continue
+                raise ModelLoadError(f"{f.path.name}: unexpected tensor {t.name!r}")
+            self.tensors[name] = t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def type_name(self, name: str) -> str:
+        return str(self.tensors[name].tensor_type.name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """numpy order: the reverse of ggml's ne[] ((rows=out_features, cols=in_features) for a matrix)."""
+        return tuple(reversed([int(x) for x in self.tensors[name].shape]))
+
+    def linear_types(self) -> set[str]:
+        return {self.type_name(n) for n in self.tensors if n.startswith("model.layers.") and len(self.shape(n)) == 2}
+
+    def _heads(self, name: str) -> int | None:
+        if self.cfg.architecture not in ("llama", "mistral"):
+            return None
+        if ".self_attn.q_proj." in name:
+            return self.cfg.num_heads
+        if ".self_attn.k_proj." in name:
+            return self.cfg.num_kv_heads
+        return None
+
+    def raw(self, name: str) -> RawTensor | None:
+        """A quantized matrix as stored (a view of the mmap), or None for float and 1-D tensors."""
+        t = self.tensors[name]
+        shape = self.shape(name)
+        if len(shape) != 2 or t.tensor_type.name in ("F32", "F16", "BF16"):
+            return None
+        return RawTensor(t.tensor_type.name, np.asarray(t.data), shape[0], shape[1], self._heads(name))
+
+    def dense(self, name: str, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+        """One tensor (or a slice of a matrix's rows) dequantized to `dtype`, with Q/K rows un-permuted."""
+        import gguf
+
+        t = self.tensors[name]
+        data = t.data if rows is None else t.data[rows]
+        try:
+            arr = gguf.quants.dequantize(data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise ModelLoadError(f"{self.file.path.name}: tensor {t.name} has unsupported type "
+                                 f"{t.tensor_type.name}") from exc
+        shape = self.shape(name)
+        if rows is not None:
+            shape = (-1, *shape[1:])
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        heads = self._heads(name)
+        if heads is not None:
+            assert rows is None, "Q/K rows are un-permuted per head: slice them whole"
+            arr = llama_unpermute(arr, heads)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # a float tensor read in place from the read-only mmap
+            arr = arr.copy()
+        return torch.from_numpy(arr).to(dtype)
+
+    def release(self, name: str) -> None:
+        """Best effort: tell the kernel this process no longer needs the tensor's file pages."""
+        t = self.tensors.get(name)
+        mm = getattr(self.file.reader.data, "_mmap", None)
+        if t is None or mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-int(t.data_offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (int(t.data_offset) + int(t.n_bytes)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+
 def load_gguf_tensors(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
                       raw: dict[str, RawTensor] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor, dequantized to `dtype`, under its HF name, with Q/K rows un-permuted. When `raw` is given,
-    quantized tensors are also recorded there as stored (for repacking without a second rounding)."""
-    import gguf
-
+    quantized tensors are also recorded there as stored (for repacking without a second rounding). Loading a
+    model streams through GGUFTensors instead; this builds the whole dense model at once."""
+    src = GGUFTensors(f, cfg)
     out: dict[str, torch.Tensor] = {}
-    for t in f.reader.tensors:
-        name = gguf_to_hf_name(t.name)
-        if name is None:
-            if t.name == "rope_freqs.weight":
-                continue
-            raise ModelLoadError(f"{f.path.name}: unexpected tensor {t.name!r}")
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as exc:
-            raise ModelLoadError(f"{f.path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}") from exc
-        # numpy shape is the reverse of ggml's ne[]: (rows=out_features, cols=in_features)
-        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
-        heads = None
-        if cfg.architecture in ("llama", "mistral"):
-            if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
-                heads = cfg.num_heads
-            elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
-                heads = cfg.num_kv_heads
-            if heads is not None:
-                arr = llama_unpermute(arr, heads)
-        if raw is not None and arr.ndim == 2 and t.tensor_type.name not in ("F32", "F16", "BF16"):
-            raw[name] = RawTensor(t.tensor_type.name, np.asarray(t.data), arr.shape[0], arr.shape[1], heads)
-        out[name] = torch.from_numpy(np.array(arr, copy=True)).to(dtype)
+    for name in src.names():
+        if raw is not None and (r := src.raw(name)) is not None:
+            raw[name] = r
+        out[name] = src.dense(name, dtype)
     return out

@@ -93,6 +93,27 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def logits_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (R, H) → float32 logits (R, V) accumulated in fp32 and never rounded to bf16: at |logit| ~25 a bf16
+    step is 0.125, enough to turn a near-tie into an exact tie and change the greedy token."""
+    if hasattr(head, "logits"):  # a packed head (quant.linear.Int8Linear): its kernel with fp32 output
+        return head.logits(hidden)
+    if hidden.dtype == torch.float32:
+        return head(hidden)
+    w = head.weight
+    if hidden.is_cuda:
+        try:
+            y = torch.mm(hidden, w.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=) for this device
+            y = F.linear(hidden.float(), w.float())
+    else:
+        y = cpu_kernels.gemm_bf16_f32(hidden.contiguous(), w) if w.is_contiguous() else None
+        if y is None:  # no vector kernels on this tier: fp32 matmul, a slice of the table at a time
+            x = hidden.float()
+            y = torch.cat([F.linear(x, w[i : i + 8192].float()) for i in range(0, w.shape[0], 8192)], dim=1)
+    return y if head.bias is None else y + head.bias.float()
+
+
 class GatedMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused in one matmul."""
 

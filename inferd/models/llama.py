@@ -7,7 +7,7 @@ from torch import nn
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
-from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary
+from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary, logits_fp32
 from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata, paged_attention, write_kv
 from inferd.ops.fused_decode import FusedDecoder
@@ -100,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm.add_forward(x, residual)[0] if residual is not None else self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return logits_fp32(self.lm_head, hidden)
 
     # ---- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -11,12 +11,13 @@ import torch
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 from inferd.loader import hub
-from inferd.loader.gguf import RawTensor, config_from_gguf, load_gguf_tensors, read_gguf
+from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
+from inferd.loader.materialize import materialize
 from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
 from inferd.models.blocks import Rotary
 from inferd.models.llama import LlamaForCausalLM
-from inferd.quant.apply import QuantConfig, quantize_model, resolve_auto
+from inferd.quant.apply import QuantConfig, pack_gguf, quantize_model, resolve_auto
 from inferd.quant.io import load_quantized_into
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,23 @@ class LoadedModel:
     max_model_len: int
 
 
+def _stream_gguf(model: LlamaForCausalLM, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Fills a meta-device model from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
+    tensor by tensor; `int8`/`int4` quantize the dense model after (one layer at a time)."""
+    consumed = pack_gguf(model, src, quant, dtype, device) if quant.method == "gguf" else set()
+    materialize(model, set(src.names()), lambda n: src.dense(n, dtype), dtype, device, consumed, src.release)
+    if quant.method in ("int8", "int4"):
+        quantize_model(model, quant)
+
+
 def load_model(
     spec: str, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None,
     quant: QuantConfig | None = None,
 ) -> LoadedModel:
     quant = quant or QuantConfig()
     path = hub.resolve(spec)
-    raw: dict[str, RawTensor] | None = None
+    src: GGUFTensors | None = None
     recipe = None
     if path.is_dir():
         quant = resolve_auto(quant, None, device)
@@ -63,11 +74,8 @@ def load_model(
     elif path.suffix == ".gguf" or path.is_file():
         f = read_gguf(path)
         cfg = config_from_gguf(f)
-        linear_types = {t.tensor_type.name for t in f.reader.tensors
-                        if t.name.startswith("blk.") and len(t.shape) == 2}
-        quant = resolve_auto(quant, linear_types, device)
-        raw = {} if quant.method == "gguf" else None
-        weights = load_gguf_tensors(f, cfg, dtype, raw)
+        src = GGUFTensors(f, cfg)
+        quant = resolve_auto(quant, src.linear_types(), device)
         tok = Tokenizer.from_gguf_metadata(f.metadata)
     else:
         raise ModelLoadError(f"cannot load {path}: not a .gguf file or a model directory")
@@ -75,19 +83,23 @@ def load_model(
         max_model_len = min(cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
     with torch.device("meta"):
         model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
-    if recipe is not None:  # a model written by `inferd quantize`
-        if quant.method not in ("none", recipe.get("method")):
-            raise ModelLoadError(f"{path} is already quantized ({recipe.get('method')}); drop --quantization")
-        load_quantized_into(model, weights, recipe, dtype, quant.dense_from_rows)
+    if src is not None:  # GGUF: one tensor at a time from the file's mmap, never a whole dense copy
+        _stream_gguf(model, src, quant, dtype, device)
+        del src, f  # unmaps the file
     else:
-        model.load_weights({k: v.to(device) for k, v in weights.items()})
-        if quant.method == "gguf" and raw is None:
-            raise ModelLoadError("--quantization gguf needs a .gguf model (use int8 or int4 for other formats)")
-        quantize_model(model, quant, raw)
-        if quant.method != "none":
-            log.info("quantized %s with %s", path.name, quant)
+        model = model.to_empty(device=device).to(dtype)
+        if recipe is not None:  # a model written by `inferd quantize`
+            if quant.method not in ("none", recipe.get("method")):
+                raise ModelLoadError(f"{path} is already quantized ({recipe.get('method')}); drop --quantization")
+            load_quantized_into(model, weights, recipe, dtype, quant.dense_from_rows)
+        else:
+            model.load_weights({k: v.to(device) for k, v in weights.items()})
+            if quant.method == "gguf":
+                raise ModelLoadError("--quantization gguf needs a .gguf model (use int8 or int4 for other formats)")
+            quantize_model(model, quant)
+    if quant.method != "none":
+        log.info("quantized %s with %s", path.name, quant)
+    model.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
     if not tok.eos_token_ids and cfg.eos_token_ids:
         tok.eos_token_ids = cfg.eos_token_ids

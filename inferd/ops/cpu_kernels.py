@@ -1,76 +1,18 @@
-"""Loader for the C kernels in csrc/: compiled with the system C compiler at first use, cached under
-$INFERD_HOME/kernels, called through ctypes on raw tensor memory. When no compiler is available, callers
-fall back to the pure-torch path (`available()` is False)."""
+"""The C kernels (csrc/) as torch-level functions: each takes CPU tensors, calls the kernel of this process's
+tier through ctypes on raw tensor memory, and returns None / False when the tier or the shape has no kernel (the
+caller then runs torch). Which tier runs is decided once by ops/kernels.py."""
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from inferd.hardware import cpu_flags
-
-log = logging.getLogger(__name__)
-SRC = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+from inferd.ops.kernels import get_kernels
 
 
-def _cache_dir() -> Path:
-    home = Path(os.environ.get("INFERD_HOME", Path.home() / ".cache" / "inferd"))
-    return home / "kernels"
-
-
-@functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("INFERD_DISABLE_C_KERNELS"):
-        return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        log.warning("no C compiler found: using the slower pure-torch attention")
-        return None
-    src = SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    so = _cache_dir() / f"cpu_kernels-{key}.so"
-    if not so.is_file():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            out = Path(tmp) / so.name
-            proc = subprocess.run([cc, *CFLAGS, str(SRC), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                log.warning("building C kernels failed, using pure torch:\n%s", proc.stderr[-2000:])
-                return None
-            os.replace(out, so)  # atomic: concurrent builders never see a partial file
-    lib = ctypes.CDLL(str(so))
-    p, i64p, i32p = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
-    ci, cf = ctypes.c_int, ctypes.c_float
-    lib.paged_decode_attention.argtypes = [p, p, p, i64p, i32p, p, ci, ci, ci, ci, ci, ci, cf, ci]
-    lib.paged_decode_attention.restype = ci
-    lib.paged_prefill_attention.argtypes = [p, p, p, i64p, i32p, i32p, i32p, p, ci, ci, ci, ci, ci, ci, cf, ci]
-    lib.paged_prefill_attention.restype = ci
-    lib.gemv_bf16.argtypes = [p, p, p, ci, ci]
-    lib.gemv_bf16.restype = ci
-    lib.q8_gemm_vnni.argtypes = [p, ci, p, p, p, ci, ci, ci]
-    lib.q8_gemm_vnni.restype = ci
-    lib.add_rms_norm.argtypes = [p, p, p, p, ci, ci, cf, ci]
-    lib.add_rms_norm.restype = ci
-    lib.silu_mul.argtypes = [p, p, ci, ci, ci]
-    lib.silu_mul.restype = ci
-    lib.rms_norm.argtypes = [p, p, p, ci, ci, ctypes.c_int64, cf, ci]
-    lib.rms_norm.restype = ci
-    lib.rope_inplace.argtypes = [p, ci, ci, ci, ctypes.c_int64, ci, p, p, p, ci]
-    lib.rope_inplace.restype = ci
-    lib.q4_gemm_vnni.argtypes = [p, ci, p, p, p, ci, ci, ci]
-    lib.q4_gemm_vnni.restype = ci
-    lib.decode_layers.restype = ci  # arguments: ctypes structs from ops/fused_decode.py
-    return lib
+    return get_kernels().lib
 
 
 def available() -> bool:
@@ -99,9 +41,10 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.
     """Causal attention of C prefill chunks, written into `out` (T, H, D) at their rows. q: (T, H, D)
     contiguous; kv_cache: (2, num_blocks, bs, Hkv, D) holding every chunk's K/V; block_tables (C, max_blocks)
     int64; q_starts / q_lens / ctx_lens (C,) int32 (a chunk covers the last q_len positions of its ctx_len).
-    False when the kernel does not support the shape (D or block_size not a multiple of 16, no AVX-512)."""
+    False when the tier (AVX-512 only) or the shape (D or block_size not a multiple of 16) has no kernel."""
     lib = _lib()
-    assert lib is not None
+    if lib is None or not get_kernels().prefill_attention:
+        return False
     _, _, bs, hkv, d = kv_cache.shape
     rc = lib.paged_prefill_attention(
         q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), q_starts.data_ptr(),
@@ -113,13 +56,28 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.
 
 
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """w: (N, K) bf16 contiguous, x: (K,) bf16 contiguous → (N,) bf16; None when the CPU (AVX512-BF16) or
-    the shape (K a multiple of 32) is not supported."""
-    lib = _lib()
-    if lib is None:
+    """w: (N, K) bf16 contiguous, x: (K,) bf16 contiguous → (N,) bf16; None when the tier has no vector
+    kernels or the shape (K a multiple of 32) is not supported."""
+    k = get_kernels()
+    lib = k.lib
+    if lib is None or not k.dense_gemm:
         return None
     y = torch.empty(w.shape[0], dtype=torch.bfloat16)
     if lib.gemv_bf16(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1]) != 0:
+        return None
+    return y
+
+
+def gemm_bf16_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) bf16 contiguous · w (N, K) bf16 contiguous ᵀ → (M, N) float32: fp32 accumulation written as
+    fp32 (logits that sampling can trust). None when the tier has no vector kernels or K % 32 != 0."""
+    k = get_kernels()
+    lib = k.lib
+    if lib is None or not k.dense_gemm or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 \
+            or not (x.is_contiguous() and w.is_contiguous()):
+        return None
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    if lib.gemm_bf16(x.data_ptr(), x.shape[0], w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], 1) != 0:
         return None
     return y
 
@@ -176,36 +134,32 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def has_bf16_gemv() -> bool:
-    return available() and "avx512_bf16" in cpu_flags()
-
-
-def has_q4_vnni() -> bool:
-    """The row-interleaved int4 kernels need AVX512-BW and AVX512-VNNI (and the C kernels built)."""
-    return available() and {"avx512bw", "avx512_vnni"} <= cpu_flags()
+def has_quant_gemm() -> bool:
+    """The row-interleaved int4/int8 kernels exist on this tier (VNNI or AVX2 bodies)."""
+    return get_kernels().quant_gemm
 
 
 def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
-    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4-bit weights packed by quant.linear.pack_q4_vnni; activations
+    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4-bit weights packed by quant.linear.pack_q4_rows16; activations
     are quantized to int8 per group of 32 inside. None when the kernel does not apply."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    if lib.q4_gemm_vnni(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
+    if lib.q4_gemm(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
                         int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y
 
 
 def q8_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor | None:
-    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for int8 weights in the q8vnni layout (quant.linear) with fp16 scales
+    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for int8 weights in the q8rows16 layout (quant.linear) with fp16 scales
     per group of 32; activations quantized to int8 per group of 32 inside (llama.cpp's Q8_0 dot product)."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    if lib.q8_gemm_vnni(x.data_ptr(), x.shape[0], w.data_ptr(), scales.data_ptr(), y.data_ptr(), n,
+    if lib.q8_gemm(x.data_ptr(), x.shape[0], w.data_ptr(), scales.data_ptr(), y.data_ptr(), n,
                         x.shape[1], int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y

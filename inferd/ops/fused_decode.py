@@ -6,8 +6,8 @@ layers against ~2 ms of 4-bit matmuls. Here every layer's weights are described 
 structs) and a step is one call that runs the same kernels in the same order, so the result equals the Python
 path's (tests/test_engine.py checks it).
 
-Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows: 4-bit
-`q4vnni` and int8 `q8vnni` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
+Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows (on the
+kernel tier of ops/kernels.py): 4-bit `q4rows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
 dense layers in bf16 models (one row), no biases.
 """
 
@@ -18,27 +18,11 @@ import ctypes
 import torch
 from torch import nn
 
-from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata
+from inferd.ops.c_structs import LayerDesc, LinDesc, StepDesc
+from inferd.ops.kernels import get_kernels
 
-_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
-
-
-class LinDesc(ctypes.Structure):
-    _fields_ = [("kind", _i), ("N", _i), ("K", _i), ("w", _p), ("a1", _p), ("a2", _p)]
-
-
-class LayerDesc(ctypes.Structure):
-    _fields_ = [("in_norm", _p), ("post_norm", _p), ("qkv", LinDesc), ("o", LinDesc), ("gate_up", LinDesc),
-                ("down", LinDesc), ("k_cache", _p), ("v_cache", _p)]
-
-
-class StepDesc(ctypes.Structure):
-    _fields_ = [(n, _i) for n in ("M", "H", "Hkv", "D", "hidden", "inter", "rot_dim", "bs", "max_blocks", "is_bf16",
-                                  "first")] + [("eps", _f), ("scale", _f)] + \
-               [(n, _p) for n in ("positions", "slots", "block_tables", "ctx_lens", "cos", "sin", "x", "residual", "h",
-                                  "qkv", "q", "attn", "gu", "act")]
 
 
 def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:
@@ -50,15 +34,15 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
         return None
     if isinstance(mod, (Int4Linear, Int8Linear)):  # packed: any rows, up to where a bf16 copy takes over
         rows = MAX_ROWS if not mod.has_dense else min(MAX_ROWS, mod.dense_from_rows - 1)
-        if isinstance(mod, Int4Linear) and mod.layout == "q4vnni":
+        if isinstance(mod, Int4Linear) and mod.layout == "q4rows16":
             return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
-        if isinstance(mod, Int8Linear) and mod.layout == "q8vnni":
+        if isinstance(mod, Int8Linear) and mod.layout == "q8rows16":
             return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
                            None), rows
         return None
     if isinstance(mod, Linear) and dtype == torch.bfloat16 and mod.weight.dtype == torch.bfloat16 \
             and mod.weight.is_contiguous() \
-            and mod.in_features % 32 == 0 and cpu_kernels.has_bf16_gemv():
+            and mod.in_features % 32 == 0 and get_kernels().dense_gemm:
         return LinDesc(0, mod.out_features, mod.in_features, mod.weight.data_ptr(), None, None), 1
     return None
 
@@ -73,7 +57,7 @@ class FusedDecoder:
 
     @staticmethod
     def build(model: nn.Module) -> FusedDecoder | None:
-        lib = cpu_kernels._lib()
+        lib = get_kernels().lib
         cfg = model.config
         dtype = model.model.norm.weight.dtype
         if lib is None or not hasattr(lib, "decode_layers") or model.model.norm.weight.device.type != "cpu" \

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from inferd.errors import ModelLoadError
-from inferd.loader.gguf import RawTensor, llama_unpermute
-from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4
+from inferd.loader.gguf import GGUFTensors, RawTensor, llama_unpermute
+from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4, unpack_q8_0
 from inferd.quant.linear import (
     Int4Linear,
     Int8Embedding,
@@ -131,3 +131,104 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
     else:
         model.model.embed_tokens = Int8Embedding(q8, s8, emb.weight.dtype)
         model.lm_head = Int8Linear(*quantize_int8(model.lm_head.weight.data, gs), None, qc.dense_from_rows)
+
+
+# ---- streaming: a GGUF's tensors straight into packed layers, one layer at a time ---------------------------
+EMBED_CHUNK_ROWS = 8192  # rows dequantized at once when an embedding table is not Q8_0
+
+
+def _unpermuted(t: torch.Tensor, heads: int | None) -> torch.Tensor:
+    return t if heads is None else torch.from_numpy(llama_unpermute(t.numpy(), heads))
+
+
+def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_features: int,
+                      bias: torch.Tensor | None, qc: QuantConfig, device: torch.device) -> nn.Module | None:
+    """One fused linear from the file's blocks, or None when its types have no packed layer here."""
+    raws = [src.raw(p) for p in parts]
+    if any(r is None for r in raws):
+        return None
+    rs: list[RawTensor] = raws  # type: ignore[assignment]
+    types = {r.type_name for r in rs}
+    if sum(r.rows for r in rs) != out_features or any(r.cols != in_features for r in rs):
+        raise ModelLoadError(f"{parts}: shapes {[(r.rows, r.cols) for r in rs]} do not make "
+                             f"({out_features}, {in_features})")
+    if types <= EXACT_INT4:
+        qs, ss, zs = [], [], []
+        for r in rs:
+            q, sc, z = unpack_q4(r.data, r.type_name, r.rows, r.cols)
+            qs.append(_unpermuted(q, r.unpermute_heads))
+            ss.append(_unpermuted(sc, r.unpermute_heads))
+            zs.append(_unpermuted(z, r.unpermute_heads))
+        return Int4Linear(torch.cat(qs).to(device), torch.cat(ss).to(device), torch.cat(zs).to(device), 32, bias,
+                          qc.dense_from_rows)
+    if types == {"Q8_0"}:
+        if int8_group_size() is None:  # per-channel scales (aten's int8 kernel): requantize the dequantized rows
+            w = torch.cat([src.dense(p, torch.float32) for p in parts])
+            q8, s8 = quantize_int8(w, None)
+        else:
+            pieces = [unpack_q8_0(r.data, r.rows, r.cols) for r in rs]
+            q8 = torch.cat([_unpermuted(q, r.unpermute_heads) for (q, _), r in zip(pieces, rs)])
+            s8 = torch.cat([_unpermuted(d, r.unpermute_heads) for (_, d), r in zip(pieces, rs)])
+        return Int8Linear(q8.to(device), s8.to(device), bias, qc.dense_from_rows)
+    return None
+
+
+def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding-shaped table as int8 rows + scales: a Q8_0 table as stored, anything else quantized a chunk
+    of rows at a time (quantize_int8 is per row, so chunks give the same numbers as the whole table)."""
+    gs = int8_group_size()
+    raw = src.raw(name)
+    if raw is not None and raw.type_name == "Q8_0" and gs == 32:
+        return unpack_q8_0(raw.data, raw.rows, raw.cols)
+    rows = src.shape(name)[0]
+    parts = [quantize_int8(src.dense(name, torch.float32, slice(i, i + EMBED_CHUNK_ROWS)), gs)
+             for i in range(0, rows, EMBED_CHUNK_ROWS)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.dtype,
+              device: torch.device) -> set[str]:
+    """`--quantization gguf` on a model still on the meta device: every decoder linear whose blocks have a packed
+    layer, the embedding and the lm_head are built straight from the file, one at a time (no dense model is
+    ever made). Returns the tensor names used; the rest (norms, unpackable linears) are loaded dense after."""
+    cfg = model.config
+    used: set[str] = set()
+    kept: set[str] = set()
+    for i in range(cfg.num_layers):
+        layer = model.model.layers[i]
+        for fused, parts in _parts(i).items():
+            owner = layer.self_attn if "self_attn" in fused else layer.mlp
+            attr = fused.rsplit(".", 1)[1]
+            meta = getattr(owner, attr)
+            missing = [p for p in parts if p not in src]
+            if missing:
+                raise ModelLoadError(f"missing tensor {missing[0]}")
+            bias_parts = [p.replace(".weight", ".bias") for p in parts]
+            bias = None
+            if meta.bias is not None:
+                bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
+            layer_q = _packed_from_raws(src, parts, meta.out_features, meta.in_features, bias, qc, device)
+            if layer_q is None:
+                kept |= {src.type_name(p) for p in parts}
+                continue
+            setattr(owner, attr, layer_q)
+            for n in parts + (bias_parts if bias is not None else []):
+                used.add(n)
+                src.release(n)
+    if kept:
+        log.info("GGUF type(s) %s have no packed kernel here; those linears are kept dequantized",
+                 ",".join(sorted(kept)))
+    emb = "model.embed_tokens.weight"
+    q8, s8 = _int8_table(src, emb)
+    used.add(emb)
+    src.release(emb)
+    if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
+        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None, qc.dense_from_rows)
+        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+    else:
+        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
+        qh, sh = _int8_table(src, "lm_head.weight")
+        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None, qc.dense_from_rows)
+        used.add("lm_head.weight")
+        src.release("lm_head.weight")
+    return used

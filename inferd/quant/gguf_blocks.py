@@ -25,3 +25,13 @@ def unpack_q4(raw: np.ndarray, type_name: str, n: int, k: int) -> tuple[torch.Te
         zero = np.zeros_like(d)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32).reshape(n, k)  # low nibbles first
     return torch.from_numpy(q), torch.from_numpy(d.copy()), torch.from_numpy(zero)
+
+
+def unpack_q8_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """raw: uint8 (n, bytes per row) of Q8_0 blocks (fp16 d, 32 int8) → q int8 (n, k), d float32 (n, k / 32):
+    exactly the int8 layers' grouped form (w = q · d), no second rounding."""
+    nb = k // QK
+    blocks = np.ascontiguousarray(raw).reshape(n, nb, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:34].copy().view(np.int8).reshape(n, k)
+    return torch.from_numpy(q), torch.from_numpy(d)

@@ -20,10 +20,10 @@ from torch import nn
 from inferd.errors import ModelLoadError
 from inferd.quant.apply import QuantConfig, _parts
 from inferd.quant.linear import (
+    FILE_INT8_GROUP,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
-    int8_group_size,
     quantize_int4,
     quantize_int8,
 )
@@ -59,7 +59,7 @@ def save_quantized(lm, dst: str | Path, qc: QuantConfig, progress: Callable[[int
     for k, name in enumerate(names):
         w = modules[name].weight.data.float()
         if qc.method == "int8" or name == "lm_head":  # the lm_head is int8 in every method (see quant/apply.py)
-            q, s = quantize_int8(w, int8_group_size())
+            q, s = quantize_int8(w, FILE_INT8_GROUP)
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q, s.half()  # fp16: exact when grouped
         else:
             q, s, z = quantize_int4(w, qc.group_size)
@@ -69,7 +69,7 @@ def save_quantized(lm, dst: str | Path, qc: QuantConfig, progress: Callable[[int
             tensors[f"{name}.bias"] = modules[name].bias.data.to(torch.bfloat16)
         if progress:
             progress(k + 1, len(names))
-    q8, s8 = quantize_int8(model.model.embed_tokens.weight.data, int8_group_size())
+    q8, s8 = quantize_int8(model.model.embed_tokens.weight.data, FILE_INT8_GROUP)
     tensors["model.embed_tokens.qweight"], tensors["model.embed_tokens.scales"] = q8, s8
     for name, p in model.named_parameters():
         if "layernorm" in name or name == "model.norm.weight":

@@ -1,12 +1,14 @@
 """Quantized linear and embedding layers computed with PyTorch's packed CPU kernels.
 
-- Int8Linear: int8 weights with one scale per output channel; `aten._weight_int8pack_mm` (bf16 activations),
-  and for a single row our AVX512-VNNI kernel (activations quantized to int8 as llama.cpp does; 2x faster).
+- Int8Linear: int8 weights with a scale per group of 32 (llama.cpp's Q8_0) in our row-interleaved layout where
+  the tier has the quantized GEMMs (`q8rows16`: activations quantized to int8 as llama.cpp does), else one scale
+  per output channel for `aten._weight_int8pack_mm` (bf16 activations).
 - Int4Linear: 4-bit weights in groups of `group_size` along K with a scale and zero per group
   (w = (q - 8) · scale + zero). Three packed layouts, chosen when the layer is built, for the device its tensors
   are on:
-  - `q4vnni` (CPU with AVX512-VNNI): our row-interleaved layout (see ops/csrc, `q4_gemm_vnni`): fp16 d and m per
-    group of 32, activations quantized to int8 per group of 32 as llama.cpp does, 16 rows per vpdpbusd;
+  - `q4rows16` (a kernel tier with the quantized GEMMs: AVX512-VNNI or AVX2, see ops/kernels.py): our
+    row-interleaved layout (ops/csrc/quant_gemm.c, `q4_gemm`): fp16 d and m per group of 32, activations
+    quantized to int8 per group of 32 as llama.cpp does, 16 rows per vpdpbusd (two vpmaddubsw halves on AVX2);
     steps of more than 8 rows dequantize the layer to bf16 (a C kernel) and use a GEMM. ~2.5x faster than
     aten's int4 kernel for one row (it is compute-bound there: ~12 GB/s with the weights in cache).
   - `aten` (other CPUs): `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
@@ -43,10 +45,13 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     return q, scales
 
 
+FILE_INT8_GROUP = 32  # `inferd quantize` files always hold int8 scales per group of 32: one format on every CPU
+
+
 def int8_group_size() -> int | None:
-    """Scales per group of 32 where the VNNI int8 kernel runs (better quality: it also quantizes activations),
-    else per channel (aten's int8 kernel takes one scale per channel)."""
-    return 32 if cpu_kernels.has_q4_vnni() else None
+    """For in-memory quantization: scales per group of 32 where our int8 kernel runs (better quality: it also
+    quantizes activations), else per channel (aten's int8 kernel takes one scale per channel)."""
+    return 32 if cpu_kernels.has_quant_gemm() else None
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,10 +103,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack(u8, tiles)
 
 
-def pack_q4_vnni(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q int (N, K) in [0, 15], scale/zero (N, K / group_size) → (uint8 weights, fp16 dm) in the layout of
-    ops/csrc `q4_gemm_vnni`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m."""
+    ops/csrc `q4_gemm`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m."""
     n, k = q.shape
     g = k // 32
     rep = group_size // 32
@@ -118,7 +123,7 @@ def int4_layout(q: torch.Tensor, group_size: int) -> str:
         return "cuda"
     n, k = q.shape
     ok = n % 16 == 0 and k % 32 == 0 and group_size % 32 == 0
-    return "q4vnni" if ok and cpu_kernels.has_q4_vnni() else "aten"
+    return "q4rows16" if ok and cpu_kernels.has_quant_gemm() else "aten"
 
 
 class _PackedLinear(nn.Module):
@@ -151,7 +156,7 @@ class _PackedLinear(nn.Module):
             y = onednn.linear(x.to(torch.bfloat16), self._dense_onednn)
         elif self.dense is not None and x.shape[0] >= self.dense_from_rows:
             y = F.linear(x.to(torch.bfloat16), self.dense)
-        elif self.layout in ("q4vnni", "q8vnni"):  # our kernels take fp32 or bf16 activations
+        elif self.layout in ("q4rows16", "q8rows16"):  # our kernels take fp32 or bf16 activations
             y = self._packed(x.contiguous())
         else:
             y = self._packed(x.to(torch.bfloat16).contiguous())
@@ -164,14 +169,14 @@ def int8_layout(q: torch.Tensor) -> str:
     if q.is_cuda:
         return "cuda"
     n, k = q.shape
-    return "q8vnni" if n % 16 == 0 and k % 32 == 0 and cpu_kernels.has_q4_vnni() else "aten"
+    return "q8rows16" if n % 16 == 0 and k % 32 == 0 and cpu_kernels.has_quant_gemm() else "aten"
 
 
 class Int8Linear(_PackedLinear):
     """int8 weights with scales per output channel (N,) or per group of 32 along K (N, K / 32).
 
-    Layouts: `q8vnni` (CPU with AVX512-VNNI, N % 16 == 0, K % 32 == 0): q + 128 as unsigned bytes, rows
-    interleaved by 16 as (N/16, K/4, 16, 4), fp16 scales (N/16, K/32, 16), for `q8_gemm_vnni` (activations
+    Layouts: `q8rows16` (a tier with the quantized GEMMs, N % 16 == 0, K % 32 == 0): q + 128 as unsigned bytes,
+    rows interleaved by 16 as (N/16, K/4, 16, 4), fp16 scales (N/16, K/32, 16), for `q8_gemm` (activations
     quantized to int8 per group of 32: llama.cpp's Q8_0 dot product). `aten`: `aten._weight_int8pack_mm` on
     row-major weights (per-channel scales; grouped scales multiply a bf16 copy made per call). `cuda`: see
     `_int8_mm_cuda`."""
@@ -186,7 +191,7 @@ class Int8Linear(_PackedLinear):
             raise ValueError(f"grouped int8 scales must be per 32 along K, got {tuple(scales.shape)} for {n}×{k}")
         full = scales.float().view(n, -1)  # (N, 1) or (N, K / 32)
         q = qweight.contiguous()
-        if self.layout == "q8vnni":
+        if self.layout == "q8rows16":
             q = (q.to(torch.int16) + 128).to(torch.uint8).view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
             d = full.expand(n, k // 32).reshape(n // 16, 16, k // 32).permute(0, 2, 1)
             self.register_buffer("scales", d.to(torch.float16).contiguous())  # (N/16, K/32, 16)
@@ -199,14 +204,14 @@ class Int8Linear(_PackedLinear):
 
     def rowmajor(self) -> torch.Tensor:
         """The int8 weights as (N, K) (a view, or a copy for the interleaved layout)."""
-        if self.layout != "q8vnni":
+        if self.layout != "q8rows16":
             return self.qweight
         q = self.qweight.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
         return (q.to(torch.int16) - 128).to(torch.int8)
 
     def scales_per_group(self) -> torch.Tensor:
         """float32 scales (N, K / 32) for grouped layers, (N, 1) per channel."""
-        if self.layout == "q8vnni":
+        if self.layout == "q8rows16":
             return self.scales.float().permute(0, 2, 1).reshape(self.out_features, -1)
         return self.scales.float().view(self.out_features, -1)
 
@@ -215,8 +220,18 @@ class Int8Linear(_PackedLinear):
         return (self.rowmajor().float().view(self.out_features, s.shape[1], -1) * s.unsqueeze(-1)).view(
             self.out_features, self.in_features)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """As the lm_head: float32 output from fp32 activations, never through the bf16 copy (sampling must not
+        see bf16-rounded logits)."""
+        x = x.float().contiguous()
+        if self.layout == "q8rows16":
+            return self._packed(x)
+        if self.grouped or x.is_cuda:
+            return F.linear(x, self.dequantized().to(x.device))
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.float())
+
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "q8vnni":
+        if self.layout == "q8rows16":
             y = cpu_kernels.q8_gemm(x, self.qweight, self.scales, self.out_features)
             assert y is not None
             return y
@@ -236,11 +251,11 @@ class Int4Linear(_PackedLinear):
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.layout = layout or int4_layout(q, group_size)
-        if self.layout == "q4vnni":
-            packed, dm = pack_q4_vnni(q, scale, zero, group_size)
+        if self.layout == "q4rows16":
+            packed, dm = pack_q4_rows16(q, scale, zero, group_size)
             if not torch.isfinite(dm).all():  # scales beyond fp16's range: use aten's bf16 scales
                 self.layout = "aten"
-        if self.layout == "q4vnni":
+        if self.layout == "q4rows16":
             self.register_buffer("packed", packed)
             self.register_buffer("dm", dm)
             self.scales_and_zeros = None
@@ -253,7 +268,7 @@ class Int4Linear(_PackedLinear):
         self._set_dense(dequantize_int4(q, scale, zero, group_size).bfloat16() if dense_from_rows else None)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "q4vnni":
+        if self.layout == "q4rows16":
             y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features)
             assert y is not None
             return y
@@ -283,7 +298,7 @@ class Int8Embedding(nn.Module):
         head = self.lm_head[0]
         if head is None:
             rows, scales = self.qweight[ids].float(), self.scales[ids]
-        elif head.layout == "q8vnni":  # q + 128, rows interleaved by 16; fp16 scales (N/16, K/32, 16)
+        elif head.layout == "q8rows16":  # q + 128, rows interleaved by 16; fp16 scales (N/16, K/32, 16)
             rows = (head.qweight[ids // 16, :, ids % 16, :].reshape(*ids.shape, -1).to(torch.int16) - 128).float()
             scales = head.scales[ids // 16, :, ids % 16].float()
         else:

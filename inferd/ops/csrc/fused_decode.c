@@ -1,0 +1,81 @@
+// The decoder stack of a Llama-family model for decode rows, in one call (see ops/fused_decode.py).
+#include "kernels.h"
+
+static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
+    switch (l->kind) {
+    case 0:
+        return M == 1 && is_bf16 ? gemv_bf16((const uint16_t *)l->w, (const uint16_t *)x, (uint16_t *)y, l->N, l->K) : -1;
+    case 1:
+        return q4_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    case 2:
+        return q8_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    }
+    return -1;
+}
+
+int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
+    const int M = s->M, E = s->is_bf16 ? 2 : 4;
+    const int qdim = s->H * s->D, kvdim = s->Hkv * s->D, qkvdim = qdim + 2 * kvdim;
+    char *qkv = (char *)s->qkv;
+    for (int i = 0; i < n_layers; i++) {
+        const layer_desc *L = layers + i;
+        if (i == 0 && s->first) {
+            memcpy(s->residual, s->x, (size_t)M * s->hidden * E);
+            rms_norm(s->x, L->in_norm, s->h, M, s->hidden, s->hidden, s->eps, s->is_bf16);
+        } else {
+            add_rms_norm(s->x, s->residual, L->in_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
+        }
+        if (linear_run(&L->qkv, s->h, qkv, M, s->is_bf16)) return -1;
+        rope_inplace(qkv, M, s->H, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions, s->is_bf16);
+        rope_inplace(qkv + (size_t)qdim * E, M, s->Hkv, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions,
+                     s->is_bf16);
+        for (int m = 0; m < M; m++) {
+            const char *row = qkv + (size_t)m * qkvdim * E;
+            memcpy((char *)s->q + (size_t)m * qdim * E, row, (size_t)qdim * E);
+            memcpy((char *)L->k_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)qdim * E, (size_t)kvdim * E);
+            memcpy((char *)L->v_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)(qdim + kvdim) * E,
+                   (size_t)kvdim * E);
+        }
+        if (paged_decode_attention(s->q, L->k_cache, L->v_cache, s->block_tables, s->ctx_lens, s->attn, M, s->H,
+                                   s->Hkv, s->D, s->bs, s->max_blocks, s->scale, s->is_bf16))
+            return -1;
+        if (linear_run(&L->o, s->attn, s->x, M, s->is_bf16)) return -1;
+        add_rms_norm(s->x, s->residual, L->post_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
+        if (linear_run(&L->gate_up, s->h, s->gu, M, s->is_bf16)) return -1;
+        silu_mul(s->gu, s->act, M, s->inter, s->is_bf16);
+        if (linear_run(&L->down, s->act, s->x, M, s->is_bf16)) return -1;
+    }
+    return 0;
+}
+
+// Facts about this build for ops/kernels.py: limits, struct sizes (checked against the ctypes mirrors), and
+// which vector bodies were compiled in. Returns the number of values written.
+int inferd_info(int64_t *out, int n) {
+    const int64_t v[] = {
+        MAX_H, MAX_D, MAX_BS, Q4_MAXK, (int64_t)sizeof(lin_desc), (int64_t)sizeof(layer_desc),
+        (int64_t)sizeof(step_desc),
+#ifdef VW
+        VW,
+#else
+        1,
+#endif
+#if defined(__AVX512BF16__)
+        1,
+#else
+        0,
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        1,
+#else
+        0,
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        1,
+#else
+        0,
+#endif
+    };
+    const int nv = (int)(sizeof(v) / sizeof(v[0]));
+    for (int i = 0; i < n && i < nv; i++) out[i] = v[i];
+    return nv;
+}

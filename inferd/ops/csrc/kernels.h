@@ -1,0 +1,48 @@
+// Entry points of the kernel library (one shared object built from every .c file in this folder) and the
+// descriptor structs of the fused decode step, mirrored by ctypes in ops/fused_decode.py.
+#ifndef INFERD_KERNELS_H
+#define INFERD_KERNELS_H
+#include "common.h"
+
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+                           const int32_t *ctx_lens, void *out, int B, int H, int Hkv, int D, int bs,
+                           int max_blocks, float scale, int is_bf16);
+int gemm_bf16(const uint16_t *x, int M, const uint16_t *w, void *y, int N, int K, int out_f32);
+int gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int N, int K);
+int rms_norm(const void *x, const void *w, void *out, int rows, int dim, int64_t x_stride, float eps, int is_bf16);
+int add_rms_norm(const void *x, void *residual, const void *w, void *out, int rows, int dim, float eps, int is_bf16);
+int rope_inplace(void *x, int T, int heads, int head_dim, int64_t row_stride, int rot_dim, const float *cos_t,
+                 const float *sin_t, const int64_t *positions, int is_bf16);
+int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16);
+int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16);
+int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16);
+
+// ---- the fused decode step ----
+// ---- the decoder stack of a Llama-family model for decode rows, in one call ----
+// Per layer: (add +) RMSNorm, qkv, rotary, K/V write, paged attention, o, add + RMSNorm, gate_up, silu·mul,
+// down — the same kernels the Python path calls one by one, without ~100 Python-level calls per layer.
+typedef struct {
+    int kind;  // 0: bf16 dense (gemv_bf16, one row), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm)
+    int N, K;
+    const void *w, *a1, *a2;  // weights; kind 1: dm; kind 2: fp16 scales
+} lin_desc;
+
+typedef struct {
+    const void *in_norm, *post_norm;
+    lin_desc qkv, o, gate_up, down;
+    void *k_cache, *v_cache;  // this layer's (num_blocks, bs, Hkv, D) halves
+} layer_desc;
+
+typedef struct {
+    int M, H, Hkv, D, hidden, inter, rot_dim, bs, max_blocks, is_bf16, first;
+    float eps, scale;
+    const int64_t *positions, *slots, *block_tables;
+    const int32_t *ctx_lens;
+    const float *cos, *sin;
+    void *x, *residual;                // (M, hidden): layer input/output and the residual stream
+    void *h, *qkv, *q, *attn, *gu, *act;  // workspaces
+} step_desc;
+
+int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s);
+int inferd_info(int64_t *out, int n);
+#endif

@@ -1,0 +1,311 @@
+// Quantized weights with int8 activations (llama.cpp's scheme): 4-bit (Q4_0/Q4_1/int4 groups of 32) and
+// 8-bit (Q8_0/int8 groups of 32) weights in row-interleaved layouts made once at load by inferd/quant/linear.py.
+// Two bodies per format over the same layout: AVX512-VNNI (vpdpbusd, 16 rows per accumulator) and AVX2
+// (vpmaddubsw + vpmaddwd over 8 rows per half), used on AVX2 CPUs and on AVX-512 CPUs without VNNI. Their
+// integer dot products are exact and the float steps identical, so both give bit-identical outputs.
+#include "kernels.h"
+
+#ifndef Q4_MCHUNK
+#define Q4_MCHUNK 8  // rows per pass over a row block's weights (accumulators in registers)
+#endif
+
+// One row of K activations → int8 per group of 32 (scale |x|max/127, round to nearest even, as
+// _mm512_cvtps_epi32), with dx (scale), sx = dx · Σ xq and isum = Σ xq per group. Plain C, bit-identical on
+// every tier; it vectorises.
+static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_t *xq, float *dx, float *sx,
+                           int32_t *isum) {
+    for (int g = 0; g < K / 32; g++) {
+        float v[32], amax = 0.f;
+        for (int i = 0; i < 32; i++) {
+            v[i] = LOADF(x, off + g * 32 + i);
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) {
+            int32_t q = (int32_t)nearbyintf(v[i] * id);
+            q = q > 127 ? 127 : (q < -128 ? -128 : q);
+            xq[g * 32 + i] = (int8_t)q;
+            s += q;
+        }
+        dx[g] = d;
+        sx[g] = d * (float)s;
+        isum[g] = s;
+    }
+}
+
+// M rows of K activations → int8 per group of 32 (row-major, in a per-thread buffer that grows as needed), with
+// dx, sx, isum (M, K/32) per group; NULL if the buffer cannot be allocated.
+static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, int M, int K, int is_bf16, const float **dx,
+                                         const float **sx, const int32_t **isum) {
+    static __thread int8_t *xq = NULL;
+    static __thread float *dsx = NULL;
+    static __thread int32_t *is = NULL;
+    static __thread int cap = 0;
+    if (M * K > cap) {
+        free(xq);
+        free(dsx);
+        free(is);
+        cap = M * K;
+        xq = (int8_t *)aligned_alloc(64, ((size_t)cap + 63) / 64 * 64);
+        dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
+        is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(cap / 32));
+        if (!xq || !dsx || !is) {
+            cap = 0;
+            return NULL;
+        }
+    }
+    const int G = K / 32;
+    for (int m = 0; m < M; m++)
+        quantize_q8_32(x, (int64_t)m * K, K, is_bf16, xq + (int64_t)m * K, dsx + m * G, dsx + M * G + m * G,
+                       is + m * G);
+    *dx = dsx;
+    *sx = dsx + M * G;
+    *isum = is;
+    return xq;
+}
+
+// ---- 4-bit weights in a row-interleaved layout for AVX512-VNNI (int8 activations, as llama.cpp) ----
+// Made once at load by inferd/quant/linear.py (pack_q4_rows16). For row block rb (16 rows), group g (32 weights
+// along K), chunk c (8 weights), row j, byte b: low nibble = q[16rb+j][32g+8c+b], high nibble =
+// q[16rb+j][32g+8c+4+b], so one 64-byte load holds 8 weights of each of 16 rows and a vpdpbusd lane is a row.
+// dm: fp16 (rb, g, [d, m], j) with w = d·q + m. Activations are quantized per group of 32 to int8 (scale
+// |x|max/127); y = Σ_g dx_g (d_g Σ q·xq + m_g Σ xq). No horizontal sums: 16 outputs per accumulator.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI 1
+// y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
+// chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
+static int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int G = K / 32;
+    const float *dx, *sx;
+    const int32_t *isum;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
+    if (!xqp) return -1;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        const uint8_t *wb = w + (int64_t)rb * G * 256;
+        const uint16_t *db = dm + (int64_t)rb * G * 32;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m512 acc[Q4_MCHUNK];
+            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 256);
+                const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 1);
+                const __m512i w2 = _mm512_loadu_si512(wp + 2), w3 = _mm512_loadu_si512(wp + 3);
+                const __m512i l0 = _mm512_and_si512(w0, mask), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask);
+                const __m512i l1 = _mm512_and_si512(w1, mask), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);
+                const __m512i l2 = _mm512_and_si512(w2, mask), h2 = _mm512_and_si512(_mm512_srli_epi16(w2, 4), mask);
+                const __m512i l3 = _mm512_and_si512(w3, mask), h3 = _mm512_and_si512(_mm512_srli_epi16(w3, 4), mask);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32)));
+                const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32 + 16)));
+                for (int m = 0; m < mc; m++) {
+                    const int64_t row = m0 + m;
+                    const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_set1_epi32(xg[0]));
+                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l1, _mm512_set1_epi32(xg[2]));
+                    s0 = _mm512_dpbusd_epi32(s0, h0, _mm512_set1_epi32(xg[1]));
+                    s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(xg[3]));
+                    s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(xg[4]));
+                    s1 = _mm512_dpbusd_epi32(s1, l3, _mm512_set1_epi32(xg[6]));
+                    s0 = _mm512_dpbusd_epi32(s0, h2, _mm512_set1_epi32(xg[5]));
+                    s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(xg[7]));
+                    const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    acc[m] = _mm512_fmadd_ps(sf, _mm512_mul_ps(d, _mm512_set1_ps(dx[row * G + g])), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[row * G + g]), acc[m]);
+                }
+            }
+            for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+        }
+    }
+    return 0;
+}
+
+// ---- int8 weights with a scale per group of 32 (llama.cpp's Q8_0), row-interleaved for AVX512-VNNI ----
+// Layout: w[N/16][K/4][16][4] bytes holding q + 128 (unsigned): one 64-byte load = 4 consecutive k of 16 rows,
+// so a vpdpbusd lane is a row and no horizontal sums are needed; d: fp16 [N/16][K/32][16]. Activations are
+// quantized per group of 32 too, so y = Σ_g d_g dx_g (Σ (q+128)·xq − 128 Σ xq): the offset needs only Σ xq.
+static int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int K4 = K / 4, G = K / 32;
+    const float *dx, *sx;
+    const int32_t *isum;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
+    if (!xqp) return -1;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const uint8_t *wb = w + (int64_t)rb * K4 * 64;
+        const uint16_t *db = dw + (int64_t)rb * G * 16;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m512 acc[Q4_MCHUNK];
+            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 512);
+                if (m0 == 0)  // stream ahead: 4 groups (2 KB) of this row block
+                    for (int c = 0; c < 8; c++) _mm_prefetch((const char *)(wp + 32 + c), _MM_HINT_T0);
+                __m512i wv[8];
+                for (int c = 0; c < 8; c++) wv[c] = _mm512_loadu_si512(wp + c);
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 16)));
+                for (int m = 0; m < mc; m++) {
+                    const int64_t row = m0 + m;
+                    const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_set1_epi32(xg[0]));
+                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_set1_epi32(xg[1]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2], _mm512_set1_epi32(xg[2]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[3], _mm512_set1_epi32(xg[3]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[4], _mm512_set1_epi32(xg[4]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[5], _mm512_set1_epi32(xg[5]));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[6], _mm512_set1_epi32(xg[6]));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[7], _mm512_set1_epi32(xg[7]));
+                    const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    // d · (dx · Σ (q+128)·xq − 128 · dx · Σ xq)   (sx = dx · Σ xq)
+                    const __m512 t = _mm512_fmadd_ps(sf, _mm512_set1_ps(dx[row * G + g]),
+                                                     _mm512_set1_ps(-128.f * sx[row * G + g]));
+                    acc[m] = _mm512_fmadd_ps(t, d, acc[m]);
+                }
+            }
+            for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+        }
+    }
+    return 0;
+}
+#endif
+
+#if !defined(HAVE_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2_Q 1
+// Σ over 4 consecutive bytes (one int32 lane = one row) of u8 · s8, as vpdpbusd without accumulation; exact
+// while each pair of products fits int16 (4-bit weights: 2·15·128; 8-bit: sign trick below, 2·127·127).
+static inline __m256i dot4_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static int q4_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K,
+                        int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int G = K / 32;
+    const float *dx, *sx;
+    const int32_t *isum;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
+    if (!xqp) return -1;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const uint8_t *wb = w + (int64_t)rb * G * 256;
+        const uint16_t *db = dm + (int64_t)rb * G * 32;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m256 acc[Q4_MCHUNK][2];
+            for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const uint8_t *wg = wb + (int64_t)g * 256;
+                for (int half = 0; half < 2; half++) {  // rows 0-7, then 8-15 of the row block
+                    __m256i lo[4], hi[4];
+                    for (int c = 0; c < 4; c++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + c * 64 + half * 32));
+                        lo[c] = _mm256_and_si256(v, mask);
+                        hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    }
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + half * 8)));
+                    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + 16 + half * 8)));
+                    for (int m = 0; m < mc; m++) {
+                        const int64_t row = m0 + m;
+                        const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                        // chunk c: low nibbles ↔ activations 8c..8c+3, high nibbles ↔ 8c+4..8c+7
+                        __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(xg[0]));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(xg[1])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[1], _mm256_set1_epi32(xg[2])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[1], _mm256_set1_epi32(xg[3])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[2], _mm256_set1_epi32(xg[4])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[2], _mm256_set1_epi32(xg[5])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[3], _mm256_set1_epi32(xg[6])));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[3], _mm256_set1_epi32(xg[7])));
+                        // |sum of 8 pair sums| <= 8 · 2 · 15 · 128 = 30720: fits int16
+                        const __m256 sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+                        acc[m][half] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d, _mm256_set1_ps(dx[row * G + g])), acc[m][half]);
+                        acc[m][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
+                    }
+                }
+            }
+            for (int m = 0; m < mc; m++)
+                for (int half = 0; half < 2; half++)
+                    v8_store(y, (int64_t)(m0 + m) * N + rb * 16 + half * 8, acc[m][half], is_bf16);
+        }
+    }
+    return 0;
+}
+
+static int q8_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K,
+                        int is_bf16) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    const int K4 = K / 4, G = K / 32;
+    const float *dx, *sx;
+    const int32_t *isum;
+    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
+    if (!xqp) return -1;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const uint8_t *wb = w + (int64_t)rb * K4 * 64;
+        const uint16_t *db = dw + (int64_t)rb * G * 16;
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m256 acc[Q4_MCHUNK][2];
+            for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const uint8_t *wg = wb + (int64_t)g * 512;
+                for (int half = 0; half < 2; half++) {
+                    __m256i wq[8];  // signed q (the layout stores q + 128)
+                    for (int c = 0; c < 8; c++)
+                        wq[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wg + c * 64 + half * 32)), flip);
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 16 + half * 8)));
+                    for (int m = 0; m < mc; m++) {
+                        const int64_t row = m0 + m;
+                        const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                        __m256i s = _mm256_setzero_si256();
+                        for (int c = 0; c < 8; c++) {  // Σ q·xq = Σ |xq| · (q · sign(xq))
+                            const __m256i xv = _mm256_set1_epi32(xg[c]);
+                            s = _mm256_add_epi32(s, dot4_u8s8(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wq[c], xv)));
+                        }
+                        // the VNNI kernel's Σ (q+128)·xq, exactly: Σ q·xq + 128 Σ xq
+                        s = _mm256_add_epi32(s, _mm256_set1_epi32(128 * isum[row * G + g]));
+                        const __m256 sf = _mm256_cvtepi32_ps(s);
+                        const __m256 t = _mm256_fmadd_ps(sf, _mm256_set1_ps(dx[row * G + g]),
+                                                         _mm256_set1_ps(-128.f * sx[row * G + g]));
+                        acc[m][half] = _mm256_fmadd_ps(t, d, acc[m][half]);
+                    }
+                }
+            }
+            for (int m = 0; m < mc; m++)
+                for (int half = 0; half < 2; half++)
+                    v8_store(y, (int64_t)(m0 + m) * N + rb * 16 + half * 8, acc[m][half], is_bf16);
+        }
+    }
+    return 0;
+}
+#endif
+
+// Entry points: the tier's best body, -1 when this build has none (the caller then uses torch).
+int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+#if defined(HAVE_VNNI)
+    return q4_gemm_vnni(x, M, w, dm, y, N, K, is_bf16);
+#elif defined(HAVE_AVX2_Q)
+    return q4_gemm_avx2(x, M, w, dm, y, N, K, is_bf16);
+#else
+    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16;
+    return -1;
+#endif
+}
+
+int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
+#if defined(HAVE_VNNI)
+    return q8_gemm_vnni(x, M, w, dw, y, N, K, is_bf16);
+#elif defined(HAVE_AVX2_Q)
+    return q8_gemm_avx2(x, M, w, dw, y, N, K, is_bf16);
+#else
+    (void)x; (void)M; (void)w; (void)dw; (void)y; (void)N; (void)K; (void)is_bf16;
+    return -1;
+#endif
+}
