@@ -180,43 +180,6 @@ def test_kv_cache_too_small_is_a_clear_error(tiny_hf):
         LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.00001)
 
 
-def test_c_attention_kernel_matches_torch_path():
-    from inferd.ops import cpu_kernels
-
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler")
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32)):
-            cache = torch.randn(2, 40, 16, hkv, D, generator=g).to(dtype)
-            B = 5
-            tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(B)])
-            lens = torch.tensor([1, 16, 17, 50, 96], dtype=torch.int32)
-            q = torch.randn(B, H, D, generator=g).to(dtype)
-            got = cpu_kernels.paged_decode_attention(q, cache, tables, lens, 0.3)
-            k = cache[0][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
-            v = cache[1][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
-            mask = (torch.arange(96).unsqueeze(0) < lens.unsqueeze(1)).view(B, 1, 1, 96)
-            ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask, scale=0.3).squeeze(2)
-            torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
-
-
-def test_bf16_gemv_kernel_matches_torch():
-    from inferd.ops import cpu_kernels
-
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(1000, 576, generator=g).bfloat16()
-    x = torch.randn(576, generator=g).bfloat16()
-    y = cpu_kernels.gemv_bf16(w, x)
-    if y is None:
-        pytest.skip("no AVX512-BF16 or no compiler")
-    ref = torch.mv(w.float(), x.float())
-    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.01)
-    assert cpu_kernels.gemv_bf16(w[:, :100].contiguous(), x[:100].contiguous()) is None  # K % 32 != 0
-
-
 def test_failed_step_fails_only_its_requests_and_engine_goes_on(tiny_hf):
     llm = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.02)
     eng = llm.engine
@@ -246,32 +209,6 @@ def test_block_size_beyond_c_kernel_limits_uses_torch_path(tiny_hf, tiny_llm):
     assert not big.engine.runner.use_c_kernel
     ps = prompts(tiny_llm.tokenizer, 4, seed=13)
     assert texts(big.generate(ps, GREEDY)) == texts(tiny_llm.generate(ps, GREEDY))
-
-
-def test_fused_norm_and_silu_kernels_match_torch():
-    from inferd.ops import cpu_kernels
-
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler")
-    g = torch.Generator().manual_seed(5)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        x, res, w = (torch.randn(3, 96, generator=g).to(dtype) for _ in range(3))
-        w = w[0]
-        want_res = res + x
-        want = (torch.nn.functional.rms_norm(want_res.float(), (96,), None, 1e-5).to(dtype) * w)
-        res2 = res.clone()
-        got = cpu_kernels.add_rms_norm(x, res2, w, 1e-5)
-        torch.testing.assert_close(res2, want_res, atol=0, rtol=0)
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-        for rows, inter in ((3, 40), (20, 1536)):  # 40: 16-wide vectors plus a scalar tail; 20 rows: threads
-            gu = 4 * torch.randn(rows, 2 * inter, generator=g).to(dtype)
-            gate, up = gu.chunk(2, dim=-1)
-            torch.testing.assert_close(cpu_kernels.silu_mul(gu).float(),
-                                       (torch.nn.functional.silu(gate) * up).float(), atol=tol, rtol=tol)
-        x = torch.randn(20, 576, generator=g).to(dtype)
-        w = torch.randn(576, generator=g).to(dtype)
-        want = torch.nn.functional.rms_norm(x.float(), (576,), None, 1e-5).to(dtype) * w
-        torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5).float(), want.float(), atol=tol, rtol=tol)
 
 
 def test_decode_graph_buckets_pad_and_match_eager(tiny_hf, tiny_llm, monkeypatch):
@@ -313,9 +250,11 @@ def test_fused_decode_step_equals_python_layers(tiny_hf, dtype, method):
     """A decode step's decoder stack as one C call (ops/fused_decode.py) gives exactly the tokens of the
     layer-by-layer path, for one and for several sequences."""
     from inferd.ops import cpu_kernels
+    from inferd.ops.kernels import get_kernels
 
-    if not cpu_kernels.has_q4_vnni() and method != "none":
-        pytest.skip("no AVX512-VNNI: the quantized layers use aten's kernels, which the fused path does not run")
+    if not cpu_kernels.has_quant_gemm() and method != "none":
+        pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: the quantized layers use aten's "
+                    "kernels, which the fused path does not run")
     # a CPU path: pinned to the CPU (on a GPU machine `auto` would pick CUDA)
     fused = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05, device="cpu")
     plain = LLM(str(tiny_hf), dtype=dtype, quantization=method, kv_cache_memory=0.05, device="cpu")
@@ -326,5 +265,5 @@ def test_fused_decode_step_equals_python_layers(tiny_hf, dtype, method):
         assert [o.outputs[0].token_ids for o in fused.generate(ps, sp)] == \
             [o.outputs[0].token_ids for o in plain.generate(ps, sp)]
     decoder = fused.engine.lm.model._fused
-    expect_fused = cpu_kernels.available() and (method != "none" or (dtype == "bfloat16" and cpu_kernels.has_bf16_gemv()))
+    expect_fused = cpu_kernels.available() and (method != "none" or (dtype == "bfloat16" and get_kernels().dense_gemm))
     assert (decoder is not None and decoder.steps > 0) == expect_fused

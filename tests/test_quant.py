@@ -184,16 +184,16 @@ def test_group_size_that_does_not_divide_is_a_clear_error(tiny_hf):
 
 @pytest.mark.parametrize("rows", [1, 5, 64, 65])
 def test_vnni_int8_layout_close_to_aten_kernel(rows):
-    """q8vnni (interleaved rows, int8 activations per group of 32) vs aten's int8 kernel on the same weights."""
+    """q8rows16 (interleaved rows, int8 activations per group of 32) vs aten's int8 kernel on the same weights."""
     from inferd.ops import cpu_kernels
 
-    if not cpu_kernels.has_q4_vnni():
+    if not cpu_kernels.has_quant_gemm():
         pytest.skip("no AVX512-VNNI or no compiler")
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(304, 576, generator=g), torch.randn(rows, 576, generator=g).bfloat16()
     q, s = quantize_int8(w)
     fast, ref = Int8Linear(q, s), Int8Linear(q, s, layout="aten")
-    assert fast.layout == "q8vnni" and torch.equal(fast.rowmajor(), q)
+    assert fast.layout == "q8rows16" and torch.equal(fast.rowmajor(), q)
     got, want = fast(x).float(), ref(x).float()
     # activations quantized to int8 (one scale per row): error within 2% of the output scale
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
@@ -203,13 +203,13 @@ def test_vnni_int8_layout_close_to_aten_kernel(rows):
 def test_vnni_int4_layout_matches_aten_and_dequant():
     from inferd.ops import cpu_kernels
 
-    if not cpu_kernels.has_q4_vnni():
+    if not cpu_kernels.has_quant_gemm():
         pytest.skip("no AVX512-VNNI or no compiler")
     g = torch.Generator().manual_seed(4)
     w = torch.randn(96, 1536, generator=g)
     q, s, z = quantize_int4(w, 64)
     fast, ref = Int4Linear(q, s, z, 64), Int4Linear(q, s, z, 64, layout="aten")
-    assert fast.layout == "q4vnni" and ref.layout == "aten"
+    assert fast.layout == "q4rows16" and ref.layout == "aten"
     # unpack the layout independently: bytes (N/16, K/32, 4, 16, 4), low nibble = k 8c+b, high = 8c+4+b
     b = fast.packed.view(6, 48, 4, 16, 4)
     q_back = torch.stack([b & 15, b >> 4], dim=3).permute(0, 4, 1, 2, 3, 5).reshape(96, 1536)
