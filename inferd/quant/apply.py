@@ -15,6 +15,7 @@ from torch import nn
 
 from inferd.errors import ModelLoadError
 from inferd.loader.gguf import GGUFTensors, RawTensor, llama_unpermute
+from inferd.ops import onednn
 from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4, unpack_q8_0
 from inferd.quant.linear import (
     Int4Linear,
@@ -45,15 +46,18 @@ class QuantConfig:
 
 def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: torch.device) -> QuantConfig:
     """`auto` (the CLI default): a GGUF whose decoder linears are all Q4_0/Q4_1/Q8_0 keeps its blocks packed on a
-    CPU with the VNNI kernels (faster decode, 4-bit memory), with bf16 copies for steps of ≥ 32 rows unless
+    CPU whose kernel tier has the quantized GEMMs (AVX2 and up: faster decode, 4-bit memory), with bf16 copies
+    for steps of ≥ 32 rows on CPUs with native bf16 unless
     `quant_dense_rows` says otherwise; anything else loads as `none`."""
     if qc.method != "auto":
         return qc
     from inferd.ops import cpu_kernels
 
     packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= EXACT_INT4 | {"Q8_0"}
-    if packable and device.type == "cpu" and cpu_kernels.has_q4_vnni():
-        return QuantConfig("gguf", 32, qc.dense_from_rows or AUTO_DENSE_ROWS)
+    if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
+        # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
+        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if onednn.available() else 0)
+        return QuantConfig("gguf", 32, dense)
     return QuantConfig("none", qc.group_size, qc.dense_from_rows)
 
 
@@ -126,11 +130,11 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
     gs = int8_group_size()
     q8, s8 = quantize_int8(emb.weight.data, gs)
     if tied:  # one int8 table for both, in the lm_head's layout
-        model.lm_head = Int8Linear(q8, s8, None, qc.dense_from_rows)
+        model.lm_head = Int8Linear(q8, s8, None)  # no bf16 copy: logits use the int8 kernel (fp32 output)
         model.model.embed_tokens = Int8Embedding.tied(model.lm_head, emb.weight.dtype)
     else:
         model.model.embed_tokens = Int8Embedding(q8, s8, emb.weight.dtype)
-        model.lm_head = Int8Linear(*quantize_int8(model.lm_head.weight.data, gs), None, qc.dense_from_rows)
+        model.lm_head = Int8Linear(*quantize_int8(model.lm_head.weight.data, gs), None)
 
 
 # ---- streaming: a GGUF's tensors straight into packed layers, one layer at a time ---------------------------
@@ -223,12 +227,12 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     used.add(emb)
     src.release(emb)
     if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
-        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None, qc.dense_from_rows)
+        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)  # no bf16 copy (as quantize_model)
         model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
     else:
         model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
         qh, sh = _int8_table(src, "lm_head.weight")
-        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None, qc.dense_from_rows)
+        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None)
         used.add("lm_head.weight")
         src.release("lm_head.weight")
     return used
