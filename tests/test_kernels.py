@@ -38,6 +38,19 @@ def test_inferd_isa_forces_a_tier_and_rejects_unknown_ones():
     assert bad.returncode != 0 and "choose one of" in bad.stderr and all(t in bad.stderr for t in TIERS)
 
 
+def test_without_a_c_compiler_everything_runs_on_torch(tiny_hf, tmp_path):
+    """No compiler (CC names a missing one and there is no gcc/cc on PATH): tier torch, generation works."""
+    code = ("from inferd import LLM, SamplingParams; from inferd.ops.kernels import get_kernels; "
+            f"llm = LLM({str(tiny_hf)!r}, dtype='float32', kv_cache_memory=0.01); "
+            "o = llm.generate(['hello'], SamplingParams(max_tokens=4, temperature=0))[0]; "
+            "print(get_kernels().tier, len(o.outputs[0].token_ids))")
+    env = {**os.environ, "CC": "/nonexistent/cc", "PATH": str(tmp_path), "INFERD_HOME": str(tmp_path),
+           "INFERD_ISA": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch", "4"]
+
+
 @needs_vector
 def test_logits_gemm_writes_fp32_accumulation():
     """gemm_bf16_f32 (the lm_head): fp32 output equal to an fp32 matmul of the same bf16 values up to

@@ -112,7 +112,7 @@ def _cache_dir() -> Path:
 
 
 def _build(tier: str) -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = shutil.which(os.environ.get("CC") or "gcc") or shutil.which("cc")
     if cc is None:
         log.warning("no C compiler found: using the slower pure-torch kernels")
         return None
@@ -189,8 +189,8 @@ class Kernels:
 
 def _load(tier: str) -> Kernels:
     lib = None if tier == "torch" else _build(tier)
-    if lib is None:
-        return Kernels("torch" if tier == "torch" else tier)
+    if lib is None:  # the torch tier, or the build was not possible: no C kernels at all
+        return Kernels("torch")
     info = (ctypes.c_int64 * 16)()
     n = lib.inferd_info(info, 16)
     v = list(info[:n])
