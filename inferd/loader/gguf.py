@@ -67,7 +67,7 @@ def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 class GGUFFile:
     path: Path
     metadata: dict[str, Any]
-    reader: Any  # gguf.GGUFReader
+    reader: Any  # loader.gguf_reader.GGUFIndex
 
     @property
     def architecture(self) -> str:
@@ -75,26 +75,16 @@ class GGUFFile:
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    import gguf
+    from inferd.loader.gguf_reader import GGUFIndex
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
-        reader = gguf.GGUFReader(str(path))
-        metadata: dict[str, Any] = {}
-        for key, fld in reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-                metadata[key] = [bytes(fld.parts[i]).decode("utf-8", "replace") for i in fld.data]
-            elif key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                metadata[key] = [fld.parts[i][0].item() for i in fld.data]
-            else:
-                metadata[key] = fld.contents()
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # gguf raises ValueError/IndexError/... on damaged files
+        reader = GGUFIndex(path)
+    except Exception as exc:  # struct.error/ValueError/IndexError/... on damaged files
         raise ModelLoadError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
-    return GGUFFile(path=path, metadata=metadata, reader=reader)
+    return GGUFFile(path=path, metadata=dict(reader.fields), reader=reader)
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
