@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from inferd.config import CacheConfig, EngineConfig, SchedulerConfig
+from inferd.config import MEMORY_PROFILES, CacheConfig, EngineConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from inferd.llm import LLM
@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Engi
     p.add_argument("--quant-dense-rows", type=int, default=e.quant_dense_rows,
                    help="also keep bf16 copies of quantized weights and use them for steps of at least this many "
                         "rows (large batches run faster on bf16 GEMM; costs the bf16 memory). 0: packed only")
+    p.add_argument("--memory-profile", default=e.memory_profile, choices=list(MEMORY_PROFILES),
+                   help="memory/speed trade-off: small (no bf16 copies, KV ≤ 0.5 GiB), balanced (bf16 copies "
+                        "for big steps, KV ≤ 2 GiB), fast (KV up to half of free memory ≤ 4 GiB)")
     p.add_argument("--enforce-eager", action="store_true", default=e.enforce_eager,
                    help="CUDA: run every step eagerly instead of replaying decode steps from CUDA graphs")
 
@@ -60,7 +63,7 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         model=model if model is not None else args.model,
         dtype=args.dtype, device=args.device,
         quantization=args.quantization, group_size=args.group_size, quant_dense_rows=args.quant_dense_rows,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, memory_profile=args.memory_profile,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -72,6 +72,9 @@ class ModelConfig:
         )
 
 
+MEMORY_PROFILES = ("small", "balanced", "fast")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -97,3 +100,12 @@ class EngineConfig:
     group_size: int = 32  # int4 group size
     quant_dense_rows: int = 0  # >0: keep bf16 copies of quantized weights for steps with at least this many rows
     enforce_eager: bool = False  # CUDA: never replay decode steps from captured CUDA graphs
+    # small: no bf16 copies of packed weights, KV ≤ 0.5 GiB, cached prefixes evicted before new KV memory is
+    # touched; balanced: bf16 copies for big steps (auto), KV ≤ 2 GiB; fast: as balanced with KV up to ½ of
+    # free memory ≤ 4 GiB. Explicit --quant-dense-rows / --kv-cache-memory win over the profile.
+    memory_profile: str = "balanced"
+
+    def __post_init__(self) -> None:
+        if self.memory_profile not in MEMORY_PROFILES:
+            raise ValueError(f"unknown memory profile {self.memory_profile!r}; choose one of "
+                             f"{', '.join(MEMORY_PROFILES)}")

@@ -25,10 +25,11 @@ class LLM:
                  enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
                  block_size: int = CacheConfig.block_size, quantization: str = EngineConfig.quantization,
                  group_size: int = EngineConfig.group_size, quant_dense_rows: int = EngineConfig.quant_dense_rows,
-                 enforce_eager: bool = EngineConfig.enforce_eager, config: EngineConfig | None = None):
+                 enforce_eager: bool = EngineConfig.enforce_eager,
+                 memory_profile: str = EngineConfig.memory_profile, config: EngineConfig | None = None):
         self.config = config or EngineConfig(
             model=model, dtype=dtype, device=device, quantization=quantization, group_size=group_size,
-            quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager,
+            quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager, memory_profile=memory_profile,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

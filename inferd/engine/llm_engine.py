@@ -18,12 +18,12 @@ from inferd.engine.block_manager import KVCacheManager
 from inferd.engine.detokenizer import IncrementalDetokenizer
 from inferd.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from inferd.engine.request import Request, RequestStatus
-from inferd.engine.runner import ModelRunner, plan_num_blocks
+from inferd.engine.runner import ModelRunner, kv_bytes_per_block, plan_num_blocks
 from inferd.engine.sampler import Sampler, prompt_logprobs
 from inferd.engine.scheduler import Scheduler
 from inferd.errors import InvalidRequestError
 from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
-from inferd.models.registry import LoadedModel, load_model
+from inferd.models.registry import LoadedModel, load_model, weight_bytes
 from inferd.quant.apply import QuantConfig
 from inferd.sampling_params import SamplingParams
 
@@ -52,14 +52,15 @@ class LLMEngine:
         self.config = config
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
-        quant = QuantConfig(config.quantization, config.group_size, config.quant_dense_rows)
+        quant = QuantConfig(config.quantization, config.group_size, config.quant_dense_rows, config.memory_profile)
         self.lm = loaded or load_model(config.model, dtype, device, config.scheduler.max_model_len, quant)
         self.tokenizer = self.lm.tokenizer
         self.max_model_len = self.lm.max_model_len
         cc = config.cache
         num_blocks = plan_num_blocks(self.lm, cc.block_size, cc.kv_cache_memory_gib,
-                                     available_memory_bytes(self.lm.device))
-        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+                                     available_memory_bytes(self.lm.device), config.memory_profile)
+        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                 grow_before_evict=config.memory_profile != "small")
         sc = replace(config.scheduler, max_model_len=self.max_model_len)
         sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
         self.scheduler = Scheduler(sc, self.kv)
@@ -70,7 +71,12 @@ class LLMEngine:
         self.child_of: dict[str, tuple[_Group, int]] = {}
         self.num_steps = 0
         self.total_compute_s = 0.0
+        self.kv_bytes_per_block = kv_bytes_per_block(self.lm, cc.block_size)
+        self.weight_bytes, dense_copies = weight_bytes(self.lm.model)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, cc.block_size)
+        log.info("memory (%s profile, %s): weights %.0f MB, of which bf16 copies %.0f MB; KV max %.0f MB "
+                 "(%d tokens, backed as used)", config.memory_profile, self.lm.quantization, self.weight_bytes / 1e6,
+                 dense_copies / 1e6, num_blocks * self.kv_bytes_per_block / 1e6, num_blocks * cc.block_size)
 
     @property
     def model_name(self) -> str:
@@ -255,6 +261,10 @@ class LLMEngine:
             "kv_cache_usage": self.kv.usage,
             "prefix_cache_queries": self.kv.queries,
             "prefix_cache_hits": self.kv.hits,
+            "weight_bytes": self.weight_bytes,
+            "kv_bytes_used": self.kv.num_used_blocks * self.kv_bytes_per_block,
+            "kv_bytes_touched": self.kv.high_water * self.kv_bytes_per_block,  # resident: blocks ever written
+            "kv_bytes_max": self.kv.num_blocks * self.kv_bytes_per_block,
         }
 
 

@@ -26,9 +26,15 @@ def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * lm.dtype.itemsize
 
 
-def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, available: int) -> int:
+# memory profile → default KV budget (share of free memory, cap in GiB) when --kv-cache-memory is not given
+KV_DEFAULTS = {"small": (0.25, 0.5), "balanced": (0.25, 2.0), "fast": (0.5, 4.0)}
+
+
+def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, available: int,
+                    profile: str = "balanced") -> int:
     per_block = kv_bytes_per_block(lm, block_size)
-    budget = int(budget_gib * (1 << 30)) if budget_gib is not None else min(int(available * 0.25), 2 << 30)
+    share, cap = KV_DEFAULTS[profile]
+    budget = int(budget_gib * (1 << 30)) if budget_gib is not None else min(int(available * share), int(cap * (1 << 30)))
     num_blocks = budget // per_block
     need = -(-lm.max_model_len // block_size)
     if num_blocks < need:

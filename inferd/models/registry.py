@@ -41,6 +41,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
+    quantization: str = "none"  # the method after `auto` was resolved
 
 
 def _stream_gguf(model: LlamaForCausalLM, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
@@ -105,4 +106,20 @@ def load_model(
         tok.eos_token_ids = cfg.eos_token_ids
     name = spec if spec in hub.CATALOGUE else path.name
     log.info("loaded %s (%s, %d layers, %s) from %s", name, cfg.architecture, cfg.num_layers, dtype, path)
-    return LoadedModel(name, path, cfg, model, tok, dtype, device, max_model_len)
+    return LoadedModel(name, path, cfg, model, tok, dtype, device, max_model_len, quant.method)
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of all weights, of which bf16 copies kept beside packed layers), each storage counted once."""
+    from inferd.ops import onednn
+    from inferd.quant.linear import module_bytes
+
+    copies = 0
+    for mod in model.modules():
+        packed = getattr(mod, "_dense_onednn", None)
+        dense = getattr(mod, "dense", None) if hasattr(mod, "dense_from_rows") else None
+        if packed is not None:
+            copies += onednn.nbytes(packed)
+        elif isinstance(dense, torch.Tensor):
+            copies += dense.untyped_storage().nbytes()
+    return module_bytes(model), copies

@@ -36,6 +36,7 @@ class QuantConfig:
     method: str = "none"
     group_size: int = 32
     dense_from_rows: int = 0  # keep a bf16 copy and use it for steps with at least this many rows (0: never)
+    profile: str = "balanced"  # EngineConfig.memory_profile: `small` makes auto keep no bf16 copies
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,9 +57,9 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
     packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= EXACT_INT4 | {"Q8_0"}
     if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
         # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
-        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if onednn.available() else 0)
-        return QuantConfig("gguf", 32, dense)
-    return QuantConfig("none", qc.group_size, qc.dense_from_rows)
+        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if onednn.available() and qc.profile != "small" else 0)
+        return QuantConfig("gguf", 32, dense, qc.profile)
+    return QuantConfig("none", qc.group_size, qc.dense_from_rows, qc.profile)
 
 
 # fused layer → the HF tensors it was built from (row blocks, in order)
@@ -198,6 +199,21 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     cfg = model.config
     used: set[str] = set()
     kept: set[str] = set()
+    # the embedding first: its conversion's temporaries (~2.5x the int8 table) then sit on a small resident set
+    emb = "model.embed_tokens.weight"
+    q8, s8 = _int8_table(src, emb)
+    used.add(emb)
+    src.release(emb)
+    if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
+        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)  # no bf16 copy (as quantize_model)
+        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+    else:
+        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
+        qh, sh = _int8_table(src, "lm_head.weight")
+        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None)
+        used.add("lm_head.weight")
+        src.release("lm_head.weight")
+    del q8, s8
     for i in range(cfg.num_layers):
         layer = model.model.layers[i]
         for fused, parts in _parts(i).items():
@@ -222,17 +238,4 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     if kept:
         log.info("GGUF type(s) %s have no packed kernel here; those linears are kept dequantized",
                  ",".join(sorted(kept)))
-    emb = "model.embed_tokens.weight"
-    q8, s8 = _int8_table(src, emb)
-    used.add(emb)
-    src.release(emb)
-    if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
-        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)  # no bf16 copy (as quantize_model)
-        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
-    else:
-        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
-        qh, sh = _int8_table(src, "lm_head.weight")
-        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None)
-        used.add("lm_head.weight")
-        src.release("lm_head.weight")
     return used
