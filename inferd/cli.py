@@ -83,7 +83,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = list_models()
     w = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{w}}  {r['kind']:<8}  {r['status']:<13}  {r['description']}")
+        size = f"{int(r['weight_bytes']) / 1e6:.0f} MB" if r.get("weight_bytes") else "-"
+        print(f"{r['name']:<{w}}  {r['kind']:<8}  {r['status']:<13}  {size:>7}  {r['description']}")
         if r["path"]:
             print(f"{'':<{w}}  {r['path']}")
     return 0

@@ -88,3 +88,27 @@ def test_kv_pool_is_backed_only_when_used(tmp_path: Path):
     assert 16 * 15 <= m["high_water"] <= 16 * 31, m
     assert m["after"] - m["built"] > 0.8 * used, m  # ... and grows as blocks are written
     assert m["after"] - m["built"] < used + 128 * mib, m
+
+
+def test_metrics_report_weight_and_kv_bytes(tiny_llm):
+    from prometheus_client import generate_latest
+
+    from inferd.server.metrics import Metrics
+
+    eng = tiny_llm.engine
+    m = Metrics()
+    m.add_model("tiny", eng)
+
+    def gauge(name: str, labels: str) -> float:
+        text = generate_latest(m.registry).decode()
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith(name) and labels in line)
+
+    assert gauge("inferd_model_weight_bytes", 'model_name="tiny"') == eng.weight_bytes > 0
+    assert gauge("inferd_kv_cache_bytes", 'kind="max"') == eng.kv.num_blocks * eng.kv_bytes_per_block
+    eng.add_request("mem", list(range(3, 60)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    eng.step()
+    m.on_step("tiny", eng)
+    assert gauge("inferd_kv_cache_bytes", 'kind="used"') == 4 * eng.kv_bytes_per_block  # 57 tokens: 4 blocks
+    assert gauge("inferd_kv_cache_bytes", 'kind="resident"') >= 4 * eng.kv_bytes_per_block
+    eng.abort_request("mem")

@@ -134,5 +134,15 @@ def list_models() -> list[dict[str, str]]:
             status = "installed"
             # an assembled model's path is known once pulled; never assemble just to list
             where = registry.get(m.name, "(assembled by `inferd pull`)") if m.assemble else str(m.locate())
-        rows.append({"name": m.name, "kind": m.kind, "status": status, "path": where, "description": m.description})
+        rows.append({"name": m.name, "kind": m.kind, "status": status, "path": where, "description": m.description,
+                     "weight_bytes": weight_file_bytes(Path(where)) if where and not where.startswith("(") else 0})
     return rows
+
+
+def weight_file_bytes(path: Path) -> int:
+    """Bytes of a model's weight files on disk: a .gguf file, or a directory's *.safetensors / *.bin."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in path.glob(pat))
+    return 0

@@ -89,7 +89,7 @@ def _load_models(args: argparse.Namespace, state: ServerState) -> None:
                                               state.metrics)
             else:
                 engine = LLMEngine(engine_config(args, model=slot.spec))
-                state.metrics.add_model(slot.name)
+                state.metrics.add_model(slot.name, engine)
                 slot.llm = AsyncLLM(engine, max_queue=args.max_queue,
                                     on_step=lambda eng, _dt, n=slot.name: state.metrics.on_step(n, eng),
                                     on_output=lambda ro, n=slot.name: state.metrics.on_output(n, ro))

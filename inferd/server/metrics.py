@@ -43,20 +43,33 @@ class Metrics:
                                         registry=r)
         self.embed_cache_misses = Counter("inferd_embedding_cache_misses", "Embedding cache misses (inputs)", lbl,
                                           registry=r)
+        # memory (issue 21): weights as loaded; KV in use (blocks held), resident (blocks ever written: the pool's
+        # pages are backed on first use) and the pool's maximum
+        self.weight_bytes = Gauge("inferd_model_weight_bytes", "Bytes of model weights (incl. bf16 copies)", lbl,
+                                  registry=r)
+        self.kv_bytes = Gauge("inferd_kv_cache_bytes", "KV cache bytes: used, resident, max", lbl + ["kind"],
+                              registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
         self._seen_prefix: dict[str, tuple[int, int]] = {}
         self._tok_count: dict[str, int] = {}
 
-    def add_model(self, name: str) -> None:
+    def add_model(self, name: str, engine: LLMEngine | None = None) -> None:
         """Create every per-model series at load (value 0), so dashboards and scrapes see them before traffic."""
+        if engine is not None:
+            self._memory(name, engine.stats())
         for m in (self.running, self.waiting, self.kv_usage, self.prefix_queries, self.prefix_hits,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
                   self.compute, self.cost):
             m.labels(name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(name, reason)
+
+    def _memory(self, name: str, s: dict[str, float]) -> None:
+        self.weight_bytes.labels(name).set(s["weight_bytes"])
+        for kind in ("used", "touched", "max"):
+            self.kv_bytes.labels(name, "resident" if kind == "touched" else kind).set(s[f"kv_bytes_{kind}"])
 
     def cost_usd(self, compute_s: float) -> float:
         return compute_s * self.price_per_hour / 3600.0
@@ -66,6 +79,7 @@ class Metrics:
         self.running.labels(name).set(s["num_running"])
         self.waiting.labels(name).set(s["num_waiting"])
         self.kv_usage.labels(name).set(s["kv_cache_usage"])
+        self._memory(name, s)
         q0, h0 = self._seen_prefix.get(name, (0, 0))
         q, h = int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"])
         if q > q0:
