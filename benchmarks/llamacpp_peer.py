@@ -2,6 +2,10 @@
 inferd's engine: prefill of the 512-token prompt and single-stream decode of 128 tokens.
 
     python benchmarks/llamacpp_peer.py --peer-python /path/to/env-with-llama-cpp-python/bin/python
+        [--isa avx2_fma --dtype float32]   # inferd forced to a kernel tier (compare with a llama.cpp built for it)
+        [--bf16-gguf smollm2-bf16.gguf]    # llama.cpp BF16 vs inferd bf16 (-q none) on the same weights
+
+`--bf16-gguf` is written by the peer (llama.cpp's own quantize, `--allow-requantize`) when it does not exist.
 """
 
 from __future__ import annotations
@@ -35,10 +39,21 @@ print(json.dumps(res))
 """
 
 
-def bench_inferd(model: str, q: str, ids: dict) -> tuple[float, float]:
+TO_BF16 = r"""
+import ctypes, sys
+import llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16
+p.allow_requantize = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+def bench_inferd(model: str, q: str, ids: dict, dtype: str = "auto") -> tuple[float, float]:
     from inferd import LLM, SamplingParams
 
-    llm = LLM(model, quantization=q, kv_cache_memory=0.5, max_model_len=1024, enable_prefix_caching=False)
+    llm = LLM(model, quantization=q, dtype=dtype, kv_cache_memory=0.5, max_model_len=1024,
+              enable_prefix_caching=False)
     llm.generate([ids["ids128"]], SamplingParams(max_tokens=4, temperature=0))
     pps = []
     for _ in range(3):
@@ -68,10 +83,12 @@ def main() -> None:
     args = ap.parse_args()
     from inferd.hardware import machine_info
     from inferd.loader.hub import resolve
+    from inferd.ops.kernels import get_kernels
 
     ref = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bench_prompt_ids.json"
     ids = json.loads(ref.read_text())
-    print(f"# {time.strftime('%Y-%m-%d')}  {machine_info()}")
+    print(f"# {time.strftime('%Y-%m-%d')}  {machine_info()}, inferd kernel tier {get_kernels().tier}, "
+          f"dtype {args.dtype}")
     peer = run_peer(args.peer_python, str(resolve("smollm2-135m")), ref)
     print("| engine / format | prefill tok/s (512) | ratio | decode tok/s (128) | ratio |")
     print("|---|---|---|---|---|")
@@ -80,7 +97,7 @@ def main() -> None:
     labels = {"none": "bf16 (dequantized at load)", "gguf": "Q4_1 blocks kept packed", "int4": "int4 g32",
               "int8": "int8", "auto": "auto (CLI default)"}
     for q in args.quantization:
-        pp, tg = bench_inferd("smollm2-135m", q, ids)
+        pp, tg = bench_inferd("smollm2-135m", q, ids, args.dtype)
         print(f"| inferd {labels[q]} | {pp:.0f} | {pp / peer['prefill_tok_s']:.2f}x | {tg:.1f} | "
               f"{tg / peer['decode_tok_s']:.2f}x |", flush=True)
     if args.q8_gguf:
@@ -92,6 +109,17 @@ def main() -> None:
             pp, tg = bench_inferd(model, q, ids)
             print(f"| inferd {label} | {pp:.0f} | {pp / p8['prefill_tok_s']:.2f}x | {tg:.1f} | "
                   f"{tg / p8['decode_tok_s']:.2f}x |", flush=True)
+
+
+    if args.bf16_gguf:
+        if not Path(args.bf16_gguf).is_file():
+            subprocess.run([args.peer_python, "-c", TO_BF16, str(resolve("smollm2-135m")), args.bf16_gguf], check=True)
+        pb = run_peer(args.peer_python, args.bf16_gguf, ref)
+        print(f"| llama.cpp BF16 (llama-cpp-python) | {pb['prefill_tok_s']:.0f} | 1.00x | {pb['decode_tok_s']:.1f} | "
+              "1.00x |")
+        pp, tg = bench_inferd("smollm2-135m", "none", ids, "bfloat16")
+        print(f"| inferd bf16 (-q none, shipped file) | {pp:.0f} | {pp / pb['prefill_tok_s']:.2f}x | {tg:.1f} | "
+              f"{tg / pb['decode_tok_s']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

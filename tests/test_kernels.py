@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from inferd.ops import cpu_kernels
 from inferd.ops.kernels import TIERS, get_kernels, runnable_tiers, supported_tiers, use_tier
-from inferd.quant.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from inferd.quant.linear import Int4Linear, Int8Linear, quantize_activations_q8, quantize_int4, quantize_int8
 
 K = get_kernels()
 needs_c = pytest.mark.skipif(not K.available, reason=f"kernel tier {K.tier}: no C kernels")
@@ -79,10 +79,7 @@ def _quant_layers(n: int = 64, k: int = 256, seed: int = 4):
 
 def _quant_reference(x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """What the kernels compute: activations quantized to int8 per group of 32 (RNE), dot with dequantized W."""
-    xg = x.float().view(x.shape[0], -1, 32)
-    d = xg.abs().amax(-1, keepdim=True) / 127
-    xq = torch.round(xg / torch.where(d > 0, d, torch.ones_like(d))).clamp(-128, 127) * d
-    return xq.view_as(x) @ wq.t()
+    return quantize_activations_q8(x) @ wq.t()
 
 
 @needs_quant

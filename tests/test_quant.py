@@ -5,6 +5,7 @@ GGUF Q4 blocks vs gguf.quants.dequantize, quantized models (in memory, GGUF-pack
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -239,3 +240,28 @@ def test_smollm2_quantized_perplexity_targets():
         ppl[method], _ = perplexity(llm.engine, ids, context=512, stride=256)
     assert ppl["int8"] <= 1.01 * ppl["none"], ppl
     assert ppl["int4"] <= 1.05 * ppl["none"] and ppl["gguf"] <= 1.05 * ppl["none"], ppl
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_file_is_the_same_on_every_tier(tiny_hf, tmp_path, method):
+    """`inferd quantize` writes one format whatever the CPU: a file written under the best tier loads under every
+    other tier this machine can run (down to torch, where aten's kernels run) with the same weights, and the
+    same perplexity within 0.1%."""
+    from inferd.ops.kernels import runnable_tiers, use_tier
+    from inferd.quant.perplexity import perplexity
+
+    files = {}
+    for tier in (runnable_tiers()[0], "torch"):  # writer tiers: with and without our int8 kernel
+        r = subprocess.run([sys.executable, "-m", "inferd.cli", "quantize", str(tiny_hf), str(tmp_path / tier),
+                            "--method", method], capture_output=True, text=True, env={**os.environ, "INFERD_ISA": tier})
+        assert r.returncode == 0, r.stderr
+        files[tier] = (tmp_path / tier / "model.safetensors").read_bytes()
+    assert len(set(files.values())) == 1  # byte-identical files
+    text = "The capital of France is Paris. The capital of Germany is Berlin. " * 4
+    ppl = {}
+    for tier in runnable_tiers():
+        with use_tier(tier):
+            llm = LLM(str(tmp_path / "torch"), dtype="float32", kv_cache_memory=0.01)
+            ppl[tier] = perplexity(llm.engine, llm.tokenizer.encode(text), context=64, stride=32)[0]
+    best = ppl[runnable_tiers()[0]]
+    assert all(abs(p / best - 1) < 1e-3 for p in ppl.values()), (method, ppl)

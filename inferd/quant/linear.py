@@ -48,6 +48,16 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
 FILE_INT8_GROUP = 32  # `inferd quantize` files always hold int8 scales per group of 32: one format on every CPU
 
 
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) → the values our int4/int8 kernels multiply: x quantized to int8 per group of 32 along K (scale
+    |x|max/127, round half to even) and scaled back, in fp32. The torch paths of grouped layers use it so every
+    kernel tier computes the same model (a file's perplexity does not depend on the CPU)."""
+    xg = x.float().reshape(x.shape[0], -1, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))  # the kernel multiplies by 127/amax
+    return (torch.round(xg * inv).clamp(-128, 127) * (amax / 127)).view(x.shape)
+
+
 def int8_group_size() -> int | None:
     """For in-memory quantization: scales per group of 32 where our int8 kernel runs (better quality: it also
     quantizes activations), else per channel (aten's int8 kernel takes one scale per channel)."""
@@ -226,7 +236,9 @@ class Int8Linear(_PackedLinear):
         x = x.float().contiguous()
         if self.layout == "q8rows16":
             return self._packed(x)
-        if self.grouped or x.is_cuda:
+        if self.grouped:  # as the kernel: activations quantized per group of 32
+            return F.linear(quantize_activations_q8(x), self.dequantized().to(x.device))
+        if x.is_cuda:
             return F.linear(x, self.dequantized().to(x.device))
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.float())
 
@@ -235,8 +247,8 @@ class Int8Linear(_PackedLinear):
             y = cpu_kernels.q8_gemm(x, self.qweight, self.scales, self.out_features)
             assert y is not None
             return y
-        if self.grouped:  # aten's kernels take one scale per channel
-            return F.linear(x, self.dequantized().to(x.dtype))
+        if self.grouped:  # aten's kernels take one scale per channel: the kernel's math in torch
+            return F.linear(quantize_activations_q8(x), self.dequantized()).to(x.dtype)
         if x.is_cuda:
             return _int8_mm_cuda(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
