@@ -12,7 +12,7 @@ from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 from inferd.loader import hub
 from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
-from inferd.loader.materialize import materialize
+from inferd.loader.materialize import materialize, skip_init
 from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
 from inferd.models.blocks import Rotary
@@ -46,7 +46,7 @@ class LoadedModel:
 
 def _stream_gguf(model: LlamaForCausalLM, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
                  device: torch.device) -> None:
-    """Fills a meta-device model from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
+    """Fills a model skeleton from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
     tensor by tensor; `int8`/`int4` quantize the dense model after (one layer at a time)."""
     consumed = pack_gguf(model, src, quant, dtype, device) if quant.method == "gguf" else set()
     materialize(model, set(src.names()), lambda n: src.dense(n, dtype), dtype, device, consumed, src.release)
@@ -82,12 +82,14 @@ def load_model(
         raise ModelLoadError(f"cannot load {path}: not a .gguf file or a model directory")
     if max_model_len is None:
         max_model_len = min(cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
-    with torch.device("meta"):
-        model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
     if src is not None:  # GGUF: one tensor at a time from the file's mmap, never a whole dense copy
+        with skip_init():  # a CPU skeleton whose uninitialised weights are replaced one by one
+            model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
         _stream_gguf(model, src, quant, dtype, device)
         del src, f  # unmaps the file
     else:
+        with torch.device("meta"):
+            model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
         model = model.to_empty(device=device).to(dtype)
         if recipe is not None:  # a model written by `inferd quantize`
             if quant.method not in ("none", recipe.get("method")):

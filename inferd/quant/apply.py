@@ -193,9 +193,9 @@ def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.dtype,
               device: torch.device) -> set[str]:
-    """`--quantization gguf` on a model still on the meta device: every decoder linear whose blocks have a packed
-    layer, the embedding and the lm_head are built straight from the file, one at a time (no dense model is
-    ever made). Returns the tensor names used; the rest (norms, unpackable linears) are loaded dense after."""
+    """`--quantization gguf` on a model skeleton (weights not loaded yet): every decoder linear whose blocks have a
+    packed layer, the embedding and the lm_head are built straight from the file, one at a time (no dense model
+    is ever made). Returns the tensor names used; the rest (norms, unpackable linears) are loaded dense after."""
     cfg = model.config
     used: set[str] = set()
     kept: set[str] = set()
