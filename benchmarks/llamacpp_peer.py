@@ -80,7 +80,12 @@ def main() -> None:
     ap.add_argument("--q8-gguf", default=None,
                     help="a Q8_0 GGUF of the same weights (e.g. made with llama.cpp's quantize, --allow-requantize): "
                          "llama.cpp on it vs inferd -q gguf (Q8_0 → int8) and -q int8 on the shipped file")
+    ap.add_argument("--bf16-gguf", default=None, help="a BF16 GGUF of the same weights (written if missing)")
+    ap.add_argument("--isa", default=None, help="run inferd on this kernel tier (INFERD_ISA)")
+    ap.add_argument("--dtype", default="auto", help="inferd compute dtype")
     args = ap.parse_args()
+    if args.isa:
+        os.environ["INFERD_ISA"] = args.isa
     from inferd.hardware import machine_info
     from inferd.loader.hub import resolve
     from inferd.ops.kernels import get_kernels
