@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from inferd.ops import cpu_kernels
+from inferd.ops.kernels import get_kernels
 
 
 @dataclass
@@ -50,7 +51,7 @@ def plan_prefill_kernel(meta: AttnMetadata) -> None:
     """Mark the chunks the C kernel takes and build its tables (runner side, once per step). It pays off by
     replacing several SDPA calls with one: a lone small chunk (equal speed either way) stays with SDPA."""
     small = [p for p in meta.prefills if p.q_len * p.ctx_len <= C_PREFILL_MAX_WORK]
-    if len(small) < 2:
+    if len(small) < 2 or not get_kernels().prefill_attention:
         return
     nblk = max(len(p.blocks) for p in small)
     tables = torch.zeros(len(small), nblk, dtype=torch.long)
