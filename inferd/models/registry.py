@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
-from inferd.loader import hub
+from inferd.loader import hub, repack_cache
 from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
 from inferd.loader.materialize import materialize, skip_init
 from inferd.loader.safetensors import load_safetensors, read_hf_config
@@ -48,7 +49,11 @@ def _stream_gguf(model: LlamaForCausalLM, src: GGUFTensors, quant: QuantConfig, 
                  device: torch.device) -> None:
     """Fills a model skeleton from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
     tensor by tensor; `int8`/`int4` quantize the dense model after (one layer at a time)."""
-    consumed = pack_gguf(model, src, quant, dtype, device) if quant.method == "gguf" else set()
+    key = None
+    if quant.method == "gguf" and device.type == "cpu" and os.environ.get("INFERD_REPACK_CACHE", "1") != "0":
+        key = repack_cache.cache_key(src.file.path, {"method": quant.method, "dense_from_rows": quant.dense_from_rows,
+                                                     "dtype": str(dtype)})
+    consumed = pack_gguf(model, src, quant, dtype, device, key) if quant.method == "gguf" else set()
     materialize(model, set(src.names()), lambda n: src.dense(n, dtype), dtype, device, consumed, src.release)
     if quant.method in ("int8", "int4"):
         quantize_model(model, quant)

@@ -21,6 +21,7 @@ from inferd.quant.linear import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    dequantize_int4,
     int8_group_size,
     quantize_int4,
     quantize_int8,
@@ -146,9 +147,15 @@ def _unpermuted(t: torch.Tensor, heads: int | None) -> torch.Tensor:
     return t if heads is None else torch.from_numpy(llama_unpermute(t.numpy(), heads))
 
 
+REPACKS = 0  # layers repacked from a file's blocks in this process (tests count these to see the cache work)
+
+
 def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_features: int,
-                      bias: torch.Tensor | None, qc: QuantConfig, device: torch.device) -> nn.Module | None:
-    """One fused linear from the file's blocks, or None when its types have no packed layer here."""
+                      bias: torch.Tensor | None, qc: QuantConfig, device: torch.device,
+                      dense_out: list[torch.Tensor] | None = None) -> nn.Module | None:
+    """One fused linear from the file's blocks, or None when its types have no packed layer here. `dense_out`
+    (for the repack cache) receives the layer's plain bf16 copy when it keeps one."""
+    global REPACKS
     raws = [src.raw(p) for p in parts]
     if any(r is None for r in raws):
         return None
@@ -157,6 +164,7 @@ def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_
     if sum(r.rows for r in rs) != out_features or any(r.cols != in_features for r in rs):
         raise ModelLoadError(f"{parts}: shapes {[(r.rows, r.cols) for r in rs]} do not make "
                              f"({out_features}, {in_features})")
+    REPACKS += 1
     if types <= EXACT_INT4:
         qs, ss, zs = [], [], []
         for r in rs:
@@ -164,8 +172,10 @@ def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_
             qs.append(_unpermuted(q, r.unpermute_heads))
             ss.append(_unpermuted(sc, r.unpermute_heads))
             zs.append(_unpermuted(z, r.unpermute_heads))
-        return Int4Linear(torch.cat(qs).to(device), torch.cat(ss).to(device), torch.cat(zs).to(device), 32, bias,
-                          qc.dense_from_rows)
+        q, sc, z = torch.cat(qs).to(device), torch.cat(ss).to(device), torch.cat(zs).to(device)
+        if dense_out is not None and qc.dense_from_rows:
+            dense_out.append(dequantize_int4(q, sc, z, 32).bfloat16())
+        return Int4Linear(q, sc, z, 32, bias, qc.dense_from_rows)
     if types == {"Q8_0"}:
         if int8_group_size() is None:  # per-channel scales (aten's int8 kernel): requantize the dequantized rows
             w = torch.cat([src.dense(p, torch.float32) for p in parts])
@@ -174,7 +184,10 @@ def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_
             pieces = [unpack_q8_0(r.data, r.rows, r.cols) for r in rs]
             q8 = torch.cat([_unpermuted(q, r.unpermute_heads) for (q, _), r in zip(pieces, rs)])
             s8 = torch.cat([_unpermuted(d, r.unpermute_heads) for (_, d), r in zip(pieces, rs)])
-        return Int8Linear(q8.to(device), s8.to(device), bias, qc.dense_from_rows)
+        layer8 = Int8Linear(q8.to(device), s8.to(device), bias, qc.dense_from_rows)
+        if dense_out is not None and qc.dense_from_rows:
+            dense_out.append(layer8.dequantized().bfloat16())
+        return layer8
     return None
 
 
@@ -191,12 +204,52 @@ def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
+def _from_cache(model: nn.Module, src: GGUFTensors, cached: dict[str, nn.Module], dtype: torch.dtype,
+                device: torch.device) -> set[str]:
+    """Puts cached packed layers in place (those the cache has; the rest load as without it)."""
+    used: set[str] = set()
+    for i in range(model.config.num_layers):
+        layer = model.model.layers[i]
+        for fused, parts in _parts(i).items():
+            if fused not in cached:
+                continue
+            owner = layer.self_attn if "self_attn" in fused else layer.mlp
+            packed = cached[fused]
+            setattr(owner, fused.rsplit(".", 1)[1], packed)
+            used |= set(parts)
+            if packed.bias is not None:
+                used |= {p.replace(".weight", ".bias") for p in parts}
+    model.lm_head = cached["lm_head"]
+    emb = "model.embed_tokens.weight"
+    if "lm_head.weight" not in src:  # tied: the lm_head's table
+        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+    else:  # an untied embedding is a plain int8 table: cheap to make again
+        q8, s8 = _int8_table(src, emb)
+        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
+        used.add("lm_head.weight")
+    used.add(emb)
+    return used
+
+
 def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.dtype,
-              device: torch.device) -> set[str]:
+              device: torch.device, cache_key: str | None = None) -> set[str]:
     """`--quantization gguf` on a model skeleton (weights not loaded yet): every decoder linear whose blocks have a
     packed layer, the embedding and the lm_head are built straight from the file, one at a time (no dense model
     is ever made). Returns the tensor names used; the rest (norms, unpackable linears) are loaded dense after."""
+    from inferd.loader import repack_cache
+
     cfg = model.config
+    if cache_key is not None:
+        cached = repack_cache.load(cache_key, qc.dense_from_rows)
+        if cached is not None and "lm_head" in cached:
+            log.info("packed layers from the repack cache (%s)", cache_key)
+            return _from_cache(model, src, cached, dtype, device)
+    writer = None
+    if cache_key is not None:
+        try:
+            writer = repack_cache.CacheWriter(cache_key)
+        except OSError as exc:  # a read-only $INFERD_HOME: the cache is an optimisation only
+            log.warning("no repack cache (%s)", exc)
     used: set[str] = set()
     kept: set[str] = set()
     # the embedding first: its conversion's temporaries (~2.5x the int8 table) then sit on a small resident set
@@ -227,15 +280,26 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
             bias = None
             if meta.bias is not None:
                 bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
-            layer_q = _packed_from_raws(src, parts, meta.out_features, meta.in_features, bias, qc, device)
+            copy: list[torch.Tensor] = []
+            layer_q = _packed_from_raws(src, parts, meta.out_features, meta.in_features, bias, qc, device,
+                                        copy if writer is not None else None)
             if layer_q is None:
                 kept |= {src.type_name(p) for p in parts}
                 continue
             setattr(owner, attr, layer_q)
+            if writer is not None:
+                writer.add(fused, layer_q, copy[0] if copy else None)
             for n in parts + (bias_parts if bias is not None else []):
                 used.add(n)
                 src.release(n)
     if kept:
         log.info("GGUF type(s) %s have no packed kernel here; those linears are kept dequantized",
                  ",".join(sorted(kept)))
+    if writer is not None:
+        try:
+            writer.add("lm_head", model.lm_head)
+            writer.finish()
+        except OSError as exc:  # a full $INFERD_HOME: the cache is an optimisation only
+            writer.abort()
+            log.warning("could not write the repack cache (%s)", exc)
     return used

@@ -1,0 +1,176 @@
+"""Repacked GGUF layers cached under `$INFERD_HOME/repack`, mmap'd on later starts.
+
+Repacking a GGUF's blocks into the kernels' layouts (and making the bf16 copies for big steps) is most of a
+quantized model's load time. The first load writes every packed layer's tensors to one file (safetensors
+layout); later loads map that file and rebuild the layers around the mapped tensors, so a second start skips the
+repack and N processes on one machine share the pages (MAP_PRIVATE: shared until written, and weights are never
+written). The key covers the GGUF's content (size, mtime and sampled bytes), the quantization settings, the
+kernel tier and torch's version, so a changed file or another CPU gets its own entry. Only the CPU uses it.
+
+oneDNN-prepacked bf16 copies are opaque: the cache keeps their plain bf16 source and prepacks it at load (a
+reorder, much cheaper than dequantizing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inferd.quant import linear as qlinear
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_SAMPLE = 1 << 16
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
+           "I32": torch.int32, "I64": torch.int64, "I16": torch.int16}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_CLASSES = {"Int4Linear": qlinear.Int4Linear, "Int8Linear": qlinear.Int8Linear}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INFERD_HOME", Path.home() / ".cache" / "inferd")) / "repack"
+
+
+def fingerprint(path: Path) -> str:
+    """Content identity of a (possibly multi-GB) file without reading all of it: size, mtime and 64 KiB at the
+    start, the end and 16 places between."""
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        for i in range(18):
+            f.seek(max(0, min(st.st_size - _SAMPLE, i * st.st_size // 17)))
+            h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:32]
+
+
+def kernel_tier() -> str:
+    from inferd.ops.kernels import get_kernels
+
+    return str(get_kernels().tier)
+
+
+def cache_key(path: Path, settings: dict) -> str:
+    ident = {"v": CACHE_VERSION, "file": fingerprint(path), "tier": kernel_tier(), "torch": torch.__version__,
+             **settings}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _entry(key: str) -> Path:
+    return cache_dir() / f"{key}.safetensors"
+
+
+class CacheWriter:
+    """Writes an entry as layers are packed: tensor bytes go to a side file at once (nothing is held in memory),
+    the header and the bytes are joined into the entry on `finish`."""
+
+    def __init__(self, key: str):
+        self.path = _entry(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_suffix(f".data{os.getpid()}")
+        self.data = open(self.tmp, "wb")
+        self.header: dict = {}
+        self.meta: dict[str, dict] = {}
+        self.off = 0
+
+    def _put(self, key: str, t: torch.Tensor) -> None:
+        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        self.header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.off, self.off + raw.nbytes]}
+        self.data.write(memoryview(raw))
+        self.off += raw.nbytes
+
+    def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
+        """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
+        attrs = {k: v for k, v in vars(m).items()
+                 if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
+        kinds = {}
+        for kind, store in (("b", m._buffers), ("p", m._parameters)):
+            for t_name, t in store.items():
+                if t_name == "dense":  # the bf16 copy travels as @dense, rebuilt by _set_dense
+                    continue
+                kinds[t_name] = kind if t is not None else "none"
+                if t is not None:
+                    self._put(f"{name}/{t_name}", t)
+        copy = dense if dense is not None else m._buffers.get("dense")
+        if copy is not None:
+            self._put(f"{name}/@dense", copy)
+        self.meta[name] = {"cls": type(m).__name__, "attrs": attrs, "tensors": kinds}
+
+    def finish(self) -> None:
+        self.data.close()
+        hb = json.dumps({"__metadata__": {"inferd": json.dumps(self.meta)}, **self.header}).encode()
+        hb += b" " * (-len(hb) % 8)
+        out = self.path.with_suffix(f".tmp{os.getpid()}")
+        with open(out, "wb") as f, open(self.tmp, "rb") as data:
+            f.write(struct.pack("<Q", len(hb)) + hb)
+            while chunk := data.read(1 << 24):
+                f.write(chunk)
+        os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
+        self.tmp.unlink()
+
+    def abort(self) -> None:
+        self.data.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def load(key: str, dense_from_rows: int) -> dict[str, nn.Module] | None:
+    """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read)."""
+    path = _entry(key)
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        (n,) = struct.unpack_from("<Q", mm, 0)
+        header = json.loads(bytes(mm[8 : 8 + n]))
+        meta = json.loads(header.pop("__metadata__")["inferd"])
+        base = 8 + n
+
+        def drop(k: str) -> None:  # pages of a tensor no longer used (a copy was made): out of our RSS
+            a, b = header[k]["data_offsets"]
+            start = -(-(base + a) // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = (base + b) // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > start and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+        def tensor(k: str) -> torch.Tensor:
+            h = header[k]
+            dt = _DTYPES[h["dtype"]]
+            a, b = h["data_offsets"]
+            count = (b - a) // dt.itemsize
+            if count == 0:
+                return torch.empty(h["shape"], dtype=dt)
+            return torch.frombuffer(mm, dtype=dt, count=count, offset=base + a).view(h["shape"])
+
+        out: dict[str, nn.Module] = {}
+        for name, m in meta.items():
+            cls = _CLASSES[m["cls"]]
+            layer = cls.__new__(cls)
+            nn.Module.__init__(layer)
+            for k, v in m["attrs"].items():
+                setattr(layer, k, v)
+            for t_name, kind in m["tensors"].items():
+                if kind == "p":
+                    layer._parameters[t_name] = nn.Parameter(tensor(f"{name}/{t_name}"), requires_grad=False)
+                elif kind == "b":
+                    layer.register_buffer(t_name, tensor(f"{name}/{t_name}"))
+                else:
+                    layer.register_buffer(t_name, None)
+            key_dense = f"{name}/@dense"
+            has_dense = bool(dense_from_rows) and key_dense in header
+            layer._set_dense(tensor(key_dense) if has_dense else None)
+            if has_dense and layer._buffers.get("dense") is None:  # prepacked for oneDNN: the source is not kept
+                drop(key_dense)
+            out[name] = layer
+        return out
+    except Exception as exc:  # noqa: BLE001 - a stale or foreign entry: repack instead
+        log.warning("repack cache entry %s unusable (%s: %s); repacking", path.name, type(exc).__name__, exc)
+        return None
