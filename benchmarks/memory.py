@@ -1,0 +1,167 @@
+"""Footprint of `inferd serve` (and optionally llama-cpp-python's server on the same GGUF): launch → /ready time
+(first and second start), idle RSS, RSS and peak after a 16-stream load, and two processes on one model (how much
+the second adds, from PSS: pages shared between the two count half to each).
+
+    python benchmarks/memory.py                                   # default serve (SmolLM2 + MiniLM)
+    python benchmarks/memory.py --model smollm2-135m --kv-cache-memory 0.19 [--memory-profile small]
+    python benchmarks/memory.py --model smollm2-135m --kv-cache-memory 0.19 --peer-python /tmp/peers/bin/python
+
+`--peer-python`: a Python with `llama-cpp-python[server]`; its server gets `--n_ctx 8192` (the KV size of
+llama-server `-np 16 -c 8192`). Prints one JSON object per configuration and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+PROMPT = ("You are a helpful assistant. Summarise the following in one paragraph: inference turns a trained model "
+          "into answers, and the memory it needs decides where it can run and what it costs per replica.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status or smaps_rollup field in bytes (VmRSS, VmHWM, Pss...)."""
+    for fname in ("status", "smaps_rollup"):
+        try:
+            for line in Path(f"/proc/{pid}/{fname}").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return 0
+
+
+class Server:
+    def __init__(self, cmd: list[str], ready_path: str, port: int):
+        self.port, self.ready = port, f"http://127.0.0.1:{port}{ready_path}"
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ready_s = self._wait()
+
+    def _wait(self, timeout: float = 300) -> float:
+        while time.perf_counter() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.ready, timeout=1).status_code == 200:
+                    return time.perf_counter() - self.t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server not ready")
+
+    def mib(self, key: str) -> float:
+        return round(proc_status(self.proc.pid, key) / (1 << 20), 1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load(port: int, model: str, streams: int = 16, requests: int = 32, max_tokens: int = 128) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+    def one(_: int) -> None:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(streams) as ex:
+        list(ex.map(one, range(requests)))
+    return time.perf_counter() - t
+
+
+def inferd_cmd(args: argparse.Namespace, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port),
+           "--memory-profile", args.memory_profile]
+    for m in args.model or []:
+        cmd += ["--model", m]
+    if args.kv_cache_memory is not None:
+        cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    return cmd
+
+
+def peer_cmd(args: argparse.Namespace, port: int, gguf: str) -> list[str]:
+    return [args.peer_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--n_ctx", "8192",
+            "--n_threads", str(os.cpu_count()), "--model_alias", "smollm2-135m", "--interrupt_requests", "False"]
+
+
+def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True) -> dict:
+    res: dict = {"server": name}
+    for start in ("first", "second"):
+        port = free_port()
+        s = Server(make_cmd(port), ready_path, port)
+        res[f"ready_s_{start}"] = round(s.ready_s, 2)
+        if start == "first":
+            time.sleep(1.0)
+            res["idle_rss_mib"] = s.mib("VmRSS")
+            res["load_s"] = round(load(port, model), 1)
+            res["rss_after_load_mib"] = s.mib("VmRSS")
+            res["peak_rss_mib"] = s.mib("VmHWM")
+        s.stop()
+    if two:  # two processes on one model: PSS splits shared pages between them
+        ports = [free_port(), free_port()]
+        a = Server(make_cmd(ports[0]), ready_path, ports[0])
+        time.sleep(1.0)
+        alone = a.mib("VmRSS")
+        b = Server(make_cmd(ports[1]), ready_path, ports[1])
+        time.sleep(1.0)
+        pss = a.mib("Pss") + b.mib("Pss")
+        res["two_procs"] = {"rss_a_alone": alone, "rss_a": a.mib("VmRSS"), "rss_b": b.mib("VmRSS"),
+                            "pss_sum": round(pss, 1), "second_adds": round(pss - alone, 1)}
+        a.stop()
+        b.stop()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="repeatable; default: serve's defaults")
+    ap.add_argument("--kv-cache-memory", type=float)
+    ap.add_argument("--memory-profile", default="balanced", choices=["small", "balanced", "fast"])
+    ap.add_argument("--peer-python", help="a Python with llama-cpp-python[server]")
+    ap.add_argument("--no-two", action="store_true", help="skip the two-process measurement")
+    args = ap.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
+          f"{' '.join(sys.argv)}", flush=True)
+    rows = [measure(f"inferd ({args.memory_profile})", lambda p: inferd_cmd(args, p), "/ready",
+                    (args.model or ["smollm2-135m"])[0], not args.no_two)]
+    print(json.dumps(rows[-1]), flush=True)
+    if args.peer_python:
+        from inferd.loader import hub
+
+        gguf = str(hub.resolve("smollm2-135m"))
+        rows.append(measure("llama-cpp-python server", lambda p: peer_cmd(args, p, gguf), "/v1/models",
+                            "smollm2-135m", not args.no_two))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| server | ready 1st s | ready 2nd s | idle RSS MiB | RSS after 16-stream load | peak RSS | "
+          "second process adds (PSS) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        two = r.get("two_procs", {})
+        print(f"| {r['server']} | {r['ready_s_first']} | {r['ready_s_second']} | {r['idle_rss_mib']} | "
+              f"{r['rss_after_load_mib']} | {r['peak_rss_mib']} | {two.get('second_adds', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
