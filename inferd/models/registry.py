@@ -109,11 +109,25 @@ def load_model(
         log.info("quantized %s with %s", path.name, quant)
     model.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
+    release_free_memory()
     if not tok.eos_token_ids and cfg.eos_token_ids:
         tok.eos_token_ids = cfg.eos_token_ids
     name = spec if spec in hub.CATALOGUE else path.name
     log.info("loaded %s (%s, %d layers, %s) from %s", name, cfg.architecture, cfg.num_layers, dtype, path)
     return LoadedModel(name, path, cfg, model, tok, dtype, device, max_model_len, quant.method)
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory that loading freed (dequantized and repacked temporaries) back to the OS: glibc keeps
+    freed small and medium blocks in the process otherwise, and RSS would carry them for the process's life."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
