@@ -5,7 +5,8 @@ quantized model's load time. The first load writes every packed layer's tensors 
 layout); later loads map that file and rebuild the layers around the mapped tensors, so a second start skips the
 repack and N processes on one machine share the pages (MAP_PRIVATE: shared until written, and weights are never
 written). The key covers the GGUF's content (size, mtime and sampled bytes), the quantization settings, the
-kernel tier and torch's version, so a changed file or another CPU gets its own entry. Only the CPU uses it.
+kernel tier, torch's version and the packing code's source, so a changed file, another CPU or a new layout gets
+its own entry. Only the CPU uses it.
 
 oneDNN-prepacked bf16 copies are opaque: the cache keeps their plain bf16 source and prepacks it at load (a
 reorder, much cheaper than dequantizing).
@@ -57,9 +58,19 @@ def kernel_tier() -> str:
     return str(get_kernels().tier)
 
 
+def code_version() -> str:
+    """The sources that decide packed layouts: a change to any of them makes new entries (no stale layouts)."""
+    from inferd.quant import apply, gguf_blocks
+
+    h = hashlib.sha256()
+    for mod in (qlinear, gguf_blocks, apply):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(path: Path, settings: dict) -> str:
     ident = {"v": CACHE_VERSION, "file": fingerprint(path), "tier": kernel_tier(), "torch": torch.__version__,
-             **settings}
+             "code": code_version(), **settings}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
