@@ -38,6 +38,19 @@ def test_small_token_budget_chunks_prefill_with_same_output(tiny_hf, tiny_llm):
     assert texts(chunked.generate(ps, GREEDY)) == ref
 
 
+@pytest.mark.parametrize("method", ["int8", "none"])
+def test_chunked_prefill_with_a_step_that_needs_no_logits(tiny_hf, method):
+    """A prompt longer than the token budget: its first chunks produce no logits (zero rows for the lm_head,
+    packed or dense), the last one samples; same tokens as one unchunked prefill."""
+    kw = dict(dtype="bfloat16", quantization=method, kv_cache_memory=0.05, device="cpu")
+    chunked = LLM(str(tiny_hf), max_num_batched_tokens=16, **kw)
+    whole = LLM(str(tiny_hf), max_num_batched_tokens=256, **kw)
+    prompt = list(range(5, 60))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a, b = chunked.generate([prompt], sp)[0].outputs[0], whole.generate([prompt], sp)[0].outputs[0]
+    assert a.finish_reason == "length" and a.token_ids == b.token_ids
+
+
 def test_prefix_cache_hit_gives_same_output(tiny_llm):
     eng = tiny_llm.engine
     p = (prompts(tiny_llm.tokenizer, 1, seed=2)[0] * 50)[:50]  # three full blocks

@@ -96,6 +96,8 @@ class Linear(nn.Linear):
 def logits_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """hidden (R, H) → float32 logits (R, V) accumulated in fp32 and never rounded to bf16: at |logit| ~25 a bf16
     step is 0.125, enough to turn a near-tie into an exact tie and change the greedy token."""
+    if hidden.shape[0] == 0:  # a step whose chunks all end mid-prompt: no row needs logits
+        return torch.empty(0, head.out_features, dtype=torch.float32, device=hidden.device)
     if hasattr(head, "logits"):  # a packed head (quant.linear.Int8Linear): its kernel with fp32 output
         return head.logits(hidden)
     if hidden.dtype == torch.float32:
