@@ -16,6 +16,7 @@ from torch import nn
 from inferd.errors import ModelLoadError
 from inferd.loader.gguf import GGUFTensors, RawTensor, llama_unpermute
 from inferd.ops import onednn
+from inferd.ops.kernels import get_kernels
 from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4, unpack_q8_0
 from inferd.quant.linear import (
     Int4Linear,
@@ -58,7 +59,9 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
     packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= EXACT_INT4 | {"Q8_0"}
     if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
         # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
-        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if onednn.available() and qc.profile != "small" else 0)
+        # (asked of the kernel tier too, so a forced lower tier behaves as a CPU of that tier would)
+        native_bf16 = onednn.available() and get_kernels().bf16_dot
+        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if native_bf16 and qc.profile != "small" else 0)
         return QuantConfig("gguf", 32, dense, qc.profile)
     return QuantConfig("none", qc.group_size, qc.dense_from_rows, qc.profile)
 
