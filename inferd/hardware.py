@@ -67,3 +67,16 @@ def machine_info() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"bf16={'yes' if cpu_has_bf16() else 'no'}")
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory that loading freed (dequantized and repacked temporaries) back to the OS: glibc keeps
+    freed small and medium blocks in the process otherwise, and RSS would carry them for the process's life."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass

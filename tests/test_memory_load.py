@@ -4,6 +4,7 @@ of a quantized GGUF), the small memory profile keeps no bf16 copies and gives th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ print(json.dumps({"peak": status("VmHWM"), "rss": status("VmRSS"), **llm.engine.
 
 
 def _load(quantization: str, profile: str = "balanced") -> dict:
+    # the repack cache off: every run measures the same (cold) load, whatever earlier runs left in $INFERD_HOME
+    env = {**os.environ, "INFERD_REPACK_CACHE": "0"}
     out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, quantization, profile], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

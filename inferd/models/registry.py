@@ -11,6 +11,7 @@ import torch
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
+from inferd.hardware import release_free_memory
 from inferd.loader import hub, repack_cache
 from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
 from inferd.loader.materialize import materialize, skip_init
@@ -115,19 +116,6 @@ def load_model(
     name = spec if spec in hub.CATALOGUE else path.name
     log.info("loaded %s (%s, %d layers, %s) from %s", name, cfg.architecture, cfg.num_layers, dtype, path)
     return LoadedModel(name, path, cfg, model, tok, dtype, device, max_model_len, quant.method)
-
-
-def release_free_memory() -> None:
-    """Hand the heap memory that loading freed (dequantized and repacked temporaries) back to the OS: glibc keeps
-    freed small and medium blocks in the process otherwise, and RSS would carry them for the process's life."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:

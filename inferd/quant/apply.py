@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from inferd.errors import ModelLoadError
+from inferd.hardware import release_free_memory
 from inferd.loader.gguf import GGUFTensors, RawTensor, llama_unpermute
 from inferd.ops import onednn
 from inferd.ops.kernels import get_kernels
@@ -270,6 +271,7 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
         used.add("lm_head.weight")
         src.release("lm_head.weight")
     del q8, s8
+    release_free_memory()  # the table's conversion temporaries, before the layers' packing piles on top
     for i in range(cfg.num_layers):
         layer = model.model.layers[i]
         for fused, parts in _parts(i).items():
