@@ -38,7 +38,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        from inferd.ops.kernels import get_kernels  # (kernels imports this module)
+
+        # a CPU with native bf16, unless its C kernels were forced to a tier without it (INFERD_ISA): then the
+        # process runs as a CPU of that tier would, in fp32
+        forced_down = get_kernels().tier in ("avx512", "avx2_fma")
+        return torch.bfloat16 if cpu_has_bf16() and not forced_down else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32 or bfloat16")
     return DTYPES[dtype]

@@ -33,6 +33,12 @@ def test_inferd_isa_forces_a_tier_and_rejects_unknown_ones():
     code = "from inferd.ops.kernels import get_kernels; print(get_kernels().tier)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "torch"
+    if "avx2_fma" in supported_tiers():  # a forced tier also picks that tier's dtype: fp32 without AVX512-BF16
+        env["INFERD_ISA"] = "avx2"
+        dt = subprocess.run([sys.executable, "-c", "import torch; from inferd.hardware import pick_dtype; "
+                             "print(pick_dtype('auto', torch.device('cpu')))"], env=env, capture_output=True,
+                            text=True, check=True)
+        assert dt.stdout.strip() == "torch.float32"
     env["INFERD_ISA"] = "avx9000"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "choose one of" in bad.stderr and all(t in bad.stderr for t in TIERS)
