@@ -14,6 +14,22 @@
 // every tier; it vectorises.
 static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_t *xq, float *dx, float *sx,
                            int32_t *isum) {
+#if defined(VW) && VW == 16  // the same steps 16 lanes at a time (a hot path: every quantized linear, every step)
+    for (int g = 0; g < K / 32; g++) {
+        const __m512 a = vf_load(x, off + g * 32, is_bf16), b = vf_load(x, off + g * 32 + 16, is_bf16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+        const __m512i ib = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(xq + g * 32), _mm512_cvtsepi32_epi8(ia));
+        _mm_storeu_si128((__m128i *)(xq + g * 32 + 16), _mm512_cvtsepi32_epi8(ib));
+        const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+        dx[g] = d;
+        sx[g] = d * (float)sum;
+        isum[g] = sum;
+    }
+    return;
+#endif
     for (int g = 0; g < K / 32; g++) {
         float v[32], amax = 0.f;
         for (int i = 0; i < 32; i++) {
@@ -65,6 +81,13 @@ static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, 
     return xq;
 }
 
+// A step's activations, quantized once per GEMM call (see quantize_rows_q8_32).
+typedef struct {
+    const int8_t *xq;
+    const float *dx, *sx;
+    const int32_t *isum;
+} qact;
+
 // ---- 4-bit weights in a row-interleaved layout for AVX512-VNNI (int8 activations, as llama.cpp) ----
 // Made once at load by inferd/quant/linear.py (pack_q4_rows16). For row block rb (16 rows), group g (32 weights
 // along K), chunk c (8 weights), row j, byte b: low nibble = q[16rb+j][32g+8c+b], high nibble =
@@ -75,13 +98,10 @@ static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, 
 #define HAVE_VNNI 1
 // y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
 // chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
-static int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
-    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+static int q4_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
     const int G = K / 32;
-    const float *dx, *sx;
-    const int32_t *isum;
-    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
-    if (!xqp) return -1;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -127,13 +147,10 @@ static int q4_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *
 // Layout: w[N/16][K/4][16][4] bytes holding q + 128 (unsigned): one 64-byte load = 4 consecutive k of 16 rows,
 // so a vpdpbusd lane is a row and no horizontal sums are needed; d: fp16 [N/16][K/32][16]. Activations are
 // quantized per group of 32 too, so y = Σ_g d_g dx_g (Σ (q+128)·xq − 128 Σ xq): the offset needs only Σ xq.
-static int q8_gemm_vnni(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
-    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
     const int K4 = K / 4, G = K / 32;
-    const float *dx, *sx;
-    const int32_t *isum;
-    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
-    if (!xqp) return -1;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const uint8_t *wb = w + (int64_t)rb * K4 * 64;
@@ -182,14 +199,10 @@ static inline __m256i dot4_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static int q4_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K,
-                        int is_bf16) {
-    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
     const int G = K / 32;
-    const float *dx, *sx;
-    const int32_t *isum;
-    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
-    if (!xqp) return -1;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -237,14 +250,11 @@ static int q4_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *
     return 0;
 }
 
-static int q8_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K,
-                        int is_bf16) {
-    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
     const int K4 = K / 4, G = K / 32;
-    const float *dx, *sx;
-    const int32_t *isum;
-    const int8_t *xqp = quantize_rows_q8_32(x, M, K, is_bf16, &dx, &sx, &isum);
-    if (!xqp) return -1;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
+    const int32_t *isum = a->isum;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const uint8_t *wb = w + (int64_t)rb * K4 * 64;
@@ -287,12 +297,23 @@ static int q8_gemm_avx2(const void *x, int M, const uint8_t *w, const uint16_t *
 }
 #endif
 
-// Entry points: the tier's best body, -1 when this build has none (the caller then uses torch).
+// Entry points: shape checks and the activations quantized once, then the tier's best body; -1 when the shape or
+// this build has none (the caller then uses torch).
+static __attribute__((unused)) int prepare(const void *x, int M, int N, int K, int is_bf16, qact *a) {
+    if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
+    a->xq = quantize_rows_q8_32(x, M, K, is_bf16, &a->dx, &a->sx, &a->isum);
+    return a->xq ? 0 : -1;
+}
+
 int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
+    qact a;
+    if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_vnni(x, M, w, dm, y, N, K, is_bf16);
-#elif defined(HAVE_AVX2_Q)
-    return q4_gemm_avx2(x, M, w, dm, y, N, K, is_bf16);
+    return q4_gemm_vnni(&a, M, w, dm, y, N, K, is_bf16);
+#else
+    return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16);
+#endif
 #else
     (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16;
     return -1;
@@ -300,10 +321,14 @@ int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y,
 }
 
 int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
+    qact a;
+    if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q8_gemm_vnni(x, M, w, dw, y, N, K, is_bf16);
-#elif defined(HAVE_AVX2_Q)
-    return q8_gemm_avx2(x, M, w, dw, y, N, K, is_bf16);
+    return q8_gemm_vnni(&a, M, w, dw, y, N, K, is_bf16);
+#else
+    return q8_gemm_avx2(&a, M, w, dw, y, N, K, is_bf16);
+#endif
 #else
     (void)x; (void)M; (void)w; (void)dw; (void)y; (void)N; (void)K; (void)is_bf16;
     return -1;
