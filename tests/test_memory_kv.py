@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from inferd import LLM
 from inferd.engine.block_manager import KVCacheManager
 from inferd.engine.request import Request
+from inferd.engine.runner import lazy_zeros
 from inferd.sampling_params import SamplingParams
 from tests.tiny_models import write_hf
 
@@ -112,3 +117,27 @@ def test_metrics_report_weight_and_kv_bytes(tiny_llm):
     assert gauge("inferd_kv_cache_bytes", 'kind="used"') == 4 * eng.kv_bytes_per_block  # 57 tokens: 4 blocks
     assert gauge("inferd_kv_cache_bytes", 'kind="resident"') >= 4 * eng.kv_bytes_per_block
     eng.abort_request("mem")
+
+
+def _vm_flags(t: torch.Tensor) -> set[str]:
+    """The kernel's VmFlags for the mapping holding tensor t (from /proc/self/smaps)."""
+    addr, flags, inside = t.data_ptr(), set(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "VmFlags:":
+            flags = set(line.split()[1:])
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_kv_pool_page_size_follows_profile(tiny_llm, tiny_hf):
+    # the pool asks for 2 MiB pages (balanced/fast: fewer TLB misses at many streams) or forbids them (small)
+    assert "hg" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=True))
+    assert "nh" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=False))
+    assert tiny_llm.engine.config.memory_profile == "balanced"
+    assert "hg" in _vm_flags(tiny_llm.engine.runner.kv_caches[0])
+    small = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, memory_profile="small")
+    assert "nh" in _vm_flags(small.engine.runner.kv_caches[0])

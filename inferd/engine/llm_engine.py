@@ -65,7 +65,9 @@ class LLMEngine:
         sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
         self.scheduler = Scheduler(sc, self.kv)
         self.runner = ModelRunner(self.lm, num_blocks, cc.block_size,
-                                  cuda_graphs=not config.enforce_eager, max_num_seqs=sc.max_num_seqs)
+                                  cuda_graphs=not config.enforce_eager, max_num_seqs=sc.max_num_seqs,
+                                  # 64 streams: 565-620 tok/s with 4 KiB KV pages, 797 with 2 MiB ones (Zen 4)
+                                  kv_huge_pages=config.memory_profile != "small")
         self.sampler = Sampler(self.lm.config.vocab_size)
         self.groups: dict[str, _Group] = {}
         self.child_of: dict[str, tuple[_Group, int]] = {}

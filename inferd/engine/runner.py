@@ -47,24 +47,28 @@ def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, 
     return int(num_blocks)
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose pages are backed by memory only when first written (an anonymous mmap)."""
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
+    """A zero CPU tensor whose pages are backed by memory only when first written (an anonymous mmap).
+
+    huge_pages: ask for 2 MiB transparent huge pages (fewer TLB misses when many sequences' KV is read each
+    step) at the price of backing memory 2 MiB at a time; False forbids them, so backing follows use by 4 KiB."""
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
     buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MiB huge page per first touch would defeat the point
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        buf.madvise(advice)
     # the tensor keeps `buf` alive (frombuffer holds a reference to the exporting object)
     return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
 
 
 def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
-                       device: torch.device) -> list[torch.Tensor]:
+                       device: torch.device, huge_pages: bool = False) -> list[torch.Tensor]:
     """One (2, blocks, block_size, Hkv, D) tensor per layer. CPU: views of one lazily backed pool."""
     if device.type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-    return list(lazy_zeros((num_layers, *shape), dtype).unbind(0))
+    return list(lazy_zeros((num_layers, *shape), dtype, huge_pages).unbind(0))
 
 
 @dataclass
@@ -79,7 +83,7 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, cuda_graphs: bool = False,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, kv_huge_pages: bool = False):
         self.lm = lm
         self.block_size = block_size
         c = lm.config
@@ -89,7 +93,8 @@ class ModelRunner:
         use_graphs = cuda_graphs and lm.device.type == "cuda"
         # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
         self.kv_caches = allocate_kv_caches(
-            c.num_layers, (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim), lm.dtype, lm.device)
+            c.num_layers, (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim), lm.dtype, lm.device,
+            kv_huge_pages)
         self.graphs = (DecodeGraphs(lm.model, self.kv_caches, block_size, num_blocks, max_num_seqs,
                                     -(-lm.max_model_len // block_size)) if use_graphs else None)
 
