@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferd.errors import ModelLoadError
+from inferd.errors import InvalidRequestError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,28 @@ class SchedulerConfig:
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str | None = None  # None: off; "ngram": prompt lookup
+    num_speculative_tokens: int = 4  # the most proposed per sequence and step (the policy may use fewer)
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequestError(f"unknown speculative method {self.method!r}; choose one of "
+                                      f"{', '.join(SPECULATIVE_METHODS)}", param="speculative")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise InvalidRequestError("num_speculative_tokens must be between 1 and 16",
+                                      param="num_speculative_tokens")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise InvalidRequestError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and "
+                                      f"{self.ngram_max}", param="ngram_min")
+
+
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
@@ -104,6 +126,7 @@ class EngineConfig:
     # touched; balanced: bf16 copies for big steps (auto), KV ≤ 2 GiB; fast: as balanced with KV up to ½ of
     # free memory ≤ 4 GiB. Explicit --quant-dense-rows / --kv-cache-memory win over the profile.
     memory_profile: str = "balanced"
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.memory_profile not in MEMORY_PROFILES:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from inferd.config import CacheConfig, EngineConfig, SchedulerConfig
+from inferd.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from inferd.engine.llm_engine import LLMEngine, run_to_completion
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
@@ -26,10 +26,16 @@ class LLM:
                  block_size: int = CacheConfig.block_size, quantization: str = EngineConfig.quantization,
                  group_size: int = EngineConfig.group_size, quant_dense_rows: int = EngineConfig.quant_dense_rows,
                  enforce_eager: bool = EngineConfig.enforce_eager,
-                 memory_profile: str = EngineConfig.memory_profile, config: EngineConfig | None = None):
+                 memory_profile: str = EngineConfig.memory_profile,
+                 speculative: str | SpeculativeConfig | None = None,
+                 num_speculative_tokens: int = SpeculativeConfig.num_speculative_tokens,
+                 config: EngineConfig | None = None):
+        if not isinstance(speculative, SpeculativeConfig):
+            speculative = SpeculativeConfig(speculative, num_speculative_tokens)
         self.config = config or EngineConfig(
             model=model, dtype=dtype, device=device, quantization=quantization, group_size=group_size,
             quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager, memory_profile=memory_profile,
+            speculative=speculative,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -1,26 +1,30 @@
 """LLMEngine: the synchronous core. add_request() → step() → RequestOutputs, until nothing is left.
 
-A step is: schedule → one forward over every scheduled token → sample → append tokens, detokenize,
-check stops → outputs. Each step's wall time is divided over the tokens it computed, giving every request
-its compute seconds (and so its cost).
+A step is: propose (speculative decoding, when on) → schedule → one forward over every scheduled token →
+sample (and verify proposals) → the output processor appends tokens, detokenizes, checks stops → outputs.
+Each step's wall time is divided over the tokens it computed, giving every request its compute seconds (and so
+its cost).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
 from inferd.config import EngineConfig
 from inferd.engine.block_manager import KVCacheManager
 from inferd.engine.detokenizer import IncrementalDetokenizer
-from inferd.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from inferd.engine.output_processor import OutputProcessor, RequestGroup
+from inferd.engine.outputs import CompletionOutput, RequestOutput
 from inferd.engine.request import Request, RequestStatus
 from inferd.engine.runner import ModelRunner, kv_bytes_per_block, plan_num_blocks
 from inferd.engine.sampler import Sampler, prompt_logprobs
-from inferd.engine.scheduler import Scheduler
+from inferd.engine.scheduler import Scheduler, SchedulerOutput
+from inferd.engine.spec_decode import NgramProposer, SpecPolicy
+from inferd.engine.spec_decode.verify import accept, sampler_rows
 from inferd.errors import InvalidRequestError
 from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
 from inferd.models.registry import LoadedModel, load_model, weight_bytes
@@ -28,23 +32,6 @@ from inferd.quant.apply import QuantConfig
 from inferd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Group:
-    """One user request: n sequences sharing a prompt."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    children: list[Request]
-    detoks: list[IncrementalDetokenizer]
-    reported: set[int] = field(default_factory=set)  # children whose finish was already reported
-    logprob_cursor: list[int] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(c.status.finished for c in self.children)
 
 
 class LLMEngine:
@@ -69,8 +56,14 @@ class LLMEngine:
                                   # 64 streams: 565-620 tok/s with 4 KiB KV pages, 797 with 2 MiB ones (Zen 4)
                                   kv_huge_pages=config.memory_profile != "small")
         self.sampler = Sampler(self.lm.config.vocab_size)
-        self.groups: dict[str, _Group] = {}
-        self.child_of: dict[str, tuple[_Group, int]] = {}
+        self.output = OutputProcessor(self._finish)
+        spec = config.speculative
+        self.proposer = NgramProposer(spec.ngram_min, spec.ngram_max) if spec.method == "ngram" else None
+        self.spec_policy = SpecPolicy(spec.num_speculative_tokens) if self.proposer else None
+        self.spec_drafts = 0  # verification runs, proposed and accepted tokens (vLLM's spec_decode counters)
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
+        self.spec_accepted_per_pos = [0] * spec.num_speculative_tokens
         self.num_steps = 0
         self.total_compute_s = 0.0
         self.kv_bytes_per_block = kv_bytes_per_block(self.lm, cc.block_size)
@@ -127,26 +120,37 @@ class LLMEngine:
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                                  params.include_stop_str_in_output))
-        group = _Group(request_id, ids, params, children, detoks, logprob_cursor=[0] * params.n)
-        self.groups[request_id] = group
-        for i, req in enumerate(children):
-            self.child_of[req.request_id] = (group, i)
+        self.output.add(RequestGroup(request_id, ids, params, children, detoks))
+        for req in children:
             self.scheduler.add_request(req)
         return ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        group = self.groups.get(request_id)
+        group = self.output.groups.get(request_id)
         if group is None:
             return None
         for req in group.children:
-            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-        return self._finish_group_output(group, set(range(len(group.children))))
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return self.output.group_output(group, set(range(len(group.children))))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.output.groups)
+
+    @property
+    def groups(self) -> dict[str, RequestGroup]:
+        return self.output.groups
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.sampler.forget(req.request_id)
+        if self.proposer is not None:
+            self.proposer.forget(req.request_id)
+            self.spec_policy.forget(req.request_id)
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         out = self.scheduler.schedule()
         if out.is_empty():
             return []
@@ -156,9 +160,13 @@ class LLMEngine:
             batch = self.runner.prepare(out)
             logits = self.runner.execute(batch)
             sampled = self.scheduler.update_after_step(out)
-            sample_reqs = [r for r, row in zip(out.requests, batch.sample_rows) if row >= 0]
-            rows = [row for row in batch.sample_rows if row >= 0]
-            so = self.sampler(logits[rows], sample_reqs) if rows else None
+            sample_reqs, rows, views = [], [], []
+            for req, first, count in zip(out.requests, batch.sample_rows, batch.num_sample_rows):
+                if first >= 0:
+                    sample_reqs.append(req)
+                    rows.extend(range(first, first + count))
+                    views.extend(sampler_rows(req))
+            so = self.sampler(logits[rows], views) if rows else None
             by_id = {r.request_id: r for r in out.requests}
             for rid, (first, count, pos0) in batch.prompt_lp_rows.items():
                 req = by_id[rid]
@@ -168,11 +176,10 @@ class LLMEngine:
         except Exception as exc:  # the affected requests get the error; the engine keeps going
             log.exception("engine step failed")
             for req in out.requests:
-                req.error = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                group, idx = self.child_of[req.request_id]
-                changed.setdefault(group.request_id, set()).add(idx)
-            return self._collect(changed)
+                req.spec_token_ids = []
+                gid = self.output.fail(req, f"{type(exc).__name__}: {exc}")
+                changed.setdefault(gid, set()).add(self.output.group_of(req)[1])
+            return self.output.collect(changed)
         now = time.monotonic()
         dt = time.perf_counter() - t0
         self.num_steps += 1
@@ -180,80 +187,62 @@ class LLMEngine:
         total = out.total_tokens
         for req in out.requests:
             req.times.compute_s += dt * out.num_tokens[req.request_id] / total
+        if self.spec_policy is not None:
+            pure_decode = all(n == 1 for n in out.num_tokens.values())
+            self.spec_policy.time_model.observe(total, not pure_decode, dt)
         assert so is not None or not sample_reqs
-        for j, req in enumerate(sample_reqs):
+        j = 0
+        for req in sample_reqs:
             assert req in sampled, "sampled a request whose prompt is not computed"
-            group, idx = self.child_of[req.request_id]
-            tok = so.token_ids[j]
-            req.output_token_ids.append(tok)
-            if so.logprobs[j] is not None:
-                req.logprobs.append(so.logprobs[j])
-            if req.times.first_token is None:
-                req.times.first_token = now
-            req.times.last_token = now
-            req.times.token_times.append(now)
-            status = req.check_stop()
-            stop_str = group.detoks[idx].add(tok)
-            if stop_str is not None and status is None:
-                req.stop_reason, status = stop_str, RequestStatus.FINISHED_STOPPED
-            if status is not None:
-                if stop_str is None:  # text cut at a stop string is final; otherwise emit any held bytes
-                    group.detoks[idx].flush()
-                self.scheduler.finish(req, status)
-                self.sampler.forget(req.request_id)
-            changed.setdefault(group.request_id, set()).add(idx)
-        return self._collect(changed)
+            spec, k = req.spec_token_ids, len(req.spec_token_ids)
+            decided, lps = so.token_ids[j : j + k + 1], so.logprobs[j : j + k + 1]
+            j += k + 1
+            n_acc = accept(spec, decided) if k else 0
+            if k:
+                self._count_spec(req, k, n_acc)
+            req.spec_token_ids = []
+            # the accepted proposals' K/V, written this step, is now the sequence's own
+            req.num_computed_tokens += n_acc
+            applied = self.output.append(req, decided[: n_acc + 1], lps[: n_acc + 1], now)
+            if not req.status.finished:
+                assert applied == n_acc + 1
+                self.kv.cache_full_blocks(req)
+            changed.setdefault(self.output.group_of(req)[0].request_id, set()).add(self.output.group_of(req)[1])
+        return self.output.collect(changed)
 
-    # ---- outputs -------------------------------------------------------------------------------
-    def _collect(self, changed: dict[str, set[int]]) -> list[RequestOutput]:
-        return [self._finish_group_output(self.groups[gid], idxs) for gid, idxs in changed.items()
-                if gid in self.groups]
+    # ---- speculative decoding ------------------------------------------------------------------
+    def _propose(self) -> None:
+        """Give decoding sequences proposals for the coming step, as many as the policy finds worth verifying."""
+        decoding, mixed = [], bool(self.scheduler.waiting)
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                decoding.append(req)
+            else:
+                mixed = True
+        room = {r.request_id: min(r.max_tokens - len(r.output_token_ids) - 1,
+                                  self.max_model_len - r.num_tokens - 1) for r in decoding}
+        proposals = {}
+        for req in decoding:
+            k = min(self.spec_policy.max_tokens, room[req.request_id])
+            prop = self.proposer.propose(req.request_id, req.all_token_ids, k) if k > 0 else []
+            if prop:
+                proposals[req.request_id] = prop
+        plan = self.spec_policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed)
+        for req in decoding:
+            k = plan.get(req.request_id, 0)
+            req.spec_token_ids = proposals[req.request_id][:k] if k else []
+            if not k:
+                self.spec_policy.record(req.request_id, 0, 0)
 
-    def _finish_group_output(self, group: _Group, idxs: set[int]) -> RequestOutput:
-        outs = []
-        itl: list[float] = []
-        for i in sorted(idxs):
-            req, det = group.children[i], group.detoks[i]
-            fin = req.status.finished
-            if fin and i in group.reported:
-                continue
-            if fin:
-                group.reported.add(i)
-            tt = req.times.token_times
-            if len(tt) >= 2 and req.status is not RequestStatus.FINISHED_ABORTED:
-                itl.append(tt[-1] - tt[-2])
-            cur = group.logprob_cursor[i]
-            group.logprob_cursor[i] = len(req.logprobs)
-            outs.append(CompletionOutput(
-                index=i, text=det.text, token_ids=list(req.output_token_ids),
-                delta_text=det.take_delta(fin), delta_token_ids=req.output_token_ids[-1:] if req.output_token_ids
-                else [], finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                logprobs=req.logprobs if req.params.logprobs is not None else None,
-                delta_logprobs=req.logprobs[cur:] if req.params.logprobs is not None else None,
-                error=req.error,
-            ))
-        finished = group.finished
-        first = group.children[0]
-        t = first.times
-        m = RequestMetrics(
-            queue_s=(t.first_scheduled - t.arrival) if t.first_scheduled else 0.0,
-            ttft_s=(t.first_token - t.arrival) if t.first_token else None,
-            compute_s=sum(c.times.compute_s for c in group.children),
-            num_cached_tokens=first.num_cached_tokens,
-            num_preemptions=sum(c.num_preemptions for c in group.children),
-            itl_s=itl,
-        )
-        if t.first_token and t.last_token and len(first.output_token_ids) > 1:
-            m.tpot_s = (t.last_token - t.first_token) / (len(first.output_token_ids) - 1)
-        if finished:
-            m.e2e_s = max((c.times.finished or time.monotonic()) for c in group.children) - t.arrival
-            del self.groups[group.request_id]
-            for c in group.children:
-                self.child_of.pop(c.request_id, None)
-        plp = None
-        if group.params.prompt_logprobs is not None:
-            plp = [None, *first.prompt_logprobs]
-        return RequestOutput(group.request_id, group.prompt_ids, outs, finished, plp, m)
+    def _count_spec(self, req: Request, proposed: int, accepted: int) -> None:
+        self.spec_policy.record(req.request_id, proposed, accepted)
+        req.spec_draft_tokens += proposed
+        req.spec_accepted_tokens += accepted
+        self.spec_drafts += 1
+        self.spec_draft_tokens += proposed
+        self.spec_accepted_tokens += accepted
+        for pos in range(accepted):
+            self.spec_accepted_per_pos[pos] += 1
 
     # ---- stats ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -267,6 +256,9 @@ class LLMEngine:
             "kv_bytes_used": self.kv.num_used_blocks * self.kv_bytes_per_block,
             "kv_bytes_touched": self.kv.high_water * self.kv_bytes_per_block,  # resident: blocks ever written
             "kv_bytes_max": self.kv.num_blocks * self.kv_bytes_per_block,
+            "spec_drafts": self.spec_drafts,
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
         }
 
 
@@ -294,8 +286,6 @@ def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
     if not engine.kv.allocate_slots(req, len(token_ids)):
         raise InvalidRequestError("not enough KV cache for this sequence")
     try:
-        from inferd.engine.scheduler import SchedulerOutput
-
         out = SchedulerOutput({req.request_id: len(token_ids)}, [req])
         batch = engine.runner.prepare(out)
         batch.logit_rows = torch.arange(len(token_ids), device=engine.lm.device)

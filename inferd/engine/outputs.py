@@ -15,6 +15,8 @@ class RequestMetrics:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     itl_s: list[float] = field(default_factory=list)  # gaps before the tokens delivered in this output
+    spec_draft_tokens: int = 0  # speculative decoding: tokens proposed for this request ...
+    spec_accepted_tokens: int = 0  # ... and how many of them the target model accepted
 
 
 @dataclass

@@ -52,6 +52,10 @@ class Request:
     error: str | None = None
     times: RequestTimes = field(default_factory=RequestTimes)
     num_preemptions: int = 0
+    # speculative decoding: draft tokens proposed after the last token, verified in the next step
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # filled by the engine
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)

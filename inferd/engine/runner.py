@@ -77,7 +77,8 @@ class StepBatch:
     positions: torch.Tensor  # (T,)
     meta: AttnMetadata
     logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed
-    sample_rows: list[int]  # index into logit_rows of each sampling request's last token, or -1
+    sample_rows: list[int]  # per request: index into logit_rows of its first sampled row, or -1
+    num_sample_rows: list[int]  # per request: rows sampled (1, or 1 + its proposals when speculating)
     prompt_lp_rows: dict[str, tuple[int, int, int]]  # request id → (first logit row, count, first position)
 
 
@@ -109,6 +110,7 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         logit_rows: list[int] = []
         sample_rows: list[int] = []
+        num_sample_rows: list[int] = []
         prompt_lp_rows: dict[str, tuple[int, int, int]] = {}
         meta = AttnMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
         decode_reqs: list[Request] = []
@@ -117,7 +119,8 @@ class ModelRunner:
             n = out.num_tokens[req.request_id]
             start = req.num_computed_tokens
             end = start + n
-            ids.extend(req.all_token_ids[start:end])
+            spec = req.spec_token_ids  # proposals after the sequence's tokens (verified in this step)
+            ids.extend(req.all_token_ids[start : end - len(spec)] + spec if spec else req.all_token_ids[start:end])
             positions.extend(range(start, end))
             slot_parts.append(self._slots(req.block_ids, start, end))
             is_decode = n == 1 and start >= req.num_prompt_tokens
@@ -134,11 +137,13 @@ class ModelRunner:
                 last = min(end, req.num_prompt_tokens - 1)  # positions whose next token is a prompt token
                 prompt_lp_rows[req.request_id] = (len(logit_rows), last - start, start)
                 logit_rows.extend(range(row, row + last - start))
-            if end == req.num_tokens:
+            if end == req.num_tokens + len(spec):
                 sample_rows.append(len(logit_rows))
-                logit_rows.append(row + n - 1)
+                num_sample_rows.append(1 + len(spec))
+                logit_rows.extend(range(row + n - 1 - len(spec), row + n))
             else:
                 sample_rows.append(-1)
+                num_sample_rows.append(0)
             row += n
         meta.slot_mapping = torch.cat(slot_parts) if slot_parts else meta.slot_mapping
         if meta.prefills and self.use_c_kernel:
@@ -166,6 +171,7 @@ class ModelRunner:
             meta=meta,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             sample_rows=sample_rows,
+            num_sample_rows=num_sample_rows,
             prompt_lp_rows=prompt_lp_rows,
         )
 

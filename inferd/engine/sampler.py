@@ -3,7 +3,9 @@
 Order (as vLLM): penalties on raw logits → logit_bias added → logprobs taken from the penalised logits → temperature →
 top-k → top-p → min-p → sample. Greedy rows take the argmax. Sampling uses the exponential race
 (argmax of p / E, E ~ Exp(1)), so each seeded request draws its noise from its own generator and gets the
-same tokens whatever else is in the batch.
+same tokens whatever else is in the batch. A row stands for a sequence state: the engine passes views of a
+speculating sequence with its proposals appended (anything with params, request_id, eos_token_ids,
+output_token_ids and all_token_ids).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ class Sampler:
         self.generators.pop(request_id, None)
 
     def _generator(self, req: Request) -> torch.Generator | None:
+        """A seeded request's noise for its next token is keyed by (seed, output position), not drawn from a
+        running stream: the same seed gives the same tokens whatever the batch, and whether or not the token was
+        reached through a verified speculative run (which samples several positions in one step)."""
         if req.params.seed is None:
             return None
         g = self.generators.get(req.request_id)
         if g is None:
-            g = torch.Generator().manual_seed(req.params.seed)
-            self.generators[req.request_id] = g
-        return g
+            g = self.generators[req.request_id] = torch.Generator()
+        pos = len(req.output_token_ids)
+        return g.manual_seed((req.params.seed * 0x9E3779B97F4A7C15 + pos * 0xBF58476D1CE4E5B9) & (2**63 - 1))
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

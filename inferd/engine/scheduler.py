@@ -81,6 +81,7 @@ class Scheduler:
         victim.num_computed_tokens = 0
         victim.num_cached_tokens = 0
         victim.num_preemptions += 1
+        victim.spec_token_ids = []
         victim.prompt_logprobs = []  # recomputed from scratch
         heapq.heappush(self.waiting, (victim.priority, victim.times.arrival, next(self._seq), victim))
         out.preempted.append(victim)
@@ -101,6 +102,15 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # a decode with proposals: verify them in this step if budget and blocks allow
+                k = min(len(req.spec_token_ids), budget - n)
+                if n == 1 and k > 0 and self.kv.allocate_slots(req, n + k):
+                    del req.spec_token_ids[k:]
+                    out.num_tokens[req.request_id] = n + k
+                    prefills.append(req)  # several query rows: the multi-token attention path
+                    budget -= n + k
+                    continue
+                req.spec_token_ids = []
             while not self.kv.allocate_slots(req, n):
                 victim = self._pick_victim()
                 budget += self._preempt(victim, out)
@@ -143,10 +153,11 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> list[Request]:
         """Advance computed-token counters; returns the requests whose prompt is now fully computed and
-        which therefore sampled a token this step."""
+        which therefore sampled a token this step (several, when proposals were verified)."""
         sampled = []
         for req in out.requests:
-            req.num_computed_tokens += out.num_tokens[req.request_id]
+            # proposals are not the sequence's tokens yet: only the accepted ones are counted, by the engine
+            req.num_computed_tokens += out.num_tokens[req.request_id] - len(req.spec_token_ids)
             self.kv.cache_full_blocks(req)
             if req.num_computed_tokens == req.num_tokens:
                 sampled.append(req)

@@ -1,0 +1,52 @@
+"""Prompt-lookup (n-gram) proposals: the tokens that followed the latest earlier occurrence of the sequence's
+last n tokens (n from ngram_max down to ngram_min) in its prompt + output.
+
+Each sequence keeps an index {n-gram: position after its latest occurrence}, updated as tokens are appended, so a
+proposal costs a few dict lookups whatever the context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Index:
+    tokens: list[int] = field(default_factory=list)
+    latest: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram → start of what followed it
+
+
+class NgramProposer:
+    def __init__(self, ngram_min: int = 2, ngram_max: int = 4):
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min} and {ngram_max}")
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.indexes: dict[str, _Index] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.indexes.pop(request_id, None)
+
+    def _sync(self, request_id: str, tokens: list[int]) -> _Index:
+        idx = self.indexes.get(request_id)
+        if idx is None or len(tokens) < len(idx.tokens):  # a sequence only grows; shorter means a new one
+            idx = self.indexes[request_id] = _Index()
+        have = idx.tokens
+        for end in range(len(have), len(tokens)):
+            have.append(tokens[end])
+            # every n-gram ending just before `end` now has a continuation starting at `end`
+            for n in range(self.ngram_min, self.ngram_max + 1):
+                if end - n >= 0:
+                    idx.latest[tuple(have[end - n : end])] = end
+        return idx
+
+    def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens predicted to follow `tokens` (the sequence so far); [] when no n-gram matches."""
+        if k <= 0:
+            return []
+        idx = self._sync(request_id, tokens)
+        L = len(tokens)
+        for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
+            start = idx.latest.get(tuple(tokens[L - n :]))
+            if start is not None:
+                return tokens[start : start + k]
+        return []

@@ -1,0 +1,206 @@
+"""Speculative decoding (prompt lookup): proposals, the adaptive policy, and lossless verification in the engine."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from inferd import LLM, SamplingParams
+from inferd.config import SpeculativeConfig
+from inferd.engine.llm_engine import prompt_logits
+from inferd.engine.spec_decode import NgramProposer, SpecPolicy
+from inferd.engine.spec_decode.policy import StepTimeModel
+from inferd.errors import InvalidRequestError
+from tests.conftest import needs_smollm2
+
+
+@pytest.fixture
+def always_propose(monkeypatch):
+    """Verify every available proposal, so the tests exercise verification whatever the timings say."""
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed: dict(available))
+
+
+def _llm(tiny_hf, spec: bool, **kw) -> LLM:
+    return LLM(str(tiny_hf), dtype="float32", kv_cache_memory=kw.pop("kv_cache_memory", 0.05),
+               speculative=SpeculativeConfig("ngram", 4, 1, 3) if spec else None, **kw)
+
+
+def _repetitive_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts with repeated spans (as a document an answer copies from), so n-grams match often."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        span = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 12))]
+        out.append([t for _ in range(rng.randint(2, 5)) for t in span] + [rng.randrange(3, vocab)
+                                                                            for _ in range(rng.randint(0, 6))])
+    return out
+
+
+def _ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_ngram_proposer_takes_the_latest_longest_match():
+    p = NgramProposer(ngram_min=1, ngram_max=3)
+    toks = [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2]
+    # (7, 8, 1, 2)... longest suffix seen before: (1, 2) (3-gram (8, 1, 2) is new); latest earlier one at 4
+    assert p.propose("a", toks, 3) == [3, 7, 8]
+    assert p.propose("a", toks + [3], 2) == [7, 8]  # (1, 2, 3) → latest continuation
+    assert p.propose("b", [5, 6, 7], 4) == []  # nothing repeats
+    assert p.propose("b", [5, 6, 7, 5], 4) == [6, 7, 5]  # 1-gram (5): what followed it, up to the end
+    assert p.propose("a", toks, 0) == []
+    with pytest.raises(ValueError):
+        NgramProposer(3, 2)
+
+
+def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
+    tm = StepTimeModel()
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens, mixed = rng.randint(1, 80), rng.random() < 0.5
+        tm.observe(tokens, mixed, 0.010 + 0.0004 * tokens + 0.002 * mixed)
+    a, b, c = tm.coef
+    assert abs(a - 0.010) < 1e-4 and abs(b - 0.0004) < 1e-5 and abs(c - 0.002) < 1e-4
+    pol = SpecPolicy(4)
+    pol.time_model = tm
+    for rid in ("x", "y"):
+        for _ in range(20):
+            pol.record(rid, 4, 1)  # one of two tested positions accepted: alpha → 0.5
+    assert abs(pol.alpha("x") - 0.5) < 0.01
+    assert pol.plan({"x": 4}, num_decoding=1, mixed_anyway=False)["x"] >= 2  # one stream: worth it
+    # 200 streams: a step is bound by its tokens (b·O ≫ a), verification would cost more than it saves
+    assert pol.plan({"x": 4, "y": 4}, num_decoding=200, mixed_anyway=True) == {}
+    for _ in range(10):
+        pol.record("y", 4, 0)  # always rejected: alpha → ~0
+    assert "y" not in pol.plan({"x": 4, "y": 4}, num_decoding=2, mixed_anyway=False)
+    a0 = pol.alpha("y")
+    pol.record("y", 0, 0)  # not tried: drifts back toward the prior, so it is tried again later
+    assert pol.alpha("y") > a0
+
+
+def test_bad_speculative_settings():
+    with pytest.raises(InvalidRequestError, match="unknown speculative method"):
+        SpeculativeConfig("eagle")
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+        SpeculativeConfig("ngram", 0)
+    with pytest.raises(InvalidRequestError, match="ngram_min"):
+        SpeculativeConfig("ngram", 4, 3, 2)
+
+
+def test_greedy_identical_with_speculation_in_mixed_batches(tiny_hf, tiny_llm, always_propose):
+    vocab = tiny_llm.tokenizer.vocab_size
+    rng = random.Random(1)
+    ps = _repetitive_prompts(vocab, 10) + [[rng.randrange(3, vocab) for _ in range(40)] for _ in range(4)]
+    params = [SamplingParams(max_tokens=rng.randint(8, 40), temperature=0, ignore_eos=True) for _ in ps]
+    ref = _ids(tiny_llm.generate(ps, params))
+    spec = _llm(tiny_hf, True)
+    outs = spec.generate(ps, params)
+    assert _ids(outs) == ref
+    eng = spec.engine
+    assert eng.spec_draft_tokens > 0 and 0 < eng.spec_accepted_tokens < eng.spec_draft_tokens
+    assert sum(o.metrics.spec_accepted_tokens for o in outs) == eng.spec_accepted_tokens
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks  # rejected proposals left no blocks behind
+    # alone, each one the same as in the batch
+    for i in (0, 3, 12):
+        assert _ids(spec.generate([ps[i]], params[i]))[0] == ref[i]
+    # a second pass hits the prefix cache: the verified blocks it registered hold the right K/V
+    hits0 = eng.kv.hits
+    assert _ids(spec.generate(ps[:5], params[:5])) == ref[:5]
+    assert eng.kv.hits > hits0
+
+
+def test_stops_inside_an_accepted_run_end_where_they_would_without(tiny_hf, tiny_llm, always_propose):
+    vocab = tiny_llm.tokenizer.vocab_size
+    ps = _repetitive_prompts(vocab, 3, seed=2)
+    base = _ids(tiny_llm.generate(ps, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
+    spec = _llm(tiny_hf, True)
+    for p, toks in zip(ps, base):
+        stop_tok = toks[9]
+        text = tiny_llm.tokenizer.decode(toks)
+        stop_str = text[len(text) // 2 : len(text) // 2 + 3]
+        for sp in (SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]),
+                   SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop_str]),
+                   SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=30, temperature=0, logprobs=2, ignore_eos=True)):
+            want, got = tiny_llm.generate([p], sp)[0].outputs[0], spec.generate([p], sp)[0].outputs[0]
+            assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
+                (want.token_ids, want.text, want.finish_reason, want.stop_reason)
+            if sp.logprobs is not None:  # the target's logprobs, token for token
+                assert len(got.logprobs) == len(want.logprobs)
+                for g, w in zip(got.logprobs, want.logprobs):
+                    assert g.keys() == w.keys()
+                    assert all(abs(g[t] - w[t]) < 1e-4 for t in g)
+    assert spec.engine.spec_accepted_tokens > 0
+
+
+def test_preemption_with_speculation_gives_same_output(tiny_hf, tiny_llm, always_propose):
+    ps = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 8, seed=3)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = _ids(tiny_llm.generate(ps, params))
+    small = _llm(tiny_hf, True, max_model_len=128, kv_cache_memory=12 * 16 * 512 / (1 << 30), block_size=16)
+    outs = small.generate(ps, params)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0 and small.engine.spec_accepted_tokens > 0
+    assert _ids(outs) == ref
+    assert small.engine.kv.num_free_blocks == small.engine.kv.num_blocks
+
+
+def test_seeded_sampling_identical_with_speculation(tiny_hf, tiny_llm, always_propose):
+    ps = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 6, seed=4)
+    params = [SamplingParams(max_tokens=24, temperature=0.3, top_p=0.9, seed=s, ignore_eos=True) for s in range(6)]
+    ref = _ids(tiny_llm.generate(ps, params))
+    spec = _llm(tiny_hf, True)
+    assert _ids(spec.generate(ps, params)) == ref  # the noise of a position is keyed by (seed, position)
+    assert spec.engine.spec_accepted_tokens > 0
+
+
+def test_sampled_distribution_is_the_targets(tiny_hf, always_propose):
+    """Unseeded sampling through verification: the joint distribution of the first three tokens (top_k=3, so 27
+    outcomes; the third one comes from a verification row whenever the proposal for the second was accepted)
+    matches the target model's exact one. Chi-square with 3,200 samples: a shift of 2% of the mass between two
+    cells of probability ~0.04 gives a noncentrality of ~60, detected at the 0.1% level almost surely."""
+    spec = _llm(tiny_hf, True, max_num_seqs=64)
+    eng = spec.engine
+    vocab = spec.tokenizer.vocab_size
+    # a prompt that ends in the model's own greedy continuation, so the lookup proposes likely tokens
+    seed_prompt = _repetitive_prompts(vocab, 1, seed=6)[0]
+    cont = spec.generate([seed_prompt], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    prompt = seed_prompt + cont[0].outputs[0].token_ids
+    sp = SamplingParams(n=16, max_tokens=3, temperature=1.0, top_k=3, ignore_eos=True)
+
+    def top3(ids: list[int]) -> dict[int, float]:
+        vals, idx = prompt_logits(eng, ids)[-1, :vocab].topk(3)
+        return dict(zip(idx.tolist(), vals.softmax(-1).tolist()))
+
+    exact = {(t0, t1, t2): p0 * p1 * p2 for t0, p0 in top3(prompt).items()
+             for t1, p1 in top3(prompt + [t0]).items() for t2, p2 in top3(prompt + [t0, t1]).items()}
+    torch.manual_seed(0)
+    counts: dict[tuple[int, ...], int] = {}
+    for o in spec.generate([prompt] * 200, sp):
+        for co in o.outputs:
+            key = tuple(co.token_ids)
+            counts[key] = counts.get(key, 0) + 1
+    n = sum(counts.values())
+    assert n == 3200 and set(counts) <= set(exact)
+    assert eng.spec_accepted_tokens > 300  # a good share of third tokens came through accepted proposals
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in exact.items())
+    assert chi2 < 54.1, (chi2, counts, exact)  # the 0.1% critical value for 26 degrees of freedom
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_greedy_with_speculation_equals_transformers(reference_dir):
+    ref = json.loads((reference_dir / "greedy_hf_fp32.json").read_text())["greedy"]
+    llm = LLM("smollm2-135m", dtype="float32", quantization="none", kv_cache_memory=0.2, max_model_len=1024,
+              speculative="ngram")
+    prompts = [g["prompt_ids"] for g in ref]
+    # the reference prompts, with a copy-heavy prompt and a sampled request in the same batches
+    extra = ["Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox", "Once upon"]
+    params = [SamplingParams(max_tokens=64, temperature=0)] * len(prompts) + \
+        [SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=1.0, seed=1)]
+    outs = llm.generate(prompts + extra, params)
+    for o, g in zip(outs, ref):
+        assert o.outputs[0].token_ids == g["new_ids"]
+    assert llm.engine.spec_draft_tokens > 0
