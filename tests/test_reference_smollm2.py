@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from inferd import LLM, SamplingParams
-from inferd.engine.llm_engine import prompt_logits
+from inferd.config import SpeculativeConfig
+from inferd.engine.llm_engine import LLMEngine, prompt_logits, run_to_completion
 from inferd.ops.kernels import use_tier
 from tests.conftest import needs_smollm2
 
@@ -126,3 +128,20 @@ def test_greedy_independent_of_batch_composition(smollm2_fp32, smollm2_bf16, ref
                     else:
                         print(f"bf16 prompt {i}, {x} vs {y}: "
                               f"{_near_tie_or_equal(smollm2_fp32, p, got[x][i], got[y][i])}")
+
+
+def test_greedy_with_speculation_equals_transformers(smollm2_fp32, reference_dir):
+    """Prompt-lookup speculation on the same loaded model: the reference prompts' greedy tokens are unchanged,
+    in batches with a copy-heavy prompt (long accepted runs) and a sampled request."""
+    ref = json.loads((reference_dir / "greedy_hf_fp32.json").read_text())["greedy"]
+    spec = LLMEngine(replace(smollm2_fp32.config, speculative=SpeculativeConfig("ngram")), loaded=smollm2_fp32.engine.lm)
+    prompts = [g["prompt_ids"] for g in ref]
+    extra = ["Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox", "Once upon"]
+    params = [SamplingParams(max_tokens=64, temperature=0)] * len(prompts) + \
+        [SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=1.0, seed=1)]
+    for i, (p, sp) in enumerate(zip(prompts + extra, params)):
+        spec.add_request(str(i), p, sp)
+    outs = run_to_completion(spec)
+    for i, g in enumerate(ref):
+        assert outs[str(i)].outputs[0].token_ids == g["new_ids"]
+    assert spec.spec_accepted_tokens > 0

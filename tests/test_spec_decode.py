@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -14,7 +13,6 @@ from inferd.engine.llm_engine import prompt_logits
 from inferd.engine.spec_decode import NgramProposer, SpecPolicy
 from inferd.engine.spec_decode.policy import StepTimeModel
 from inferd.errors import InvalidRequestError
-from tests.conftest import needs_smollm2
 
 
 @pytest.fixture
@@ -189,18 +187,30 @@ def test_sampled_distribution_is_the_targets(tiny_hf, always_propose):
     assert chi2 < 54.1, (chi2, counts, exact)  # the 0.1% critical value for 26 degrees of freedom
 
 
-@needs_smollm2
-@pytest.mark.slow
-def test_smollm2_greedy_with_speculation_equals_transformers(reference_dir):
-    ref = json.loads((reference_dir / "greedy_hf_fp32.json").read_text())["greedy"]
-    llm = LLM("smollm2-135m", dtype="float32", quantization="none", kv_cache_memory=0.2, max_model_len=1024,
-              speculative="ngram")
-    prompts = [g["prompt_ids"] for g in ref]
-    # the reference prompts, with a copy-heavy prompt and a sampled request in the same batches
-    extra = ["Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox", "Once upon"]
-    params = [SamplingParams(max_tokens=64, temperature=0)] * len(prompts) + \
-        [SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=1.0, seed=1)]
-    outs = llm.generate(prompts + extra, params)
-    for o, g in zip(outs, ref):
-        assert o.outputs[0].token_ids == g["new_ids"]
-    assert llm.engine.spec_draft_tokens > 0
+def test_server_speculates_and_reports_it(tiny_hf, tiny_llm):
+    import httpx
+
+    from tests.server_utils import run_server
+
+    prompt = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 1, seed=7)[0]
+    want = tiny_llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    with run_server("--model", str(tiny_hf), "--dtype", "float32", "--kv-cache-memory", "0.05",
+                    "--speculative", "ngram", "--num-speculative-tokens", "3", "--ngram-min", "1") as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0,
+                                                          "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == want.outputs[0].text
+        usage = body["usage"]["inferd"]
+        # the first steps run on the step-time prior, which speculates whenever a proposal exists
+        assert usage["spec_draft_tokens"] > 0 and 0 <= usage["spec_accepted_tokens"] <= usage["spec_draft_tokens"]
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+
+    def value(name: str) -> float:
+        line = next(x for x in metrics.splitlines() if x.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("vllm:spec_decode_num_draft_tokens_total") == usage["spec_draft_tokens"]
+    assert value("vllm:spec_decode_num_accepted_tokens_total") == usage["spec_accepted_tokens"]
+    assert value("vllm:spec_decode_num_drafts_total") >= 1
+    assert 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny-llama",position="2"}' in metrics

@@ -49,10 +49,20 @@ class Metrics:
                                   registry=r)
         self.kv_bytes = Gauge("inferd_kv_cache_bytes", "KV cache bytes: used, resident, max", lbl + ["kind"],
                               registry=r)
+        # speculative decoding (vLLM's names): verification runs, proposed and accepted tokens, and acceptance by
+        # position in the run (position 0 is the first proposal)
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Speculative runs verified", lbl, registry=r)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Tokens proposed", lbl, registry=r)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted", lbl,
+                                     registry=r)
+        self.spec_accepted_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                         "Proposed tokens accepted, by position in the run", lbl + ["position"],
+                                         registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
         self._seen_prefix: dict[str, tuple[int, int]] = {}
+        self._seen_spec: dict[str, tuple[int, ...]] = {}
         self._tok_count: dict[str, int] = {}
 
     def add_model(self, name: str, engine: LLMEngine | None = None) -> None:
@@ -65,6 +75,11 @@ class Metrics:
             m.labels(name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(name, reason)
+        if engine is not None and engine.proposer is not None:
+            for m in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted):
+                m.labels(name)
+            for pos in range(len(engine.spec_accepted_per_pos)):
+                self.spec_accepted_pos.labels(name, str(pos))
 
     def _memory(self, name: str, s: dict[str, float]) -> None:
         self.weight_bytes.labels(name).set(s["weight_bytes"])
@@ -87,6 +102,18 @@ class Metrics:
         if h > h0:
             self.prefix_hits.labels(name).inc(h - h0)
         self._seen_prefix[name] = (q, h)
+        if engine.proposer is not None:
+            now = (engine.spec_drafts, engine.spec_draft_tokens, engine.spec_accepted_tokens,
+                   *engine.spec_accepted_per_pos)
+            before = self._seen_spec.get(name, (0,) * len(now))
+            for counter, d in zip((self.spec_drafts, self.spec_draft_tokens, self.spec_accepted),
+                                  (a - b for a, b in zip(now, before))):
+                if d:
+                    counter.labels(name).inc(d)
+            for pos, (a, b) in enumerate(zip(now[3:], before[3:])):
+                if a > b:
+                    self.spec_accepted_pos.labels(name, str(pos)).inc(a - b)
+            self._seen_spec[name] = now
 
     def on_output(self, name: str, ro: RequestOutput) -> None:
         for co in ro.outputs:

@@ -40,8 +40,19 @@ def _usage(state: ServerState, prompt_tokens: int, completion_tokens: int, ros: 
             "tpot_ms": ms(m.tpot_s) if m else None,
             "compute_s": round(compute, 6),
             "cost_usd": state.metrics.cost_usd(compute),
+            **_spec_usage(ros),
         },
     }
+
+
+def _spec_usage(ros: list[RequestOutput]) -> dict:
+    """Speculative decoding's share of the request, when it speculated at all."""
+    drafts = sum(r.metrics.spec_draft_tokens for r in ros)
+    if not drafts:
+        return {}
+    accepted = sum(r.metrics.spec_accepted_tokens for r in ros)
+    return {"spec_draft_tokens": drafts, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": round(accepted / drafts, 4)}
 
 
 def _token_str(llm: AsyncLLM, tid: int, as_ids: bool) -> str:
