@@ -91,7 +91,7 @@ function render(s) {
   $("models").replaceChildren(...s.models.map((m) => {
     const title = el("h2", {}, m.name, el("span", { class: "tag" }, m.kind),
       m.status !== "ready" ? el("span", { class: "tag" }, m.status) : "");
-    if (m.quantization && m.kind === "chat") title.append(el("span", { class: "tag" }, m.quantization));
+    if (m.quantization && m.quantization !== "none") title.append(el("span", { class: "tag" }, m.quantization));
     const cards = m.status !== "ready" ? [] : m.kind === "chat" ? chatModel(m) : embeddingModel(m);
     return el("section", { class: "model", "data-model": m.name }, title, el("div", { class: "cards" }, ...cards));
   }));
