@@ -1,6 +1,6 @@
 // The chat page: model picker, settings, streaming chat with Stop, conversations in localStorage,
 // copy-as-curl, per-answer usage and speed; "compare texts" (/v1/score) for embedding models.
-import { api, AuthError, el, ensureKey, fmt, fmtUsd, apiKey } from "/ui/common.js";
+import { api, AuthError, el, ensureKey, fmt, fmtMs, fmtUsd, apiKey } from "/ui/common.js";
 
 const $ = (id) => document.getElementById(id);
 const STORE = "inferd.conversations";
@@ -178,7 +178,7 @@ function fillStats(box, m) {
   }
   if (s.stopped) box.append(el("span", { "data-stat": "stopped" }, "stopped"));
   if (s.prompt_tokens === undefined) {
-    if (s.client_ttft_ms !== undefined) box.append(stat("ttft", "TTFT", `${fmt(s.client_ttft_ms, 0)} ms`));
+    if (s.client_ttft_ms !== undefined) box.append(stat("ttft", "TTFT", fmtMs(s.client_ttft_ms)));
     return;
   }
   const prefillMs = s.ttft_ms - (s.queue_ms || 0);
@@ -187,7 +187,7 @@ function fillStats(box, m) {
   box.append(
     stat("prompt_tokens", "prompt", `${s.prompt_tokens} tok${cached}`),
     stat("completion_tokens", "output", `${s.completion_tokens} tok`),
-    stat("ttft", "TTFT", `${fmt(s.ttft_ms, 0)} ms`),
+    stat("ttft", "TTFT", fmtMs(s.ttft_ms)),
     stat("prompt_tps", "prompt", `${fmt(prefillMs > 0 ? computed / (prefillMs / 1000) : null, 0)} tok/s`),
     stat("generation_tps", "generation", `${fmt(s.tpot_ms ? 1000 / s.tpot_ms : null, 1)} tok/s`),
     stat("cost", "cost", fmtUsd(s.cost_usd)),

@@ -92,11 +92,19 @@ export function fmtUsd(x) {
 }
 
 export function fmtBytes(n) {
-  if (!n) return "–";
+  if (n === null || n === undefined) return "–";
+  if (n === 0) return "0 B";
   const units = ["B", "KB", "MB", "GB", "TB"];
   let i = 0;
   while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
   return `${n.toFixed(n >= 100 ? 0 : 1)} ${units[i]}`;
+}
+
+// A duration given in ms: "12.3 ms", "850 ms", "4.29 s".
+export function fmtMs(x) {
+  if (x === null || x === undefined) return "–";
+  if (x >= 1000) return `${fmt(x / 1000, 2)} s`;
+  return `${fmt(x, x < 10 ? 2 : 0)} ms`;
 }
 
 export function el(tag, attrs = {}, ...children) {

@@ -1,6 +1,6 @@
 // The dashboard: polls /stats every second and draws it (per model: load, speed, latency, caches, cost,
 // memory). No chart library: the sparkline is one SVG polyline.
-import { api, AuthError, el, ensureKey, fmt, fmtBytes, fmtUsd } from "/ui/common.js";
+import { api, AuthError, el, ensureKey, fmt, fmtBytes, fmtMs, fmtUsd } from "/ui/common.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
@@ -17,9 +17,7 @@ function pct(x) {
   return x === null || x === undefined ? "–" : `${fmt(x * 100, 1)}%`;
 }
 
-function ms(x) {
-  return x === null || x === undefined ? "–" : `${fmt(x, x < 10 ? 2 : 0)} ms`;
-}
+const ms = fmtMs;
 
 function sparkline(values) {
   const w = 240, h = 48;
