@@ -66,6 +66,38 @@ def chat(url: str, model: str, **body) -> dict:
     return r.json()
 
 
+# ---- the rolling window, with a fake clock -------------------------------------------------------------
+def test_recent_window_percentiles_and_expiry():
+    from inferd.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from inferd.server.stats import RecentWindow, percentile
+
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
+    assert percentile(list(map(float, range(1, 101))), 95) == 95.0
+    now = [1000.2]
+    w = RecentWindow(window_s=60, clock=lambda: now[0])
+
+    def out(rid: str, n_new: int, finished: bool, ttft: float = 0.1, reason: str = "length") -> RequestOutput:
+        co = CompletionOutput(0, "", list(range(7)), delta_token_ids=list(range(n_new)),
+                              finish_reason=reason if finished else None)
+        return RequestOutput(rid, [1, 2, 3], [co], finished, metrics=RequestMetrics(ttft_s=ttft, tpot_s=0.01,
+                                                                                     compute_s=0.5))
+
+    w.on_output("m", out("a", 3, False))
+    now[0] = 1001.5
+    w.on_output("m", out("a", 4, True))
+    w.on_output("m", out("b", 2, True, ttft=0.3, reason="abort"))
+    now[0] = 1002.1
+    done, per_sec = w.snapshot("m")
+    assert len(per_sec) == 60 and per_sec[-2:] == [3, 6] and sum(per_sec) == 9
+    assert [(d.output_tokens, d.prompt_tokens, d.aborted) for d in done] == [(7, 3, False), (7, 3, True)]
+    now[0] = 1061.6  # "a" and "b" finished 60.1 s ago: out; the tokens of second 1000 too
+    w.on_output("m", out("c", 1, True, ttft=0.2))
+    done, per_sec = w.snapshot("m")
+    assert [d.ttft_s for d in done] == [0.2] and sum(per_sec) == 6  # 1001..1060 shown; 1061 not over yet
+    assert w.snapshot("other") == ([], [0] * 60)
+
+
 # ---- /stats over plain HTTP (no browser needed) -------------------------------------------------------
 def test_stats_fields_move_with_traffic(server, tiny_hf, tiny_bert):
     s0 = get_stats(server.url)

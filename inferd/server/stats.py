@@ -44,6 +44,7 @@ class RecentWindow:
         self._lock = threading.Lock()
         self._done: dict[str, collections.deque[Finished]] = {}
         self._tokens: dict[str, dict[int, int]] = {}  # model → {unix second: tokens generated in it}
+        self._trimmed: dict[str, int] = {}  # model → the second it was last trimmed (once a second is enough)
 
     def on_output(self, name: str, ro: RequestOutput) -> None:
         now = self.clock()
@@ -58,7 +59,9 @@ class RecentWindow:
                 aborted = any(co.finish_reason == "abort" for co in ro.outputs)
                 self._done.setdefault(name, collections.deque()).append(
                     Finished(now, m.ttft_s, m.tpot_s, len(ro.prompt_token_ids), out, m.compute_s, aborted))
-            self._trim(name, now)
+            if self._trimmed.get(name) != int(now):  # a hot path (every output of every request): trim once a second
+                self._trimmed[name] = int(now)
+                self._trim(name, now)
 
     def _trim(self, name: str, now: float) -> None:
         done = self._done.get(name)
@@ -66,7 +69,7 @@ class RecentWindow:
             done.popleft()
         sec = self._tokens.get(name)
         if sec:
-            for s in [s for s in sec if s <= now - self.window_s]:
+            for s in [s for s in sec if s < int(now) - self.window_s]:  # the history's oldest second stays
                 del sec[s]
 
     def snapshot(self, name: str) -> tuple[list[Finished], list[int]]:
