@@ -49,6 +49,9 @@ async function loadModels() {
   const saved = localStorage.getItem("inferd.model");
   if (models.some((m) => m.id === saved)) select.value = saved;
   onModelChange();
+  if (models.some((m) => m.status === "loading")) {  // the port opens before the models load: look again soon
+    setTimeout(() => loadModels().catch((err) => showError(err.message)), 2000);
+  }
 }
 
 function selectedModel() {
