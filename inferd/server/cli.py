@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version, "
-                        "/docs and /openapi.json")
+                        "/docs, /openapi.json and the web page (/, /dashboard, /ui/...)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 above it)")
     p.add_argument("--price-per-hour", type=float, default=0.0, help="machine price, USD/hour, for cost reporting")
