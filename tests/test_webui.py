@@ -6,6 +6,7 @@ Screenshots of both pages go to a temp folder (INFERD_SCREENSHOTS=DIR to keep th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,6 +22,10 @@ from tests.server_utils import run_server
 
 KEY = "webui-test-key"
 CHROMIUM = os.environ.get("INFERD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+_MISSING = ("playwright is not installed (pip install playwright; the test extra has it)"
+            if importlib.util.find_spec("playwright") is None else
+            "no chromium executable (apt-get install chromium, or set INFERD_CHROMIUM)" if CHROMIUM is None else None)
+needs_browser = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -162,17 +167,15 @@ def test_no_webui_keeps_stats():
 # ---- the browser ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install "
-                                   "playwright; the test extra has it)")
-    if CHROMIUM is None:
-        pytest.skip("no chromium executable (apt-get install chromium, or set INFERD_CHROMIUM)")
+    from playwright import sync_api
+
     pw = sync_api.sync_playwright().start()
-    try:
+    try:  # a chromium that is there but does not start is an error, not a skip
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-    except Exception as exc:  # noqa: BLE001 - a browser that cannot start is a skip with its reason
+    except BaseException:
         pw.stop()
-        pytest.skip(f"chromium at {CHROMIUM} does not start: {exc}")
+        raise
     yield b
     b.close()
     pw.stop()
@@ -226,6 +229,7 @@ def set_field(pg, selector: str, value: str) -> None:
     pg.dispatch_event(selector, "change")
 
 
+@needs_browser
 def test_chat_streams_and_shows_usage(server, tiny_hf, page, shots):
     pg = page.page
     page.open(server.url + "/")
@@ -282,6 +286,7 @@ def test_chat_streams_and_shows_usage(server, tiny_hf, page, shots):
     pg.screenshot(path=str(shots / "chat-phone-dark.png"))
 
 
+@needs_browser
 def test_stop_aborts_on_the_server(server, tiny_hf, page):
     prompt = "Tell me a long story"
     pg = page.page
@@ -316,6 +321,7 @@ def test_stop_aborts_on_the_server(server, tiny_hf, page):
     assert answers(pg)[0] == partial  # nothing arrives after Stop
 
 
+@needs_browser
 def test_json_schema_mode_and_compare_panel(server, tiny_hf, tiny_bert, page):
     pg = page.page
     page.open(server.url + "/")
@@ -343,6 +349,7 @@ def test_json_schema_mode_and_compare_panel(server, tiny_hf, tiny_bert, page):
     assert pg.locator("#scores li").count() == 3
 
 
+@needs_browser
 def test_dashboard_moves_with_traffic(server, tiny_hf, tiny_bert, page, shots):
     pg = page.page
     page.open(server.url + "/dashboard")
@@ -369,6 +376,7 @@ def test_dashboard_moves_with_traffic(server, tiny_hf, tiny_bert, page, shots):
     assert fits_width(pg)
 
 
+@needs_browser
 def test_api_key_flow(server, tiny_hf, browser):
     p = Page(browser, key=None)
     try:
