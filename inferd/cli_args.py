@@ -65,12 +65,16 @@ def add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Engi
     sp = SpeculativeConfig()
     p.add_argument("--speculative", default=sp.method, choices=list(SPECULATIVE_METHODS),
                    help="speculative decoding: ngram = prompt lookup (propose the tokens that followed the latest "
-                        "earlier occurrence of the last n tokens; verified in the next step, output unchanged)")
+                        "earlier occurrence of the last n tokens); draft = a smaller model (--draft-model) proposes. "
+                        "Proposals are verified in the next step; output unchanged")
     p.add_argument("--num-speculative-tokens", type=int, default=sp.num_speculative_tokens,
                    help="the most tokens proposed per sequence and step (fewer, or none, when the measured "
                         "acceptance rate and step times say verifying them would not pay)")
     p.add_argument("--ngram-min", type=int, default=sp.ngram_min, help="shortest n-gram matched (ngram)")
     p.add_argument("--ngram-max", type=int, default=sp.ngram_max, help="longest n-gram matched (ngram)")
+    p.add_argument("--draft-model", default=sp.draft_model,
+                   help="speculative draft: the proposing model (known name, .gguf or directory) with the target's "
+                        "vocabulary, e.g. a student made by `inferd distill`")
 
 
 def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
@@ -80,7 +84,8 @@ def engine_config(args: argparse.Namespace, model: str | None = None) -> EngineC
         dtype=args.dtype, device=args.device,
         quantization=args.quantization, group_size=args.group_size, quant_dense_rows=args.quant_dense_rows,
         enforce_eager=args.enforce_eager, memory_profile=args.memory_profile,
-        speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max),
+        speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.ngram_min, args.ngram_max,
+                                      args.draft_model),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory_gib=args.kv_cache_memory,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

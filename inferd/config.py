@@ -89,20 +89,24 @@ class SchedulerConfig:
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass
 class SpeculativeConfig:
-    method: str | None = None  # None: off; "ngram": prompt lookup
+    method: str | None = None  # None: off; "ngram": prompt lookup; "draft": a smaller model proposes
     num_speculative_tokens: int = 4  # the most proposed per sequence and step (the policy may use fewer)
     ngram_min: int = 2
     ngram_max: int = 4
+    draft_model: str | None = None  # method "draft": name, .gguf or directory, same vocabulary as the target
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in SPECULATIVE_METHODS:
             raise InvalidRequestError(f"unknown speculative method {self.method!r}; choose one of "
                                       f"{', '.join(SPECULATIVE_METHODS)}", param="speculative")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise InvalidRequestError("--draft-model goes with --speculative draft (and only with it)",
+                                      param="draft_model")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise InvalidRequestError("num_speculative_tokens must be between 1 and 16",
                                       param="num_speculative_tokens")

@@ -29,9 +29,9 @@ class LLM:
                  memory_profile: str = EngineConfig.memory_profile,
                  speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int = SpeculativeConfig.num_speculative_tokens,
-                 config: EngineConfig | None = None):
+                 draft_model: str | None = None, config: EngineConfig | None = None):
         if not isinstance(speculative, SpeculativeConfig):
-            speculative = SpeculativeConfig(speculative, num_speculative_tokens)
+            speculative = SpeculativeConfig(speculative, num_speculative_tokens, draft_model=draft_model)
         self.config = config or EngineConfig(
             model=model, dtype=dtype, device=device, quantization=quantization, group_size=group_size,
             quant_dense_rows=quant_dense_rows, enforce_eager=enforce_eager, memory_profile=memory_profile,

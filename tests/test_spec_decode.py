@@ -18,7 +18,7 @@ from inferd.errors import InvalidRequestError
 @pytest.fixture
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
-    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed: dict(available))
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0: dict(available))
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
@@ -214,3 +214,36 @@ def test_server_speculates_and_reports_it(tiny_hf, tiny_llm):
     assert value("vllm:spec_decode_num_accepted_tokens_total") == usage["spec_accepted_tokens"]
     assert value("vllm:spec_decode_num_drafts_total") >= 1
     assert 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny-llama",position="2"}' in metrics
+
+
+def test_draft_model_speculation_is_lossless(tiny_hf, tiny_llm, tmp_path, always_propose):
+    from tests.tiny_models import write_hf
+
+    vocab = tiny_llm.tokenizer.vocab_size
+    ps = _repetitive_prompts(vocab, 5, seed=8) + [[3 + i % 50 for i in range(30)]]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)] * 5 + \
+        [SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True)]
+    ref = _ids(tiny_llm.generate(ps, params))
+    # a different random model with the same tokenizer (one layer): proposals are often wrong
+    other = write_hf(tmp_path / "draft", seed=5, config={"num_hidden_layers": 1})
+    for draft, min_acceptance in ((str(other), 0.0), (str(tiny_hf), 0.9)):  # the target as its own draft: ~all
+        llm = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.05,
+                  speculative=SpeculativeConfig("draft", 3, draft_model=draft))
+        outs = llm.generate(ps, params)
+        assert _ids(outs) == ref
+        eng = llm.engine
+        assert eng.spec_draft_tokens > 0
+        greedy_drafts = sum(o.metrics.spec_draft_tokens for o in outs[:5])
+        assert sum(o.metrics.spec_accepted_tokens for o in outs[:5]) >= min_acceptance * greedy_drafts
+        assert not eng.proposer.mirrors and eng.proposer.kv.num_free_blocks == eng.proposer.kv.num_blocks
+
+
+def test_draft_model_needs_the_same_vocabulary(tiny_hf, tiny_llm):
+    from inferd.engine.spec_decode import DraftModelProposer
+
+    with pytest.raises(InvalidRequestError, match="--draft-model goes with --speculative draft"):
+        SpeculativeConfig("ngram", draft_model=str(tiny_hf))
+    with pytest.raises(InvalidRequestError, match="--draft-model goes with --speculative draft"):
+        SpeculativeConfig("draft")
+    with pytest.raises(InvalidRequestError, match="same vocabulary"):
+        DraftModelProposer(tiny_llm.engine.lm, tiny_llm.engine.lm.config.vocab_size + 1, 8, 16)

@@ -23,7 +23,7 @@ from inferd.engine.request import Request, RequestStatus
 from inferd.engine.runner import ModelRunner, kv_bytes_per_block, plan_num_blocks
 from inferd.engine.sampler import Sampler, prompt_logprobs
 from inferd.engine.scheduler import Scheduler, SchedulerOutput
-from inferd.engine.spec_decode import NgramProposer, SpecPolicy
+from inferd.engine.spec_decode import DraftModelProposer, NgramProposer, SpecPolicy
 from inferd.engine.spec_decode.verify import accept, sampler_rows
 from inferd.errors import InvalidRequestError
 from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
@@ -58,7 +58,13 @@ class LLMEngine:
         self.sampler = Sampler(self.lm.config.vocab_size)
         self.output = OutputProcessor(self._finish)
         spec = config.speculative
-        self.proposer = NgramProposer(spec.ngram_min, spec.ngram_max) if spec.method == "ngram" else None
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        if spec.method == "ngram":
+            self.proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+        elif spec.method == "draft":
+            draft = load_model(spec.draft_model, dtype, device, self.max_model_len, quant)
+            # as many blocks as the target's pool: a mirror never holds more tokens than its sequence (+ k)
+            self.proposer = DraftModelProposer(draft, self.lm.config.vocab_size, num_blocks, cc.block_size)
         self.spec_policy = SpecPolicy(spec.num_speculative_tokens) if self.proposer else None
         self.spec_drafts = 0  # verification runs, proposed and accepted tokens (vLLM's spec_decode counters)
         self.spec_draft_tokens = 0
@@ -219,18 +225,23 @@ class LLMEngine:
                 decoding.append(req)
             else:
                 mixed = True
-        room = {r.request_id: min(r.max_tokens - len(r.output_token_ids) - 1,
-                                  self.max_model_len - r.num_tokens - 1) for r in decoding}
-        proposals = {}
-        for req in decoding:
-            k = min(self.spec_policy.max_tokens, room[req.request_id])
-            prop = self.proposer.propose(req.request_id, req.all_token_ids, k) if k > 0 else []
-            if prop:
-                proposals[req.request_id] = prop
-        plan = self.spec_policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed)
+        policy, proposer = self.spec_policy, self.proposer
+        wanted = {}
+        for r in decoding:  # room: k proposals can emit k+1 tokens, within max_tokens and the context
+            k = min(policy.max_tokens, r.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens - 1)
+            if k > 0:
+                wanted[r.request_id] = (r.all_token_ids, k)
+        if proposer.cheap:  # prompt lookup: propose, then verify what pays
+            proposals = proposer.propose_batch(wanted)
+            plan = policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed)
+        else:  # a draft model: decide how many first, then draft only those
+            plan = policy.plan({rid: k for rid, (_, k) in wanted.items()}, len(decoding), mixed,
+                               proposer.pass_seconds)
+            proposals = proposer.propose_batch({rid: (wanted[rid][0], k) for rid, k in plan.items()})
         for req in decoding:
             k = plan.get(req.request_id, 0)
-            req.spec_token_ids = proposals[req.request_id][:k] if k else []
+            req.spec_token_ids = proposals.get(req.request_id, [])[:k] if k else []
+            k = len(req.spec_token_ids)
             if not k:
                 self.spec_policy.record(req.request_id, 0, 0)
 

@@ -17,6 +17,9 @@ class _Index:
 
 
 class NgramProposer:
+    cheap = True  # proposing costs a few dict lookups: propose first, then let the policy pick what to verify
+    pass_seconds = 0.0
+
     def __init__(self, ngram_min: int = 2, ngram_max: int = 4):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min} and {ngram_max}")
@@ -50,3 +53,12 @@ class NgramProposer:
             if start is not None:
                 return tokens[start : start + k]
         return []
+
+    def propose_batch(self, wanted: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+        """wanted: request id → (its tokens so far, the most to propose); sequences without a match are left out."""
+        out = {}
+        for rid, (tokens, k) in wanted.items():
+            prop = self.propose(rid, tokens, k)
+            if prop:
+                out[rid] = prop
+        return out

@@ -89,10 +89,12 @@ class SpecPolicy:
         tested = accepted + (1 if accepted < proposed else 0)
         st.alpha = self.decay * st.alpha + (1 - self.decay) * (accepted / tested)
 
-    def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool) -> dict[str, int]:
+    def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
+             pass_seconds: float = 0.0) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
         `num_decoding`: sequences that will sample a token; `mixed_anyway`: the step has prefill work regardless
-        (so verification rows add no fixed cost)."""
+        (so verification rows add no fixed cost); `pass_seconds`: what making one more proposal per sequence
+        costs (a draft model's forward pass; 0 for prompt lookup)."""
         cand = []  # (acceptance chance of this draft, request id)
         for rid, n_avail in available.items():
             a = self.alpha(rid)
@@ -103,10 +105,12 @@ class SpecPolicy:
         cand.sort(key=lambda x: -x[0])
         tm = self.time_model
         best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
-        best_n, gain = 0, 0.0
-        for n, (p, _) in enumerate(cand, 1):
+        best_n, gain, depth, longest = 0, 0.0, {}, 0
+        for n, (p, rid) in enumerate(cand, 1):
             gain += p
-            rate = (num_decoding + gain) / tm.predict(num_decoding + n, True)
+            depth[rid] = depth.get(rid, 0) + 1
+            longest = max(longest, depth[rid])
+            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, True) + pass_seconds * longest)
             if rate > best_rate:
                 best_rate, best_n = rate, n
         plan: dict[str, int] = {}
