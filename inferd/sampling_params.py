@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inferd.errors import InvalidRequestError
+from inferd.structured.params import StructuredOutputsParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -32,6 +33,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for every prompt token (the first gets None)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id → value added to its logit before sampling
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +41,8 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     @property

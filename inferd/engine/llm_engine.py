@@ -30,6 +30,7 @@ from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
 from inferd.models.registry import LoadedModel, load_model, weight_bytes
 from inferd.quant.apply import QuantConfig
 from inferd.sampling_params import SamplingParams
+from inferd.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LLMEngine:
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
         self.spec_accepted_per_pos = [0] * spec.num_speculative_tokens
+        self.structured: GrammarCompiler | None = None  # built on the first constrained request
         self.num_steps = 0
         self.total_compute_s = 0.0
         self.kv_bytes_per_block = kv_bytes_per_block(self.lm, cc.block_size)
@@ -82,6 +84,14 @@ class LLMEngine:
     @property
     def model_name(self) -> str:
         return self.lm.name
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler (thread-safe; the server awaits compiles on it off this thread)."""
+        if self.structured is None:
+            self.structured = GrammarCompiler(self.tokenizer.hf.to_str(), self.lm.config.vocab_size,
+                                              self.tokenizer.eos_token_ids)
+            self.sampler.structured = self.structured
+        return self.structured
 
     # ---- requests ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -114,6 +124,11 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n_prompt} "
                 f"tokens and max_tokens is {max_tokens} ({n_prompt + max_tokens} in all); reduce the prompt or "
                 "max_tokens", param="max_tokens")
+        compiled = None
+        if params.structured_outputs is not None:  # cached when the server awaited it; else compiled here
+            compiled = self.grammar_compiler().compile(params.structured_outputs)
+            with self.grammar_compiler().stats.lock:
+                self.grammar_compiler().stats.requests += 1
         children, detoks = [], []
         for i in range(params.n):
             p = params if params.seed is None else replace(params, seed=params.seed + i)
@@ -121,6 +136,8 @@ class LLMEngine:
                           priority=priority, max_tokens=max_tokens)
             if arrival is not None:
                 req.times.arrival = arrival
+            if compiled is not None:
+                req.grammar = compiled.matcher()
             if i and params.n > 1:
                 req.wait_for = children[0]
             children.append(req)
@@ -212,15 +229,39 @@ class LLMEngine:
             applied = self.output.append(req, decided[: n_acc + 1], lps[: n_acc + 1], now)
             if not req.status.finished:
                 assert applied == n_acc + 1
+                if req.grammar is not None:  # constrained sequences never speculate: one decided token
+                    self._advance_grammar(req, decided[0], now)
+            if not req.status.finished:
                 self.kv.cache_full_blocks(req)
             changed.setdefault(self.output.group_of(req)[0].request_id, set()).add(self.output.group_of(req)[1])
         return self.output.collect(changed)
+
+    def _advance_grammar(self, req: Request, tok: int, now: float) -> None:
+        """Advance a constrained sequence's matcher with its sampled token, then append the tokens the grammar
+        forces (jump-forward: no sampling decision; the next step computes them as one chunk)."""
+        m = req.grammar
+        if not m.consume_token(tok):
+            self.output.fail(req, f"the grammar rejected token {tok}: {m.get_error()}")
+            return
+        forced = [] if req.params.logprobs is not None else m.compute_ff_tokens()  # logprobs: one by one
+        forced = forced[: req.max_tokens - len(req.output_token_ids)]
+        if forced and not m.consume_tokens(forced):
+            self.output.fail(req, f"the grammar rejected its own forced tokens {forced}: {m.get_error()}")
+            return
+        if forced:
+            self.output.append(req, forced, [None] * len(forced), now)
+        if not req.status.finished and m.is_stopped():  # the grammar admits nothing more, not even EOS
+            group, idx = self.output.group_of(req)
+            group.detoks[idx].flush()
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
 
     # ---- speculative decoding ------------------------------------------------------------------
     def _propose(self) -> None:
         """Give decoding sequences proposals for the coming step, as many as the policy finds worth verifying."""
         decoding, mixed = [], bool(self.scheduler.waiting)
         for req in self.scheduler.running:
+            if req.grammar is not None:  # constrained: its next token's mask needs the matcher's state
+                continue
             if req.num_tokens - req.num_computed_tokens == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
                 decoding.append(req)
             else:

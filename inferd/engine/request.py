@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferd.sampling_params import SamplingParams
 
@@ -59,6 +60,7 @@ class Request:
     # filled by the engine
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    grammar: Any = None  # llguidance.LLMatcher for structured outputs, advanced with every accepted token
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -11,10 +11,12 @@ output_token_ids and all_token_ids).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from inferd.engine.request import Request
+from inferd.structured.masks import apply_grammar_masks
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Sampler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.generators: dict[str, torch.Generator] = {}
+        self.structured: Any = None  # the engine's GrammarCompiler, once a constrained request arrived
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
@@ -83,6 +86,14 @@ class Sampler:
         """logits: (B, V) float32, one row per request in `reqs`."""
         B = logits.shape[0]
         params = [r.params for r in reqs]
+        if self.structured is not None:  # grammar masks first, on the constrained rows only
+            constrained = [(i, g) for i, r in enumerate(reqs) if (g := getattr(r, "grammar", None)) is not None]
+            if constrained:
+                logits = logits[:, : self.vocab_size]
+                dt = apply_grammar_masks(logits, constrained, self.structured.executor)
+                with self.structured.stats.lock:
+                    self.structured.stats.mask_s.append(dt)
+                    self.structured.stats.mask_rows += len(constrained)
         if all(p.greedy and p.logprobs is None and not p.min_tokens and p.repetition_penalty == 1.0
                and not p.presence_penalty and not p.frequency_penalty and not p.logit_bias for p in params):
             # fast path (the common serving case): one argmax over the batch, no copies

@@ -59,6 +59,15 @@ class Metrics:
         self.spec_accepted_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
                                          "Proposed tokens accepted, by position in the run", lbl + ["position"],
                                          registry=r)
+        # structured outputs (issue 14): constrained requests, grammar compile time, mask time per engine step
+        self.structured_requests = Counter("inferd_structured_output_requests", "Requests with a structured-output "
+                                           "constraint (JSON schema, regex, choice, grammar, tool call)", lbl,
+                                           registry=r)
+        self.grammar_compile = Histogram("inferd_grammar_compile_seconds", "Grammar compile time (cache misses)",
+                                         lbl, buckets=_LAT_BUCKETS, registry=r)
+        self.grammar_mask = Histogram("inferd_grammar_mask_seconds", "Time per engine step to compute and apply "
+                                      "the token masks of the constrained rows", lbl,
+                                      buckets=(0.0001, 0.0005, *_LAT_BUCKETS), registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
@@ -73,7 +82,7 @@ class Metrics:
             self._memory(name, engine.stats())
         for m in (self.running, self.waiting, self.kv_usage, self.prefix_queries, self.prefix_hits,
                   self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
-                  self.compute, self.cost):
+                  self.compute, self.cost, self.structured_requests, self.grammar_compile, self.grammar_mask):
             m.labels(name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(name, reason)
@@ -116,6 +125,14 @@ class Metrics:
                 if a > b:
                     self.spec_accepted_pos.labels(name, str(pos)).inc(a - b)
             self._seen_spec[name] = now
+        if engine.structured is not None:
+            n, compiles, masks = engine.structured.stats.drain()
+            if n:
+                self.structured_requests.labels(name).inc(n)
+            for dt in compiles:
+                self.grammar_compile.labels(name).observe(dt)
+            for dt in masks:
+                self.grammar_mask.labels(name).observe(dt)
 
     def on_output(self, name: str, ro: RequestOutput) -> None:
         self.recent.on_output(name, ro)

@@ -66,6 +66,15 @@ class _Sampling(_Open):
     priority: int = 0
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) → bias in [-100, 100]
     return_tokens_as_token_ids: bool = False  # vLLM: logprobs name tokens "token_id:N"
+    # structured outputs (see server/openai_structured.py): OpenAI, vLLM (current and older) and llama.cpp fields
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    json_schema: Any = None
+    grammar: Any = None
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -99,6 +108,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: Any = None  # [{"type": "function", "function": {"name", "description", "parameters", "strict"}}]
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
 
     def sampling_params(self) -> SamplingParams:
         if not self.messages:

@@ -16,6 +16,14 @@ from inferd.engine.async_engine import AsyncLLM
 from inferd.engine.outputs import CompletionOutput, RequestOutput
 from inferd.errors import InvalidRequestError
 from inferd.sampling_params import SamplingParams
+from inferd.server.openai_structured import constrain, structured_from_request
+from inferd.server.openai_tools import (
+    ToolCallParser,
+    ToolRequest,
+    chat_prompt,
+    parse_tool_calls,
+    stream_deltas,
+)
 from inferd.server.protocol import ChatCompletionRequest, CompletionRequest
 from inferd.server.state import ServerState, run_until_disconnect, sse
 
@@ -121,10 +129,18 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         llm, model = await state.llm(body.model)
         params = body.sampling_params()
         _check(state, llm, params)
-        msgs = []
-        for m in body.messages:
-            msgs.append({"role": m.role, "content": m.text()})
-        prompt = llm.tokenizer.encode_chat(msgs, body.add_generation_prompt)
+        prompt, tools = chat_prompt(llm.tokenizer, body)
+        spec = structured_from_request(body)
+        if tools is not None and tools.constrained:
+            if spec is not None:
+                raise InvalidRequestError("tool_choice required or named cannot be combined with a structured "
+                                          "output constraint", param="tool_choice")
+            spec = tools.grammar()
+        elif spec is not None:
+            tools = None  # the response format constrains the text: no tool calls to parse
+        if tools is not None and not tools.active:
+            tools = None
+        await constrain(llm, params, spec)
         if params.max_tokens is None:
             params.max_tokens = state.default_max_tokens(llm, len(prompt))
             params.validate()
@@ -132,7 +148,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         gen = llm.outputs(rid, await llm.add_request(rid, prompt, params, body.priority))
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(_chat_stream(state, llm, body, rid, model, created, gen, len(prompt)),
+            return StreamingResponse(_chat_stream(state, llm, body, rid, model, created, gen, len(prompt), tools),
                                      media_type="text/event-stream")
         last, acc = await run_until_disconnect(request, _collect(gen), state)
         choices = []
@@ -140,11 +156,18 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             co = acc[i]
             if co.finish_reason == "error":
                 raise RuntimeError(co.error)
+            message: dict[str, Any] = {"role": "assistant", "content": co.text}
+            finish = co.finish_reason
+            if tools is not None:
+                message["content"], calls = parse_tool_calls(tools.fmt, tools.names, co.text)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
             choices.append({
-                "index": i, "message": {"role": "assistant", "content": co.text},
+                "index": i, "message": message,
                 "logprobs": _chat_logprobs(llm, co.token_ids, co.logprobs, body.top_logprobs or 0,
                                            body.return_tokens_as_token_ids),
-                "finish_reason": co.finish_reason, "stop_reason": co.stop_reason,
+                "finish_reason": finish, "stop_reason": co.stop_reason,
             })
         n_out = sum(len(c.token_ids) for c in acc.values())
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -159,6 +182,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             params.validate()
         _check(state, llm, params)
         prompts = [llm.engine.encode_prompt(p) for p in body.prompts()]
+        await constrain(llm, params, structured_from_request(body))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gens = []
@@ -199,7 +223,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRequest, rid: str, model: str,
-                       created: int, gen: AsyncIterator[RequestOutput], n_prompt: int):
+                       created: int, gen: AsyncIterator[RequestOutput], n_prompt: int,
+                       tools: ToolRequest | None = None):
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         if usage is not None:
@@ -212,6 +237,7 @@ async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRe
                       "finish_reason": None}])
     tokens = [0] * n
     last = None
+    parsers = [ToolCallParser(tools.fmt, tools.names) for _ in range(n)] if tools is not None else None
     try:
         async for ro in gen:
             last = ro
@@ -225,6 +251,15 @@ async def _chat_stream(state: ServerState, llm: AsyncLLM, body: ChatCompletionRe
                     continue
                 lp = _chat_logprobs(llm, co.delta_token_ids, co.delta_logprobs, body.top_logprobs or 0,
                                     body.return_tokens_as_token_ids) if co.delta_logprobs else None
+                if parsers is not None:  # tool calls: parsed text goes out as content or delta.tool_calls
+                    p = parsers[co.index]
+                    deltas = stream_deltas(p.feed(co.delta_text) + (p.finish() if co.finished else []))
+                    for d in deltas:
+                        yield chunk([{"index": co.index, "delta": d, "logprobs": None, "finish_reason": None}])
+                    if co.finished:
+                        fin = "tool_calls" if p.calls and co.finish_reason == "stop" else co.finish_reason
+                        yield chunk([{"index": co.index, "delta": {}, "logprobs": lp, "finish_reason": fin}])
+                    continue
                 yield chunk([{"index": co.index, "delta": {"content": co.delta_text} if co.delta_text else {},
                               "logprobs": lp, "finish_reason": co.finish_reason if co.finished else None}])
     finally:
