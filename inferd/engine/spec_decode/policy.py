@@ -4,12 +4,13 @@ Two measured models decide it:
 - acceptance: per sequence, an exponentially weighted estimate α of the chance that a proposed token is accepted
   (so the j-th proposal of a run lands with chance ≈ α^j); between proposals it relaxes toward the prior, so a
   sequence whose proposals failed is tried again later;
-- step time: t ≈ a + b·tokens + c·mixed, fitted online (weighted least squares with forgetting) over the engine's
-  steps, where `mixed` marks steps that are not pure single-token decodes (verification rows run on the
-  multi-token path, which costs more per step than the fused decode on some CPUs).
+- step time: measured from the engine's own steps as a function of their tokens, separately for pure decode
+  steps and for mixed ones (prefill chunks or verification rows run the multi-token path, which costs more per
+  step than the fused single-token decode on the CPU); see StepTimeModel.
 For a step with O sequences about to decode, drafts are taken in order of their acceptance chance while the
-expected tokens per second, (O + Σ accepted) / t(O + drafts), keeps rising. Large batches (b·O ≫ a) therefore
-switch speculation off by themselves, as does a low acceptance rate.
+expected tokens per second, (O + Σ accepted) / t(O + drafts), keeps rising. Large batches (where a step's time
+grows with its tokens) therefore switch speculation off by themselves, as does a low acceptance rate. So that the time model keeps seeing what
+verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal each once.
 """
 
 from __future__ import annotations
@@ -23,52 +24,67 @@ class _Acceptance:
 
 
 class StepTimeModel:
-    """Online fit of t = a + b·tokens + c·mixed (weighted least squares, older steps forgotten geometrically)."""
+    """Measured step time as a function of the step's tokens, kept separately for pure decode steps (one token per
+    sequence: the fused decode path) and mixed steps (prefill chunks or verification rows).
 
-    def __init__(self, forget: float = 0.98):
-        self.forget = forget
-        self.xtx = [[0.0] * 3 for _ in range(3)]
-        self.xty = [0.0] * 3
-        self.steps = 0
-        self.coef = (1.0, 0.01, 0.0)  # prior until measured: per-step cost dominates, tokens are cheap
+    Times are averaged (exponentially) per power-of-two bucket of tokens and interpolated between measured
+    buckets; a step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once
+    compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
+    pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
+    point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
+    """
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        # mixed? → {bucket: (average tokens, average seconds)} over the steps that fell in that bucket
+        self.buckets: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}
+        self.prior = 0.05  # seconds, for a step before anything was measured
+
+    @staticmethod
+    def _bucket(tokens: int) -> int:
+        return 1 << max(tokens - 1, 0).bit_length()
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
-        x = (1.0, float(tokens), 1.0 if mixed else 0.0)
-        f = self.forget
-        for i in range(3):
-            self.xty[i] = f * self.xty[i] + x[i] * seconds
-            for j in range(3):
-                self.xtx[i][j] = f * self.xtx[i][j] + x[i] * x[j]
-        self.steps += 1
-        if self.steps >= 8:
-            self.coef = self._solve()
+        table, b = self.buckets[mixed], self._bucket(tokens)
+        old = table.get(b)
+        d = self.decay
+        table[b] = (tokens, seconds) if old is None else (d * old[0] + (1 - d) * tokens, d * old[1] + (1 - d) * seconds)
 
-    def _solve(self) -> tuple[float, float, float]:
-        # a tiny ridge term keeps the system solvable while some feature has not varied yet (all-decode steps)
-        scale = max(self.xtx[0][0], 1e-9)
-        m = [row[:] + [self.xty[i]] for i, row in enumerate(self.xtx)]
-        for i in range(3):
-            m[i][i] += 1e-6 * scale
-        for col in range(3):  # Gauss-Jordan on the 3x4 augmented matrix
-            piv = max(range(col, 3), key=lambda r: abs(m[r][col]))
-            m[col], m[piv] = m[piv], m[col]
-            if abs(m[col][col]) < 1e-18:
-                return self.coef
-            for r in range(3):
-                if r != col:
-                    k = m[r][col] / m[col][col]
-                    m[r] = [a - k * b for a, b in zip(m[r], m[col])]
-        a, b, c = (m[i][3] / m[i][i] for i in range(3))
-        return max(a, 1e-6), max(b, 0.0), max(c, 0.0)
+    @staticmethod
+    def _curve(tokens: int, table: dict[int, tuple[float, float]]) -> float | None:
+        pts = sorted(table.values())
+        if not pts:
+            return None
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        if tokens >= pts[-1][0]:  # past the data: the last segment's slope (flat from a single point)
+            if len(pts) == 1:
+                return pts[0][1]
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+            return y1 + max(y1 - y0, 0.0) / max(x1 - x0, 1e-9) * (tokens - x1)
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= tokens <= x1:
+                return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
+        return pts[-1][1]
 
     def predict(self, tokens: int, mixed: bool) -> float:
-        a, b, c = self.coef
-        return a + b * tokens + (c if mixed else 0.0)
+        mixed_table = self.buckets[True]
+        if mixed and mixed_table and min(t for t, _ in mixed_table.values()) <= tokens:
+            t = self._curve(tokens, mixed_table)
+        else:
+            t = self._curve(tokens, self.buckets[False])
+            if t is None:
+                t = self._curve(tokens, mixed_table)
+        return self.prior if t is None else t
 
 
 class SpecPolicy:
-    def __init__(self, max_tokens: int, prior_alpha: float = 0.6, decay: float = 0.7, relax: float = 0.05):
+    def __init__(self, max_tokens: int, prior_alpha: float = 0.6, decay: float = 0.7, relax: float = 0.05,
+                 explore_every: int = 16):
         self.max_tokens = max_tokens
+        # a model fitted only from steps without verification cannot tell what verification costs: every
+        # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
+        self.explore_every, self.idle_steps = explore_every, 0
         self.prior, self.decay, self.relax = prior_alpha, decay, relax
         self.acceptance: dict[str, _Acceptance] = {}
         self.time_model = StepTimeModel()
@@ -113,6 +129,13 @@ class SpecPolicy:
             rate = (num_decoding + gain) / (tm.predict(num_decoding + n, True) + pass_seconds * longest)
             if rate > best_rate:
                 best_rate, best_n = rate, n
+        if best_n == 0 and cand:
+            self.idle_steps += 1
+            if self.idle_steps >= self.explore_every:
+                self.idle_steps = 0
+                return dict.fromkeys(available, 1)
+        else:
+            self.idle_steps = 0
         plan: dict[str, int] = {}
         for _, rid in cand[:best_n]:
             plan[rid] = plan.get(rid, 0) + 1
