@@ -49,6 +49,7 @@ class Metrics:
                                   registry=r)
         self.kv_bytes = Gauge("inferd_kv_cache_bytes", "KV cache bytes: used, resident, max", lbl + ["kind"],
                               registry=r)
+        self.audio_seconds = Counter("inferd_audio_seconds", "Seconds of audio transcribed", lbl, registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
@@ -73,6 +74,15 @@ class Metrics:
 
     def cost_usd(self, compute_s: float) -> float:
         return compute_s * self.price_per_hour / 3600.0
+
+    def observe_compute(self, name: str, compute_s: float, e2e_s: float | None = None) -> float:
+        """Compute seconds (and so cost) of one request of a batched model (encoder, tabular, audio); its cost."""
+        cost = self.cost_usd(compute_s)
+        self.compute.labels(name).inc(compute_s)
+        self.cost.labels(name).inc(cost)
+        if e2e_s is not None:
+            self.e2e.labels(name).observe(e2e_s)
+        return cost
 
     def on_step(self, name: str, engine: LLMEngine) -> None:
         s = engine.stats()

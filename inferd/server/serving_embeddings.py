@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict
 from inferd.embedder import Embedder
 from inferd.errors import InvalidRequestError
 from inferd.server.state import ServerState
+from inferd.workers.batching import BatchConfig, BatchingWorker
 
-WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived
+WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived (max_queue_delay)
 
 
 class EmbeddingRequest(BaseModel):
@@ -51,56 +52,29 @@ class ClassifyRequest(BaseModel):
 
 
 @dataclass
-class _Job:
-    seqs: list[list[int]]
-    future: asyncio.Future
-
-
-@dataclass
 class EmbeddingService:
+    """An encoder behind the shared dynamic batcher (inferd/workers/batching.py): requests that arrive within
+    the batch delay run as one length-sorted, token-budgeted pass."""
+
     embedder: Embedder
     metrics: Any = None
-    queue: asyncio.Queue | None = None
-    worker: asyncio.Task | None = None
-    pending: list[_Job] = field(default_factory=list)
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch_size=256, max_queue_delay_s=WINDOW_S))
+    worker: BatchingWorker | None = None
+
+    def __post_init__(self) -> None:
+        if self.worker is None:
+            self.worker = BatchingWorker(self.embedder.name, self.embedder.embed_ids, self.batch)
 
     @property
     def name(self) -> str:
         return self.embedder.name
 
-    def _ensure_worker(self) -> None:
-        if self.worker is None or self.worker.done():
-            self.queue = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        assert self.queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            await asyncio.sleep(WINDOW_S)  # let concurrent requests join this pass
-            while not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-            seqs = [s for j in jobs for s in j.seqs]
-            try:
-                vecs = await loop.run_in_executor(None, self.embedder.embed_ids, seqs)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            i = 0
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_result(vecs[i : i + len(j.seqs)])
-                i += len(j.seqs)
-
     async def embed_seqs(self, seqs: list[list[int]]) -> np.ndarray:
-        self._ensure_worker()
-        assert self.queue is not None
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(seqs, fut))
-        return await fut
+        assert self.worker is not None
+        vecs, compute_s = await self.worker.submit(seqs)
+        if self.metrics is not None:
+            self.metrics.observe_compute(self.name, compute_s)
+        return vecs
 
     async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
         """Vectors for texts (cache first), and the number of tokens in the inputs."""
@@ -215,5 +189,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return {"id": f"classify-{time.time_ns()}", "object": "list", "model": model, "data": data}
 
 
-def load_embedder(spec: str, dtype: str, device: str, cache_size: int, metrics: Any = None) -> EmbeddingService:
-    return EmbeddingService(Embedder(spec, dtype=dtype, device=device, cache_size=cache_size), metrics)
+def load_embedder(spec: str, dtype: str, device: str, cache_size: int, metrics: Any = None,
+                  max_queue: int = 1024) -> EmbeddingService:
+    batch = BatchConfig(max_batch_size=256, max_queue_delay_s=WINDOW_S, max_queue=max_queue)
+    return EmbeddingService(Embedder(spec, dtype=dtype, device=device, cache_size=cache_size), metrics, batch)
