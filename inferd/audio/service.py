@@ -3,6 +3,7 @@ every core for one file), a bounded queue in front (503 + Retry-After when full)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,16 +14,27 @@ from inferd.workers.batching import BatchConfig, BatchingWorker
 
 @dataclass
 class TranscriptionService:
-    transcriber: Transcriber
+    """`make` builds the Transcriber on the worker thread (see BatchingWorker's `init`); loading errors raise
+    from the constructor."""
+
+    make: Callable[[], Transcriber]
     batch: BatchConfig = field(default_factory=lambda: BatchConfig(1, 0.0, 64))
+    transcriber: Transcriber | None = None
     worker: BatchingWorker | None = None
 
     def __post_init__(self) -> None:
-        t = self.transcriber
-        self.worker = BatchingWorker(t.name, lambda jobs: [t.transcribe(a, o) for a, o in jobs], self.batch)
+        def init() -> None:
+            self.transcriber = self.make()
+
+        def run(jobs: list) -> list[Transcript]:
+            assert self.transcriber is not None
+            return [self.transcriber.transcribe(a, o) for a, o in jobs]
+
+        self.worker = BatchingWorker("whisper", run, self.batch, init=init)
 
     @property
     def name(self) -> str:
+        assert self.transcriber is not None
         return self.transcriber.name
 
     async def transcribe(self, audio: np.ndarray, opts: TranscribeOptions) -> Transcript:

@@ -47,5 +47,5 @@ def load(slot: ModelSlot, args: argparse.Namespace, state: ServerState) -> None:
         from inferd.audio.service import TranscriptionService
         from inferd.audio.transcriber import Transcriber
 
-        slot.service = TranscriptionService(Transcriber(slot.spec, compute_type=args.whisper_compute_type),
+        slot.service = TranscriptionService(lambda: Transcriber(slot.spec, compute_type=args.whisper_compute_type),
                                             BatchConfig(1, 0.0, args.max_queue))

@@ -57,7 +57,10 @@ class BatchingWorker:
     slices along its first axis). Jobs larger than max_batch_size run alone, whole."""
 
     def __init__(self, name: str, run_batch: Callable[[list[Any]], Any], config: BatchConfig | None = None,
-                 concat: Callable[[list[Sequence[Any]]], Any] | None = None):
+                 concat: Callable[[list[Sequence[Any]]], Any] | None = None, init: Callable[[], None] | None = None):
+        """`init`, when given, runs first on the worker thread and the constructor waits for it (and raises its
+        error): a model whose runtime ties its thread pool to the thread that built it (CTranslate2 does; it
+        slows down several-fold once that thread has exited) is built where it will run."""
         self.name = name
         self.run_batch = run_batch
         self.config = config or BatchConfig()
@@ -65,8 +68,13 @@ class BatchingWorker:
         self.stats = BatchStats()
         self._stopping = False
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.config.max_queue)
+        self._init, self._init_error = init, None
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"inferd-batch-{name}")
         self._thread.start()
+        self._ready.wait()
+        if self._init_error is not None:
+            raise self._init_error
 
     # ---- submit (any thread; async helper for the server) ---------------------------------------------
     def submit_future(self, items: Sequence[Any]) -> Future:
@@ -117,6 +125,14 @@ class BatchingWorker:
         return jobs, None
 
     def _loop(self) -> None:
+        try:
+            if self._init is not None:
+                self._init()
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            self._init_error = exc
+            return
+        finally:
+            self._ready.set()
         carry: _Job | None = None
         while True:
             if self._stopping and carry is None:
