@@ -39,7 +39,13 @@ def load(slot: ModelSlot, args: argparse.Namespace, state: ServerState) -> None:
 
     state.metrics.add_model(slot.name)
     if slot.kind == "tensor":
+        import sys
+
         from inferd.server.oip import load_tensor_service
+
+        # a batch of a small model takes well under a millisecond: with Python's default 5 ms GIL switch interval
+        # the worker thread would wait on the event loop's parsing far longer than it computes
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
 
         slot.service = load_tensor_service(slot.spec, slot.name, args.max_batch_size,
                                            args.max_queue_delay_ms / 1000, args.max_queue, args.response_cache_size)
