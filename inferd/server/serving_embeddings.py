@@ -70,14 +70,23 @@ class EmbeddingService:
         return self.embedder.name
 
     async def embed_seqs(self, seqs: list[list[int]]) -> np.ndarray:
+        return (await self.embed_seqs_timed(seqs))[0]
+
+    async def embed_seqs_timed(self, seqs: list[list[int]]) -> tuple[np.ndarray, float]:
+        """Vectors and this request's share of its batch's compute seconds."""
         assert self.worker is not None
         vecs, compute_s = await self.worker.submit(seqs)
         if self.metrics is not None:
             self.metrics.observe_compute(self.name, compute_s)
-        return vecs
+        return vecs, compute_s
 
-    async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
-        """Vectors for texts (cache first), and the number of tokens in the inputs."""
+    def usage(self, ntok: int, compute_s: float) -> dict[str, Any]:
+        cost = self.metrics.cost_usd(compute_s) if self.metrics is not None else 0.0
+        return {"prompt_tokens": ntok, "total_tokens": ntok,
+                "inferd": {"compute_s": round(compute_s, 6), "cost_usd": cost}}
+
+    async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int, float]:
+        """Vectors for texts (cache first), the number of tokens in the inputs, the compute seconds."""
         for i, t in enumerate(texts):
             if not t:
                 raise InvalidRequestError(f"input {i} is an empty string", param="input")
@@ -87,9 +96,11 @@ class EmbeddingService:
             self.metrics.embed_cache_hits.labels(e.name).inc(len(texts) - len(todo))
             self.metrics.embed_cache_misses.labels(e.name).inc(len(todo))
         seqs = e.tokenize(texts, truncate)  # every input: usage counts cached inputs too, errors are the same
+        compute_s = 0.0
         if todo:
-            e.remember(texts, todo, await self.embed_seqs([seqs[i] for i in todo]), truncate, out)
-        return out, sum(len(s) for s in seqs)
+            vecs, compute_s = await self.embed_seqs_timed([seqs[i] for i in todo])
+            e.remember(texts, todo, vecs, truncate, out)
+        return out, sum(len(s) for s in seqs), compute_s
 
 
 def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
@@ -125,13 +136,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                         raise InvalidRequestError(f"input {i} has {len(s)} tokens, more than this model's maximum "
                                                   f"of {e.pooling.max_seq_length}", param="input")
                     seqs[i] = s[: e.pooling.max_seq_length]
-            vecs, ntok = await svc.embed_seqs(seqs), sum(len(s) for s in seqs)
+            (vecs, compute_s), ntok = await svc.embed_seqs_timed(seqs), sum(len(s) for s in seqs)
         else:
-            vecs, ntok = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
+            vecs, ntok, compute_s = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                 for i, v in enumerate(vecs)]
         return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+                "usage": svc.usage(ntok, compute_s)}
 
     app.post("/v1/embeddings")(embeddings)
     app.post("/embeddings", include_in_schema=False)(embeddings)
@@ -151,13 +162,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             q = t1
         else:
             raise InvalidRequestError("give query + documents, or text_1 + text_2", param="query")
-        vecs, ntok = await svc.embed_texts(q + docs, truncate)
+        vecs, ntok, compute_s = await svc.embed_texts(q + docs, truncate)
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         qv, dv = vecs[: len(q)], vecs[len(q):]
         scores = (dv * (qv if len(q) > 1 else qv[0])).sum(axis=1) if len(q) > 1 else dv @ qv[0]
         data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
         out: dict = {"id": f"score-{time.time_ns()}", "object": "list", "model": model,
-                     "data": data, "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+                     "data": data, "usage": svc.usage(ntok, compute_s)}
         if body.query is not None:
             ranked = sorted(data, key=lambda d: -d["score"])[: body.top_n or len(data)]
             out["results"] = [{"index": d["index"], "document": docs[d["index"]], "relevance_score": d["score"]}
