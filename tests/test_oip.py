@@ -31,7 +31,7 @@ def models(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("oip")
     x, y = _data()
-    clf = xgb.XGBClassifier(n_estimators=30, max_depth=3, random_state=0).fit(x, y)
+    clf = xgb.XGBClassifier(n_estimators=30, max_depth=3, n_jobs=1, random_state=0).fit(x, y)
     clf.save_model(d / "fraud.json")
     clf.save_model(d / "fraud.ubj")
     hgb = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(x.astype(np.float64), y)
