@@ -1,13 +1,12 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations (OpenAI's multipart API) for Whisper models.
 
-The upload is checked (25 MB, 413 above), decoded to 16 kHz mono off the event loop (400 if it is not audio),
-then queued on the model's batching worker. json and verbose_json bodies carry `usage` with the audio seconds,
+The upload is checked (25 MB, 413 above), then queued on the model's batching worker, which decodes it to
+16 kHz mono (400 if it is not audio) and transcribes it. json and verbose_json bodies carry `usage` with the audio seconds,
 the compute seconds and the cost; text, srt and vtt carry the same in X-Inferd-* headers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ class AudioTooLargeError(InvalidRequestError):
 def add_routes(app: FastAPI, state: ServerState) -> None:
     async def run(task: str, file: UploadFile, model: str | None, language: str | None, prompt: str | None,
                   temperature: float, response_format: str, granularities: list[str] | None) -> Response:
-        from inferd.audio.transcriber import TranscribeOptions, decode_audio, render
+        from inferd.audio.transcriber import TranscribeOptions, render
 
         t0 = time.perf_counter()
         if response_format not in FORMATS:
@@ -52,10 +51,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                                      param="file")
         if not data:
             raise InvalidRequestError("the audio file is empty", param="file")
-        audio = await asyncio.to_thread(decode_audio, data)
         opts = TranscribeOptions(task=task, language=language or None, prompt=prompt, temperature=temperature,
                                  word_timestamps="word" in grans)
-        result = await svc.transcribe(audio, opts)
+        result = await svc.transcribe(data, opts)  # decoded on the model's worker thread
         cost = state.metrics.observe_compute(name, result.compute_s, time.perf_counter() - t0)
         state.metrics.audio_seconds.labels(name).inc(result.duration)
         body = render(result, response_format, words="word" in grans, segments="segment" in grans)
