@@ -183,3 +183,28 @@ def test_tritonclient(server, models):
     bad.set_data_from_numpy(x[:1, :3], binary_data=False)
     with pytest.raises(InferenceServerException, match="shape"):
         client.infer("fraud.json", [bad])
+
+
+def test_skops_refuses_foreign_types_and_missing_extras_say_how(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from inferd.errors import ModelLoadError
+    from inferd.tabular import models as tm
+
+    x, y = _data(50)
+    pipe = make_pipeline(FunctionTransformer(_custom_feature), LogisticRegression()).fit(x, y)
+    sio.dump(pipe, tmp_path / "pipe.skops")
+    with pytest.raises(ModelLoadError, match="refusing to load types that are not scikit-learn's: tests.test_oip"):
+        tm.load_tensor_model(str(tmp_path / "pipe.skops"))
+    with pytest.raises(ModelLoadError, match=r"pip install 'inferd\[tabular\]'"):
+        tm._need("no_such_backend_module")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load it"):
+        tm.load_tensor_model(str(tmp_path / "broken.onnx"))
+    assert not tm.is_tensor_model_file(str(tmp_path / "config.json"))
+
+
+def _custom_feature(x: np.ndarray) -> np.ndarray:  # user code inside a model file: must not be loaded
+    return x * 2
