@@ -135,7 +135,7 @@ def main() -> None:
     s.add_argument("--model", default="fraud.json", help="the served model's name")
     s.add_argument("--n", type=int, default=2000)
     s.add_argument("--concurrency", type=int, default=16)
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--threshold", type=float, default=0.1, help="flag above this fraud probability")
     s.set_defaults(func=cmd_score)
     args = ap.parse_args()
     args.func(args)
