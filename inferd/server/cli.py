@@ -14,6 +14,7 @@ from pathlib import Path
 
 from inferd.cli_args import add_engine_args, engine_config, set_threads
 from inferd.errors import InferdError
+from inferd.server import extra_models
 from inferd.server.state import ModelSlot, ServerState, default_model_name
 
 log = logging.getLogger("inferd.serve")
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not serve the web page (chat at /, dashboard at /dashboard); /stats stays")
     p.add_argument("--embedding-cache-size", type=int, default=10000,
                    help="entries in the exact-match embedding cache (0: off)")
+    extra_models.add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -66,7 +68,8 @@ def plan_slots(args: argparse.Namespace) -> list[ModelSlot]:
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise InferdError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
     slots = [ModelSlot(spec, list(dict.fromkeys(names[i])) if i < len(names) else [default_model_name(spec)],
-                       "embed" if _is_encoder(spec) else "generate") for i, spec in enumerate(specs)]
+                       extra_models.kind_of(spec) or ("embed" if _is_encoder(spec) else "generate"))
+             for i, spec in enumerate(specs)]
     seen: set[str] = set()
     for slot in slots:
         for n in slot.names:
@@ -86,9 +89,11 @@ def _load_models(args: argparse.Namespace, state: ServerState) -> None:
     time.sleep(float(os.environ.get(LOAD_DELAY_ENV) or 0))
     for slot in state.slots:
         try:
-            if slot.kind == "embed":
+            if slot.kind in ("tensor", "audio"):
+                extra_models.load(slot, args, state)
+            elif slot.kind == "embed":
                 slot.embedder = load_embedder(slot.spec, args.dtype, args.device, args.embedding_cache_size,
-                                              state.metrics)
+                                              state.metrics, args.max_queue)
             else:
                 engine = LLMEngine(engine_config(args, model=slot.spec))
                 state.metrics.add_model(slot.name, engine)

@@ -68,6 +68,7 @@ class Metrics:
         self.grammar_mask = Histogram("inferd_grammar_mask_seconds", "Time per engine step to compute and apply "
                                       "the token masks of the constrained rows", lbl,
                                       buckets=(0.0001, 0.0005, *_LAT_BUCKETS), registry=r)
+        self.audio_seconds = Counter("inferd_audio_seconds", "Seconds of audio transcribed", lbl, registry=r)
         self.rejected = Counter("inferd_requests_rejected", "Requests refused or cut short", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
@@ -99,6 +100,15 @@ class Metrics:
 
     def cost_usd(self, compute_s: float) -> float:
         return compute_s * self.price_per_hour / 3600.0
+
+    def observe_compute(self, name: str, compute_s: float, e2e_s: float | None = None) -> float:
+        """Compute seconds (and so cost) of one request of a batched model (encoder, tabular, audio); its cost."""
+        cost = self.cost_usd(compute_s)
+        self.compute.labels(name).inc(compute_s)
+        self.cost.labels(name).inc(cost)
+        if e2e_s is not None:
+            self.e2e.labels(name).observe(e2e_s)
+        return cost
 
     def on_step(self, name: str, engine: LLMEngine) -> None:
         s = engine.stats()

@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict
 from inferd.embedder import Embedder
 from inferd.errors import InvalidRequestError
 from inferd.server.state import ServerState
+from inferd.workers.batching import BatchConfig, BatchingWorker
 
-WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived
+WINDOW_S = 0.004  # how long the batcher waits for more requests once one arrived (max_queue_delay)
 
 
 class EmbeddingRequest(BaseModel):
@@ -51,59 +52,41 @@ class ClassifyRequest(BaseModel):
 
 
 @dataclass
-class _Job:
-    seqs: list[list[int]]
-    future: asyncio.Future
-
-
-@dataclass
 class EmbeddingService:
+    """An encoder behind the shared dynamic batcher (inferd/workers/batching.py): requests that arrive within
+    the batch delay run as one length-sorted, token-budgeted pass."""
+
     embedder: Embedder
     metrics: Any = None
-    queue: asyncio.Queue | None = None
-    worker: asyncio.Task | None = None
-    pending: list[_Job] = field(default_factory=list)
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(max_batch_size=256, max_queue_delay_s=WINDOW_S))
+    worker: BatchingWorker | None = None
+
+    def __post_init__(self) -> None:
+        if self.worker is None:
+            self.worker = BatchingWorker(self.embedder.name, self.embedder.embed_ids, self.batch)
 
     @property
     def name(self) -> str:
         return self.embedder.name
 
-    def _ensure_worker(self) -> None:
-        if self.worker is None or self.worker.done():
-            self.queue = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        assert self.queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            await asyncio.sleep(WINDOW_S)  # let concurrent requests join this pass
-            while not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-            seqs = [s for j in jobs for s in j.seqs]
-            try:
-                vecs = await loop.run_in_executor(None, self.embedder.embed_ids, seqs)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            i = 0
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_result(vecs[i : i + len(j.seqs)])
-                i += len(j.seqs)
-
     async def embed_seqs(self, seqs: list[list[int]]) -> np.ndarray:
-        self._ensure_worker()
-        assert self.queue is not None
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(seqs, fut))
-        return await fut
+        return (await self.embed_seqs_timed(seqs))[0]
 
-    async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
-        """Vectors for texts (cache first), and the number of tokens in the inputs."""
+    async def embed_seqs_timed(self, seqs: list[list[int]]) -> tuple[np.ndarray, float]:
+        """Vectors and this request's share of its batch's compute seconds."""
+        assert self.worker is not None
+        vecs, compute_s = await self.worker.submit(seqs)
+        if self.metrics is not None:
+            self.metrics.observe_compute(self.name, compute_s)
+        return vecs, compute_s
+
+    def usage(self, ntok: int, compute_s: float) -> dict[str, Any]:
+        cost = self.metrics.cost_usd(compute_s) if self.metrics is not None else 0.0
+        return {"prompt_tokens": ntok, "total_tokens": ntok,
+                "inferd": {"compute_s": round(compute_s, 6), "cost_usd": cost}}
+
+    async def embed_texts(self, texts: list[str], truncate: bool) -> tuple[np.ndarray, int, float]:
+        """Vectors for texts (cache first), the number of tokens in the inputs, the compute seconds."""
         for i, t in enumerate(texts):
             if not t:
                 raise InvalidRequestError(f"input {i} is an empty string", param="input")
@@ -113,9 +96,11 @@ class EmbeddingService:
             self.metrics.embed_cache_hits.labels(e.name).inc(len(texts) - len(todo))
             self.metrics.embed_cache_misses.labels(e.name).inc(len(todo))
         seqs = e.tokenize(texts, truncate)  # every input: usage counts cached inputs too, errors are the same
+        compute_s = 0.0
         if todo:
-            e.remember(texts, todo, await self.embed_seqs([seqs[i] for i in todo]), truncate, out)
-        return out, sum(len(s) for s in seqs)
+            vecs, compute_s = await self.embed_seqs_timed([seqs[i] for i in todo])
+            e.remember(texts, todo, vecs, truncate, out)
+        return out, sum(len(s) for s in seqs), compute_s
 
 
 def _encode(vec: np.ndarray, fmt: str) -> list[float] | str:
@@ -151,13 +136,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                         raise InvalidRequestError(f"input {i} has {len(s)} tokens, more than this model's maximum "
                                                   f"of {e.pooling.max_seq_length}", param="input")
                     seqs[i] = s[: e.pooling.max_seq_length]
-            vecs, ntok = await svc.embed_seqs(seqs), sum(len(s) for s in seqs)
+            (vecs, compute_s), ntok = await svc.embed_seqs_timed(seqs), sum(len(s) for s in seqs)
         else:
-            vecs, ntok = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
+            vecs, ntok, compute_s = await svc.embed_texts(list(inp), truncate)  # type: ignore[arg-type]
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                 for i, v in enumerate(vecs)]
         return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+                "usage": svc.usage(ntok, compute_s)}
 
     app.post("/v1/embeddings")(embeddings)
     app.post("/embeddings", include_in_schema=False)(embeddings)
@@ -177,13 +162,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             q = t1
         else:
             raise InvalidRequestError("give query + documents, or text_1 + text_2", param="query")
-        vecs, ntok = await svc.embed_texts(q + docs, truncate)
+        vecs, ntok, compute_s = await svc.embed_texts(q + docs, truncate)
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         qv, dv = vecs[: len(q)], vecs[len(q):]
         scores = (dv * (qv if len(q) > 1 else qv[0])).sum(axis=1) if len(q) > 1 else dv @ qv[0]
         data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
         out: dict = {"id": f"score-{time.time_ns()}", "object": "list", "model": model,
-                     "data": data, "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+                     "data": data, "usage": svc.usage(ntok, compute_s)}
         if body.query is not None:
             ranked = sorted(data, key=lambda d: -d["score"])[: body.top_n or len(data)]
             out["results"] = [{"index": d["index"], "document": docs[d["index"]], "relevance_score": d["score"]}
@@ -215,5 +200,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return {"id": f"classify-{time.time_ns()}", "object": "list", "model": model, "data": data}
 
 
-def load_embedder(spec: str, dtype: str, device: str, cache_size: int, metrics: Any = None) -> EmbeddingService:
-    return EmbeddingService(Embedder(spec, dtype=dtype, device=device, cache_size=cache_size), metrics)
+def load_embedder(spec: str, dtype: str, device: str, cache_size: int, metrics: Any = None,
+                  max_queue: int = 1024) -> EmbeddingService:
+    batch = BatchConfig(max_batch_size=256, max_queue_delay_s=WINDOW_S, max_queue=max_queue)
+    return EmbeddingService(Embedder(spec, dtype=dtype, device=device, cache_size=cache_size), metrics, batch)

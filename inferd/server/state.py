@@ -21,7 +21,7 @@ from inferd.server.metrics import Metrics
 if TYPE_CHECKING:
     from inferd.server.serving_embeddings import EmbeddingService
 
-Kind = Literal["generate", "embed"]
+Kind = Literal["generate", "embed", "tensor", "audio"]
 Status = Literal["loading", "ready", "failed"]
 
 
@@ -45,6 +45,7 @@ class ModelSlot:
     error: str | None = None
     llm: AsyncLLM | None = None
     embedder: EmbeddingService | None = None
+    service: Any = None  # tensor (inferd.tabular.service.TensorService) and audio (inferd.audio.service) models
 
     @property
     def name(self) -> str:
@@ -94,10 +95,12 @@ class ServerState:
         """The slot a request's `model` names (no name: the first model of that kind). 404 only for a name
         no configured model has; a model still loading is found, never 'not found'."""
         of_kind = [s for s in self.slots if s.kind == kind]
-        what = "generative" if kind == "generate" else "embedding"
+        what = {"generate": "generative", "embed": "embedding", "tensor": "tensor", "audio": "speech"}[kind]
         if not name:
             if not of_kind:
-                hint = "" if kind == "generate" else " (start the server with an encoder --model)"
+                hint = {"generate": "", "embed": " (start the server with an encoder --model)",
+                        "tensor": " (start the server with a --model .onnx, .json, .ubj or .skops file)",
+                        "audio": " (start the server with --model whisper-tiny.en)"}[kind]
                 raise ModelNotFoundError(f"no {what} model is configured{hint}")
             return of_kind[0]
         for s in self.slots:
@@ -134,6 +137,12 @@ class ServerState:
         slot = await self.ready_slot(name, "embed")
         assert slot.embedder is not None, "a ready embedding slot has a service"
         return slot.embedder, name if name in slot.names else slot.name
+
+    async def service(self, name: str | None, kind: Kind) -> tuple[Any, str]:
+        """The service of a ready tensor or audio model and the name its response carries."""
+        slot = await self.ready_slot(name, kind)
+        assert slot.service is not None, "a ready slot of this kind has a service"
+        return slot.service, name if name in slot.names else slot.name
 
     def check_max_tokens(self, max_tokens: int | None) -> None:
         if self.max_tokens_limit is not None and max_tokens is not None and max_tokens > self.max_tokens_limit:

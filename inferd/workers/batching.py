@@ -1,0 +1,168 @@
+"""Dynamic batching worker: one bounded queue and one worker thread per model (Triton's dynamic batcher).
+
+    worker = BatchingWorker("fraud", run_batch, BatchConfig(max_batch_size=64, max_queue_delay_s=0.001))
+    result, compute_s = await worker.submit(items)   # items: this request's rows / sequences / files
+
+The worker takes the oldest job, then keeps taking jobs until the batch holds `max_batch_size` items or
+`max_queue_delay_s` has passed since it started the batch, calls `run_batch(all items)` once (off the event
+loop) and hands each job its own slice of the results with its share of the batch's compute time (by item
+count). A full queue refuses new work at once with OverloadedError (503 + Retry-After), never a hang. An error
+in `run_batch` goes to every job of that batch; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferd.errors import OverloadedError
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 64  # items (rows, sequences, files) in one call of run_batch
+    max_queue_delay_s: float = 0.001  # how long a started batch waits for more jobs (Triton's max_queue_delay)
+    max_queue: int = 1024  # waiting jobs before 503
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max batch size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_delay_s < 0:
+            raise ValueError(f"max queue delay must be ≥ 0, got {self.max_queue_delay_s}")
+        if self.max_queue < 1:
+            raise ValueError(f"max queue must be at least 1, got {self.max_queue}")
+
+
+@dataclass
+class _Job:
+    items: Sequence[Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    compute_s: float = 0.0
+
+
+class BatchingWorker:
+    """`run_batch(items) -> results` with len(results) == len(items) (a list, array or tensor: anything that
+    slices along its first axis). Jobs larger than max_batch_size run alone, whole."""
+
+    def __init__(self, name: str, run_batch: Callable[[list[Any]], Any], config: BatchConfig | None = None,
+                 concat: Callable[[list[Sequence[Any]]], Any] | None = None, init: Callable[[], None] | None = None):
+        """`init`, when given, runs first on the worker thread and the constructor waits for it (and raises its
+        error): a model whose runtime ties its thread pool to the thread that built it (CTranslate2 does; it
+        slows down several-fold once that thread has exited) is built where it will run."""
+        self.name = name
+        self.run_batch = run_batch
+        self.config = config or BatchConfig()
+        self.concat = concat or (lambda parts: [x for p in parts for x in p])
+        self.stats = BatchStats()
+        self._stopping = False
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.config.max_queue)
+        self._init, self._init_error = init, None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"inferd-batch-{name}")
+        self._thread.start()
+        self._ready.wait()
+        if self._init_error is not None:
+            raise self._init_error
+
+    # ---- submit (any thread; async helper for the server) ---------------------------------------------
+    def submit_future(self, items: Sequence[Any]) -> Future:
+        job = _Job(items)
+        if not self._thread.is_alive():
+            raise OverloadedError(f"the worker of model {self.name!r} has stopped")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise OverloadedError(f"model {self.name!r} has {self.config.max_queue} requests waiting; retry "
+                                  "later") from None
+        return job.future
+
+    async def submit(self, items: Sequence[Any]) -> tuple[Any, float]:
+        """(this job's results, its compute seconds)."""
+        return await asyncio.wrap_future(self.submit_future(items))
+
+    def run(self, items: Sequence[Any]) -> tuple[Any, float]:
+        """Blocking submit, for callers outside an event loop."""
+        return self.submit_future(items).result()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    # ---- worker thread ---------------------------------------------------------------------------------
+    def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
+        """Jobs for one batch, and a job taken that did not fit (it starts the next batch)."""
+        jobs, n = [first], len(first.items)
+        deadline = time.monotonic() + self.config.max_queue_delay_s
+        while n < self.config.max_batch_size:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # stop() was called: finish this batch, then exit
+                self._stopping = True
+                break
+            if n + len(job.items) > self.config.max_batch_size:
+                return jobs, job
+            jobs.append(job)
+            n += len(job.items)
+        return jobs, None
+
+    def _loop(self) -> None:
+        try:
+            if self._init is not None:
+                self._init()
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            self._init_error = exc
+            return
+        finally:
+            self._ready.set()
+        carry: _Job | None = None
+        while True:
+            if self._stopping and carry is None:
+                return
+            first = carry if carry is not None else self._queue.get()
+            if first is None:
+                return
+            try:
+                jobs, carry = self._gather(first)
+            except BaseException as exc:  # noqa: BLE001 - a job whose items misbehave fails alone
+                first.future.set_exception(exc)
+                carry = None
+                continue
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = self.run_batch(self.concat([j.items for j in jobs]))
+            except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
+                for j in jobs:
+                    j.future.set_exception(exc)
+                continue
+            dt = time.perf_counter() - t0
+            total = sum(len(j.items) for j in jobs) or 1
+            self.stats.batches += 1
+            self.stats.items += total
+            self.stats.compute_s += dt
+            i = 0
+            for j in jobs:
+                k = len(j.items)
+                j.future.set_result((results[i : i + k], dt * k / total))
+                i += k

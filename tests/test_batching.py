@@ -1,0 +1,105 @@
+"""The shared dynamic batching worker, with a fake model: batches form within the delay, respect the size cap,
+each job gets its own slice, a full queue is refused at once, errors reach every job of their batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from inferd.errors import OverloadedError
+from inferd.workers.batching import BatchConfig, BatchingWorker
+
+
+class FakeModel:
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
+        self.calls: list[list[int]] = []
+        self.delay, self.gate = delay, gate
+
+    def __call__(self, items: list[int]) -> list[int]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.calls.append(list(items))
+        time.sleep(self.delay)
+        if any(x < 0 for x in items):
+            raise ValueError("negative input")
+        return [x * 10 for x in items]
+
+
+def test_concurrent_jobs_share_a_batch_and_get_their_own_results():
+    model = FakeModel()
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=0.05))
+
+    async def go():
+        return await asyncio.gather(*(w.submit([i, i + 100]) for i in range(6)))
+
+    out = asyncio.run(go())
+    assert [r for r, _ in out] == [[i * 10, (i + 100) * 10] for i in range(6)]
+    assert len(model.calls) == 1 and sorted(model.calls[0]) == sorted(x for i in range(6) for x in (i, i + 100))
+    assert all(c > 0 for _, c in out) and w.stats.batches == 1 and w.stats.items == 12
+    w.stop()
+
+
+def test_max_batch_size_is_respected_and_big_jobs_run_whole():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=4, max_queue_delay_s=0.02))
+    futs = [w.submit_future([i]) for i in range(10)] + [w.submit_future(list(range(50, 57)))]
+    gate.set()
+    assert [f.result(5)[0] for f in futs[:10]] == [[i * 10] for i in range(10)]
+    assert futs[10].result(5)[0] == [x * 10 for x in range(50, 57)]
+    assert all(len(c) <= 4 for c in model.calls[:-1]) and model.calls[-1] == list(range(50, 57))
+    w.stop()
+
+
+def test_batching_off_runs_one_job_per_call():
+    model = FakeModel(delay=0.01)
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=1, max_queue_delay_s=0.0))
+    futs = [w.submit_future([i]) for i in range(5)]
+    assert [f.result(5)[0] for f in futs] == [[i * 10] for i in range(5)]
+    assert model.calls == [[i] for i in range(5)]
+    w.stop()
+
+
+def test_full_queue_is_refused_at_once():
+    gate = threading.Event()
+    w = BatchingWorker("m", FakeModel(gate=gate), BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue=2))
+    first = w.submit_future([1])
+    time.sleep(0.05)  # the worker holds the first job (blocked on the gate); two more fill the queue
+    queued = [w.submit_future([2]), w.submit_future([3])]
+    t0 = time.monotonic()
+    with pytest.raises(OverloadedError, match="2 requests waiting"):
+        w.submit_future([4])
+    assert time.monotonic() - t0 < 0.5
+    gate.set()
+    assert first.result(5)[0] == [10] and [f.result(5)[0] for f in queued] == [[20], [30]]
+    w.stop()
+
+
+def test_an_error_reaches_every_job_of_its_batch_and_the_worker_goes_on():
+    w = BatchingWorker("m", FakeModel(), BatchConfig(max_batch_size=8, max_queue_delay_s=0.05))
+
+    async def go():
+        return await asyncio.gather(w.submit([1]), w.submit([-1]), return_exceptions=True)
+
+    a, b = asyncio.run(go())
+    assert isinstance(a, ValueError) and isinstance(b, ValueError)
+    assert w.run([2])[0] == [20]
+    w.stop()
+
+
+def test_init_runs_on_the_worker_thread_and_its_error_raises():
+    seen = {}
+    w = BatchingWorker("m", FakeModel(), init=lambda: seen.setdefault("thread", threading.current_thread().name))
+    assert seen["thread"] == "inferd-batch-m"
+    w.stop()
+
+    def broken() -> None:
+        raise RuntimeError("no such model file")
+
+    with pytest.raises(RuntimeError, match="no such model file"):
+        BatchingWorker("m", FakeModel(), init=broken)
+    with pytest.raises(ValueError, match="max batch size"):
+        BatchConfig(max_batch_size=0)
