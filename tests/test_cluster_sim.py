@@ -39,6 +39,11 @@ def test_prefix_routing_follows_the_deepest_prefix_within_the_imbalance_bound():
     assert r.choose([11, 99], [0, 0, 0, 0]) == other
     r.forget_replica(other)
     assert r.choose([11], [0, 0, 0, 0]) in range(4)
+    # keyed loads (the Ray ingress: replica ids): same decisions, keys back
+    k = Router(RouterConfig(policy="prefix", seed=1))
+    first_key = k.choose([5], {"a": 0, "b": 0})
+    assert all(k.choose([5, 6], {"a": 0, "b": 0}) == first_key for _ in range(5))
+    assert k.choose([5], {"c": 0}) == "c"  # the owner is gone: fall back to the live replicas
     with pytest.raises(ValueError, match="unknown routing policy"):
         RouterConfig(policy="random")
 

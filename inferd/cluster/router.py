@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 POLICIES = ("prefix", "round-robin", "least-loaded")
 
@@ -42,7 +43,8 @@ class RouterConfig:
 
 
 class Router:
-    """Stateful router over replicas numbered 0..n-1 (the caller maps numbers to its replicas)."""
+    """Stateful router. `loads` is either a sequence (replicas are its indices: the simulator) or a mapping from
+    replica keys to loads (the Ray ingress keys them by replica id); `choose` returns an index or a key."""
 
     def __init__(self, config: RouterConfig | None = None):
         self.config = config or RouterConfig()
@@ -52,18 +54,23 @@ class Router:
         self.prefix_routed = 0  # decisions that followed a known prefix (for metrics)
         self.fallbacks = 0  # prefix targets skipped because they were overloaded
 
-    def choose(self, prefix_hashes: Sequence[int], loads: Sequence[int]) -> int:
-        n = len(loads)
+    def choose(self, prefix_hashes: Sequence[int], loads: Sequence[int] | Mapping[Any, int]) -> Any:
+        if isinstance(loads, Mapping):
+            keys: Sequence[Any] = list(loads)
+            vals: Sequence[int] = [loads[k] for k in keys]
+        else:
+            keys, vals = range(len(loads)), loads
+        n = len(vals)
         if n == 0:
             raise ValueError("no replica to route to")
         policy = self.config.policy
         if policy == "round-robin":
             self._next = (self._next + 1) % n
-            return self._next
+            return keys[self._next]
         if policy == "least-loaded":
-            return self._two_choices(loads)
-        target = self._deepest_owner(prefix_hashes, n)
-        choice = self._two_choices(loads)
+            return keys[self._two_choices(vals)]
+        choice = keys[self._two_choices(vals)]
+        target = self._deepest_owner(prefix_hashes, loads)
         if target is not None:
             if self._overloaded(loads[target], loads[choice]):
                 self.fallbacks += 1
@@ -73,7 +80,7 @@ class Router:
         self._remember(prefix_hashes, choice)
         return choice
 
-    def forget_replica(self, replica: int) -> None:
+    def forget_replica(self, replica: Hashable) -> None:
         """Drop what the router remembers about a replica (it died or was scaled away: its cache is gone)."""
         for h in [h for h, r in self._owner.items() if r == replica]:
             del self._owner[h]
@@ -91,14 +98,15 @@ class Router:
         c = self.config
         return target_load - best_load > c.imbalance_abs and target_load > c.imbalance_rel * best_load
 
-    def _deepest_owner(self, prefix_hashes: Sequence[int], n: int) -> int | None:
+    def _deepest_owner(self, prefix_hashes: Sequence[int], loads: Sequence[int] | Mapping[Any, int]) -> Any:
+        mapping = isinstance(loads, Mapping)
         for h in reversed(prefix_hashes):
             r = self._owner.get(h)
-            if r is not None and r < n:
+            if r is not None and (r in loads if mapping else 0 <= r < len(loads)):
                 return r
         return None
 
-    def _remember(self, prefix_hashes: Sequence[int], replica: int) -> None:
+    def _remember(self, prefix_hashes: Sequence[int], replica: Any) -> None:
         owner = self._owner
         for h in prefix_hashes:
             owner[h] = replica
