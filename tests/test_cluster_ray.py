@@ -100,18 +100,17 @@ def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
             assert r.status_code == 200, r.text
             seen.add(r.headers["x-inferd-replica"])
         assert len(seen) == 1  # the prefix's replica every time
-        # prompts with nothing in common still spread over both replicas (least-loaded fallback)
+        time.sleep(2.5)  # replicas push their metrics every second
+        after = c.get("/metrics").text
+        # prompts with nothing in common still spread over both replicas (the least-loaded fallback)
         spread = {c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"{i} " * 80}],
                                                        "max_tokens": 1}).headers["x-inferd-replica"]
                   for i in range(12)}
         assert len(spread) == 2
-        time.sleep(2.5)  # replicas push their metrics every second
-        after = c.get("/metrics").text
     assert _metric(after, "inferd_replicas") == 2
     hits = _metric(after, "vllm:prefix_cache_hits_total") - _metric(before, "vllm:prefix_cache_hits_total")
     queries = _metric(after, "vllm:prefix_cache_queries_total") - _metric(before, "vllm:prefix_cache_queries_total")
-    shared = hits / queries * (queries / max(queries, 1))
-    assert shared > 0.5, (hits, queries)
+    assert queries > 0 and hits / queries > 0.8, (hits, queries)
 
 
 def _one(url: str, i: int) -> str:
@@ -161,6 +160,7 @@ def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(clust
         os.kill(pids[0], signal.SIGKILL)
         results = [f.result(timeout=180) for f in futures]  # every request ends: no hang
     assert len(results) == 32
+    print("results after the kill:", {r: results.count(r) for r in set(results)})
     assert results.count("ok") >= 16, results  # the surviving replica (and the retries) served them
     assert all(r == "ok" or "replica" in r or r.startswith("error: 503") for r in results), results
     deadline = time.monotonic() + 150
@@ -172,3 +172,11 @@ def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(clust
         time.sleep(1.0)
     assert httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_kuberay_entry_point_reads_the_serve_flags():
+    from inferd.cluster.ray_serve import _args_from_config
+
+    args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6"})
+    assert (args.replicas, args.routing, args.min_replicas, args.max_replicas) == (3, "round-robin", 1, 6)
+    assert _args_from_config({}).replicas == 1

@@ -118,3 +118,12 @@ def test_simulate_cli_writes_table_json_and_plots(tmp_path, capsys):
         assert (tmp_path / "plots" / "ttft_p99_vs_replicas_4.png").stat().st_size > 1000
     assert main(["simulate", "--replicas", "0"]) == 1
     assert main(["simulate", "--policy", "random", "--replicas", "2"]) == 1
+
+
+def test_serve_replica_flags_are_checked_before_ray_starts(capsys):
+    assert main(["serve", "--replicas", "0"]) == 1
+    assert main(["serve", "--replicas", "2", "--min-replicas", "1"]) == 1
+    assert main(["serve", "--replicas", "5", "--min-replicas", "1", "--max-replicas", "4"]) == 1
+    assert main(["serve", "--replicas", "2", "--replica-cpus", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--replicas must be at least 1" in err and "together" in err and "--max-replicas" in err

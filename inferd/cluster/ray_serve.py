@@ -305,6 +305,10 @@ def build_application(args: argparse.Namespace) -> Any:
 def app_builder(config: dict[str, Any]) -> Any:
     """KubeRay / `serve run` entry point: `import_path: inferd.cluster.ray_serve:app_builder` with
     `args: {argv: "--replicas 4 --model smollm2-135m ..."}` (the `inferd serve` flags)."""
+    return build_application(_args_from_config(config))
+
+
+def _args_from_config(config: dict[str, Any]) -> argparse.Namespace:
     import shlex
 
     from inferd.cli import build_parser
@@ -313,7 +317,7 @@ def app_builder(config: dict[str, Any]) -> Any:
     args = build_parser().parse_args(["serve", *(shlex.split(argv) if isinstance(argv, str) else argv)])
     if args.replicas is None and args.min_replicas is None:
         args.replicas = 1
-    return build_application(args)
+    return args
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
