@@ -2,8 +2,9 @@
 
     step_s = base_s + per_seq_s * running_sequences + per_prefill_token_s * prefill_tokens
 
-The defaults are fitted to this repository's measurements of SmolLM2-135M Q4_1 with default flags on the 2-core
-AMD EPYC Zen 4 host (docs/benchmarks.md, 2026-11-26): `inferd bench offline --input-len 63 --output-len 128`
+The defaults are fitted to this repository's measurements of SmolLM2-135M Q4_1 with default flags on the 2-vCPU
+Intel Xeon (Sapphire Rapids class) host of docs/benchmarks.md ("Serving through HTTP", 2026-11-26), not re-measured
+(the hosts these sessions share are too loaded for a service-time fit): `inferd bench offline --input-len 63 --output-len 128`
 gave 148.9 / 402.1 / 544.3 / 696.7 output tok/s at 1 / 4 / 16 / 64 sequences, i.e. decode steps of 6.7 / 9.9 /
 29.4 / 91.9 ms; the least-squares line through them (`fit_decode`, run at import on `MEASURED_DECODE`) is
 5.7 ms + 1.35 ms per running sequence. Prefill of a 512-token prompt ran at 3670 tok/s (0.27 ms per token).
