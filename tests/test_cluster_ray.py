@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,9 +114,9 @@ def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
     assert queries > 0 and hits / queries > 0.8, (hits, queries)
 
 
-def _one(url: str, i: int) -> str:
+def _one(url: str, i: int, started: dict[str, int], lock: threading.Lock) -> str:
     """'ok', or 'error: ...' for a clear failure (an HTTP error body or a stream error event); raises on a hang."""
-    body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}], "max_tokens": 48,
+    body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}], "max_tokens": 96,
             "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}
     with httpx.Client(timeout=120) as c:
         if not body["stream"]:
@@ -124,45 +125,45 @@ def _one(url: str, i: int) -> str:
         with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 return f"error: {r.status_code}"
+            with lock:
+                started[r.headers["x-inferd-replica"]] = started.get(r.headers["x-inferd-replica"], 0) + 1
             events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
         errors = [json.loads(e)["error"]["message"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
         assert events and events[-1] == "[DONE]", events[-3:]
         return f"error: {errors[0]}" if errors else "ok"
 
 
-def _replica_pids(root: int) -> list[int]:
-    """Our server's InferdReplica worker processes (descendants of the server we started)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            todo.append(c)
-            with contextlib.suppress(OSError):
-                if b"InferdReplica" in Path(f"/proc/{c}/cmdline").read_bytes():
-                    out.append(c)
+def _replica_pids(metrics: str) -> dict[str, int]:
+    """Serve replica id -> process id, from the replicas' inferd_replica_info series."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("inferd_replica_info{"):
+            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            out[labels["replica"].strip('"')] = int(labels["pid"].strip('"'))
     return out
 
 
 def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(cluster):
-    url, proc = cluster
+    url, _ = cluster
     before_ids = set(httpx.get(url + "/health", timeout=10).json()["replica_ids"])
-    pids = _replica_pids(proc.pid)
-    assert len(pids) == 2, pids
+    pids = _replica_pids(httpx.get(url + "/metrics", timeout=10).text)
+    assert set(pids) == before_ids, (pids, before_ids)
+    started: dict[str, int] = {}
+    lock = threading.Lock()
     with cf.ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(_one, url, i) for i in range(32)]
-        time.sleep(1.0)
-        os.kill(pids[0], signal.SIGKILL)
-        results = [f.result(timeout=180) for f in futures]  # every request ends: no hang
-    assert len(results) == 32
-    print("results after the kill:", {r: results.count(r) for r in set(results)})
-    assert results.count("ok") >= 16, results  # the surviving replica (and the retries) served them
-    assert all(r == "ok" or "replica" in r or r.startswith("error: 503") for r in results), results
+        futures = [pool.submit(_one, url, i, started, lock) for i in range(32)]
+        deadline = time.monotonic() + 120
+        while sum(started.values()) < 4:  # streams are under way
+            assert time.monotonic() < deadline, "no stream started"
+            time.sleep(0.05)
+        with lock:
+            victim = max(started, key=started.get)
+        os.kill(pids[victim], signal.SIGKILL)  # a replica with streams in flight
+        results = [f.result(timeout=240) for f in futures]  # every request ends: no hang
+    counts = {r: results.count(r) for r in set(results)}
+    assert results.count("ok") >= 16, counts  # the surviving replica (and the retries) served them
+    assert all(r == "ok" or "replica" in r or r.startswith("error: 503") for r in results), counts
+    assert any("replica" in r for r in results), counts  # the victim's started streams ended with an error event
     deadline = time.monotonic() + 150
     while True:  # Ray Serve restarts the replica: two replicas report again, one of them new
         ids = set(httpx.get(url + "/health", timeout=10).json().get("replica_ids", []))

@@ -164,11 +164,16 @@ class InferdReplica:
         threading.Thread(target=self._push_metrics, daemon=True, name="inferd-metrics-push").start()
 
     def _push_metrics(self) -> None:
+        import os
+
         from prometheus_client import generate_latest
 
+        info = (f"# HELP inferd_replica_info A replica reporting (its Serve id and process id)\n"
+                f"# TYPE inferd_replica_info gauge\n"
+                f'inferd_replica_info{{replica="{self.key}",pid="{os.getpid()}"}} 1\n')
         while not self._stop.is_set():
             try:
-                self._hub.put.remote(self.key, generate_latest(self.state.metrics.registry).decode())
+                self._hub.put.remote(self.key, generate_latest(self.state.metrics.registry).decode() + info)
             except Exception as exc:  # noqa: BLE001 - metrics must never take the replica down
                 log.debug("metrics push failed: %s", exc)
             self._stop.wait(1.0)
