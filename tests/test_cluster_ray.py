@@ -36,7 +36,7 @@ def ray_server(model: Path, *extra: str, timeout: float = 300) -> Iterator[tuple
     logf = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--replicas", "2",
                              "--model", str(model), "--dtype", "float32", "--kv-cache-memory", "0.05",
-                             "--replica-cpus", "0.5", *extra],
+                             "--replica-cpus", "0.5", "--max-ongoing-requests", "16", "--max-queue", "4", *extra],
                             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,6 +114,18 @@ def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
     assert queries > 0 and hits / queries > 0.8, (hits, queries)
 
 
+def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
+    """2 replicas x 16 ongoing + 4 queued at the ingress: 60 long requests at once cannot all be taken."""
+    url, _ = cluster
+    body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(60) as pool:
+        rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(60)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 20 and codes.count(503) >= 1, codes
+    busy = next(r for r in rs if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "overloaded"
+
+
 def _one(url: str, i: int, started: dict[str, int], lock: threading.Lock) -> str:
     """'ok', or 'error: ...' for a clear failure (an HTTP error body or a stream error event); raises on a hang."""
     body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}], "max_tokens": 96,
@@ -175,9 +187,17 @@ def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(clust
                                                           "max_tokens": 2}, timeout=60).status_code == 200
 
 
-def test_kuberay_entry_point_reads_the_serve_flags():
-    from inferd.cluster.ray_serve import _args_from_config
+def test_kuberay_entry_point_and_flags_make_the_serve_options():
+    from inferd.cluster.ray_serve import _args_from_config, replica_options
 
-    args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6"})
-    assert (args.replicas, args.routing, args.min_replicas, args.max_replicas) == (3, "round-robin", 1, 6)
-    assert _args_from_config({}).replicas == 1
+    args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6 "
+                                      "--target-ongoing-requests 4 --max-ongoing-requests 12 --max-queue 30 "
+                                      "--replica-cpus 2"})
+    opts = replica_options(args)
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 3,
+                                          "target_ongoing_requests": 4.0}
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (12, 30)
+    assert opts["ray_actor_options"]["num_cpus"] == 2.0
+    assert opts["request_router_config"].request_router_kwargs["policy"] == "round-robin"
+    fixed = replica_options(_args_from_config({}))
+    assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed

@@ -92,6 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 need = replicas_for_slo(run, args.slo_ttft_p99, max(1, n // 4), 2 * n, tpot_p99_s=args.slo_tpot_p99)
                 row["replicas_for_slo"] = need
                 row["cost_per_1m_out_at_slo"] = row["cost_per_1m_out"] * need / n if need else None
+                row["slo_probes"] = sorted(set(points))  # (replicas, TTFT p99 s) of every simulated size
             rows.append(row)
             print(_line(row), flush=True)
     print(_markdown(rows, args.slo_ttft_p99))

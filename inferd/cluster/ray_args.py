@@ -62,8 +62,12 @@ def check_ray_args(args: argparse.Namespace) -> None:
         raise InferdError(str(exc)) from exc
 
 
-def loopback_env() -> None:
-    """Make a local Ray single-node and loopback-only: Ray otherwise turns 127.0.0.1 into the machine's external
-    address (services.resolve_ip_for_localhost) and advertises it. Ray reads this when it is imported, and the
-    workers it starts inherit it."""
+def local_ray_env() -> None:
+    """Environment for a Ray that inferd starts itself, set before Ray is imported (its processes inherit it):
+    single-node and loopback-only (Ray otherwise turns 127.0.0.1 into the machine's external address and
+    advertises it), and proxy start-up checks that tolerate a busy CPU-only host (Serve's 5 s readiness check
+    restarts the HTTP proxy in a loop when the cores are saturated, the "hangs at start" of CPU-only clusters).
+    Values already in the environment win."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")

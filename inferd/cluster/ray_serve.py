@@ -17,7 +17,7 @@ restarts dead replicas. Replicas push their Prometheus text to a small `MetricsH
 ingress's /metrics sums them.
 
 This module imports Ray: import it only when scale-out is asked for (`inferd.cluster.ray_args.uses_ray`), and,
-for a local Ray, after `ray_args.loopback_env()` (it must see the environment before Ray is imported).
+for a local Ray, after `ray_args.local_ray_env()` (it must see the environment before Ray is imported).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the ingress methods' annotations at runtime, and Serve's
@@ -280,12 +280,11 @@ class InferdIngress:
 
 
 # ---- building and running -----------------------------------------------------------------------------------
-def build_application(args: argparse.Namespace) -> Any:
-    """The Serve application for these `inferd serve` flags (also the KubeRay entry point, via app_builder)."""
+def replica_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The InferdReplica deployment's Serve options from the `inferd serve` flags."""
     from inferd.cluster.ray_args import check_ray_args
 
     check_ray_args(args)
-    params = {k: v for k, v in vars(args).items() if k != "func"}
     n = args.replicas if args.replicas is not None else (args.min_replicas or 1)
     router = RequestRouterConfig(request_router_class=InferdRequestRouter,
                                  request_router_kwargs={"policy": args.routing, "imbalance_abs": args.imbalance_abs,
@@ -300,6 +299,13 @@ def build_application(args: argparse.Namespace) -> Any:
                                       "initial_replicas": n, "target_ongoing_requests": args.target_ongoing_requests}
     else:
         opts["num_replicas"] = n
+    return opts
+
+
+def build_application(args: argparse.Namespace) -> Any:
+    """The Serve application for these `inferd serve` flags (also the KubeRay entry point, via app_builder)."""
+    opts = replica_options(args)
+    params = {k: v for k, v in vars(args).items() if k != "func"}
     hub = metrics_hub()
     replica = serve.deployment(name="InferdReplica", **opts)(InferdReplica).bind(params, hub)
     ingress = serve.deployment(name="InferdIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},

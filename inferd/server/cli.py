@@ -163,12 +163,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
-    from inferd.cluster.ray_args import check_ray_args, loopback_env
+    from inferd.cluster.ray_args import check_ray_args, local_ray_env
 
     check_ray_args(args)
     plan_slots(args)  # flag errors before Ray starts
     if not args.ray_address:
-        loopback_env()
+        local_ray_env()
     try:
         from inferd.cluster.ray_serve import serve_on_ray
     except ImportError as exc:
