@@ -55,7 +55,7 @@ log = logging.getLogger("inferd.ray")
 
 APP_NAME = "inferd"
 HUB_NAME, HUB_NAMESPACE = "inferd-metrics-hub", "inferd"
-METRICS_MAX_AGE_S = 10.0  # a replica that has not reported for this long is left out of /metrics
+METRICS_MAX_AGE_S = 10.0  # a replica that has not reported for this long is left out of /metrics and /health
 RETRIES = 3  # attempts for a request that fails before any byte reached the client
 REPLICA_HEADER = "x-inferd-replica"
 
@@ -228,7 +228,7 @@ class InferdIngress:
 
     @ingress_app.get("/health")
     async def health(self) -> Response:
-        ids = sorted(await self._hub.fresh.remote(3.0))
+        ids = sorted(await self._hub.fresh.remote(METRICS_MAX_AGE_S))
         return JSONResponse({"status": "ok" if ids else "loading", "replicas": len(ids), "replica_ids": ids},
                             status_code=200 if ids else 503)
 
