@@ -336,11 +336,15 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     from inferd.cluster.ray_args import check_ray_args
 
     check_ray_args(args)
-    if args.ray_address:
-        ray.init(address=args.ray_address, namespace=HUB_NAMESPACE, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", namespace=HUB_NAMESPACE,
-                 log_to_driver=False, configure_logging=False)
+    try:
+        if args.ray_address:
+            ray.init(address=args.ray_address, namespace=HUB_NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", namespace=HUB_NAMESPACE,
+                     log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - ray.init raises plain Exception, ConnectionError, ...
+        where = f"join Ray at {args.ray_address}" if args.ray_address else "start a local Ray"
+        raise InferdError(f"could not {where}: {str(exc).strip().splitlines()[-1]}") from exc
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
