@@ -36,7 +36,7 @@ def ray_server(model: Path, *extra: str, timeout: float = 300) -> Iterator[tuple
     logf = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--replicas", "2",
                              "--model", str(model), "--dtype", "float32", "--kv-cache-memory", "0.05",
-                             "--replica-cpus", "0.5", "--max-ongoing-requests", "16", "--max-queue", "4", *extra],
+                             "--replica-cpus", "0.5", "--max-ongoing-requests", "16", "--max-queue", "16", *extra],
                             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,11 +115,11 @@ def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
 
 
 def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
-    """2 replicas x 16 ongoing + 4 queued at the ingress: 60 long requests at once cannot all be taken."""
+    """2 replicas x 16 ongoing + 16 queued at the ingress: 80 long requests at once cannot all be taken."""
     url, _ = cluster
     body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
-    with cf.ThreadPoolExecutor(60) as pool:
-        rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(60)))
+    with cf.ThreadPoolExecutor(80) as pool:
+        rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(80)))
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503} and codes.count(200) >= 20 and codes.count(503) >= 1, codes
     busy = next(r for r in rs if r.status_code == 503)
