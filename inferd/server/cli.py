@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from inferd.cli_args import add_engine_args, engine_config, set_threads
+from inferd.cluster.ray_args import add_ray_args, uses_ray
 from inferd.errors import InferdError
 from inferd.server import extra_models
 from inferd.server.state import ModelSlot, ServerState, default_model_name
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-cache-size", type=int, default=10000,
                    help="entries in the exact-match embedding cache (0: off)")
     extra_models.add_serve_args(p)
+    add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -125,6 +127,8 @@ def _is_encoder(spec: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if uses_ray(args):
+        return _serve_on_ray(args)
     import uvicorn
 
     from inferd.server.app import build_app
@@ -163,6 +167,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if state.slots and all(s.status == "failed" for s in state.slots):
         raise InferdError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    from inferd.cluster.ray_args import check_ray_args, local_ray_env
+
+    check_ray_args(args)
+    plan_slots(args)  # flag errors before Ray starts
+    if not args.ray_address:
+        local_ray_env()
+    try:
+        from inferd.cluster.ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise InferdError(str(exc)) from exc
+    return serve_on_ray(args)
 
 
 try:

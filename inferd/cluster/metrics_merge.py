@@ -1,0 +1,42 @@
+"""Sum the Prometheus text of several replicas into one exposition (the ingress's /metrics).
+
+Counters, histogram buckets/sums/counts and the request gauges add up across replicas; a `replicas` gauge tells how
+many reported. Ratio gauges (KV cache usage) are averaged instead of summed."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+AVERAGED = {"vllm:kv_cache_usage_perc"}
+
+
+def merge_prometheus(texts: list[str]) -> str:
+    families: dict[str, tuple[str, str]] = {}  # name -> (type, help)
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name.endswith("_created"):
+                continue  # creation timestamps do not add up
+            families.setdefault(fam.name, (fam.type, fam.documentation))
+            acc = sums.setdefault(fam.name, {})
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple(sorted(s.labels.items())))
+                acc[key] = acc.get(key, 0.0) + s.value
+    n = max(len(texts), 1)
+    lines = ["# HELP inferd_replicas Replicas whose metrics are merged here", "# TYPE inferd_replicas gauge",
+             f"inferd_replicas {len(texts)}"]
+    for name, (typ, doc) in families.items():
+        lines.append(f"# HELP {name} {doc}")
+        lines.append(f"# TYPE {name} {typ}")
+        for (sname, labels), value in sums[name].items():
+            if name in AVERAGED:
+                value /= n
+            lbl = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sname}{{{lbl}}} {value!r}" if lbl else f"{sname} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

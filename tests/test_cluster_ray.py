@@ -1,0 +1,203 @@
+"""`inferd serve --replicas 2` on a local Ray (127.0.0.1) with the tiny model: OpenAI client chat (stream and not),
+prefix routing, /metrics merged over replicas, and a replica killed under load. Skipped without the [ray] extra."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_utils import free_port
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                reason="Ray Serve is not installed (pip install 'inferd[ray]')")
+
+SYSTEM = ("You are the support assistant of a small bakery. Answer in one short sentence, politely, and never "
+          "invent prices. The bakery opens at seven, closes at six, bakes sourdough on Tuesdays and rye on "
+          "Fridays, and takes orders for cakes two days ahead. ") * 2
+
+
+@contextlib.contextmanager
+def ray_server(model: Path, *extra: str, timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    log_path = f"/tmp/inferd-test-ray-{port}.log"
+    logf = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--replicas", "2",
+                             "--model", str(model), "--dtype", "float32", "--kv-cache-memory", "0.05",
+                             "--replica-cpus", "0.5", "--max-ongoing-requests", "16", "--max-queue", "16", *extra],
+                            stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:  # both replicas loaded and reporting
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log_path).read_text()}")
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if httpx.get(url + "/health", timeout=2).json().get("replicas") == 2:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout}s:\n{Path(log_path).read_text()}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # serve.shutdown() and ray.shutdown(): the local Ray goes with it
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        logf.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_hf):
+    with ray_server(tiny_hf) as (url, proc):
+        yield url, proc
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_openai_chat_stream_and_not_through_the_ingress(cluster, tiny_hf):
+    from openai import OpenAI
+
+    url, _ = cluster
+    client = OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [tiny_hf.name]
+    msgs = [{"role": "user", "content": "Tell me about bread."}]
+    full = client.chat.completions.create(model=tiny_hf.name, messages=msgs, max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason in ("stop", "length") and full.usage.completion_tokens >= 1
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=tiny_hf.name, messages=msgs, max_tokens=12, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == full.choices[0].message.content
+    bad = httpx.post(url + "/v1/chat/completions", json={"messages": "nope"}, timeout=30)  # the same 400 body
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
+    url, _ = cluster
+    with httpx.Client(base_url=url, timeout=60) as c:
+        before = c.get("/metrics").text
+        seen = set()
+        for i in range(20):
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": SYSTEM},
+                                                                  {"role": "user", "content": f"Q{i}?"}],
+                                                     "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-inferd-replica"])
+        assert len(seen) == 1  # the prefix's replica every time
+        time.sleep(2.5)  # replicas push their metrics every second
+        after = c.get("/metrics").text
+        # prompts with nothing in common still spread over both replicas (the least-loaded fallback)
+        spread = {c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"{i} " * 80}],
+                                                       "max_tokens": 1}).headers["x-inferd-replica"]
+                  for i in range(12)}
+        assert len(spread) == 2
+    assert _metric(after, "inferd_replicas") == 2
+    hits = _metric(after, "vllm:prefix_cache_hits_total") - _metric(before, "vllm:prefix_cache_hits_total")
+    queries = _metric(after, "vllm:prefix_cache_queries_total") - _metric(before, "vllm:prefix_cache_queries_total")
+    assert queries > 0 and hits / queries > 0.8, (hits, queries)
+
+
+def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
+    """2 replicas x 16 ongoing + 16 queued at the ingress: 80 long requests at once cannot all be taken."""
+    url, _ = cluster
+    body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(80) as pool:
+        rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(80)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 20 and codes.count(503) >= 1, codes
+    busy = next(r for r in rs if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "overloaded"
+
+
+def _one(url: str, i: int, started: dict[str, int], lock: threading.Lock) -> str:
+    """'ok', or 'error: ...' for a clear failure (an HTTP error body or a stream error event); raises on a hang."""
+    body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}], "max_tokens": 96,
+            "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}
+    with httpx.Client(timeout=120) as c:
+        if not body["stream"]:
+            r = c.post(url + "/v1/chat/completions", json=body)
+            return "ok" if r.status_code == 200 else f"error: {r.status_code} {r.json()['error']['message']}"
+        with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return f"error: {r.status_code}"
+            with lock:
+                started[r.headers["x-inferd-replica"]] = started.get(r.headers["x-inferd-replica"], 0) + 1
+            events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        errors = [json.loads(e)["error"]["message"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
+        assert events and events[-1] == "[DONE]", events[-3:]
+        return f"error: {errors[0]}" if errors else "ok"
+
+
+def _replica_pids(metrics: str) -> dict[str, int]:
+    """Serve replica id -> process id, from the replicas' inferd_replica_info series."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("inferd_replica_info{"):
+            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            out[labels["replica"].strip('"')] = int(labels["pid"].strip('"'))
+    return out
+
+
+def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(cluster):
+    url, _ = cluster
+    before_ids = set(httpx.get(url + "/health", timeout=10).json()["replica_ids"])
+    pids = _replica_pids(httpx.get(url + "/metrics", timeout=10).text)
+    assert set(pids) == before_ids, (pids, before_ids)
+    started: dict[str, int] = {}
+    lock = threading.Lock()
+    with cf.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_one, url, i, started, lock) for i in range(32)]
+        deadline = time.monotonic() + 120
+        while sum(started.values()) < 4:  # streams are under way
+            assert time.monotonic() < deadline, "no stream started"
+            time.sleep(0.05)
+        with lock:
+            victim = max(started, key=started.get)
+        os.kill(pids[victim], signal.SIGKILL)  # a replica with streams in flight
+        results = [f.result(timeout=240) for f in futures]  # every request ends: no hang
+    counts = {r: results.count(r) for r in set(results)}
+    assert results.count("ok") >= 16, counts  # the surviving replica (and the retries) served them
+    assert all(r == "ok" or "replica" in r or r.startswith("error: 503") for r in results), counts
+    assert any("replica" in r for r in results), counts  # the victim's started streams ended with an error event
+    deadline = time.monotonic() + 150
+    while True:  # Ray Serve restarts the replica: two replicas report again, one of them new
+        ids = set(httpx.get(url + "/health", timeout=10).json().get("replica_ids", []))
+        if len(ids) == 2 and ids != before_ids:
+            break
+        assert time.monotonic() < deadline, ids
+        time.sleep(1.0)
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_kuberay_entry_point_and_flags_make_the_serve_options():
+    from inferd.cluster.ray_serve import _args_from_config, replica_options
+
+    args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6 "
+                                      "--target-ongoing-requests 4 --max-ongoing-requests 12 --max-queue 30 "
+                                      "--replica-cpus 2"})
+    opts = replica_options(args)
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 3,
+                                          "target_ongoing_requests": 4.0}
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (12, 30)
+    assert opts["ray_actor_options"]["num_cpus"] == 2.0
+    assert opts["request_router_config"].request_router_kwargs["policy"] == "round-robin"
+    fixed = replica_options(_args_from_config({}))
+    assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
