@@ -209,12 +209,14 @@ def train(teacher: LlamaForCausalLM, student: LlamaForCausalLM, rows: torch.Tens
             for g in opt.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            kl_sum = ce_sum = loss_sum = 0.0
+            kl_sum = ce_sum = loss_sum = teacher_s = 0.0
             for micro in range(cfg.grad_accum):
                 ids = rows[batch_rows(cfg, rows.shape[0], state.step, micro)]  # (B, T)
                 with _autocast(cfg):
+                    t1 = time.perf_counter()
                     with torch.no_grad():
                         t_logits = logits(teacher, ids)
+                    teacher_s += time.perf_counter() - t1
                     s_logits = logits(student, ids, checkpoint=cfg.grad_checkpoint)
                 loss, kl, ce = distill_loss(s_logits, t_logits, ids, cfg)
                 (loss / cfg.grad_accum).backward()
@@ -227,10 +229,11 @@ def train(teacher: LlamaForCausalLM, student: LlamaForCausalLM, rows: torch.Tens
             state.step += 1
             state.tokens += cfg.tokens_per_step
             state.elapsed_s = time.perf_counter() - t_start
-            tps = cfg.tokens_per_step / (time.perf_counter() - t0)
+            step_s = time.perf_counter() - t0
+            tps = cfg.tokens_per_step / step_s
             rec = {"step": state.step, "tokens": state.tokens, "loss": round(loss_sum, 5), "kl": round(kl_sum, 5),
                    "ce": round(ce_sum, 5), "lr": lr, "grad_norm": round(gnorm, 4), "tok_s": round(tps, 1),
-                   "elapsed_s": round(state.elapsed_s, 1)}
+                   "teacher_frac": round(teacher_s / step_s, 3), "elapsed_s": round(state.elapsed_s, 1)}
             if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
                 rec["heldout_ppl"] = evaluate()
                 student.train()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from inferd.compress.forward import Probe, logits
 from inferd.compress.io import hf_tensors
 from inferd.errors import InferdError
+from inferd.loader.materialize import skip_init
 from inferd.models.llama import LlamaForCausalLM
 
 IMPORTANCE = ("angular", "loss")
@@ -148,7 +149,8 @@ def prune(model: LlamaForCausalLM, cfg: PruneConfig, batches: list[torch.Tensor]
         layer["self_attn.o_proj.weight"] = layer["self_attn.o_proj.weight"][:, rows]
         new.update({dst + k: v.contiguous() for k, v in layer.items()})
     new_cfg = replace(c, num_layers=len(kept), intermediate_size=inter, num_heads=heads)
-    small = LlamaForCausalLM(new_cfg, model.rotary.cos.shape[0])
+    with skip_init():  # every weight is loaded below
+        small = LlamaForCausalLM(new_cfg, model.rotary.cos.shape[0])
     small.load_weights(new)  # checks every name and shape
     small.requires_grad_(False)
     return small, report
