@@ -6,7 +6,7 @@ inferd/compress/data/heldout.txt; neither is trained on), greedy agreement with 
 (mean length of the matching prefix of 32 greedy tokens), single-stream and 16-stream decode tok/s (all models
 measured in interleaved rounds in one process, median of the rounds, so a shared CPU's load hits all alike).
 
-    python benchmarks/compress.py [--work DIR] [--distill-minutes 20] [--threads 2] [--stage all|models|quality|speed|table]
+    python benchmarks/compress.py [--work DIR] [--distill-minutes 20] [--threads 1] [--stage all|models|quality|speed|table]
 
 Every stage skips work whose output exists in --work (rerun to resume); the distillation logs become the loss and
 perplexity-vs-tokens curves in docs/compress_curves.png.
@@ -51,7 +51,7 @@ def models(work: Path, minutes: float, threads: int, train_data: list[str]) -> N
             run(inferd("distill", "--teacher", TEACHER, "--student", str(work / name), "--out", str(out),
                        "--generate", "32", *(["--data", *train_data] if train_data else []), "--seq-len", "256",
                        "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-4", "--warmup-steps", "3",
-                       "--eval-every", "4", "--checkpoint-every", "20", "--max-minutes", str(minutes),
+                       "--eval-every", "6", "--checkpoint-every", "20", "--max-minutes", str(minutes),
                        "--threads", str(threads)))
     for d in list(labels(work)):
         if not d.endswith("-int4") and not (work / f"{d}-int4").is_dir():
@@ -198,13 +198,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "inferd" / "compress-bench"))
     ap.add_argument("--distill-minutes", type=float, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: with 2 threads on a CPU shared with other jobs, a training step ran 8x slower)")
     ap.add_argument("--data", nargs="*", default=[], help="extra training text for distillation")
     ap.add_argument("--stage", choices=["all", "models", "quality", "speed", "table"], default="all")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    import torch
+
     from inferd.hardware import machine_info
+
+    torch.set_num_threads(args.threads)
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine_info()}", flush=True)
     results = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}

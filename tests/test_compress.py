@@ -53,13 +53,21 @@ def test_prune_nothing_is_identity(tiny, tmp_path):
     assert torch.equal(forward.logits(again.model, ids), forward.logits(lm.model, ids))
 
 
-def test_dropping_a_layer_equals_skipping_it(tiny):
+@pytest.mark.parametrize("importance", ["angular", "loss"])
+def test_dropping_a_layer_equals_skipping_it(tiny, importance):
     lm = load_dense(str(tiny))
-    small, report = prune(lm.model, PruneConfig(drop_layers=1), _batches(lm))
+    small, report = prune(lm.model, PruneConfig(drop_layers=1, importance=importance), _batches(lm))
     (gone,) = report.dropped
     ids = torch.tensor([lm.tokenizer.encode(TEXT)[:50]])
     assert torch.equal(forward.logits(small, ids), forward.logits(lm.model, ids, forward.Probe(skip=gone)))
-    assert report.layer_scores[gone] == min(report.layer_scores)
+    assert report.layer_scores[gone] == min(report.layer_scores) and len(report.layer_scores) == 3
+    if importance == "loss":  # the score is the calibration loss with the layer skipped minus the full model's
+        ce = [float(torch.nn.functional.cross_entropy(forward.logits(lm.model, b, forward.Probe(skip=s))[0, :-1],
+                                                      b[0, 1:], reduction="sum")) for s in (None, gone)
+              for b in _batches(lm)]
+        n = sum(b.shape[1] - 1 for b in _batches(lm))
+        half = len(ce) // 2
+        assert report.layer_scores[gone] == pytest.approx((sum(ce[half:]) - sum(ce[:half])) / n, rel=1e-4)
 
 
 def test_pruned_directory_is_consistent_and_serves(tiny, tmp_path):
