@@ -146,14 +146,21 @@ def speed(work: Path, results: dict, rounds: int = 3) -> None:
             outs = llm.generate(ps, many)
             samples[label]["multi"].append(sum(len(x.outputs[0].token_ids) for x in outs) / (time.perf_counter() - t))
         print({k: [round(x) for x in v["single"]] for k, v in samples.items()}, flush=True)
-    for label, s in samples.items():
-        results.setdefault(label, {})["decode_1"] = statistics.median(s["single"])
-        results[label]["decode_16"] = statistics.median(s["multi"])
-    save(work, results)
+    speeds = {label: {"decode_1": statistics.median(s["single"]), "decode_16": statistics.median(s["multi"]),
+                      "samples": s} for label, s in samples.items()}
+    (work / "speed.json").write_text(json.dumps(speeds, indent=1))
+    for label, s in speeds.items():
+        results.setdefault(label, {}).update(s)
 
 
 def save(work: Path, results: dict) -> None:
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    """Merged into the file per model (stages may run in separate processes at the same time)."""
+    path = work / "results.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    for label, r in results.items():
+        merged.setdefault(label, {}).update(r)
+    path.write_text(json.dumps(merged, indent=1))
+    results.update(merged)
 
 
 def curves(work: Path, png: Path) -> str:
@@ -188,9 +195,12 @@ def table(results: dict) -> str:
     for label, r in results.items():
         if "ppl_essay" not in r:
             continue
+        sp, mark = r, ""
+        if "decode_1" not in r:  # a distilled model has its pruned base's shapes, hence its speed
+            sp, mark = results.get(label.replace("-distilled", ""), {}), " (=)"
         rows.append(f"| {label} | {r['params_m']:.1f} | {r['file_mb']:.0f} | {r['ppl_essay']:.2f} | "
-                    f"{r['ppl_heldout']:.2f} | {r['agreement']:.1f} | {r.get('decode_1', 0):.1f} | "
-                    f"{r.get('decode_16', 0):.0f} |")
+                    f"{r['ppl_heldout']:.2f} | {r['agreement']:.1f} | {sp.get('decode_1', 0):.1f}{mark} | "
+                    f"{sp.get('decode_16', 0):.0f}{mark} |")
     return "\n".join(rows)
 
 
@@ -213,6 +223,9 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine_info()}", flush=True)
     results = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    if (work / "speed.json").is_file():
+        for label, r in json.loads((work / "speed.json").read_text()).items():
+            results.setdefault(label, {}).update(r)
     if args.stage in ("all", "models"):
         models(work, args.distill_minutes, args.threads, args.data)
     if args.stage in ("all", "quality"):
