@@ -60,6 +60,8 @@ def models(work: Path, minutes: float, threads: int, train_data: list[str]) -> N
 
 def labels(work: Path) -> list[str]:
     order = ["teacher", "depth", "depth-distilled", "width", "width-distilled"]
+    order += sorted(d.name for d in work.iterdir() if d.is_dir() and d.name not in order
+                    and not d.name.endswith("-int4"))  # e.g. a longer run resumed into its own directory
     out = []
     for base in order:
         out += [x for x in (base, f"{base}-int4") if (work / x / "config.json").is_file()]
@@ -171,13 +173,18 @@ def curves(work: Path, png: Path) -> str:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     lines = []
-    for name in STUDENTS:
-        log = work / f"{name}-distilled" / "train_log.jsonl"
-        if not log.is_file():
-            continue
+    teacher_drawn = False
+    for log in sorted(work.glob("*-distilled*/train_log.jsonl")):
+        name = log.parent.name
         recs = [json.loads(x) for x in log.read_text().splitlines()]
         steps = [r for r in recs if "loss" in r]
         ev = [r for r in recs if "heldout_ppl" in r]
+        rec = json.loads((log.parent / "config.json").read_text()).get("inferd_compression", {})
+        if rec.get("tool") == "inferd distill" and rec["tokens"] > ev[-1]["tokens"]:  # the final evaluation
+            ev.append({"tokens": rec["tokens"], "heldout_ppl": rec["heldout_ppl"]})
+        if rec.get("teacher_heldout_ppl") and not teacher_drawn:
+            b.axhline(rec["teacher_heldout_ppl"], color="gray", linestyle="--", label="teacher")
+            teacher_drawn = True
         a.plot([r["tokens"] for r in steps], [r["kl"] for r in steps], label=f"{name}: KL")
         b.plot([r["tokens"] for r in ev], [r["heldout_ppl"] for r in ev], marker="o", label=name)
         lines.append(f"{name}: " + ", ".join(f"{r['tokens']}: {r['heldout_ppl']:.1f}" for r in ev))

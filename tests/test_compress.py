@@ -155,11 +155,16 @@ def test_distill_cli_writes_a_model_that_loads(tiny, tmp_path, capsys):
     out = tmp_path / "distilled"
     assert main(["distill", "--teacher", str(tiny), "--student", str(student), "--out", str(out), "--data",
                  str(data), "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3",
-                 "--checkpoint-every", "2", "--eval-every", "2"]) == 0
+                 "--checkpoint-every", "2", "--eval-every", "2", "--generate", "3", "--gen-tokens", "12"]) == 0
     assert "held-out perplexity" in capsys.readouterr().out
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 0 and "heldout_ppl" in log[0] and log[-1]["step"] == 3
     assert (out / "checkpoint.pt").is_file()
+    gen = json.loads((out / "generated.json").read_text())  # the teacher's own replies joined the training data
+    assert gen["key"]["n"] == 3 and len(gen["docs"]) == 3
+    prompt_len = len(LLM(str(tiny), kv_cache_memory=0.05).tokenizer.encode_chat(
+        [{"role": "user", "content": "x"}]))
+    assert all(prompt_len < len(d) for d in gen["docs"])
     rec = json.loads((out / "config.json").read_text())["inferd_compression"]
     assert rec["tool"] == "inferd distill" and rec["steps"] == 3
     assert LLM(str(out), kv_cache_memory=0.05).generate("The capital", SamplingParams(max_tokens=3))
