@@ -194,6 +194,7 @@ def _other_vocab(tiny: Path, dst: Path) -> Path:
     (["distill", "--data", "/nonexistent/train.txt"], "data file not found"),
     (["distill", "--student", "OTHER"], "vocabulary"),
     (["distill", "--resume"], "no checkpoint"),
+    (["distill", "--student", "QUANT"], "is a quantized model"),
     (["distill", "--max-steps", "0"], "--max-steps must be > 0"),
 ])
 def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys, argv, message):
@@ -202,7 +203,11 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys, argv, message):
         argv = [*argv, "--model", str(tiny), *out]
     else:
         student = _other_vocab(tiny, tmp_path / "other") if "OTHER" in argv else tiny
-        argv = [a if a != "OTHER" else str(student) for a in argv]
+        if "QUANT" in argv:
+            assert main(["quantize", str(tiny), str(tmp_path / "q8"), "--method", "int8"]) == 0
+            student = tmp_path / "q8"
+            capsys.readouterr()  # the quantize progress bar
+        argv = [a if a not in ("OTHER", "QUANT") else str(student) for a in argv]
         argv = [*argv, "--teacher", str(tiny), *(["--student", str(tiny)] if "--student" not in argv else []), *out]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -27,7 +27,8 @@ def load_dense(spec: str, max_len: int = 2048) -> LoadedModel:
     lm = load_model(spec, torch.float32, torch.device("cpu"), max_len, QuantConfig("none"))
     if not isinstance(lm.model, LlamaForCausalLM):
         raise InferdError(f"{spec}: compression supports Llama-family models, not {lm.config.architecture}")
-    if lm.quantization not in ("none",) or any(not p.is_floating_point() for p in lm.model.parameters()):
+    linears = [m for n, m in lm.model.named_modules() if n.endswith("_proj") or n == "lm_head"]
+    if lm.quantization != "none" or not all(isinstance(m, torch.nn.Linear) for m in linears):
         raise InferdError(f"{spec} is a quantized model; prune/distill a dense model and quantize afterwards")
     return lm
 
