@@ -204,7 +204,8 @@ def table(results: dict) -> str:
             continue
         sp, mark = r, ""
         if "decode_1" not in r:  # a distilled model has its pruned base's shapes, hence its speed
-            sp, mark = results.get(label.replace("-distilled", ""), {}), " (=)"
+            base = label.split("-distilled")[0] + ("-int4" if label.endswith("-int4") else "")
+            sp, mark = results.get(base, {}), " (=)"
         rows.append(f"| {label} | {r['params_m']:.1f} | {r['file_mb']:.0f} | {r['ppl_essay']:.2f} | "
                     f"{r['ppl_heldout']:.2f} | {r['agreement']:.1f} | {sp.get('decode_1', 0):.1f}{mark} | "
                     f"{sp.get('decode_16', 0):.0f}{mark} |")
