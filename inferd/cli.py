@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable]:
     regs: list[Callable] = []
     for mod in ("inferd.server.cli", "inferd.bench.cli", "inferd.embed_cli", "inferd.quant.cli",
-                "inferd.extract_cli", "inferd.audio.cli", "inferd.cluster.cli"):
+                "inferd.extract_cli", "inferd.audio.cli", "inferd.cluster.cli", "inferd.compress.cli"):
         try:
             regs.append(__import__(mod, fromlist=["register"]).register)
         except ImportError as exc:  # optional part missing: keep the rest usable
