@@ -70,6 +70,9 @@ def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
         tm.observe(tokens, mixed, step_time(tokens, mixed))
     for tokens, mixed in [(1, False), *((t, m) for t in (5, 12, 40, 100, 250) for m in (False, True))]:
         assert tm.predict(tokens, mixed) == pytest.approx(step_time(tokens, mixed), rel=0.1)
+    for _ in range(3):  # steps stalled by another process on the machine do not move the estimate
+        tm.observe(1, False, 1.0)
+    assert tm.predict(1, False) == pytest.approx(step_time(1, False))
     pol = SpecPolicy(4)
     pol.time_model = tm
     for rid in ("x", "y"):

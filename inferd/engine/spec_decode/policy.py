@@ -15,6 +15,8 @@ verification costs, a policy that has verified nothing for `explore_every` steps
 
 from __future__ import annotations
 
+import collections
+import statistics
 from dataclasses import dataclass
 
 
@@ -27,17 +29,16 @@ class StepTimeModel:
     """Measured step time as a function of the step's tokens, kept separately for pure decode steps (one token per
     sequence: the fused decode path) and mixed steps (prefill chunks or verification rows).
 
-    Times are averaged (exponentially) per power-of-two bucket of tokens and interpolated between measured
-    buckets; a step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once
+    The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once
     compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
     pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
     point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
     """
 
-    def __init__(self, decay: float = 0.8):
-        self.decay = decay
-        # mixed? → {bucket: (average tokens, average seconds)} over the steps that fell in that bucket
-        self.buckets: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}
+    def __init__(self, window: int = 15):
+        self.window = window
+        # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
+        self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
         self.prior = 0.05  # seconds, for a step before anything was measured
 
     @staticmethod
@@ -46,13 +47,16 @@ class StepTimeModel:
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
-        old = table.get(b)
-        d = self.decay
-        table[b] = (tokens, seconds) if old is None else (d * old[0] + (1 - d) * tokens, d * old[1] + (1 - d) * seconds)
+        table.setdefault(b, collections.deque(maxlen=self.window)).append((tokens, seconds))
+
+    def points(self, mixed: bool) -> list[tuple[float, float]]:
+        """(median tokens, median seconds) per measured bucket: medians, so that a step stalled by another
+        process on the machine does not move the estimate."""
+        return sorted((statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+                      for q in self.buckets[mixed].values())
 
     @staticmethod
-    def _curve(tokens: int, table: dict[int, tuple[float, float]]) -> float | None:
-        pts = sorted(table.values())
+    def _curve(tokens: int, pts: list[tuple[float, float]]) -> float | None:
         if not pts:
             return None
         if tokens <= pts[0][0]:
@@ -68,13 +72,13 @@ class StepTimeModel:
         return pts[-1][1]
 
     def predict(self, tokens: int, mixed: bool) -> float:
-        mixed_table = self.buckets[True]
-        if mixed and mixed_table and min(t for t, _ in mixed_table.values()) <= tokens:
-            t = self._curve(tokens, mixed_table)
+        mixed_pts = self.points(True)
+        if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
+            t = self._curve(tokens, mixed_pts)
         else:
-            t = self._curve(tokens, self.buckets[False])
+            t = self._curve(tokens, self.points(False))
             if t is None:
-                t = self._curve(tokens, mixed_table)
+                t = self._curve(tokens, mixed_pts)
         return self.prior if t is None else t
 
 
