@@ -68,6 +68,7 @@ SIGNATURES: dict[str, str] = {
     "silu_mul": "ppiii",
     "q4_gemm": "pipppiii",
     "q8_gemm": "pipppiii",
+    "qk_gemm": "pipppiiiii",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }

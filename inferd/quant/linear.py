@@ -13,6 +13,9 @@
     aten's int4 kernel for one row (it is compute-bound there: ~12 GB/s with the weights in cache).
   - `aten` (other CPUs): `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
   - `cuda`: the tinygemm kernel `aten._weight_int4pack_mm` after `_convert_weight_to_int4pack`.
+- QKLinear: 4/5/6-bit weights with an fp16 scale and min per 16 or 32 along K (GGUF Q5_0/Q5_1/Q5_K/Q6_K), in
+  our `qkrows16` layout for `qk_gemm` (the q4rows16 nibbles plus one or two bit planes) where the tier has the
+  quantized GEMMs, else row-major bytes computed in torch.
 - Int8Embedding: int8 rows with a scale per row (the lookup dequantizes only the rows it reads).
 
 Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
@@ -29,6 +32,7 @@ from torch import nn
 
 from inferd.errors import ModelLoadError
 from inferd.ops import cpu_kernels, onednn
+from inferd.ops.kernels import get_kernels
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +170,7 @@ class _PackedLinear(nn.Module):
             y = onednn.linear(x.to(torch.bfloat16), self._dense_onednn)
         elif self.dense is not None and x.shape[0] >= self.dense_from_rows:
             y = F.linear(x.to(torch.bfloat16), self.dense)
-        elif self.layout in ("q4rows16", "q8rows16"):  # our kernels take fp32 or bf16 activations
+        elif self.layout in ("q4rows16", "q8rows16", "qkrows16", "rowmajor"):  # fp32 or bf16 activations
             y = self._packed(x.contiguous())
         else:
             y = self._packed(x.to(torch.bfloat16).contiguous())
@@ -290,6 +294,102 @@ class Int4Linear(_PackedLinear):
         if x.is_cuda:
             return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+def qk_layout(n: int, k: int) -> str:
+    kern = get_kernels()
+    ok = n % 16 == 0 and k % 32 == 0 and k <= kern.max_quant_k
+    return "qkrows16" if ok and kern.quant_gemm else "rowmajor"
+
+
+def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
+                   sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q uint8 (N, K) < 2^bits, d and m (N, K / sub) → (uint8 weights, fp16 dm) in the layout of ops/csrc `qk_gemm`:
+    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) bit planes of 64 bytes; dm
+    (N/16, K/32, [d, m], 32/sub, 16)."""
+    n, k = q.shape
+    g, ns = k // 32, 32 // sub
+    q = q.to(torch.uint8)
+    qb = (q & 15).reshape(n // 16, 16, g, 4, 2, 4)  # row block, row, group, chunk, low/high, byte
+    nib = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 16, g, 256)
+    parts = [nib]
+    qt = q.reshape(n // 16, 16, g, 8, 4).to(torch.int32)  # (rb, row, group, t, byte): k = 4t + byte
+    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
+    for p in range(bits - 4):
+        plane = (((qt >> (4 + p)) & 1) * weights).sum(3).to(torch.uint8)  # (rb, row, group, byte)
+        parts.append(plane.permute(0, 2, 1, 3).reshape(n // 16, g, 64))
+    packed = torch.cat(parts, dim=2).contiguous().view(-1)
+    dd = d.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
+    mm = m.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
+    return packed, torch.stack([dd, mm], dim=2).to(torch.float16).contiguous()
+
+
+def unpack_qk_rows16(packed: torch.Tensor, dm: torch.Tensor, n: int, k: int, bits: int,
+                     sub: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of pack_qk_rows16: q uint8 (N, K), d and m float32 (N, K / sub)."""
+    g, ns = k // 32, 32 // sub
+    b = packed.view(n // 16, g, 256 + 64 * (bits - 4))
+    nib = b[..., :256].reshape(n // 16, g, 4, 16, 4)  # (rb, group, chunk, row, byte)
+    q = torch.stack([nib & 15, nib >> 4], dim=3)  # (rb, g, chunk, lo/hi, row, byte): k = 8c + 4·hi + byte
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(n, k).clone()
+    for p in range(bits - 4):
+        plane = b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
+        bit = (plane.unsqueeze(3) >> torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8, 1)) & 1  # (.., t, byte)
+        q |= (bit.permute(0, 2, 1, 3, 4).reshape(n, k) << (4 + p)).to(torch.uint8)
+    dmf = dm.float().view(n // 16, g, 2, ns, 16).permute(2, 0, 4, 1, 3).reshape(2, n, g * ns)
+    return q, dmf[0].contiguous(), dmf[1].contiguous()
+
+
+def dequantize_qk(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, sub: int) -> torch.Tensor:
+    n, k = q.shape
+    return (q.float().view(n, k // sub, sub) * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).view(n, k)
+
+
+class QKLinear(_PackedLinear):
+    """4/5/6-bit weights with a scale and min per 16 or 32 along K, w = d·q + m (GGUF Q5_0, Q5_1, Q5_K, Q6_K and
+    fused layers mixing them, see quant/gguf_blocks.py). d and m are kept as fp16 (exact for Q5_0/Q5_1; a
+    relative rounding of at most 2^-11 for the K-quants' d·sc and dmin·min products, far below their own step).
+
+    Layouts: `qkrows16` (a tier with the quantized GEMMs, N % 16 == 0, K % 32 == 0) for `qk_gemm` (activations
+    quantized to int8 per group of 32, as llama.cpp); `rowmajor` elsewhere: uint8 q (N, K) and fp16 dm (2, N,
+    K / sub), computed in torch with the same activation quantization (the slow reference path)."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, sub: int,
+                 bias: torch.Tensor | None = None, dense_from_rows: int = 0, layout: str | None = None):
+        super().__init__()
+        if bits not in (4, 5, 6) or sub not in (16, 32):
+            raise ValueError(f"QKLinear takes 4-6 bits with scales per 16 or 32, got {bits} bits per {sub}")
+        self.out_features, self.in_features = n, k = q.shape
+        self.bits, self.sub = bits, sub
+        self.layout = layout or qk_layout(n, k)
+        if self.layout == "qkrows16":
+            packed, dm = pack_qk_rows16(q, d, m, bits, sub)
+        else:
+            packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
+        if not torch.isfinite(dm).all():
+            raise ValueError("scales beyond fp16's range")
+        self.register_buffer("packed", packed)
+        self.register_buffer("dm", dm)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self._set_dense(self.dequantized().bfloat16() if dense_from_rows else None)
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q uint8 (N, K), d and m float32 (N, K / sub) as the kernel sees them."""
+        if self.layout == "qkrows16":
+            return unpack_qk_rows16(self.packed, self.dm, self.out_features, self.in_features, self.bits, self.sub)
+        return self.packed, self.dm[0].float(), self.dm[1].float()
+
+    def dequantized(self) -> torch.Tensor:
+        q, d, m = self.unpacked()
+        return dequantize_qk(q, d, m, self.sub)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "qkrows16":
+            y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
+            if y is not None:
+                return y
+        return F.linear(quantize_activations_q8(x), self.dequantized().to(x.device)).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
