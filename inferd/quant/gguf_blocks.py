@@ -23,7 +23,6 @@ import torch
 
 QK = 32
 QK_K = 256
-EXACT_INT4 = {"Q4_0", "Q4_1"}
 INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}  # → Int4Linear (q4rows16)
 QK_TYPES = {"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # unpacked by `unpack_blocks`
 SIGNED_INT8 = {"Q8_0", "Q4_0", "Q5_0"}  # w = d·(signed int) with one scale per 32: exactly int8 group-32
