@@ -104,7 +104,8 @@ def test_auto_packs_k_quant_files():
     from inferd.ops import cpu_kernels
 
     assert qc.method == ("gguf" if cpu_kernels.has_quant_gemm() else "none")
-    assert resolve_auto(QuantConfig("auto"), {"Q4_K", "Q2_K"}, torch.device("cpu")).method == "none"
+    assert resolve_auto(QuantConfig("auto"), {"Q4_K", "Q3_K"}, torch.device("cpu")).method == qc.method
+    assert resolve_auto(QuantConfig("auto"), {"F16"}, torch.device("cpu")).method == "none"
 
 
 KQ_CONFIG = {**TINY_CONFIG, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,

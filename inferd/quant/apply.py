@@ -60,7 +60,8 @@ class QuantConfig:
 
 
 def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: torch.device) -> QuantConfig:
-    """`auto` (the CLI default): a GGUF whose decoder linears are all PACKED_TYPES keeps its blocks packed on a
+    """`auto` (the CLI default): a GGUF with decoder linears of PACKED_TYPES keeps those blocks packed (others,
+    e.g. Q3_K in a Q3_K_M file, are dequantized with one log line) on a
     CPU whose kernel tier has the quantized GEMMs (AVX2 and up: faster decode, 4-bit memory), with bf16 copies
     for steps of ≥ 32 rows on CPUs with native bf16 unless
     `quant_dense_rows` says otherwise; anything else loads as `none`."""
@@ -68,7 +69,7 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
         return qc
     from inferd.ops import cpu_kernels
 
-    packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= PACKED_TYPES
+    packable = bool(gguf_linear_types and gguf_linear_types & PACKED_TYPES)
     if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
         # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
         # (asked of the kernel tier too, so a forced lower tier behaves as a CPU of that tier would)
