@@ -47,9 +47,9 @@ def test_block_dequantization_equals_gguf(type_name):
 
 # (part types of one fused layer, the layer it becomes)
 CASES = [
-    (("Q4_K",), Int4Linear), (("Q5_0",), QKLinear), (("Q5_1",), QKLinear), (("Q5_K",), QKLinear),
+    (("Q4_K",), QKLinear), (("Q5_0",), QKLinear), (("Q5_1",), QKLinear), (("Q5_K",), QKLinear),
     (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), QKLinear), (("Q4_0", "Q5_K"), QKLinear),
-    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear),
+    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), QKLinear),
 ]
 
 
@@ -71,6 +71,9 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                 if isinstance(layer, QKLinear):
                     assert layer.bits == max(gguf_blocks.BITS[t] for t in types)
                     assert layer.sub == (16 if "Q6_K" in types else 32)
+                    assert layer.kmode == (set(types) <= gguf_blocks.K_TYPES)
+                    if layer.kmode or set(types) <= {"Q5_0", "Q5_1"}:  # the file's own weights, bit for bit
+                        assert torch.equal(layer.dequantized(), deq)
                 for rows in (1, 5):
                     for dt in (torch.float32, torch.bfloat16):
                         xi = x[:rows].to(dt)
@@ -139,7 +142,8 @@ def test_k_quant_model_loads_packed(kquant_model):
     layers = packed.engine.lm.model.model.layers
     l0, l1 = layers[0], layers[1]
     assert isinstance(l0.self_attn.qkv_proj, QKLinear) and l0.self_attn.qkv_proj.bits == 6  # Q4_K + Q6_K
-    assert isinstance(l0.self_attn.o_proj, Int4Linear) and isinstance(l0.mlp.down_proj, QKLinear)
+    assert all(isinstance(m, QKLinear) and m.kmode for m in (l0.self_attn.qkv_proj, l0.self_attn.o_proj,
+                                                              l0.mlp.gate_up_proj, l0.mlp.down_proj))
     assert isinstance(l1.self_attn.qkv_proj, QKLinear) and l1.self_attn.qkv_proj.bits == 5
     assert isinstance(l1.mlp.gate_up_proj, Int8Linear) and isinstance(l1.mlp.down_proj, Int4Linear)
     ids = packed.tokenizer.encode("The capital of France is Paris. The quick brown fox")
@@ -153,8 +157,15 @@ def test_k_quant_model_loads_packed(kquant_model):
         assert linears < 1.25 * stored, (linears, stored)  # fused mixes widen a few parts; see the README table
     from inferd import SamplingParams
 
-    out = packed.generate(["The capital"], SamplingParams(max_tokens=6, temperature=0))[0]
-    assert len(out.outputs[0].token_ids) == 6
+    # decode through the fused C decoder (qk_gemm descriptors) gives the layer-by-layer path's tokens
+    plain = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
+    plain.engine.lm.model._fused = None
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = ["The capital", "the quick brown fox jumps"]
+    assert [o.outputs[0].token_ids for o in packed.generate(prompts, sp)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    decoder = packed.engine.lm.model._fused
+    assert (decoder is not None and decoder.steps > 0) == cpu_kernels.has_quant_gemm()
 
 
 def test_unpackable_mix_logs_one_line(tmp_path, caplog):
@@ -165,30 +176,23 @@ def test_unpackable_mix_logs_one_line(tmp_path, caplog):
         llm = LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
     lines = [r.getMessage() for r in caplog.records if "kept dequantized" in r.getMessage()]
     assert len(lines) == 1 and "Q4_K,Q8_0" in lines[0] and "MB in memory" in lines[0], lines
-    assert isinstance(llm.engine.lm.model.model.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert isinstance(llm.engine.lm.model.model.layers[0].mlp.gate_up_proj, QKLinear)
 
 
 def test_unsupported_tensor_type_is_a_one_line_error(tmp_path):
     hf = write_hf(tmp_path / "hf", config=KQ_CONFIG)
-    path = write_gguf(tmp_path / "q81.gguf", hf, quant="Q4_0")
-    # rewrite one linear's type id in the header as Q8_1 (36-byte blocks: gguf cannot dequantize it) ...
+    path = write_gguf(tmp_path / "i32.gguf", hf)  # float32 tensors
+    # one linear's type id rewritten in the header from F32 to I32 (same bytes per weight; gguf has no dequantizer)
     data = bytearray(path.read_bytes())
-    r = gguf.GGUFReader(str(path))
-    t = next(t for t in r.tensors if t.name == "blk.0.ffn_up.weight")
-    field = r.fields.get(t.name)  # not a field: locate the tensor info by its name
-    assert field is None
-    name = t.name.encode()
+    name = b"blk.0.ffn_up.weight"
     at = data.index(name) + len(name)
     n_dims = int.from_bytes(data[at:at + 4], "little")
     type_at = at + 4 + 8 * n_dims
-    assert int.from_bytes(data[type_at:type_at + 4], "little") == int(gguf.GGMLQuantizationType.Q4_0)
-    data[type_at:type_at + 4] = int(gguf.GGMLQuantizationType.Q8_1).to_bytes(4, "little")
-    # ... and its dims so the byte count (36 per 32) still fits the Q4_0 data (18 per 32): half the rows
-    rows_at = at + 4 + 8
-    rows = int.from_bytes(data[rows_at:rows_at + 8], "little")
-    data[rows_at:rows_at + 8] = (rows // 2).to_bytes(8, "little")
+    assert int.from_bytes(data[type_at:type_at + 4], "little") == int(gguf.GGMLQuantizationType.F32)
+    data[type_at:type_at + 4] = int(gguf.GGMLQuantizationType.I32).to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError) as exc:
-        LLM(str(path), dtype="float32", kv_cache_memory=0.01)
-    msg = str(exc.value)
-    assert "\n" not in msg and "Q8_1" in msg and "blk.0.ffn_up.weight" in msg, msg
+    for quantization in ("auto", "gguf"):
+        with pytest.raises(ModelLoadError) as exc:
+            LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization=quantization)
+        msg = str(exc.value)
+        assert "\n" not in msg and "I32" in msg and "blk.0.ffn_up.weight" in msg, msg

@@ -69,6 +69,7 @@ SIGNATURES: dict[str, str] = {
     "q4_gemm": "pipppiii",
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",
+    "qk_gemm_ks": "pippppiiiii",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }

@@ -22,6 +22,7 @@ from inferd.ops import onednn
 from inferd.ops.kernels import get_kernels
 from inferd.quant.gguf_blocks import (
     INT4_TYPES,
+    K_TYPES,
     QK_TYPES,
     SIGNED_INT8,
     signed_int8,
@@ -180,12 +181,13 @@ def _rows(t: torch.Tensor | np.ndarray, r: RawTensor) -> torch.Tensor:
 def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: QuantConfig, device: torch.device,
                        dense_out: list[torch.Tensor] | None = None) -> nn.Module | None:
     """One layer from the row blocks `rs` (a fused layer's parts, in order), or None when their types have no
-    packed layer together. Each type goes where it is exact: Q4_0/Q4_1/Q4_K → Int4Linear (group 32); Q8_0, with
-    Q4_0/Q5_0 beside it → Int8Linear (signed int8, scale per 32); other mixes of QK_TYPES → QKLinear with the
-    widest bits and the finest scale groups of the parts (q values and scales carried over unchanged). Q8_0 with
+    packed layer together. Each type goes where it is exact: only K-quants (Q4_K/Q5_K/Q6_K) → QKLinear with their
+    int8 scale multipliers and fp16 super-block factors as stored; Q4_0/Q4_1 (with Q4_K) → Int4Linear (group 32);
+    Q8_0, with Q4_0/Q5_0 beside it → Int8Linear (signed int8, scale per 32); other mixes of QK_TYPES → QKLinear
+    with fp16 scales. QKLinear takes the widest bits and the finest scale groups of the parts. Q8_0 with
     an asymmetric or K type has no common layout: None (kept dequantized)."""
     types = {r.type_name for r in rs}
-    if types <= INT4_TYPES:
+    if types <= INT4_TYPES and not types <= K_TYPES:
         qs, ss, zs = [], [], []
         for r in rs:
             q, sc, z = unpack_q4(r.data, r.type_name, r.rows, r.cols)
@@ -211,14 +213,20 @@ def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: Quant
         blocks = [unpack_blocks(r.data, r.type_name, r.rows, r.cols) for r in rs]
         bits, sub = max(b.bits for b in blocks), min(b.sub for b in blocks)
         qs, ds, ms = [], [], []
+        ks: list[list[torch.Tensor]] = [[], [], [], []]  # K-quant scales as stored (every part a K-quant)
         for b, r in zip(blocks, rs):
             rep = b.sub // sub  # a scale per 32 repeated for both halves when a part has scales per 16
             qs.append(_rows(b.q, r))
             ds.append(_rows(np.repeat(b.d, rep, axis=1), r))
             ms.append(_rows(np.repeat(b.m, rep, axis=1), r))
+            if b.kscales is not None:
+                sc, mn, kd, kdmin = b.kscales
+                for out, t in zip(ks, (np.repeat(sc, rep, axis=1), np.repeat(mn, rep, axis=1), kd, kdmin)):
+                    out.append(_rows(t, r))
+        kscales = tuple(torch.cat(t).to(device) for t in ks) if types <= K_TYPES else None
         try:
             layer = QKLinear(torch.cat(qs).to(device), torch.cat(ds).to(device), torch.cat(ms).to(device), bits, sub,
-                             bias, qc.dense_from_rows)
+                             bias, qc.dense_from_rows, kscales=kscales)  # type: ignore[arg-type]
         except ValueError as exc:  # scales beyond fp16: kept dequantized
             log.info("%s: %s", ",".join(sorted(types)), exc)
             return None

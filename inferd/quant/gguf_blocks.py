@@ -24,6 +24,7 @@ import torch
 QK = 32
 QK_K = 256
 INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}  # → Int4Linear (q4rows16)
+K_TYPES = {"Q4_K", "Q5_K", "Q6_K"}  # super-blocks of 256: scales kept as stored (QKLinear kscales)
 QK_TYPES = {"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # unpacked by `unpack_blocks`
 SIGNED_INT8 = {"Q8_0", "Q4_0", "Q5_0"}  # w = d·(signed int) with one scale per 32: exactly int8 group-32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -38,6 +39,9 @@ class Blocks:
     bits: int
     sub: int
     offset: int = 0  # symmetric types: w = d·(q − offset) (m = −offset·d); 0: w = d·q + m
+    # K-quants only, the scales as stored: d = ksc · kd and m = kmn · kdmin (per sub-group; kd, kdmin per 256),
+    # exact in fp32 (int8 multipliers, fp16 factors)
+    kscales: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # ksc, kmn int8; kd, kdmin fp32
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -90,7 +94,8 @@ def unpack_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> Blocks:
             q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
             hi = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1  # (n, nb, 8 sub-blocks, 32)
             q = q.reshape(n, nb, 8, 32) | (hi << 4)
-        return Blocks(q.reshape(n, k).astype(np.uint8), ds, -dm, 4 if type_name == "Q4_K" else 5, 32)
+        ks = (sc.reshape(n, nb * 8).astype(np.int8), mn.reshape(n, nb * 8).astype(np.int8), d, -dmin)
+        return Blocks(q.reshape(n, k).astype(np.uint8), ds, -dm, 4 if type_name == "Q4_K" else 5, 32, 0, ks)
     if type_name == "Q6_K":
         ql = b[..., 0:128].reshape(n, nb, 2, 1, 64)
         qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
@@ -100,7 +105,8 @@ def unpack_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> Blocks:
         hi = ((qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 3).reshape(n, nb, 2, 4, 32)
         q = (lo | (hi << 4)).reshape(n, k)
         ds = (d[..., None] * sc).reshape(n, nb * 16)
-        return Blocks(q, ds, -32.0 * ds, 6, 16, 32)
+        sc8 = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, nb * 16)
+        return Blocks(q, ds, -32.0 * ds, 6, 16, 32, (sc8, sc8, d, -32.0 * d))  # m = (−32d)·sc, exactly −32·(d·sc)
     raise ValueError(f"no block unpacker for {type_name}")
 
 

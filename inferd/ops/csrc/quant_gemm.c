@@ -197,8 +197,33 @@ static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
 // vector t holding k = 4t + b), so each plane adds one bit to all 8 vectors with a shift and a mask. dm: fp16
 // (rb, g, [d, m], s, j) for the 32/sub sub-groups s, with w = d·q + m (q unsigned, < 2^bits).
 // y = Σ_g dx_g Σ_s (d_s Σ_s q·xq + m_s Σ_s xq): sx16 holds dx · Σ xq per 16 (sub 16), sx per 32 (sub 32).
-static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm, void *y, int N,
-                        int K, int is_bf16, int bits, int sub) {
+// A group's scales and mins (16 rows each, per sub-group s): from fp16 dm, or (scm != NULL: K-quant scales, exact)
+// d_s = sc_s · d_sb and m_s = mn_s · dmin_sb from int8 multipliers scm (rb, g, [sc, mn], s, 16) and fp16 super-block
+// factors sb (rb, g / 8, [d, dmin], 16): the products are exact in fp32 (8-bit × 11-bit), as the file's dequantization.
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, __m512 *dv, __m512 *mv) {
+    if (!scm) {
+        const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + s * 16)));
+            mv[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + (ns + s) * 16)));
+        }
+        return;
+    }
+    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16)));
+    const int8_t *cg = scm + ((int64_t)rb * G + g) * 32 * ns;
+    for (int s = 0; s < ns; s++) {
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cg + s * 16))));
+        const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cg + (ns + s) * 16))));
+        dv[s] = _mm512_mul_ps(sc, d);
+        mv[s] = _mm512_mul_ps(mn, dmin);
+    }
+}
+
+static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
@@ -206,7 +231,6 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
     for (int rb = 0; rb < N / 16; rb++) {
         const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
-        const uint16_t *db = dm + (int64_t)rb * G * 32 * ns;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
             __m512 acc[Q4_MCHUNK];
@@ -231,9 +255,9 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                         v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
                                                                              : _mm512_srli_epi16(p1, t - 5), b5));
                 }
-                const uint16_t *dg = db + (int64_t)g * 32 * ns;
-                const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dg));
-                const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + 16)));
+                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2];
+                qk_scales512(dm, scm, sb, rb, G, g, ns, dv, mv);
+                const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                 if (ns == 1) {  // d0 = d, d1 = m
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
@@ -249,8 +273,7 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                         acc[m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(sx[row * G + g]), acc[m]);
                     }
                 } else {  // two sub-groups of 16: k 0-15 are vectors 0-3, k 16-31 vectors 4-7
-                    const __m512 m0v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + 32)));
-                    const __m512 m1v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + 48)));
+                    const __m512 m0v = mv[0], m1v = mv[1];
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
                         const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
@@ -383,8 +406,31 @@ static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
 
 // The AVX2 body of qk_gemm (same layout, 8 rows per half). maddubs pairs: 2·63·128 = 16128, two summed in int16
 // still fit (32256), then widened.
-static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm, void *y, int N,
-                        int K, int is_bf16, int bits, int sub) {
+// qk_scales512 for 8 rows (half 0: rows 0-7, 1: rows 8-15).
+static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, int half, __m256 *dv, __m256 *mv) {
+    if (!scm) {
+        const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns + half * 8;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + s * 16)));
+            mv[s] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + (ns + s) * 16)));
+        }
+        return;
+    }
+    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32 + half * 8;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sg));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + 16)));
+    const int8_t *cg = scm + ((int64_t)rb * G + g) * 32 * ns + half * 8;
+    for (int s = 0; s < ns; s++) {
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cg + s * 16))));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cg + (ns + s) * 16))));
+        dv[s] = _mm256_mul_ps(sc, d);
+        mv[s] = _mm256_mul_ps(mn, dmin);
+    }
+}
+
+static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
@@ -393,14 +439,12 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
         const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b5 = _mm256_set1_epi8(0x20);
         const __m256i one = _mm256_set1_epi16(1);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
-        const uint16_t *db = dm + (int64_t)rb * G * 32 * ns;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
             __m256 acc[Q4_MCHUNK][2];
             for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
             for (int g = 0; g < G; g++) {
                 const uint8_t *wp = wb + (int64_t)g * gb;
-                const uint16_t *dg = db + (int64_t)g * 32 * ns;
                 for (int half = 0; half < 2; half++) {
                     __m256i v[8];
                     for (int c = 0; c < 4; c++) {
@@ -420,8 +464,9 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                             v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 5 ? _mm256_slli_epi16(p1, 5 - t)
                                                                                  : _mm256_srli_epi16(p1, t - 5), b5));
                     }
-                    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + half * 8)));
-                    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + 16 + half * 8)));
+                    __m256 dv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv[2];
+                    qk_scales256(dm, scm, sb, rb, G, g, ns, half, dv, mv);
+                    const __m256 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
                         const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
@@ -438,8 +483,7 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                             acc[m][half] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d0, dxv), acc[m][half]);
                             acc[m][half] = _mm256_fmadd_ps(d1, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
                         } else {
-                            const __m256 m0v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + 32 + half * 8)));
-                            const __m256 m1v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + 48 + half * 8)));
+                            const __m256 m0v = mv[0], m1v = mv[1];
                             __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s0), d0);
                             t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d1, t);
                             acc[m][half] = _mm256_fmadd_ps(t, dxv, acc[m][half]);
@@ -518,20 +562,35 @@ static __attribute__((unused)) const float *sums16(const qact *a, int M, int K) 
     return buf;
 }
 
-int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16, int bits,
-            int sub) {
+static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, const int8_t *scm, const uint16_t *sb,
+                  void *y, int N, int K, int is_bf16, int bits, int sub) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
-    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || prepare(x, M, N, K, is_bf16, &a)) return -1;
+    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || prepare(x, M, N, K, is_bf16, &a))
+        return -1;
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
 #if defined(HAVE_VNNI)
-    return qk_gemm_vnni(&a, s16, M, w, dm, y, N, K, is_bf16, bits, sub);
+    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #else
-    return qk_gemm_avx2(&a, s16, M, w, dm, y, N, K, is_bf16, bits, sub);
+    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #endif
 #else
-    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16; (void)bits; (void)sub;
+    (void)x; (void)M; (void)w; (void)dm; (void)scm; (void)sb; (void)y; (void)N; (void)K; (void)is_bf16; (void)bits;
+    (void)sub;
     return -1;
 #endif
+}
+
+// Scales and mins as fp16 per sub-group: dm (rb, g, [d, m], s, 16).
+int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16, int bits,
+            int sub) {
+    return qk_run(x, M, w, dm, NULL, NULL, y, N, K, is_bf16, bits, sub);
+}
+
+// K-quant scales kept as in the file (exact): int8 multipliers scm and fp16 super-block factors sb (see
+// qk_scales512); K % 256 == 0.
+int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const uint16_t *sb, void *y, int N, int K,
+               int is_bf16, int bits, int sub) {
+    return qk_run(x, M, w, NULL, scm, sb, y, N, K, is_bf16, bits, sub);
 }
