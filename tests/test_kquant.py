@@ -196,3 +196,22 @@ def test_unsupported_tensor_type_is_a_one_line_error(tmp_path):
             LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization=quantization)
         msg = str(exc.value)
         assert "\n" not in msg and "I32" in msg and "blk.0.ffn_up.weight" in msg, msg
+
+
+def test_repack_cache_keeps_k_quant_layers(kquant_model, tmp_path, monkeypatch):
+    """The second load maps QKLinear layers (both scale forms) from the repack cache: nothing repacked, same tokens."""
+    from inferd import SamplingParams
+    from inferd.quant import apply
+
+    monkeypatch.setenv("INFERD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("INFERD_REPACK_CACHE", raising=False)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs, repacked = [], []
+    for _ in range(2):
+        before = apply.REPACKS
+        llm = LLM(str(kquant_model), quantization="gguf", dtype="float32", kv_cache_memory=0.01)
+        outs.append(llm.generate([[5, 6, 7, 8, 9]], sp)[0].outputs[0].token_ids)
+        repacked.append(apply.REPACKS - before)
+        layers = llm.engine.lm.model.model.layers
+    assert repacked == [8, 0] and outs[0] == outs[1]
+    assert layers[0].mlp.down_proj.kmode and not layers[1].self_attn.qkv_proj.kmode
