@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tests import kquant_encoder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
@@ -88,9 +91,10 @@ def write_hf(dirpath: Path, seed: int = 0, config: dict | None = None) -> Path:
     return dirpath
 
 
-def write_gguf(path: Path, hf_dir: Path, quant: str | None = None) -> Path:
+def write_gguf(path: Path, hf_dir: Path, quant: str | Callable[[str], str | None] | None = None) -> Path:
     """The same model as `hf_dir`, written the way llama.cpp's converter does (Q/K rows permuted); `quant`
-    (e.g. "Q4_1") stores the decoder's linear weights in that block format."""
+    (e.g. "Q4_1") stores the decoder's linear weights in that block format, or names the format per HF tensor
+    name (None: float); K-quants come from tests/kquant_encoder.py."""
     import gguf
     from safetensors.torch import load_file
 
@@ -129,9 +133,13 @@ def write_gguf(path: Path, hf_dir: Path, quant: str | None = None) -> Path:
             arr = llama_permute(arr, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             arr = llama_permute(arr, cfg["num_key_value_heads"])
-        if quant and name.startswith("model.layers.") and name.endswith("proj.weight"):
-            qt = getattr(gguf.GGMLQuantizationType, quant)
-            w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(arr), qt), raw_dtype=qt)
+        kind = quant(name) if callable(quant) else (
+            quant if quant and name.startswith("model.layers.") and name.endswith("proj.weight") else None)
+        if kind:
+            qt = getattr(gguf.GGMLQuantizationType, kind)
+            arr = np.ascontiguousarray(arr)
+            raw = kquant_encoder.quantize(arr, kind) if kind.endswith("_K") else gguf.quants.quantize(arr, qt)
+            w.add_tensor(hf_to_gguf_name(name), raw, raw_dtype=qt)
             continue
         w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(arr))
     w.write_header_to_file()

@@ -33,7 +33,7 @@ _SAMPLE = 1 << 16
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
            "I32": torch.int32, "I64": torch.int64, "I16": torch.int16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_CLASSES = {"Int4Linear": qlinear.Int4Linear, "Int8Linear": qlinear.Int8Linear}
+_CLASSES = {"Int4Linear": qlinear.Int4Linear, "Int8Linear": qlinear.Int8Linear, "QKLinear": qlinear.QKLinear}
 
 
 def cache_dir() -> Path:

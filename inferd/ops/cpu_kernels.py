@@ -163,3 +163,31 @@ def q8_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> t
                         x.shape[1], int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y
+
+
+def qk_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int, bits: int, sub: int) -> torch.Tensor | None:
+    """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4/5/6-bit weights with a scale and min per `sub` (16 or 32), packed
+    by quant.linear.pack_qk_rows16; activations quantized to int8 per group of 32 inside. None when the kernel
+    does not apply."""
+    lib = _lib()
+    if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if lib.qk_gemm(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
+                   int(x.dtype == torch.bfloat16), bits, sub) != 0:
+        return None
+    return y
+
+
+def qk_gemm_ks(x: torch.Tensor, w: torch.Tensor, scm: torch.Tensor, sb: torch.Tensor, n: int, bits: int,
+               sub: int) -> torch.Tensor | None:
+    """qk_gemm with K-quant scales as the file stores them: int8 multipliers `scm` and fp16 super-block factors
+    `sb` (quant.linear.QKLinear); exact scales. None when the kernel does not apply."""
+    lib = _lib()
+    if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
+        return None
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if lib.qk_gemm_ks(x.data_ptr(), x.shape[0], w.data_ptr(), scm.data_ptr(), sb.data_ptr(), y.data_ptr(), n,
+                      x.shape[1], int(x.dtype == torch.bfloat16), bits, sub) != 0:
+        return None
+    return y

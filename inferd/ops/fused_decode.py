@@ -7,7 +7,7 @@ structs) and a step is one call that runs the same kernels in the same order, so
 path's (tests/test_engine.py checks it).
 
 Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows (on the
-kernel tier of ops/kernels.py): 4-bit `q4rows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
+kernel tier of ops/kernels.py): 4-bit `q4rows16`, 4/5/6-bit `qkrows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
 dense layers in bf16 models (one row), no biases.
 """
 
@@ -28,16 +28,25 @@ MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
 def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:
     """(descriptor, most rows it handles), or None when this layer has no C kernel here."""
     from inferd.models.blocks import Linear
-    from inferd.quant.linear import Int4Linear, Int8Linear
+    from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear
 
     if getattr(mod, "bias", None) is not None:
         return None
-    if isinstance(mod, (Int4Linear, Int8Linear)):  # packed: any rows, up to where a bf16 copy takes over
+    if isinstance(mod, (Int4Linear, Int8Linear, QKLinear)):  # packed: any rows, up to where a bf16 copy takes over
         rows = MAX_ROWS if not mod.has_dense else min(MAX_ROWS, mod.dense_from_rows - 1)
         if isinstance(mod, Int4Linear) and mod.layout == "q4rows16":
             return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
         if isinstance(mod, Int8Linear) and mod.layout == "q8rows16":
             return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
+                           None), rows
+        if isinstance(mod, QKLinear) and mod.layout == "qkrows16":  # kind 10·bits + (sub == 16): see kernels.h
+            kind = 10 * mod.bits + int(mod.sub == 16)
+            if mod.kmode:  # + 100: K-quant scales (qk_gemm_ks)
+                assert mod.scm is not None and mod.sb is not None
+                return LinDesc(100 + kind, mod.out_features, mod.in_features, mod.packed.data_ptr(),
+                               mod.scm.data_ptr(), mod.sb.data_ptr()), rows
+            assert mod.dm is not None
+            return LinDesc(kind, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(),
                            None), rows
         return None
     if isinstance(mod, Linear) and dtype == torch.bfloat16 and mod.weight.dtype == torch.bfloat16 \

@@ -68,6 +68,8 @@ SIGNATURES: dict[str, str] = {
     "silu_mul": "ppiii",
     "q4_gemm": "pipppiii",
     "q8_gemm": "pipppiii",
+    "qk_gemm": "pipppiiiii",
+    "qk_gemm_ks": "pippppiiiii",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }

@@ -1,8 +1,9 @@
 """Swap a loaded model's linear layers (and embedding) for quantized ones.
 
 Methods: `int8` (per-channel), `int4` (group-wise, `group_size` 32/64/128), `gguf` (keep the file's own
-4-bit blocks: Q4_0/Q4_1 repack exactly into int4 group-32; Q8_0 becomes int8 per-channel; any other type
-is kept dequantized, with a log line saying so).
+blocks packed, see `packed_from_blocks`: Q4_0/Q4_1/Q4_K → int4 group-32; Q8_0 (and Q4_0/Q5_0 fused with it) →
+int8 group-32; Q5_0/Q5_1/Q5_K/Q6_K → 5/6-bit `QKLinear`; any other type is kept dequantized, with one log line
+naming the types and the memory they cost).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,11 +20,20 @@ from inferd.hardware import release_free_memory
 from inferd.loader.gguf import GGUFTensors, RawTensor, llama_unpermute
 from inferd.ops import onednn
 from inferd.ops.kernels import get_kernels
-from inferd.quant.gguf_blocks import EXACT_INT4, unpack_q4, unpack_q8_0
+from inferd.quant.gguf_blocks import (
+    INT4_TYPES,
+    K_TYPES,
+    QK_TYPES,
+    SIGNED_INT8,
+    signed_int8,
+    unpack_blocks,
+    unpack_q4,
+)
 from inferd.quant.linear import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    QKLinear,
     dequantize_int4,
     int8_group_size,
     quantize_int4,
@@ -31,6 +42,7 @@ from inferd.quant.linear import (
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "int8", "int4", "gguf", "auto")
+PACKED_TYPES = QK_TYPES | {"Q8_0"}  # GGUF types whose blocks stay packed (mixes within a fused layer: see below)
 AUTO_DENSE_ROWS = 32  # `auto` on a packed GGUF: bf16 copies for steps of ≥ 32 rows (prefill, big batches)
 
 
@@ -49,7 +61,8 @@ class QuantConfig:
 
 
 def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: torch.device) -> QuantConfig:
-    """`auto` (the CLI default): a GGUF whose decoder linears are all Q4_0/Q4_1/Q8_0 keeps its blocks packed on a
+    """`auto` (the CLI default): a GGUF with decoder linears of PACKED_TYPES keeps those blocks packed (others,
+    e.g. Q3_K in a Q3_K_M file, are dequantized with one log line) on a
     CPU whose kernel tier has the quantized GEMMs (AVX2 and up: faster decode, 4-bit memory), with bf16 copies
     for steps of ≥ 32 rows on CPUs with native bf16 unless
     `quant_dense_rows` says otherwise; anything else loads as `none`."""
@@ -57,7 +70,7 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
         return qc
     from inferd.ops import cpu_kernels
 
-    packable = gguf_linear_types is not None and gguf_linear_types and gguf_linear_types <= EXACT_INT4 | {"Q8_0"}
+    packable = bool(gguf_linear_types and gguf_linear_types & PACKED_TYPES)
     if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
         # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
         # (asked of the kernel tier too, so a forced lower tier behaves as a CPU of that tier would)
@@ -79,23 +92,12 @@ def _parts(i: int) -> dict[str, list[str]]:
 
 
 def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, name: str) -> nn.Module:
-    types = {r.type_name if r else "F32" for r in raws}
     bias = dense.bias.data if dense.bias is not None else None
-    if types <= EXACT_INT4:
-        qs, ss, zs = [], [], []
-        for r in raws:
-            assert r is not None
-            q, s, z = unpack_q4(r.data, r.type_name, r.rows, r.cols)
-            if r.unpermute_heads:
-                q, s, z = (torch.from_numpy(llama_unpermute(t.numpy(), r.unpermute_heads)) for t in (q, s, z))
-            qs.append(q)
-            ss.append(s)
-            zs.append(z)
-        dev = dense.weight.device
-        return Int4Linear(torch.cat(qs).to(dev), torch.cat(ss).to(dev), torch.cat(zs).to(dev), 32, bias,
-                          qc.dense_from_rows)
-    if types == {"Q8_0"}:
-        return Int8Linear(*quantize_int8(dense.weight.data, int8_group_size()), bias, qc.dense_from_rows)
+    if all(r is not None for r in raws):
+        packed = packed_from_blocks(raws, bias, qc, dense.weight.device)  # type: ignore[arg-type]
+        if packed is not None:
+            return packed
+    types = {r.type_name if r else "F32" for r in raws}
     log.info("%s: GGUF type(s) %s have no packed kernel here; kept dequantized", name, ",".join(sorted(types)))
     return dense
 
@@ -164,34 +166,73 @@ def _packed_from_raws(src: GGUFTensors, parts: list[str], out_features: int, in_
     if any(r is None for r in raws):
         return None
     rs: list[RawTensor] = raws  # type: ignore[assignment]
-    types = {r.type_name for r in rs}
     if sum(r.rows for r in rs) != out_features or any(r.cols != in_features for r in rs):
         raise ModelLoadError(f"{parts}: shapes {[(r.rows, r.cols) for r in rs]} do not make "
                              f"({out_features}, {in_features})")
     REPACKS += 1
-    if types <= EXACT_INT4:
+    return packed_from_blocks(rs, bias, qc, device, dense_out)
+
+
+def _rows(t: torch.Tensor | np.ndarray, r: RawTensor) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t
+    return _unpermuted(t, r.unpermute_heads)
+
+
+def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: QuantConfig, device: torch.device,
+                       dense_out: list[torch.Tensor] | None = None) -> nn.Module | None:
+    """One layer from the row blocks `rs` (a fused layer's parts, in order), or None when their types have no
+    packed layer together. Each type goes where it is exact: only K-quants (Q4_K/Q5_K/Q6_K) → QKLinear with their
+    int8 scale multipliers and fp16 super-block factors as stored; Q4_0/Q4_1 (with Q4_K) → Int4Linear (group 32);
+    Q8_0, with Q4_0/Q5_0 beside it → Int8Linear (signed int8, scale per 32); other mixes of QK_TYPES → QKLinear
+    with fp16 scales. QKLinear takes the widest bits and the finest scale groups of the parts. Q8_0 with
+    an asymmetric or K type has no common layout: None (kept dequantized)."""
+    types = {r.type_name for r in rs}
+    if types <= INT4_TYPES and not types <= K_TYPES:
         qs, ss, zs = [], [], []
         for r in rs:
             q, sc, z = unpack_q4(r.data, r.type_name, r.rows, r.cols)
-            qs.append(_unpermuted(q, r.unpermute_heads))
-            ss.append(_unpermuted(sc, r.unpermute_heads))
-            zs.append(_unpermuted(z, r.unpermute_heads))
+            qs.append(_rows(q, r))
+            ss.append(_rows(sc, r))
+            zs.append(_rows(z, r))
         q, sc, z = torch.cat(qs).to(device), torch.cat(ss).to(device), torch.cat(zs).to(device)
         if dense_out is not None and qc.dense_from_rows:
             dense_out.append(dequantize_int4(q, sc, z, 32).bfloat16())
         return Int4Linear(q, sc, z, 32, bias, qc.dense_from_rows)
-    if types == {"Q8_0"}:
-        if int8_group_size() is None:  # per-channel scales (aten's int8 kernel): requantize the dequantized rows
-            w = torch.cat([src.dense(p, torch.float32) for p in parts])
+    if "Q8_0" in types and types <= SIGNED_INT8:
+        pieces = [signed_int8(r.data, r.type_name, r.rows, r.cols) for r in rs]
+        q8 = torch.cat([_rows(q, r) for (q, _), r in zip(pieces, rs)])
+        s8 = torch.cat([_rows(d, r) for (_, d), r in zip(pieces, rs)])
+        if int8_group_size() is None:  # per-channel scales (aten's int8 kernel): requantize the exact weights
+            w = (q8.float().view(q8.shape[0], -1, 32) * s8.unsqueeze(-1)).view(q8.shape)
             q8, s8 = quantize_int8(w, None)
-        else:
-            pieces = [unpack_q8_0(r.data, r.rows, r.cols) for r in rs]
-            q8 = torch.cat([_unpermuted(q, r.unpermute_heads) for (q, _), r in zip(pieces, rs)])
-            s8 = torch.cat([_unpermuted(d, r.unpermute_heads) for (_, d), r in zip(pieces, rs)])
         layer8 = Int8Linear(q8.to(device), s8.to(device), bias, qc.dense_from_rows)
         if dense_out is not None and qc.dense_from_rows:
             dense_out.append(layer8.dequantized().bfloat16())
         return layer8
+    if types <= QK_TYPES:
+        blocks = [unpack_blocks(r.data, r.type_name, r.rows, r.cols) for r in rs]
+        bits, sub = max(b.bits for b in blocks), min(b.sub for b in blocks)
+        qs, ds, ms = [], [], []
+        ks: list[list[torch.Tensor]] = [[], [], [], []]  # K-quant scales as stored (every part a K-quant)
+        for b, r in zip(blocks, rs):
+            rep = b.sub // sub  # a scale per 32 repeated for both halves when a part has scales per 16
+            qs.append(_rows(b.q, r))
+            ds.append(_rows(np.repeat(b.d, rep, axis=1), r))
+            ms.append(_rows(np.repeat(b.m, rep, axis=1), r))
+            if b.kscales is not None:
+                sc, mn, kd, kdmin = b.kscales
+                for out, t in zip(ks, (np.repeat(sc, rep, axis=1), np.repeat(mn, rep, axis=1), kd, kdmin)):
+                    out.append(_rows(t, r))
+        kscales = tuple(torch.cat(t).to(device) for t in ks) if types <= K_TYPES else None
+        try:
+            layer = QKLinear(torch.cat(qs).to(device), torch.cat(ds).to(device), torch.cat(ms).to(device), bits, sub,
+                             bias, qc.dense_from_rows, kscales=kscales)  # type: ignore[arg-type]
+        except ValueError as exc:  # scales beyond fp16: kept dequantized
+            log.info("%s: %s", ",".join(sorted(types)), exc)
+            return None
+        if dense_out is not None and qc.dense_from_rows:
+            dense_out.append(layer.dequantized().bfloat16())
+        return layer
     return None
 
 
@@ -200,8 +241,8 @@ def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor
     of rows at a time (quantize_int8 is per row, so chunks give the same numbers as the whole table)."""
     gs = int8_group_size()
     raw = src.raw(name)
-    if raw is not None and raw.type_name == "Q8_0" and gs == 32:
-        return unpack_q8_0(raw.data, raw.rows, raw.cols)
+    if raw is not None and raw.type_name in SIGNED_INT8 and gs == 32:  # exactly int8 per 32 as stored
+        return signed_int8(raw.data, raw.type_name, raw.rows, raw.cols)
     rows = src.shape(name)[0]
     parts = [quantize_int8(src.dense(name, torch.float32, slice(i, i + EMBED_CHUNK_ROWS)), gs)
              for i in range(0, rows, EMBED_CHUNK_ROWS)]
@@ -256,6 +297,7 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
             log.warning("no repack cache (%s)", exc)
     used: set[str] = set()
     kept: set[str] = set()
+    kept_bytes = [0, 0]  # dequantized layers: bytes in memory, bytes in the file
     # the embedding first: its conversion's temporaries (~2.5x the int8 table) then sit on a small resident set
     emb = "model.embed_tokens.weight"
     q8, s8 = _int8_table(src, emb)
@@ -290,6 +332,8 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
                                         copy if writer is not None else None)
             if layer_q is None:
                 kept |= {src.type_name(p) for p in parts}
+                kept_bytes[0] += meta.out_features * meta.in_features * dtype.itemsize
+                kept_bytes[1] += sum(int(src.tensors[p].n_bytes) for p in parts)
                 continue
             setattr(owner, attr, layer_q)
             if writer is not None:
@@ -298,8 +342,9 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
                 used.add(n)
                 src.release(n)
     if kept:
-        log.info("GGUF type(s) %s have no packed kernel here; those linears are kept dequantized",
-                 ",".join(sorted(kept)))
+        log.warning("GGUF type(s) %s: no packed kernel here for those linears; kept dequantized as %s: %.1f MB in "
+                    "memory for %.1f MB in the file", ",".join(sorted(kept)), str(dtype).removeprefix("torch."),
+                    kept_bytes[0] / 1e6, kept_bytes[1] / 1e6)
     if writer is not None:
         try:
             writer.add("lm_head", model.lm_head)

@@ -13,6 +13,9 @@
     aten's int4 kernel for one row (it is compute-bound there: ~12 GB/s with the weights in cache).
   - `aten` (other CPUs): `aten._weight_int4pack_mm_for_cpu` after `_convert_weight_to_int4pack_for_cpu`.
   - `cuda`: the tinygemm kernel `aten._weight_int4pack_mm` after `_convert_weight_to_int4pack`.
+- QKLinear: 4/5/6-bit weights with an fp16 scale and min per 16 or 32 along K (GGUF Q5_0/Q5_1/Q5_K/Q6_K), in
+  our `qkrows16` layout for `qk_gemm` (the q4rows16 nibbles plus one or two bit planes) where the tier has the
+  quantized GEMMs, else row-major bytes computed in torch.
 - Int8Embedding: int8 rows with a scale per row (the lookup dequantizes only the rows it reads).
 
 Packed kernels win when few rows are multiplied (decode of a few sequences: weights dominate the bytes); bf16
@@ -29,6 +32,7 @@ from torch import nn
 
 from inferd.errors import ModelLoadError
 from inferd.ops import cpu_kernels, onednn
+from inferd.ops.kernels import get_kernels
 
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +170,7 @@ class _PackedLinear(nn.Module):
             y = onednn.linear(x.to(torch.bfloat16), self._dense_onednn)
         elif self.dense is not None and x.shape[0] >= self.dense_from_rows:
             y = F.linear(x.to(torch.bfloat16), self.dense)
-        elif self.layout in ("q4rows16", "q8rows16"):  # our kernels take fp32 or bf16 activations
+        elif self.layout in ("q4rows16", "q8rows16", "qkrows16", "rowmajor"):  # fp32 or bf16 activations
             y = self._packed(x.contiguous())
         else:
             y = self._packed(x.to(torch.bfloat16).contiguous())
@@ -290,6 +294,168 @@ class Int4Linear(_PackedLinear):
         if x.is_cuda:
             return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+
+def qk_layout(n: int, k: int) -> str:
+    kern = get_kernels()
+    ok = n % 16 == 0 and k % 32 == 0 and k <= kern.max_quant_k
+    return "qkrows16" if ok and kern.quant_gemm else "rowmajor"
+
+
+def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
+                   sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q uint8 (N, K) < 2^bits, d and m (N, K / sub) → (uint8 weights, fp16 dm) in the layout of ops/csrc `qk_gemm`:
+    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) bit planes of 64 bytes; dm
+    (N/16, K/32, [d, m], 32/sub, 16)."""
+    n, k = q.shape
+    g, ns = k // 32, 32 // sub
+    q = q.to(torch.uint8)
+    qb = (q & 15).reshape(n // 16, 16, g, 4, 2, 4)  # row block, row, group, chunk, low/high, byte
+    nib = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 16, g, 256)
+    parts = [nib]
+    qt = q.reshape(n // 16, 16, g, 8, 4).to(torch.int32)  # (rb, row, group, t, byte): k = 4t + byte
+    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
+    for p in range(bits - 4):
+        plane = (((qt >> (4 + p)) & 1) * weights).sum(3).to(torch.uint8)  # (rb, row, group, byte)
+        parts.append(plane.permute(0, 2, 1, 3).reshape(n // 16, g, 64))
+    packed = torch.cat(parts, dim=2).contiguous().view(-1)
+    dd = d.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
+    mm = m.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
+    return packed, torch.stack([dd, mm], dim=2).to(torch.float16).contiguous()
+
+
+def unpack_q_rows16(packed: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """The weights of pack_qk_rows16's layout back as uint8 q (N, K)."""
+    g = k // 32
+    b = packed.view(n // 16, g, 256 + 64 * (bits - 4))
+    nib = b[..., :256].reshape(n // 16, g, 4, 16, 4)  # (rb, group, chunk, row, byte)
+    q = torch.stack([nib & 15, nib >> 4], dim=3)  # (rb, g, chunk, lo/hi, row, byte): k = 8c + 4·hi + byte
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(n, k).clone()
+    for p in range(bits - 4):
+        plane = b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
+        bit = (plane.unsqueeze(3) >> torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8, 1)) & 1  # (.., t, byte)
+        q |= (bit.permute(0, 2, 1, 3, 4).reshape(n, k) << (4 + p)).to(torch.uint8)
+    return q
+
+
+def unpack_qk_rows16(packed: torch.Tensor, dm: torch.Tensor, n: int, k: int, bits: int,
+                     sub: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of pack_qk_rows16: q uint8 (N, K), d and m float32 (N, K / sub)."""
+    g, ns = k // 32, 32 // sub
+    dmf = dm.float().view(n // 16, g, 2, ns, 16).permute(2, 0, 4, 1, 3).reshape(2, n, g * ns)
+    return unpack_q_rows16(packed, n, k, bits), dmf[0].contiguous(), dmf[1].contiguous()
+
+
+def dequantize_qk(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, sub: int) -> torch.Tensor:
+    n, k = q.shape
+    return (q.float().view(n, k // sub, sub) * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)).view(n, k)
+
+
+def _rows16(t: torch.Tensor, per: int) -> torch.Tensor:
+    """(N, C) per-row values → (N/16, C/per, per, 16): row blocks of 16, rows last (the kernels' vector lanes)."""
+    n, c = t.shape
+    return t.reshape(n // 16, 16, c // per, per).permute(0, 2, 3, 1)
+
+
+def _from_rows16(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of _rows16 (after its last three dims are flattened per block)."""
+    return t.permute(0, 3, 1, 2).reshape(n, -1)
+
+
+class QKLinear(_PackedLinear):
+    """4/5/6-bit weights with a scale and min per 16 or 32 along K, w = d·q + m (GGUF Q4_K/Q5_K/Q6_K, Q5_0, Q5_1
+    and fused layers mixing them, see quant/gguf_blocks.py). Scales come one of two ways:
+    - `kscales` (layers made only of K-quants): as the file stores them, int8 multipliers per sub-group (sc, mn)
+      and fp16 factors per super-block of 256 (d, dmin): d = sc·d_sb, m = mn·dmin_sb, exact in fp32 — the file's
+      own weights, 0.5-1 bit per weight of scales.
+    - else fp16 d and m per sub-group (exact for Q5_0/Q5_1, whose scales are fp16), 1-2 bits per weight.
+
+    Layouts: `qkrows16` (a tier with the quantized GEMMs, N % 16 == 0, K % 32 == 0) for `qk_gemm` / `qk_gemm_ks`
+    (activations quantized to int8 per group of 32, as llama.cpp); `rowmajor` elsewhere: uint8 q (N, K) and the
+    scales row-major, computed in torch with the same activation quantization (the slow reference path)."""
+
+    dm: torch.Tensor | None
+    scm: torch.Tensor | None
+    sb: torch.Tensor | None
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, sub: int,
+                 bias: torch.Tensor | None = None, dense_from_rows: int = 0, layout: str | None = None,
+                 kscales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        if bits not in (4, 5, 6) or sub not in (16, 32):
+            raise ValueError(f"QKLinear takes 4-6 bits with scales per 16 or 32, got {bits} bits per {sub}")
+        self.out_features, self.in_features = n, k = q.shape
+        self.bits, self.sub = bits, sub
+        self.layout = layout or qk_layout(n, k)
+        self.kmode = kscales is not None and k % 256 == 0
+        ns = 32 // sub
+        if self.layout == "qkrows16":
+            packed, dm = pack_qk_rows16(q, d, m, bits, sub)
+        else:
+            packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
+        scm = sb = None
+        if self.kmode:
+            assert kscales is not None
+            sc, mn, kd, kdmin = kscales
+            sbf = torch.stack([kd.float(), kdmin.float()]).to(torch.float16)  # (2, N, K / 256)
+            if not torch.isfinite(sbf).all():
+                raise ValueError("K-quant factors beyond fp16's range")
+            if self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
+                scm = torch.stack([_rows16(sc.to(torch.int8), ns), _rows16(mn.to(torch.int8), ns)], dim=2)
+                sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2)
+                scm, sb = scm.contiguous().view(-1), sb.contiguous().view(-1)
+            else:
+                scm, sb = torch.stack([sc, mn]).to(torch.int8).contiguous(), sbf.contiguous()
+            dm = None
+        elif not torch.isfinite(dm).all():
+            raise ValueError("scales beyond fp16's range")
+        self.register_buffer("packed", packed)
+        self.register_buffer("dm", dm)
+        self.register_buffer("scm", scm)
+        self.register_buffer("sb", sb)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.dense_from_rows = dense_from_rows
+        self._set_dense(self.dequantized().bfloat16() if dense_from_rows else None)
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q uint8 (N, K), d and m float32 (N, K / sub) as the kernel sees them."""
+        n, k, sub = self.out_features, self.in_features, self.sub
+        if not self.kmode:
+            if self.layout == "qkrows16":
+                assert self.dm is not None
+                return unpack_qk_rows16(self.packed, self.dm, n, k, self.bits, sub)
+            assert self.dm is not None
+            return self.packed, self.dm[0].float(), self.dm[1].float()
+        assert self.scm is not None and self.sb is not None
+        if self.layout == "qkrows16":
+            ns = 32 // sub
+            q = unpack_q_rows16(self.packed, n, k, self.bits)
+            scm = self.scm.view(n // 16, k // 32, 2, ns, 16)
+            sc, mn = (_from_rows16(scm[:, :, i], n) for i in range(2))
+            sbv = self.sb.view(n // 16, k // 256, 2, 1, 16)
+            kd, kdmin = (_from_rows16(sbv[:, :, i], n) for i in range(2))
+        else:
+            q = self.packed
+            sc, mn = self.scm[0], self.scm[1]
+            kd, kdmin = self.sb[0], self.sb[1]
+        rep = 256 // sub
+        d = kd.float().repeat_interleave(rep, dim=1) * sc.float()
+        m = kdmin.float().repeat_interleave(rep, dim=1) * mn.float()
+        return q, d, m
+
+    def dequantized(self) -> torch.Tensor:
+        q, d, m = self.unpacked()
+        return dequantize_qk(q, d, m, self.sub)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "qkrows16":
+            if self.kmode:
+                y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub)
+            else:
+                y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
+            if y is not None:
+                return y
+        return F.linear(quantize_activations_q8(x), self.dequantized().to(x.device)).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):

@@ -16,15 +16,20 @@ int rope_inplace(void *x, int T, int heads, int head_dim, int64_t row_stride, in
 int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16);
 int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16);
 int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16);
+int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16, int bits,
+            int sub);
+int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const uint16_t *sb, void *y, int N, int K,
+               int is_bf16, int bits, int sub);
 
 // ---- the fused decode step ----
 // ---- the decoder stack of a Llama-family model for decode rows, in one call ----
 // Per layer: (add +) RMSNorm, qkv, rotary, K/V write, paged attention, o, add + RMSNorm, gate_up, silu·mul,
 // down — the same kernels the Python path calls one by one, without ~100 Python-level calls per layer.
 typedef struct {
-    int kind;  // 0: bf16 dense (gemv_bf16, one row), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm)
+    int kind;  // 0: bf16 dense (gemv_bf16, one row), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm),
+               // 10·bits + (sub == 16) for qk_gemm (40 ... 61), + 100 for qk_gemm_ks (a2: sb)
     int N, K;
-    const void *w, *a1, *a2;  // weights; kind 1: dm; kind 2: fp16 scales
+    const void *w, *a1, *a2;  // weights; kind 1 and qk: dm; kind 2: fp16 scales
 } lin_desc;
 
 typedef struct {

@@ -189,6 +189,114 @@ static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
     }
     return 0;
 }
+
+// ---- 4/5/6-bit weights with a scale and min per 16 or 32 (Q5_0/Q5_1/Q5_K, Q6_K, and mixes promoted to one) ----
+// Made once at load by inferd/quant/linear.py (pack_qk_rows16). Per row block rb (16 rows) and group g (32 along
+// K): the 256 nibble bytes of the q4rows16 layout (the low 4 bits), then (bits − 4) planes of 64 bytes: plane p,
+// byte 4j + b, bit t = bit 4 + p of q[16rb + j][32g + 4t + b] (t numbers the 8 nibble vectors l0 h0 l1 h1 ...,
+// vector t holding k = 4t + b), so each plane adds one bit to all 8 vectors with a shift and a mask. dm: fp16
+// (rb, g, [d, m], s, j) for the 32/sub sub-groups s, with w = d·q + m (q unsigned, < 2^bits).
+// y = Σ_g dx_g Σ_s (d_s Σ_s q·xq + m_s Σ_s xq): sx16 holds dx · Σ xq per 16 (sub 16), sx per 32 (sub 32).
+// A group's scales and mins (16 rows each, per sub-group s): from fp16 dm, or (scm != NULL: K-quant scales, exact)
+// d_s = sc_s · d_sb and m_s = mn_s · dmin_sb from int8 multipliers scm (rb, g, [sc, mn], s, 16) and fp16 super-block
+// factors sb (rb, g / 8, [d, dmin], 16): the products are exact in fp32 (8-bit × 11-bit), as the file's dequantization.
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, __m512 *dv, __m512 *mv) {
+    if (!scm) {
+        const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + s * 16)));
+            mv[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + (ns + s) * 16)));
+        }
+        return;
+    }
+    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16)));
+    const int8_t *cg = scm + ((int64_t)rb * G + g) * 32 * ns;
+    for (int s = 0; s < ns; s++) {
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cg + s * 16))));
+        const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cg + (ns + s) * 16))));
+        dv[s] = _mm512_mul_ps(sc, d);
+        mv[s] = _mm512_mul_ps(mn, dmin);
+    }
+}
+
+static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
+    const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
+        const uint8_t *wb = w + (int64_t)rb * G * gb;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m512 acc[Q4_MCHUNK];
+            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const uint8_t *wp = wb + (int64_t)g * gb;
+                __m512i v[8];
+                for (int c = 0; c < 4; c++) {
+                    const __m512i wc = _mm512_loadu_si512((const __m512i *)(wp + 64 * c));
+                    v[2 * c] = _mm512_and_si512(wc, mask);
+                    v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
+                }
+                if (bits >= 5) {  // bit t of each plane byte → bit 4 of vector t (16-bit shifts: spill is masked)
+                    const __m512i p0 = _mm512_loadu_si512((const __m512i *)(wp + 256));
+                    for (int t = 0; t < 8; t++)
+                        v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(p0, 4 - t)
+                                                                             : _mm512_srli_epi16(p0, t - 4), b4));
+                }
+                if (bits == 6) {
+                    const __m512i p1 = _mm512_loadu_si512((const __m512i *)(wp + 320));
+                    for (int t = 0; t < 8; t++)
+                        v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
+                                                                             : _mm512_srli_epi16(p1, t - 5), b5));
+                }
+                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2];
+                qk_scales512(dm, scm, sb, rb, G, g, ns, dv, mv);
+                const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
+                if (ns == 1) {  // d0 = d, d1 = m
+                    for (int m = 0; m < mc; m++) {
+                        const int64_t row = m0 + m;
+                        const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_set1_epi32(xg[0]));
+                        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], _mm512_set1_epi32(xg[1]));
+                        for (int t = 2; t < 8; t += 2) {
+                            s0 = _mm512_dpbusd_epi32(s0, v[t], _mm512_set1_epi32(xg[t]));
+                            s1 = _mm512_dpbusd_epi32(s1, v[t + 1], _mm512_set1_epi32(xg[t + 1]));
+                        }
+                        const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                        acc[m] = _mm512_fmadd_ps(sf, _mm512_mul_ps(d0, _mm512_set1_ps(dx[row * G + g])), acc[m]);
+                        acc[m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(sx[row * G + g]), acc[m]);
+                    }
+                } else {  // two sub-groups of 16: k 0-15 are vectors 0-3, k 16-31 vectors 4-7
+                    const __m512 m0v = mv[0], m1v = mv[1];
+                    for (int m = 0; m < mc; m++) {
+                        const int64_t row = m0 + m;
+                        const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_set1_epi32(xg[0]));
+                        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], _mm512_set1_epi32(xg[4]));
+                        for (int t = 1; t < 4; t++) {
+                            s0 = _mm512_dpbusd_epi32(s0, v[t], _mm512_set1_epi32(xg[t]));
+                            s1 = _mm512_dpbusd_epi32(s1, v[t + 4], _mm512_set1_epi32(xg[t + 4]));
+                        }
+                        const __m512 dxv = _mm512_set1_ps(dx[row * G + g]);
+                        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), d0);
+                        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), d1, t);
+                        acc[m] = _mm512_fmadd_ps(t, dxv, acc[m]);
+                        acc[m] = _mm512_fmadd_ps(m0v, _mm512_set1_ps(sx16[(row * G + g) * 2]), acc[m]);
+                        acc[m] = _mm512_fmadd_ps(m1v, _mm512_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m]);
+                    }
+                }
+            }
+            for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+        }
+    }
+    return 0;
+}
 #endif
 
 #if !defined(HAVE_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -295,6 +403,103 @@ static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
     }
     return 0;
 }
+
+// The AVX2 body of qk_gemm (same layout, 8 rows per half). maddubs pairs: 2·63·128 = 16128, two summed in int16
+// still fit (32256), then widened.
+// qk_scales512 for 8 rows (half 0: rows 0-7, 1: rows 8-15).
+static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, int half, __m256 *dv, __m256 *mv) {
+    if (!scm) {
+        const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns + half * 8;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + s * 16)));
+            mv[s] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dg + (ns + s) * 16)));
+        }
+        return;
+    }
+    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32 + half * 8;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sg));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + 16)));
+    const int8_t *cg = scm + ((int64_t)rb * G + g) * 32 * ns + half * 8;
+    for (int s = 0; s < ns; s++) {
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cg + s * 16))));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cg + (ns + s) * 16))));
+        dv[s] = _mm256_mul_ps(sc, d);
+        mv[s] = _mm256_mul_ps(mn, dmin);
+    }
+}
+
+static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
+    const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
+    const int8_t *xqp = a->xq;
+    const float *dx = a->dx, *sx = a->sx;
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b5 = _mm256_set1_epi8(0x20);
+        const __m256i one = _mm256_set1_epi16(1);
+        const uint8_t *wb = w + (int64_t)rb * G * gb;
+        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
+            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
+            __m256 acc[Q4_MCHUNK][2];
+            for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const uint8_t *wp = wb + (int64_t)g * gb;
+                for (int half = 0; half < 2; half++) {
+                    __m256i v[8];
+                    for (int c = 0; c < 4; c++) {
+                        const __m256i wc = _mm256_loadu_si256((const __m256i *)(wp + 64 * c + 32 * half));
+                        v[2 * c] = _mm256_and_si256(wc, mask);
+                        v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(wc, 4), mask);
+                    }
+                    if (bits >= 5) {
+                        const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wp + 256 + 32 * half));
+                        for (int t = 0; t < 8; t++)
+                            v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 4 ? _mm256_slli_epi16(p0, 4 - t)
+                                                                                 : _mm256_srli_epi16(p0, t - 4), b4));
+                    }
+                    if (bits == 6) {
+                        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wp + 320 + 32 * half));
+                        for (int t = 0; t < 8; t++)
+                            v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 5 ? _mm256_slli_epi16(p1, 5 - t)
+                                                                                 : _mm256_srli_epi16(p1, t - 5), b5));
+                    }
+                    __m256 dv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv[2];
+                    qk_scales256(dm, scm, sb, rb, G, g, ns, half, dv, mv);
+                    const __m256 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
+                    for (int m = 0; m < mc; m++) {
+                        const int64_t row = m0 + m;
+                        const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
+                        __m256i p[4];
+                        for (int i = 0; i < 4; i++)
+                            p[i] = _mm256_madd_epi16(
+                                _mm256_add_epi16(_mm256_maddubs_epi16(v[2 * i], _mm256_set1_epi32(xg[2 * i])),
+                                                 _mm256_maddubs_epi16(v[2 * i + 1], _mm256_set1_epi32(xg[2 * i + 1]))),
+                                one);
+                        const __m256i s0 = _mm256_add_epi32(p[0], p[1]), s1 = _mm256_add_epi32(p[2], p[3]);
+                        const __m256 dxv = _mm256_set1_ps(dx[row * G + g]);
+                        if (ns == 1) {  // d0 = d, d1 = m
+                            const __m256 sf = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                            acc[m][half] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d0, dxv), acc[m][half]);
+                            acc[m][half] = _mm256_fmadd_ps(d1, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
+                        } else {
+                            const __m256 m0v = mv[0], m1v = mv[1];
+                            __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s0), d0);
+                            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d1, t);
+                            acc[m][half] = _mm256_fmadd_ps(t, dxv, acc[m][half]);
+                            acc[m][half] = _mm256_fmadd_ps(m0v, _mm256_set1_ps(sx16[(row * G + g) * 2]), acc[m][half]);
+                            acc[m][half] = _mm256_fmadd_ps(m1v, _mm256_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m][half]);
+                        }
+                    }
+                }
+            }
+            for (int m = 0; m < mc; m++)
+                for (int half = 0; half < 2; half++)
+                    v8_store(y, (int64_t)(m0 + m) * N + rb * 16 + half * 8, acc[m][half], is_bf16);
+        }
+    }
+    return 0;
+}
 #endif
 
 // Entry points: shape checks and the activations quantized once, then the tier's best body; -1 when the shape or
@@ -333,4 +538,59 @@ int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y,
     (void)x; (void)M; (void)w; (void)dw; (void)y; (void)N; (void)K; (void)is_bf16;
     return -1;
 #endif
+}
+
+// dx · Σ xq per 16 activations (M, K/32, 2), for weights with a scale per 16 (a per-thread buffer).
+static __attribute__((unused)) const float *sums16(const qact *a, int M, int K) {
+    static __thread float *buf = NULL;
+    static __thread int64_t cap = 0;
+    const int64_t n = (int64_t)M * (K / 16);
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(sizeof(float) * (size_t)n);
+        cap = buf ? n : 0;
+        if (!buf) return NULL;
+    }
+    const int G = K / 32;
+    for (int64_t i = 0; i < (int64_t)M * G; i++) {
+        const int8_t *q = a->xq + i * 32;
+        int32_t lo = 0;
+        for (int k = 0; k < 16; k++) lo += q[k];
+        buf[2 * i] = a->dx[i] * (float)lo;
+        buf[2 * i + 1] = a->dx[i] * (float)(a->isum[i] - lo);
+    }
+    return buf;
+}
+
+static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, const int8_t *scm, const uint16_t *sb,
+                  void *y, int N, int K, int is_bf16, int bits, int sub) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
+    qact a;
+    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || prepare(x, M, N, K, is_bf16, &a))
+        return -1;
+    const float *s16 = NULL;
+    if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
+#if defined(HAVE_VNNI)
+    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
+#else
+    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
+#endif
+#else
+    (void)x; (void)M; (void)w; (void)dm; (void)scm; (void)sb; (void)y; (void)N; (void)K; (void)is_bf16; (void)bits;
+    (void)sub;
+    return -1;
+#endif
+}
+
+// Scales and mins as fp16 per sub-group: dm (rb, g, [d, m], s, 16).
+int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16, int bits,
+            int sub) {
+    return qk_run(x, M, w, dm, NULL, NULL, y, N, K, is_bf16, bits, sub);
+}
+
+// K-quant scales kept as in the file (exact): int8 multipliers scm and fp16 super-block factors sb (see
+// qk_scales512); K % 256 == 0.
+int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const uint16_t *sb, void *y, int N, int K,
+               int is_bf16, int bits, int sub) {
+    return qk_run(x, M, w, NULL, scm, sb, y, N, K, is_bf16, bits, sub);
 }

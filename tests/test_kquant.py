@@ -1,0 +1,217 @@
+"""GGUF K-quants and 5/6-bit types kept packed: exact block unpacking, the packed matmul on every kernel tier,
+fused layers mixing types, a model loaded from such a file, and the errors and log lines around them."""
+
+from __future__ import annotations
+
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from inferd import LLM
+from inferd.errors import ModelLoadError
+from inferd.loader.gguf import RawTensor
+from inferd.ops.kernels import runnable_tiers, use_tier
+from inferd.quant import gguf_blocks
+from inferd.quant.apply import QuantConfig, packed_from_blocks, resolve_auto
+from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear, module_bytes
+from tests import kquant_encoder
+from tests.test_engine import prompt_logits
+from tests.tiny_models import TINY_CONFIG, write_gguf, write_hf
+
+BLOCK_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _raw(w: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name.endswith("_K"):
+        return kquant_encoder.quantize(w, type_name)
+    return gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, type_name))
+
+
+def _gguf_dequant(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    return gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name)).reshape(shape)
+
+
+@pytest.mark.parametrize("type_name", BLOCK_TYPES)
+def test_block_dequantization_equals_gguf(type_name):
+    w = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32) * 0.1
+    raw = _raw(w, type_name)
+    want = _gguf_dequant(raw, type_name, w.shape)
+    bl = gguf_blocks.unpack_blocks(raw, type_name, *w.shape)
+    got = gguf_blocks.dequantize(bl)
+    assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))  # bit-identical
+    assert np.abs(want - w).max() < 0.2 * np.abs(w).max()  # and the test encoder made sensible blocks
+
+
+# (part types of one fused layer, the layer it becomes)
+CASES = [
+    (("Q4_K",), QKLinear), (("Q5_0",), QKLinear), (("Q5_1",), QKLinear), (("Q5_K",), QKLinear),
+    (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), QKLinear), (("Q4_0", "Q5_K"), QKLinear),
+    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), QKLinear),
+]
+
+
+@pytest.mark.parametrize("types,cls", CASES, ids=["+".join(c[0]) for c in CASES])
+def test_packed_matmul_within_1pct_on_every_tier(types, cls):
+    rng = np.random.default_rng(2)
+    k = 512
+    ws = [(rng.standard_normal((32, k)) * 0.05).astype(np.float32) for _ in types]
+    raws = [_raw(w, t) for w, t in zip(ws, types)]
+    deq = torch.from_numpy(np.concatenate([_gguf_dequant(r, t, w.shape) for r, t, w in zip(raws, types, ws)]))
+    rts = [RawTensor(t, r, 32, k) for t, r in zip(types, raws)]
+    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
+    scale = float((x @ deq.T).abs().max())  # the output scale: the largest output of the 5-row step
+    for tier in runnable_tiers():
+        with use_tier(tier):
+            for dense_rows in (0, 4):  # 4: a bf16 copy for steps of ≥ 4 rows (the 5-row step uses it)
+                layer = packed_from_blocks(rts, None, QuantConfig("gguf", 32, dense_rows), torch.device("cpu"))
+                assert isinstance(layer, cls), (tier, type(layer))
+                if isinstance(layer, QKLinear):
+                    assert layer.bits == max(gguf_blocks.BITS[t] for t in types)
+                    assert layer.sub == (16 if "Q6_K" in types else 32)
+                    assert layer.kmode == (set(types) <= gguf_blocks.K_TYPES)
+                    if layer.kmode or set(types) <= {"Q5_0", "Q5_1"}:  # the file's own weights, bit for bit
+                        assert torch.equal(layer.dequantized(), deq)
+                for rows in (1, 5):
+                    for dt in (torch.float32, torch.bfloat16):
+                        xi = x[:rows].to(dt)
+                        ref = xi.float() @ deq.T  # fp32 from the same inputs, unquantized activations
+                        y = layer(xi).float()
+                        err = float((y - ref).abs().max()) / scale
+                        assert err < 0.01, (tier, dense_rows, rows, dt, err)
+
+
+def test_qk_layout_round_trips():
+    from inferd.quant.linear import pack_qk_rows16, unpack_qk_rows16
+
+    g = torch.Generator().manual_seed(0)
+    for bits, sub in ((4, 16), (5, 32), (6, 16), (6, 32)):
+        q = torch.randint(0, 1 << bits, (32, 96), generator=g, dtype=torch.uint8)
+        d = torch.rand(32, 96 // sub, generator=g).half().float()
+        m = -torch.rand(32, 96 // sub, generator=g).half().float()
+        q2, d2, m2 = unpack_qk_rows16(*pack_qk_rows16(q, d, m, bits, sub), 32, 96, bits, sub)
+        assert torch.equal(q, q2) and torch.equal(d, d2) and torch.equal(m, m2)
+
+
+def test_mixed_q8_and_k_layer_kept_dequantized():
+    rng = np.random.default_rng(3)
+    ws = [(rng.standard_normal((16, 256)) * 0.05).astype(np.float32) for _ in range(2)]
+    rts = [RawTensor(t, _raw(w, t), 16, 256) for t, w in zip(("Q4_K", "Q8_0"), ws)]
+    assert packed_from_blocks(rts, None, QuantConfig("gguf"), torch.device("cpu")) is None
+
+
+def test_auto_packs_k_quant_files():
+    qc = resolve_auto(QuantConfig("auto"), {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}, torch.device("cpu"))
+    from inferd.ops import cpu_kernels
+
+    assert qc.method == ("gguf" if cpu_kernels.has_quant_gemm() else "none")
+    assert resolve_auto(QuantConfig("auto"), {"Q4_K", "Q3_K"}, torch.device("cpu")).method == qc.method
+    assert resolve_auto(QuantConfig("auto"), {"F16"}, torch.device("cpu")).method == "none"
+
+
+KQ_CONFIG = {**TINY_CONFIG, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+# a Q4_K_M-like mix in layer 0, every other type in layer 1
+LAYER_TYPES = {
+    0: {"q": "Q4_K", "k": "Q4_K", "v": "Q6_K", "o": "Q4_K", "gate": "Q4_K", "up": "Q4_K", "down": "Q6_K"},
+    1: {"q": "Q5_K", "k": "Q5_1", "v": "Q5_0", "o": "Q4_0", "gate": "Q5_0", "up": "Q8_0", "down": "Q4_1"},
+}
+
+
+def _type_of(name: str, types: dict[int, dict[str, str]]) -> str | None:
+    if not name.startswith("model.layers.") or not name.endswith("proj.weight"):
+        return "Q8_0" if name == "model.embed_tokens.weight" else None
+    layer = int(name.split(".")[2])
+    return types[layer][name.split(".")[-2].removesuffix("_proj")]
+
+
+@pytest.fixture(scope="module")
+def kquant_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kq")
+    hf = write_hf(d / "hf", config=KQ_CONFIG)
+    return write_gguf(d / "kq.gguf", hf, quant=lambda n: _type_of(n, LAYER_TYPES))
+
+
+def test_k_quant_model_loads_packed(kquant_model):
+    from inferd.ops import cpu_kernels
+
+    dense = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="none")
+    packed = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
+    layers = packed.engine.lm.model.model.layers
+    l0, l1 = layers[0], layers[1]
+    assert isinstance(l0.self_attn.qkv_proj, QKLinear) and l0.self_attn.qkv_proj.bits == 6  # Q4_K + Q6_K
+    assert all(isinstance(m, QKLinear) and m.kmode for m in (l0.self_attn.qkv_proj, l0.self_attn.o_proj,
+                                                              l0.mlp.gate_up_proj, l0.mlp.down_proj))
+    assert isinstance(l1.self_attn.qkv_proj, QKLinear) and l1.self_attn.qkv_proj.bits == 5
+    assert isinstance(l1.mlp.gate_up_proj, Int8Linear) and isinstance(l1.mlp.down_proj, Int4Linear)
+    ids = packed.tokenizer.encode("The capital of France is Paris. The quick brown fox")
+    a, b = prompt_logits(dense.engine, ids), prompt_logits(packed.engine, ids)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.995, cos.min()  # the same weights; int8 activations (and fp16 K-quant scales) differ
+    linears = sum(module_bytes(m) for layer in layers for m in (layer.self_attn, layer.mlp))
+    stored = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(kquant_model)).tensors
+                 if t.name.startswith("blk.") and len(t.shape) == 2)
+    if cpu_kernels.has_quant_gemm():  # the packed layouts (other tiers keep unpacked fallbacks)
+        assert linears < 1.25 * stored, (linears, stored)  # fused mixes widen a few parts; see the README table
+    from inferd import SamplingParams
+
+    # decode through the fused C decoder (qk_gemm descriptors) gives the layer-by-layer path's tokens
+    plain = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
+    plain.engine.lm.model._fused = None
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = ["The capital", "the quick brown fox jumps"]
+    assert [o.outputs[0].token_ids for o in packed.generate(prompts, sp)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    decoder = packed.engine.lm.model._fused
+    assert (decoder is not None and decoder.steps > 0) == cpu_kernels.has_quant_gemm()
+
+
+def test_unpackable_mix_logs_one_line(tmp_path, caplog):
+    hf = write_hf(tmp_path / "hf", config=KQ_CONFIG)
+    types = {i: {**LAYER_TYPES[0], "v": "Q8_0"} for i in (0, 1)}  # Q4_K + Q8_0 in qkv: no common layout
+    path = write_gguf(tmp_path / "mix.gguf", hf, quant=lambda n: _type_of(n, types))
+    with caplog.at_level(logging.INFO, logger="inferd.quant.apply"):
+        llm = LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
+    lines = [r.getMessage() for r in caplog.records if "kept dequantized" in r.getMessage()]
+    assert len(lines) == 1 and "Q4_K,Q8_0" in lines[0] and "MB in memory" in lines[0], lines
+    assert isinstance(llm.engine.lm.model.model.layers[0].mlp.gate_up_proj, QKLinear)
+
+
+def test_unsupported_tensor_type_is_a_one_line_error(tmp_path):
+    hf = write_hf(tmp_path / "hf", config=KQ_CONFIG)
+    path = write_gguf(tmp_path / "i32.gguf", hf)  # float32 tensors
+    # one linear's type id rewritten in the header from F32 to I32 (same bytes per weight; gguf has no dequantizer)
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_up.weight"
+    at = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    assert int.from_bytes(data[type_at:type_at + 4], "little") == int(gguf.GGMLQuantizationType.F32)
+    data[type_at:type_at + 4] = int(gguf.GGMLQuantizationType.I32).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    for quantization in ("auto", "gguf"):
+        with pytest.raises(ModelLoadError) as exc:
+            LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization=quantization)
+        msg = str(exc.value)
+        assert "\n" not in msg and "I32" in msg and "blk.0.ffn_up.weight" in msg, msg
+
+
+def test_repack_cache_keeps_k_quant_layers(kquant_model, tmp_path, monkeypatch):
+    """The second load maps QKLinear layers (both scale forms) from the repack cache: nothing repacked, same tokens."""
+    from inferd import SamplingParams
+    from inferd.quant import apply
+
+    monkeypatch.setenv("INFERD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("INFERD_REPACK_CACHE", raising=False)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs, repacked = [], []
+    for _ in range(2):
+        before = apply.REPACKS
+        llm = LLM(str(kquant_model), quantization="gguf", dtype="float32", kv_cache_memory=0.01)
+        outs.append(llm.generate([[5, 6, 7, 8, 9]], sp)[0].outputs[0].token_ids)
+        repacked.append(apply.REPACKS - before)
+        layers = llm.engine.lm.model.model.layers
+    assert repacked == [8, 0] and outs[0] == outs[1]
+    assert layers[0].mlp.down_proj.kmode and not layers[1].self_attn.qkv_proj.kmode
