@@ -44,6 +44,12 @@ class ModelConfig:
             raise ModelLoadError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        for scaling in (self.rope_scaling, self.rope_local_scaling):
+            kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+            if kind not in ROPE_TYPES:
+                raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: linear, llama3, yarn)")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ModelLoadError(f"{len(self.layer_windows)} sliding-window entries for {self.num_layers} layers")
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
@@ -61,6 +67,8 @@ class ModelConfig:
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"config.json has an invalid value ({exc})") from None
 
+
+ROPE_TYPES = (None, "default", "linear", "llama3", "yarn", "freq_factors")  # freq_factors: GGUF rope_freqs
 
 # config.json `architectures` → our architecture name
 HF_ARCHITECTURES = {

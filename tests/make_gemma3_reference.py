@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROMPT = "The history of the printing press begins in fifteenth-century Mainz, where"
+PROMPT = "The history of the printing press begins in fifteenth-century Mainz, where Johannes Gutenberg combined"
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one short sentence."},

@@ -94,13 +94,16 @@ def _llama3_factors(cfg: dict[str, Any], dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(name: str, hf_dir: Path, path: Path) -> Path:
+def write_gguf(name: str, hf_dir: Path, path: Path, *, arch: str | None = None, drop: tuple[str, ...] = (),
+               metadata: dict[str, int] | None = None, raw_types: dict[str, str] | None = None) -> Path:
+    """`arch`, `drop` (GGUF tensor names), `metadata` (uint32 keys replaced) and `raw_types` (GGUF tensor name →
+    a type whose blocks are written as zero bytes) make broken files for the bad-input tests."""
     import gguf
     from safetensors.torch import load_file
 
     from inferd.loader.gguf import hf_to_gguf_name, llama_permute
 
-    arch = ARCHS[name][2]
+    real_arch = ARCHS[name][2]
     cfg = json.loads((hf_dir / "config.json").read_text())
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
     vocab = tj["model"]["vocab"]
@@ -110,11 +113,16 @@ def write_gguf(name: str, hf_dir: Path, path: Path) -> Path:
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch or real_arch)
+    arch = real_arch
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        w.add_uint32(f"{w.arch}.{key}", value)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    if "feed_forward_length" not in metadata:
+        w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
@@ -163,7 +171,15 @@ def write_gguf(name: str, hf_dir: Path, path: Path) -> Path:
             arr = arr + 1  # llama.cpp stores Gemma's (1 + weight)
         if tname == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
-        w.add_tensor(hf_to_gguf_name(tname, arch), np.ascontiguousarray(arr))
+        gname = hf_to_gguf_name(tname, arch)
+        if gname in drop:
+            continue
+        if raw_types and gname in raw_types:
+            qt = getattr(gguf.GGMLQuantizationType, raw_types[gname])
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8), raw_dtype=qt)
+            continue
+        w.add_tensor(gname, np.ascontiguousarray(arr))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
