@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,46 @@ def _gemma_vocab_merges(tokens: list[str]) -> tuple[dict[str, int], list[tuple[s
     return vocab, [(a, b) for *_, a, b in merges]
 
 
+# vocabularies at least this large are cached as tokenizer.json under $INFERD_HOME/tokenizers: rebuilding the
+# merges of a 262k SentencePiece vocabulary (Gemma) costs seconds at every start
+CACHE_MIN_VOCAB = 65536
+
+
 def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
-    kind = md.get("tokenizer.ggml.model")
     tokens: list[str] | None = md.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ModelLoadError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+    if len(tokens) < CACHE_MIN_VOCAB:
+        return _build_from_gguf(md, tokens)
+    from inferd.loader.hub import models_home
+
+    key = hashlib.sha256(json.dumps(
+        [TOKENIZER_BUILD_VERSION, str(md.get("general.architecture")), md.get("tokenizer.ggml.model"),
+         md.get("tokenizer.ggml.pre"), md.get("tokenizer.ggml.add_space_prefix"), tokens,
+         md.get("tokenizer.ggml.token_type"), md.get("tokenizer.ggml.scores"), md.get("tokenizer.ggml.merges"),
+         md.get("tokenizer.ggml.unknown_token_id")]).encode()).hexdigest()[:32]
+    path = models_home() / "tokenizers" / f"{key}.json"
+    if path.is_file():
+        try:
+            return HFTokenizer.from_file(str(path))
+        except Exception as exc:  # a damaged cache entry: rebuild it
+            log.warning("ignoring tokenizer cache %s (%s)", path, exc)
+    tok = _build_from_gguf(md, tokens)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tok.save(str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only home: the cache is an optimisation only
+        log.warning("no tokenizer cache (%s)", exc)
+    return tok
+
+
+TOKENIZER_BUILD_VERSION = 1  # bump when _build_from_gguf changes what it builds (invalidates cached tokenizers)
+
+
+def _build_from_gguf(md: dict[str, Any], tokens: list[str]) -> HFTokenizer:
+    kind = md.get("tokenizer.ggml.model")
     types: list[int] = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
