@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp_peer import bench_inferd, run_peer  # noqa: E402
+from llamacpp_peer import PEER, bench_inferd  # noqa: E402
 
 
 def main() -> None:
@@ -26,17 +27,26 @@ def main() -> None:
     ap.add_argument("--peer-python", required=True)
     ap.add_argument("--quantization", nargs="+", default=["auto"])
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both engines")
+    ap.add_argument("--ids", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "reference" /
+                                         "bench_prompt_ids.json"), help="the prompts' token ids (JSON)")
     args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
     from inferd.hardware import machine_info
     from inferd.loader.hub import resolve
     from inferd.ops.kernels import get_kernels
 
-    ref = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bench_prompt_ids.json"
+    ref = Path(args.ids)
     ids = json.loads(ref.read_text())
     path = str(resolve("gemma3-270m"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine_info()}, inferd kernel tier {get_kernels().tier}, "
-          f"dtype {args.dtype}, threads {os.cpu_count()}")
-    peer = run_peer(args.peer_python, path, ref)
+          f"dtype {args.dtype}, threads {args.threads} (both engines)")
+    out = subprocess.run([args.peer_python, "-c", PEER, path, str(ref), str(args.threads)], capture_output=True,
+                         text=True, check=True)
+    peer = json.loads(out.stdout.strip().splitlines()[-1])
     print("| engine / format | prefill tok/s (512) | ratio | decode tok/s (128) | ratio |")
     print("|---|---|---|---|---|")
     print(f"| llama.cpp Q4_K_M (llama-cpp-python) | {peer['prefill_tok_s']:.0f} | 1.00x | "
