@@ -79,12 +79,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from inferd.loader.hub import list_models
+    from inferd.loader.model_info import format_params
 
     rows = list_models()
     w = max(len(r["name"]) for r in rows)
     for r in rows:
         size = f"{int(r['weight_bytes']) / 1e6:.0f} MB" if r.get("weight_bytes") else "-"
         print(f"{r['name']:<{w}}  {r['kind']:<8}  {r['status']:<13}  {size:>7}  {r['description']}")
+        if r.get("architecture"):
+            ctx = r["context_length"] or "-"
+            print(f"{'':<{w}}  architecture {r['architecture']}, {format_params(r['parameters'])} parameters, "
+                  f"{r['quantization']}, context {ctx}")
         if r["path"]:
             print(f"{'':<{w}}  {r['path']}")
     return 0

@@ -10,7 +10,7 @@ from inferd.errors import InvalidRequestError, ModelLoadError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # normalised: "llama" | "qwen2" | "mistral"
+    architecture: str  # normalised: one of models.registry.ARCHITECTURES (llama, mistral, qwen2, qwen3, gemma3)
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -27,49 +27,137 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotation (Qwen3, Gemma 3)
+    mlp_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) | "gelu_tanh" (Gemma)
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding-window size, or None (global); () = all global
+    rope_local_theta: float | None = None  # rope base of the sliding-window layers when it differs (Gemma 3)
+    rope_local_scaling: dict[str, Any] | None = None
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it attends to the whole context)."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        for scaling in (self.rope_scaling, self.rope_local_scaling):
+            kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+            if kind not in ROPE_TYPES:
+                raise ModelLoadError(f"unsupported rope scaling {kind!r} (supported: linear, llama3, yarn)")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ModelLoadError(f"{len(self.layer_windows)} sliding-window entries for {self.num_layers} layers")
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
-        arch_map = {
-            "LlamaForCausalLM": "llama",
-            "MistralForCausalLM": "mistral",
-            "Qwen2ForCausalLM": "qwen2",
-        }
-        arch = next((arch_map[a] for a in archs if a in arch_map), None)
+        arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
             raise ModelLoadError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {', '.join(sorted(arch_map))}"
+                f"supported: {', '.join(sorted(HF_ARCHITECTURES))}"
             )
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        return ModelConfig(
-            architecture=arch,
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            head_dim=cfg.get("head_dim") or hidden // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=arch == "qwen2" or cfg.get("attention_bias", False),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+        try:
+            return _from_hf(arch, cfg)
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json is missing {exc.args[0]!r} (needed for {arch})") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"config.json has an invalid value ({exc})") from None
+
+
+ROPE_TYPES = (None, "default", "linear", "llama3", "yarn", "freq_factors")  # freq_factors: GGUF rope_freqs
+
+# config.json `architectures` → our architecture name
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+
+
+def _rope(cfg: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:
+    """(rope base, scaling dict or None) from either config style: transformers ≥ 5 `rope_parameters` (per layer
+    type for Gemma 3) or the older `rope_theta` + `rope_scaling` (+ Gemma's `rope_local_base_freq`)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        kind = scaling.get("rope_type") or scaling.get("type")
+        return float(params["rope_theta"]), (scaling if kind not in (None, "default") else None)
+    if layer_type == "sliding_attention":
+        return float(cfg.get("rope_local_base_freq", 10000.0)), None
+    theta = float(cfg.get("rope_theta", 1_000_000.0 if layer_type else 10000.0))
+    scaling = cfg.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    return theta, (scaling if kind not in (None, "default") else None)
+
+
+def _windows(arch: str, cfg: dict[str, Any], layers: int) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return ()
+    types = cfg.get("layer_types")
+    if types is None:
+        if arch == "gemma3":
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        elif arch in ("qwen2", "qwen3"):
+            first = int(cfg.get("max_window_layers", layers))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        else:  # Mistral: every layer
+            types = ["sliding_attention"] * layers
+    if len(types) != layers:
+        raise ModelLoadError(f"config.json layer_types has {len(types)} entries for {layers} layers")
+    out = tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return out if any(w is not None for w in out) else ()
+
+
+def _from_hf(arch: str, cfg: dict[str, Any]) -> ModelConfig:
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    layers = cfg["num_hidden_layers"]
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    gemma = arch == "gemma3"
+    theta, scaling = _rope(cfg, "full_attention" if gemma else None)
+    local_theta, local_scaling = _rope(cfg, "sliding_attention") if gemma else (None, None)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"unsupported activation {act!r} (supported: silu, gelu_pytorch_tanh)")
+    return ModelConfig(
+        architecture=arch,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if gemma else 1e-5),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
+        attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        qk_norm=arch in ("qwen3", "gemma3"),
+        mlp_act="silu" if act == "silu" else "gelu_tanh",
+        attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+        layer_windows=_windows(arch, cfg, layers),
+        rope_local_theta=local_theta,
+        rope_local_scaling=local_scaling,
+        final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+    )
 
 
 MEMORY_PROFILES = ("small", "balanced", "fast")

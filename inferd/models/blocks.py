@@ -38,13 +38,17 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None,
+                  max_positions: int = 2048) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, attention factor that scales cos/sin) for a scaling dict as transformers names them:
+    `linear`, `llama3`, `yarn`, or `freq_factors` (llama.cpp's rope_freqs tensor: per-frequency divisors)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    s = scaling or {}
+    kind = s.get("rope_type") or s.get("type")
+    attention_factor = 1.0
     if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])  # type: ignore[index]
+        inv_freq = inv_freq / float(s["factor"])
     elif kind == "llama3":
-        s = scaling or {}
         factor, lo, hi = float(s["factor"]), float(s.get("low_freq_factor", 1)), float(s.get("high_freq_factor", 4))
         old_ctx = float(s.get("original_max_position_embeddings", 8192))
         wavelen = 2 * math.pi / inv_freq
@@ -52,9 +56,47 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None) -> tor
         scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn(dim, theta, s, max_positions)
+    elif kind == "freq_factors":
+        factors = torch.tensor(s["factors"], dtype=torch.float64)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope_freqs has {factors.numel()} factors for {inv_freq.numel()} frequencies")
+        inv_freq = inv_freq / factors
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
-    return inv_freq.float()
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3, yarn)")
+    return inv_freq.float(), attention_factor
+
+
+def _yarn(dim: int, theta: float, s: dict[str, Any], max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN (as transformers' _compute_yarn_parameters): interpolate the low frequencies, keep the high ones,
+    a linear ramp between; cos/sin scaled by 0.1 ln(factor) + 1 unless the config gives the factor."""
+    orig = float(s.get("original_max_position_embeddings") or max_positions)
+    factor = float(s.get("factor") or max_positions / orig)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = s.get("attention_factor")
+    if attn is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extra = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+    return inv.double(), float(attn)
 
 
 class Rotary(nn.Module):
@@ -65,9 +107,10 @@ class Rotary(nn.Module):
     def __init__(self, dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None):
         super().__init__()
         self.dim = dim
-        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), rope_inv_freq(dim, theta, scaling))
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # (max_pos, dim / 2)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        inv_freq, attention_factor = rope_inv_freq(dim, theta, scaling, max_pos)
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", freqs.cos() * attention_factor, persistent=False)  # (max_pos, dim / 2)
+        self.register_buffer("sin", freqs.sin() * attention_factor, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) → fp32 cos, sin of shape (T, 1, dim / 2)."""
@@ -117,15 +160,20 @@ def logits_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused in one matmul."""
+    """down(act(gate(x)) * up(x)) with gate and up fused in one matmul; act is SiLU (SwiGLU) or tanh-GELU
+    (GeGLU, Gemma)."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
         self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
         self.down_proj = Linear(inter, hidden, bias=False)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)
+        if self.act == "gelu_tanh":
+            gate, up = gu.chunk(2, dim=-1)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         h = cpu_kernels.silu_mul(gu) if not gu.is_cuda else None
         if h is None:
             gate, up = gu.chunk(2, dim=-1)

@@ -1,4 +1,6 @@
-"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) over flat token batches and a paged KV cache."""
+"""Llama-family decoder over flat token batches and a paged KV cache. One implementation, configured by ModelConfig:
+Llama / SmolLM (rope scaling linear, llama3, yarn), Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+Gemma 3 (models/gemma3.py) reuses its attention."""
 
 from __future__ import annotations
 
@@ -14,12 +16,18 @@ from inferd.ops.fused_decode import FusedDecoder
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """q/k/v projection (fused, optional bias), optional per-head q/k RMSNorm, rotary, paged attention (sliding-window
+    when the layer has one), output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        self.scale = self.d**-0.5
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.d**-0.5
+        self.window = cfg.window(layer)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[Rotary, torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
@@ -28,6 +36,9 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D)
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before the rotation
+            q = self.q_norm(q.reshape(T * self.h, self.d)).reshape(T, self.h * self.d)
+            k = self.k_norm(k.reshape(T * self.hkv, self.d)).reshape(T, self.hkv * self.d)
         rotary, cos, sin, positions = rope
         if cpu_kernels.rope_inplace(q, self.h, self.d, rotary.dim, rotary.cos, rotary.sin, positions) and \
                 cpu_kernels.rope_inplace(k, self.hkv, self.d, rotary.dim, rotary.cos, rotary.sin, positions):
@@ -39,17 +50,17 @@ class LlamaAttention(nn.Module):
             k = rotary.apply(k.reshape(T, self.hkv, self.d), cos, sin)  # (T, Hkv, D)
         v = v.reshape(T, self.hkv, self.d)
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act)
 
     def forward(self, x, residual, rope, kv_cache, meta):
         """x: the previous layer's output (or the embeddings when residual is None) → (output, residual);
@@ -67,7 +78,7 @@ class LlamaInner(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -76,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaInner(cfg)
-        self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.make_rotary(max_positions)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._fused: FusedDecoder | None | bool = False  # built at the first forward (after quantization)
 
@@ -98,6 +109,13 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, rope, cache, meta)
         return self.model.norm.add_forward(x, residual)[0] if residual is not None else self.model.norm(x)
+
+    def make_rotary(self, max_positions: int, device: torch.device | None = None) -> None:
+        """(Re)builds the rotary tables for `max_positions` positions (on `device` when given)."""
+        cfg = self.config
+        self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        if device is not None:
+            self.rotary.to(device)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return logits_fp32(self.lm_head, hidden)

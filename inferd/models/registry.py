@@ -17,17 +17,20 @@ from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
 from inferd.loader.materialize import materialize, skip_init
 from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
-from inferd.models.blocks import Rotary
+from inferd.models.gemma3 import Gemma3ForCausalLM
 from inferd.models.llama import LlamaForCausalLM
 from inferd.quant.apply import QuantConfig, pack_gguf, quantize_model, resolve_auto
 from inferd.quant.io import load_quantized_into
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
+# our architecture name (GGUF general.architecture; config.HF_ARCHITECTURES maps config.json's) → model class
+ARCHITECTURES: dict[str, type[LlamaForCausalLM] | type[Gemma3ForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 MAX_MODEL_LEN_CAP = 8192
@@ -38,7 +41,7 @@ class LoadedModel:
     name: str
     path: Path
     config: ModelConfig
-    model: LlamaForCausalLM
+    model: LlamaForCausalLM | Gemma3ForCausalLM
     tokenizer: Tokenizer
     dtype: torch.dtype
     device: torch.device
@@ -46,7 +49,7 @@ class LoadedModel:
     quantization: str = "none"  # the method after `auto` was resolved
 
 
-def _stream_gguf(model: LlamaForCausalLM, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
+def _stream_gguf(model: torch.nn.Module, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
                  device: torch.device) -> None:
     """Fills a model skeleton from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
     tensor by tensor; `int8`/`int4` quantize the dense model after (one layer at a time)."""
@@ -108,11 +111,11 @@ def load_model(
             quantize_model(model, quant)
     if quant.method != "none":
         log.info("quantized %s with %s", path.name, quant)
-    model.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling).to(device)
+    model.make_rotary(max_model_len, device)
     model.eval().requires_grad_(False)
     release_free_memory()
-    if not tok.eos_token_ids and cfg.eos_token_ids:
-        tok.eos_token_ids = cfg.eos_token_ids
+    if cfg.eos_token_ids:  # the model's own end-of-turn ids too (Gemma: <end_of_turn> beside <eos>)
+        tok.eos_token_ids = tuple(dict.fromkeys([*tok.eos_token_ids, *cfg.eos_token_ids]))
     name = spec if spec in hub.CATALOGUE else path.name
     log.info("loaded %s (%s, %d layers, %s) from %s", name, cfg.architecture, cfg.num_layers, dtype, path)
     return LoadedModel(name, path, cfg, model, tok, dtype, device, max_model_len, quant.method)

@@ -4,6 +4,10 @@ Token layout of a step (built by the runner): first the decode tokens (one per d
 the prefill chunks, each contiguous. The cache of one layer is a tensor (2, num_blocks, block_size, Hkv, D);
 `slot = block_id * block_size + offset` addresses one token's K/V. Reads gather whole blocks
 (index_select of contiguous block_size×Hkv×D rows, ~10× faster than gathering token by token).
+
+Sliding-window layers (Mistral, Gemma 3's local layers) pass `window`: a query at position p sees keys at
+positions p - window < j <= p (transformers' convention). They run on the torch path (SDPA with a window mask over
+only the blocks the window touches), in decode and in (chunked) prefill; the C kernels have no window.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class AttnMetadata:
     # the small prefill chunks (by_c_kernel) at once for the C kernel: block tables (C, nblk) int64, q_starts,
     # q_lens, ctx_lens (C,) int32; None: one SDPA call per chunk
     prefill_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # sliding-window layers: window → (decode tables and mask, per-chunk blocks and mask), built at the first such
+    # layer of a step (ops.attention._window_plan)
+    window_plans: dict[int, tuple] = field(default_factory=dict)
 
 
 # A chunk goes to the C prefill kernel when q_len × ctx_len is at most this. Measured per layer (SmolLM2: 9
@@ -77,13 +84,17 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q: (T, H, D); k, v: (T, Hkv, D) of the new tokens (already written to the cache). Returns (T, H, D)."""
+    """q: (T, H, D); k, v: (T, Hkv, D) of the new tokens (already written to the cache). Returns (T, H, D).
+    `window`: the layer's sliding window (None: the whole context)."""
     T, H, D = q.shape
     hkv = kv_cache.shape[3]
     group = H // hkv
     nd = meta.num_decode
+    if window is not None:
+        return _windowed(q, k, v, kv_cache, meta, scale, window, group)
     if meta.prefill_tables is not None:  # C kernels: decode rows and the small prefill chunks, SDPA the rest
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         qc = q.contiguous()
@@ -134,3 +145,59 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
         is_causal=p.mask is None, scale=scale, enable_gqa=group > 1,
     )
     return o.squeeze(0).transpose(0, 1)
+
+
+def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+              scale: float, window: int, group: int) -> torch.Tensor:
+    """Sliding-window attention on the torch path: decode rows and every prefill chunk read only the blocks their
+    window touches, with a mask p - window < j <= p. Masks are built once per step and window (meta.window_masks)."""
+    T, H, D = q.shape
+    hkv = kv_cache.shape[3]
+    bs = kv_cache.shape[2]
+    nd = meta.num_decode
+    outs: list[torch.Tensor] = []
+    plan = meta.window_plans.get(window)
+    if plan is None:
+        plan = meta.window_plans[window] = _window_plan(meta, window, bs, q.device)
+    if nd:
+        tables, mask = plan[0]
+        n_blk = tables.shape[1]
+        L = n_blk * bs
+        ks = _gather(kv_cache[0], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
+        vs = _gather(kv_cache[1], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)
+        qd = q[:nd].view(nd, hkv, group, D)
+        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=scale)
+        outs.append(o.reshape(nd, H, D))
+    for p, (blocks, mask) in zip(meta.prefills, plan[1]):
+        qs = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
+        ks = _gather(kv_cache[0], blocks)[: mask.shape[1]]
+        vs = _gather(kv_cache[1], blocks)[: mask.shape[1]]
+        o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                                           attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _window_plan(meta: AttnMetadata, window: int, bs: int, device: torch.device) -> tuple[
+        tuple[torch.Tensor, torch.Tensor] | tuple[None, None], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """For one window size: the decode rows' block tables cut to the blocks the window touches and their mask,
+    and per prefill chunk (blocks from the first one its window touches, mask (q_len, keys))."""
+    decode: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] = (None, None)
+    if meta.num_decode:
+        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+        assert tables is not None and lens is not None
+        lens64 = lens.long()
+        first = int(((lens64 - window).clamp(min=0) // bs).min())  # the earliest block any row's window touches
+        t = tables[:, first:]
+        pos = first * bs + torch.arange(t.shape[1] * bs, device=device)
+        # a decode row's query is at position len - 1: keys len - 1 - window < j <= len - 1
+        m = (pos.unsqueeze(0) < lens64.unsqueeze(1)) & (pos.unsqueeze(0) >= lens64.unsqueeze(1) - window)
+        decode = (t, m.view(t.shape[0], 1, 1, -1))
+    chunks = []
+    for p in meta.prefills:
+        start = p.ctx_len - p.q_len
+        first = max(0, start - window + 1) // bs
+        qpos = torch.arange(start, p.ctx_len, device=device).unsqueeze(1)
+        kpos = torch.arange(first * bs, p.ctx_len, device=device).unsqueeze(0)
+        chunks.append((p.blocks[first:], (kpos <= qpos) & (kpos > qpos - window)))
+    return decode, chunks

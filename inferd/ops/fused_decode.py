@@ -72,6 +72,9 @@ class FusedDecoder:
         if lib is None or not hasattr(lib, "decode_layers") or model.model.norm.weight.device.type != "cpu" \
                 or dtype not in (torch.bfloat16, torch.float32):
             return None
+        if getattr(cfg, "architecture", "llama") not in ("llama", "mistral", "qwen2") or cfg.qk_norm \
+                or cfg.layer_windows or cfg.mlp_act != "silu":  # the C stack is plain Llama attention and SwiGLU
+            return None
         linears, max_rows = [], 1 << 30
         for layer in model.model.layers:
             row = []
