@@ -149,11 +149,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--docs", type=int, default=100)
+    ap.add_argument("--no-jump-forward", action="store_true", help="sample grammar-forced tokens one by one")
     ap.add_argument("--price-per-hour", type=float, default=0.10, help="USD per machine hour for the cost figures")
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, model {args.model}, "
           f"{args.streams} streams, {args.seconds:.0f} s x {args.rounds} rounds each")
     llm = LLM(args.model, max_num_seqs=max(args.streams, 16))
+    llm.engine.jump_forward = not args.no_jump_forward
     res: dict[str, list[dict]] = {"free": [], "json_schema": []}
     closed_loop(llm, args.streams, 5, False, args.max_tokens)  # warm-up
     for _ in range(args.rounds):  # free requests get the JSON outputs' mean length (ignore_eos): same work shape
