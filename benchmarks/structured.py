@@ -60,6 +60,8 @@ def closed_loop(llm: LLM, streams: int, seconds: float, constrained: bool, max_t
     for _ in range(streams):
         add()
     tokens, done, tokens_done, steps = 0, 0, 0, 0
+    stats = eng.grammar_compiler().stats
+    mask0, compute0 = sum(stats.mask_s), eng.total_compute_s
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         steps += 1
@@ -74,6 +76,7 @@ def closed_loop(llm: LLM, streams: int, seconds: float, constrained: bool, max_t
     for rid in list(eng.groups):
         eng.abort_request(rid)
     return {"tok_s": tokens / wall, "requests": done, "tokens": tokens, "wall_s": wall, "steps": steps,
+            "mask_share": (sum(stats.mask_s) - mask0) / max(1e-9, eng.total_compute_s - compute0),
             "mean_len": (tokens_done / done) if done else statistics.mean(lengths)}
 
 
@@ -146,11 +149,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--docs", type=int, default=100)
+    ap.add_argument("--no-jump-forward", action="store_true", help="sample grammar-forced tokens one by one")
     ap.add_argument("--price-per-hour", type=float, default=0.10, help="USD per machine hour for the cost figures")
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, model {args.model}, "
           f"{args.streams} streams, {args.seconds:.0f} s x {args.rounds} rounds each")
     llm = LLM(args.model, max_num_seqs=max(args.streams, 16))
+    llm.engine.jump_forward = not args.no_jump_forward
     res: dict[str, list[dict]] = {"free": [], "json_schema": []}
     closed_loop(llm, args.streams, 5, False, args.max_tokens)  # warm-up
     for _ in range(args.rounds):  # free requests get the JSON outputs' mean length (ignore_eos): same work shape
@@ -167,6 +172,8 @@ def main() -> None:
         print(f"{k:12s} " + "  ".join(f"{r['tok_s']:.1f} tok/s ({r['requests']} req, {r['steps']} steps, "
                                       f"mean {r['mean_len']:.1f} tok)" for r in rs))
     print(f"output tok/s: unconstrained {free:.1f}, json_schema {cons:.1f}, ratio {cons / free:.3f}")
+    share = statistics.mean(r["mask_share"] for r in res["json_schema"])
+    print(f"mask time / engine step time in the json_schema phases: {share * 100:.1f}%")
     print(f"mask: {mask_per_token_us:.1f} us per constrained token, {mask_per_step_ms:.2f} ms per step "
           f"({stats.mask_rows / max(1, len(stats.mask_s)):.1f} constrained rows per step)")
     ct = compile_times(llm)

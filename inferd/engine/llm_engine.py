@@ -72,6 +72,7 @@ class LLMEngine:
         self.spec_accepted_tokens = 0
         self.spec_accepted_per_pos = [0] * spec.num_speculative_tokens
         self.structured: GrammarCompiler | None = None  # built on the first constrained request
+        self.jump_forward = True  # append grammar-forced tokens without sampling them (they then run as a chunk)
         self.num_steps = 0
         self.total_compute_s = 0.0
         self.kv_bytes_per_block = kv_bytes_per_block(self.lm, cc.block_size)
@@ -243,7 +244,8 @@ class LLMEngine:
         if not m.consume_token(tok):
             self.output.fail(req, f"the grammar rejected token {tok}: {m.get_error()}")
             return
-        forced = [] if req.params.logprobs is not None else m.compute_ff_tokens()  # logprobs: one by one
+        # logprobs: one by one; jump_forward off: forced tokens are sampled (masked to one choice) like any other
+        forced = m.compute_ff_tokens() if self.jump_forward and req.params.logprobs is None else []
         forced = forced[: req.max_tokens - len(req.output_token_ids)]
         if forced and not m.consume_tokens(forced):
             self.output.fail(req, f"the grammar rejected its own forced tokens {forced}: {m.get_error()}")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PARALLEL_FROM = 8  # constrained rows from which llguidance's own thread pool computes the masks
+PARALLEL_FROM = 64  # constrained rows from which llguidance's thread pool computes the masks (its idle threads spin, stealing a small host's cores from the forward)
 
 
 def apply_grammar_masks(logits: torch.Tensor, matchers: list[tuple[int, Any]], executor: Any) -> float:
