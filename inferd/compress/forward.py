@@ -21,11 +21,15 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotary_tables(model: LlamaForCausalLM, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin for positions 0..T-1: (T, rope_dim / 2), fp32."""
+    """cos, sin for positions 0..T-1: (T, rope_dim / 2), fp32 — the engine's own tables (rope scaling included),
+    extended past their length with the same frequencies."""
+    rot = model.rotary
+    if T <= rot.cos.shape[0]:
+        return rot.cos[:T].to(device), rot.sin[:T].to(device)
     c = model.config
-    inv = rope_inv_freq(c.rope_dim or c.head_dim, c.rope_theta, c.rope_scaling).to(device)
-    freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv)
-    return freqs.cos(), freqs.sin()
+    inv, factor = rope_inv_freq(rot.dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv.float())
+    return (freqs.cos() * factor).to(device), (freqs.sin() * factor).to(device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
