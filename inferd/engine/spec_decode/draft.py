@@ -10,7 +10,7 @@ proposals) is simply recomputed next time.
 
 from __future__ import annotations
 
-import logging
+import time
 
 import torch
 
@@ -21,8 +21,6 @@ from inferd.engine.scheduler import SchedulerOutput
 from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
 from inferd.sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 _DRAFT_PARAMS = SamplingParams(max_tokens=None, temperature=0)
 
@@ -67,8 +65,6 @@ class DraftModelProposer:
     def propose_batch(self, wanted: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
         """wanted: request id → (its tokens so far, how many to propose). Greedy proposals, made in
         max(k) passes over all of them at once."""
-        import time
-
         t0 = time.perf_counter()
         active: list[tuple[str, Request, int]] = []
         for rid, (tokens, k) in wanted.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from inferd.engine.request import Request
+from inferd.sampling_params import SamplingParams
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ProposalView:
     extra: list[int]
 
     @property
-    def params(self):  # noqa: ANN201 - SamplingParams, as Request.params
+    def params(self) -> SamplingParams:
         return self.req.params
 
     @property
