@@ -134,10 +134,10 @@ def _vm_flags(t: torch.Tensor) -> set[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 def test_kv_pool_page_size_follows_profile(tiny_llm, tiny_hf):
-    # the pool asks for 2 MiB pages (balanced/fast: fewer TLB misses at many streams) or forbids them (small)
+    # the pool asks for 2 MiB pages (fast: fewer TLB misses at many streams) or forbids them (small, balanced)
     assert "hg" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=True))
     assert "nh" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=False))
     assert tiny_llm.engine.config.memory_profile == "balanced"
-    assert "hg" in _vm_flags(tiny_llm.engine.runner.kv_caches[0])
-    small = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, memory_profile="small")
-    assert "nh" in _vm_flags(small.engine.runner.kv_caches[0])
+    assert "nh" in _vm_flags(tiny_llm.engine.runner.kv_caches[0])
+    fast = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, memory_profile="fast")
+    assert "hg" in _vm_flags(fast.engine.runner.kv_caches[0])

@@ -54,8 +54,9 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.kv)
         self.runner = ModelRunner(self.lm, num_blocks, cc.block_size,
                                   cuda_graphs=not config.enforce_eager, max_num_seqs=sc.max_num_seqs,
-                                  # 64 streams: 565-620 tok/s with 4 KiB KV pages, 797 with 2 MiB ones (Zen 4)
-                                  kv_huge_pages=config.memory_profile != "small")
+                                  # 2 MiB KV pages: fewer TLB misses at many streams, up to 2 MiB per layer's K
+                                  # and V more memory; only the fast profile takes that trade (see README, Memory)
+                                  kv_huge_pages=config.memory_profile == "fast")
         self.sampler = Sampler(self.lm.config.vocab_size)
         self.output = OutputProcessor(self._finish)
         spec = config.speculative
