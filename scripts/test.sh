@@ -4,7 +4,7 @@
 # down to `torch` (no C kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --test
 . .venv/bin/activate
 ruff check inferd tests benchmarks
 python -m pytest -q "$@"
