@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tests.tiny_models import CHAT_TEMPLATE, SPECIALS, build_tokenizer
+from tests.tiny_models import CHAT_TEMPLATE, add_tiny_tokenizer, build_tokenizer
 
 BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
@@ -105,12 +105,6 @@ def write_gguf(name: str, hf_dir: Path, path: Path, *, arch: str | None = None, 
 
     real_arch = ARCHS[name][2]
     cfg = json.loads((hf_dir / "config.json").read_text())
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     w = gguf.GGUFWriter(str(path), arch or real_arch)
@@ -151,16 +145,7 @@ def write_gguf(name: str, hf_dir: Path, path: Path, *, arch: str | None = None, 
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     elif kind == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(cfg, head_dim))
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<|im_start|>"])
-    w.add_eos_token_id(vocab["<|im_end|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_tiny_tokenizer(w, hf_dir)
     for tname, t in load_file(str(hf_dir / "model.safetensors")).items():
         arr = t.float().numpy()
         if arch == "llama" and tname.endswith("q_proj.weight"):

@@ -91,6 +91,26 @@ def write_hf(dirpath: Path, seed: int = 0, config: dict | None = None) -> Path:
     return dirpath
 
 
+
+def add_tiny_tokenizer(w, hf_dir: Path) -> None:
+    """Write the tiny byte-level BPE tokenizer of `hf_dir` (its tokenizer.json) and the chat template into a
+    gguf.GGUFWriter, as llama.cpp's converter does for a GPT-2-style vocabulary."""
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
 def write_gguf(path: Path, hf_dir: Path, quant: str | Callable[[str], str | None] | None = None) -> Path:
     """The same model as `hf_dir`, written the way llama.cpp's converter does (Q/K rows permuted); `quant`
     (e.g. "Q4_1") stores the decoder's linear weights in that block format, or names the format per HF tensor
@@ -101,12 +121,6 @@ def write_gguf(path: Path, hf_dir: Path, quant: str | Callable[[str], str | None
     from inferd.loader.gguf import hf_to_gguf_name, llama_permute
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -117,16 +131,7 @@ def write_gguf(path: Path, hf_dir: Path, quant: str | Callable[[str], str | None
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<|im_start|>"])
-    w.add_eos_token_id(vocab["<|im_end|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_tiny_tokenizer(w, hf_dir)
     for name, t in load_file(str(hf_dir / "model.safetensors")).items():
         arr = t.float().numpy()
         if name.endswith("q_proj.weight"):

@@ -202,8 +202,8 @@ class LLMEngine:
             log.exception("engine step failed")
             for req in out.requests:
                 req.spec_token_ids = []
-                gid = self.output.fail(req, f"{type(exc).__name__}: {exc}")
-                changed.setdefault(gid, set()).add(self.output.group_of(req)[1])
+                self.output.fail(req, f"{type(exc).__name__}: {exc}")
+                self.output.mark(changed, req)
             return self.output.collect(changed)
         now = time.monotonic()
         dt = time.perf_counter() - t0
@@ -235,7 +235,7 @@ class LLMEngine:
                     self._advance_grammar(req, decided[0], now)
             if not req.status.finished:
                 self.kv.cache_full_blocks(req)
-            changed.setdefault(self.output.group_of(req)[0].request_id, set()).add(self.output.group_of(req)[1])
+            self.output.mark(changed, req)
         return self.output.collect(changed)
 
     def _advance_grammar(self, req: Request, tok: int, now: float) -> None:

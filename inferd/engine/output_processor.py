@@ -79,10 +79,14 @@ class OutputProcessor:
                 break
         return applied
 
-    def fail(self, req: Request, error: str) -> str:
+    def fail(self, req: Request, error: str) -> None:
         req.error = error
         self.finish(req, RequestStatus.FINISHED_ERROR)
-        return self.child_of[req.request_id][0].request_id
+
+    def mark(self, changed: dict[str, set[int]], req: Request) -> None:
+        """Note that `req` has news for its group's next output (see collect)."""
+        group, idx = self.child_of[req.request_id]
+        changed.setdefault(group.request_id, set()).add(idx)
 
     # ---- outputs -------------------------------------------------------------------------------
     def collect(self, changed: dict[str, set[int]]) -> list[RequestOutput]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class _Index:
-    tokens: list[int] = field(default_factory=list)
+    synced: int = 0  # tokens of the sequence already indexed
     latest: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram → start of what followed it
 
 
@@ -31,15 +31,13 @@ class NgramProposer:
 
     def _sync(self, request_id: str, tokens: list[int]) -> _Index:
         idx = self.indexes.get(request_id)
-        if idx is None or len(tokens) < len(idx.tokens):  # a sequence only grows; shorter means a new one
+        if idx is None or len(tokens) < idx.synced:  # a sequence only grows; shorter means a new one
             idx = self.indexes[request_id] = _Index()
-        have = idx.tokens
-        for end in range(len(have), len(tokens)):
-            have.append(tokens[end])
+        for end in range(max(idx.synced, 1), len(tokens)):
             # every n-gram ending just before `end` now has a continuation starting at `end`
-            for n in range(self.ngram_min, self.ngram_max + 1):
-                if end - n >= 0:
-                    idx.latest[tuple(have[end - n : end])] = end
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                idx.latest[tuple(tokens[end - n : end])] = end
+        idx.synced = len(tokens)
         return idx
 
     def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]:

@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import collections
 import statistics
-from dataclasses import dataclass
-
-
-@dataclass
-class _Acceptance:
-    alpha: float
 
 
 class StepTimeModel:
     """Measured step time as a function of the step's tokens, kept separately for pure decode steps (one token per
     sequence: the fused decode path) and mixed steps (prefill chunks or verification rows).
 
-    The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once
-    compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
+    The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a
+    step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
     pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
     point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
     """
@@ -39,6 +33,7 @@ class StepTimeModel:
         self.window = window
         # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
         self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
+        self._points: dict[bool, list[tuple[float, float]]] = {}
         self.prior = 0.05  # seconds, for a step before anything was measured
 
     @staticmethod
@@ -48,12 +43,18 @@ class StepTimeModel:
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
         table.setdefault(b, collections.deque(maxlen=self.window)).append((tokens, seconds))
+        self._points.pop(mixed, None)
 
     def points(self, mixed: bool) -> list[tuple[float, float]]:
         """(median tokens, median seconds) per measured bucket: medians, so that a step stalled by another
-        process on the machine does not move the estimate."""
-        return sorted((statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
-                      for q in self.buckets[mixed].values())
+        process on the machine does not move the estimate. Kept until the next observation (a plan predicts
+        once per candidate proposal)."""
+        pts = self._points.get(mixed)
+        if pts is None:
+            pts = self._points[mixed] = sorted(
+                (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+                for q in self.buckets[mixed].values())
+        return pts
 
     @staticmethod
     def _curve(tokens: int, pts: list[tuple[float, float]]) -> float | None:
@@ -90,24 +91,24 @@ class SpecPolicy:
         # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
         self.explore_every, self.idle_steps = explore_every, 0
         self.prior, self.decay, self.relax = prior_alpha, decay, relax
-        self.acceptance: dict[str, _Acceptance] = {}
+        self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
         self.time_model = StepTimeModel()
 
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
     def alpha(self, request_id: str) -> float:
-        return self.acceptance.setdefault(request_id, _Acceptance(self.prior)).alpha
+        return self.acceptance.get(request_id, self.prior)
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
         """After verification: `accepted` of `proposed` landed (a run stops at the first rejection)."""
-        st = self.acceptance.setdefault(request_id, _Acceptance(self.prior))
+        a = self.alpha(request_id)
         if proposed == 0:  # not tried this step: drift back toward the prior so it is tried again
-            st.alpha += self.relax * (self.prior - st.alpha)
+            self.acceptance[request_id] = a + self.relax * (self.prior - a)
             return
         # observed per-token acceptance for a run: accepted tokens over the positions actually tested
         tested = accepted + (1 if accepted < proposed else 0)
-        st.alpha = self.decay * st.alpha + (1 - self.decay) * (accepted / tested)
+        self.acceptance[request_id] = self.decay * a + (1 - self.decay) * (accepted / tested)
 
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
              pass_seconds: float = 0.0) -> dict[str, int]:
