@@ -132,7 +132,8 @@ def _vm_flags(t: torch.Tensor) -> set[str]:
     return flags
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="needs Linux /proc/self/smaps and a kernel with transparent huge pages")
 def test_kv_pool_page_size_follows_profile(tiny_llm, tiny_hf):
     # the pool asks for 2 MiB pages (fast: fewer TLB misses at many streams) or forbids them (small, balanced)
     assert "hg" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=True))

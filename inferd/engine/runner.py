@@ -58,7 +58,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = Fa
     buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
     if advice is not None:
-        buf.madvise(advice)
+        try:
+            buf.madvise(advice)
+        except OSError:  # a kernel without transparent huge pages: its pages are small anyway
+            pass
     # the tensor keeps `buf` alive (frombuffer holds a reference to the exporting object)
     return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
 
