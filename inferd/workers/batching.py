@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from inferd.errors import OverloadedError
@@ -41,8 +41,29 @@ class BatchConfig:
 
 @dataclass
 class _Job:
+    """A concurrent Future for blocking callers, or an asyncio future and its loop for `submit`."""
+
     items: Sequence[Any]
-    future: Future = field(default_factory=Future)
+    future: Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    afuture: asyncio.Future | None = None
+
+    def start(self) -> bool:
+        """False when the caller has given up on it (cancelled): not worth computing."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.afuture.cancelled()  # type: ignore[union-attr]  # a racy read; at worst wasted work
+
+
+def _deliver(done: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """On the event loop: finish a batch's async jobs in one callback (one loop wake-up per batch)."""
+    for fut, result, exc in done:
+        if fut.cancelled():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 @dataclass
@@ -78,7 +99,11 @@ class BatchingWorker:
 
     # ---- submit (any thread; async helper for the server) ---------------------------------------------
     def submit_future(self, items: Sequence[Any]) -> Future:
-        job = _Job(items)
+        job = _Job(items, future=Future())
+        self._put(job)
+        return job.future  # type: ignore[return-value]
+
+    def _put(self, job: _Job) -> None:
         if not self._thread.is_alive():
             raise OverloadedError(f"the worker of model {self.name!r} has stopped")
         try:
@@ -86,11 +111,13 @@ class BatchingWorker:
         except queue.Full:
             raise OverloadedError(f"model {self.name!r} has {self.config.max_queue} requests waiting; retry "
                                   "later") from None
-        return job.future
 
     async def submit(self, items: Sequence[Any]) -> tuple[Any, float]:
         """(this job's results, its compute seconds)."""
-        return await asyncio.wrap_future(self.submit_future(items))
+        loop = asyncio.get_running_loop()
+        job = _Job(items, loop=loop, afuture=loop.create_future())
+        self._put(job)
+        return await job.afuture  # type: ignore[misc]
 
     def run(self, items: Sequence[Any]) -> tuple[Any, float]:
         """Blocking submit, for callers outside an event loop."""
@@ -143,26 +170,43 @@ class BatchingWorker:
             try:
                 jobs, carry = self._gather(first)
             except BaseException as exc:  # noqa: BLE001 - a job whose items misbehave fails alone
-                first.future.set_exception(exc)
+                self._finish([first], [None], exc)
                 carry = None
                 continue
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            jobs = [j for j in jobs if j.start()]
             if not jobs:
                 continue
             t0 = time.perf_counter()
             try:
                 results = self.run_batch(self.concat([j.items for j in jobs]))
             except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
-                for j in jobs:
-                    j.future.set_exception(exc)
+                self._finish(jobs, [None] * len(jobs), exc)
                 continue
             dt = time.perf_counter() - t0
             total = sum(len(j.items) for j in jobs) or 1
             self.stats.batches += 1
             self.stats.items += total
             self.stats.compute_s += dt
-            i = 0
+            out, i = [], 0
             for j in jobs:
                 k = len(j.items)
-                j.future.set_result((results[i : i + k], dt * k / total))
+                out.append((results[i : i + k], dt * k / total))
                 i += k
+            self._finish(jobs, out, None)
+
+    @staticmethod
+    def _finish(jobs: list[_Job], results: list[Any], exc: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for j, r in zip(jobs, results):
+            if j.future is not None:
+                if exc is not None:
+                    j.future.set_exception(exc)
+                else:
+                    j.future.set_result(r)
+            else:
+                by_loop.setdefault(j.loop, []).append((j.afuture, r, exc))  # type: ignore[arg-type]
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, done)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
