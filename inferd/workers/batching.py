@@ -8,6 +8,10 @@ The worker takes the oldest job, then keeps taking jobs until the batch holds `m
 loop) and hands each job its own slice of the results with its share of the batch's compute time (by item
 count). A full queue refuses new work at once with OverloadedError (503 + Retry-After), never a hang. An error
 in `run_batch` goes to every job of that batch; the worker keeps serving.
+
+The delay is a maximum: after a batch that had no company (one job, nothing else queued) the next batch takes
+what is queued and runs without waiting, so a lone client is not held back by `max_queue_delay_s` on every
+request; as soon as a batch finds two or more jobs, batches wait again.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class BatchingWorker:
         self.concat = concat or (lambda parts: [x for p in parts for x in p])
         self.stats = BatchStats()
         self._stopping = False
+        self._alone = False  # the last batch was one job with nothing queued behind it
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.config.max_queue)
         self._init, self._init_error = init, None
         self._ready = threading.Event()
@@ -135,7 +140,7 @@ class BatchingWorker:
     def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
         """Jobs for one batch, and a job taken that did not fit (it starts the next batch)."""
         jobs, n = [first], len(first.items)
-        deadline = time.monotonic() + self.config.max_queue_delay_s
+        deadline = time.monotonic() + (0.0 if self._alone else self.config.max_queue_delay_s)
         while n < self.config.max_batch_size:
             left = deadline - time.monotonic()
             try:
@@ -146,9 +151,11 @@ class BatchingWorker:
                 self._stopping = True
                 break
             if n + len(job.items) > self.config.max_batch_size:
+                self._alone = False
                 return jobs, job
             jobs.append(job)
             n += len(job.items)
+        self._alone = len(jobs) == 1
         return jobs, None
 
     def _loop(self) -> None:
