@@ -14,6 +14,7 @@ may carry tensors as raw bytes (the binary tensor data extension, see oip_codec)
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,10 +31,13 @@ from inferd.tabular.models import TensorModel
 from inferd.tabular.service import TensorService
 
 VERSION = "1"  # one version per served model
+log = logging.getLogger(__name__)
 
 
 def _oip_error(exc: Exception) -> JSONResponse:
     status = exc.status_code if isinstance(exc, InferdError) else 500
+    if status == 500:
+        log.error("internal error", exc_info=exc)
     headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
     msg = str(exc) if isinstance(exc, InferdError) else f"internal error: {type(exc).__name__}"
     return JSONResponse({"error": msg}, status_code=status, headers=headers)
