@@ -16,6 +16,7 @@ Raw bytes are the tensor in row-major order, little-endian; BOOL one byte per el
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,7 @@ def parse_request(model: TensorModel, body: Any, raw: memoryview = memoryview(b"
         if len(shape) != len(spec.shape) or any(w != -1 and w != d for w, d in zip(spec.shape, shape)):
             raise InvalidRequestError(f"input {name!r} has shape {shape}, model {model.name!r} expects "
                                       f"{list(spec.shape)} (-1: any size)")
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t.get("parameters"), dict) else None
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(raw):
@@ -164,7 +165,8 @@ def encode_response(head: dict[str, Any], outputs: list[tuple[str, np.ndarray, s
             o["parameters"] = {"binary_data_size": len(b)}
             tails.append(b)
         else:
-            o["data"] = [x.decode() if isinstance(x, bytes) else x for x in arr.reshape(-1).tolist()]
+            flat = arr.reshape(-1).tolist()
+            o["data"] = [x.decode() if isinstance(x, bytes) else x for x in flat] if dt == "BYTES" else flat
         outs.append(o)
     header = json.dumps({**head, "outputs": outs}, separators=(",", ":")).encode()
     if not tails:
