@@ -5,9 +5,11 @@ requests at 1, 16 and 64 concurrent clients on loopback, for
   - inferd with batching off (--max-batch-size 1),
   - a plain FastAPI endpoint that parses the same request and calls the model once per request (the baseline),
 
-all in the same run, on the same XGBoost model (examples/fraud/fraud.py's data, 100 trees of depth 4).
+all in the same run, on the same XGBoost model (examples/fraud/fraud.py's data, 100 trees of depth 4). The three
+servers run side by side and take turns in `--rounds` rounds per concurrency level, so a shared host's changing
+load hits all of them; each line also gives the server process's CPU time per request.
 
-    python benchmarks/tabular.py [--requests 3000] [--delay-ms 1] [--json out.json]
+    python benchmarks/tabular.py [--requests 3000] [--rounds 4] [--delay-ms 1] [--json out.json]
 
 The load generator is aiohttp in this process; the servers are separate processes on 127.0.0.1.
 """
@@ -59,6 +61,12 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _fraud_module():
     spec = importlib.util.spec_from_file_location("fraud", ROOT / "examples" / "fraud" / "fraud.py")
     mod = importlib.util.module_from_spec(spec)
@@ -94,7 +102,8 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"{cmd} not ready: {log.read_text()}")
 
 
-async def load(url: str, rows: np.ndarray, n: int, concurrency: int) -> dict[str, float]:
+async def load(url: str, rows: np.ndarray, n: int, concurrency: int, warmup: int = 50) -> tuple[list[float], float]:
+    """`n` single-row requests from `concurrency` closed-loop clients: (latencies s, wall s)."""
     import aiohttp
 
     bodies = [json.dumps({"inputs": [{"name": "input", "shape": [1, rows.shape[1]], "datatype": "FP32",
@@ -114,19 +123,20 @@ async def load(url: str, rows: np.ndarray, n: int, concurrency: int) -> dict[str
 
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as s:
-        for _ in range(min(50, n)):  # warm up connections and the model
+        for _ in range(min(warmup, n)):  # warm up connections and the model
             async with s.post(url, data=bodies[0], headers={"Content-Type": "application/json"}) as r:
                 await r.read()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(s) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    ms = np.array(lat) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "rps": n / wall}
+    return lat, wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000, help="requests per (server, concurrency)")
+    ap.add_argument("--rounds", type=int, default=4, help="the requests are sent in this many rounds, the servers "
+                                                          "taking turns, so drift in a shared host's load hits all")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="--max-queue-delay-ms of the batching server")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--json", default=None)
@@ -143,27 +153,42 @@ def main() -> None:
         "inferd, batching off": [py, "-m", "inferd.cli", "serve", "--model", str(model), "--max-batch-size", "1"],
         "plain FastAPI, model per request": [py, "-c", BASELINE, str(model)],
     }
-    results: dict[str, dict[int, dict[str, float]]] = {}
     print(f"machine: {machine_info()}; load average {os.getloadavg()[0]:.1f} (shared CPU)")
-    for name, cmd in servers.items():
-        port = free_port()
-        full = cmd + (["--port", str(port)] if cmd[1] == "-m" else [str(port)])
-        proc = start(full, port, tmp / f"{len(results)}.log")
-        try:
-            url = f"http://127.0.0.1:{port}/v2/models/fraud.json/infer"
-            results[name] = {}
-            for c in args.concurrency:
-                r = asyncio.run(load(url, rows, args.requests, c))
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
+    per_round = max(1, args.requests // args.rounds)
+    try:
+        for name, cmd in servers.items():  # all up at once; idle while another is measured
+            port = free_port()
+            full = cmd + (["--port", str(port)] if cmd[1] == "-m" else [str(port)])
+            procs[name] = (start(full, port, tmp / f"{len(procs)}.log"),
+                           f"http://127.0.0.1:{port}/v2/models/fraud.json/infer")
+        for c in args.concurrency:
+            acc = {name: ([], 0.0, 0.0) for name in servers}  # latencies, wall s, server CPU s
+            for rnd in range(args.rounds):
+                for name, (proc, url) in procs.items():
+                    lat, wall, cpu = acc[name]
+                    cpu0 = process_cpu_s(proc.pid)
+                    more, w = asyncio.run(load(url, rows, per_round, c, warmup=50 if rnd == 0 else 0))
+                    acc[name] = (lat + more, wall + w, cpu + process_cpu_s(proc.pid) - cpu0)
+            for name, (lat, wall, cpu) in acc.items():
+                ms = np.array(lat) * 1000
+                # server CPU per request (the first round's 50 warm-up requests included): what bounds req/s on a
+                # host whose cores are shared with the load generator and other processes
+                r = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                     "rps": len(lat) / wall, "server_cpu_ms_per_req": 1e3 * cpu / (len(lat) + 50)}
                 results[name][c] = r
                 print(f"{name:34s} c={c:3d}  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
-                      f"{r['rps']:8.0f} req/s", flush=True)
-        finally:
+                      f"{r['rps']:8.0f} req/s  server CPU {r['server_cpu_ms_per_req']:.3f} ms/req", flush=True)
+    finally:
+        for proc, _ in procs.values():
             proc.kill()
             proc.wait()
     base = results["plain FastAPI, model per request"]
     on = results["inferd, batching on"]
     print("ratio inferd (batching on) / plain FastAPI req/s: " +
           ", ".join(f"c={c}: {on[c]['rps'] / base[c]['rps']:.2f}x" for c in args.concurrency))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_info(), "results": results}, indent=2))
 

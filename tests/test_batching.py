@@ -103,3 +103,25 @@ def test_init_runs_on_the_worker_thread_and_its_error_raises():
         BatchingWorker("m", FakeModel(), init=broken)
     with pytest.raises(ValueError, match="max batch size"):
         BatchConfig(max_batch_size=0)
+
+
+def test_a_lone_client_is_not_held_back_by_the_delay_but_company_is_batched():
+    model = FakeModel()
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=0.3))
+    t0 = time.perf_counter()
+    assert w.run([1])[0] == [10]  # the first batch waits out the delay: nothing says it will stay alone
+    assert time.perf_counter() - t0 >= 0.3
+    for i in range(3):  # a client that sends one request at a time, after a batch without company
+        t0 = time.perf_counter()
+        assert w.run([i])[0] == [i * 10]
+        assert time.perf_counter() - t0 < 0.25
+    gate = threading.Event()
+    w.run_batch = FakeModel(gate=gate)  # hold the worker so that company queues up behind a batch
+    first = w.submit_future([0])
+    time.sleep(0.05)
+    futs = [w.submit_future([i]) for i in range(1, 4)]
+    gate.set()
+    assert [f.result(5)[0] for f in [first, *futs]] == [[i * 10] for i in range(4)]
+    assert w.run_batch.calls == [[0], [1, 2, 3]]
+    assert not w._alone  # the batch found company: the next one waits for more again
+    w.stop()

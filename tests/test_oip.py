@@ -4,6 +4,7 @@ with the official tritonclient and with hand-written requests shaped like the sp
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -183,6 +184,70 @@ def test_tritonclient(server, models):
     bad.set_data_from_numpy(x[:1, :3], binary_data=False)
     with pytest.raises(InferenceServerException, match="shape"):
         client.infer("fraud.json", [bad])
+
+
+def test_tritonclient_binary_tensors(server, models):
+    """The binary tensor data extension, as the official client speaks it (its default: binary_data=True)."""
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    x = models["x"][:5]
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    res = client.infer("fraud.json", [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True),
+                                                     httpclient.InferRequestedOutput("label", binary_data=False)])
+    out = {o["name"]: o for o in res.get_response()["outputs"]}
+    assert out["probabilities"]["parameters"]["binary_data_size"] == 5 * 2 * 4 and "data" not in out["probabilities"]
+    assert out["label"]["data"] == models["xgb"].predict(x).tolist()
+    np.testing.assert_allclose(res.as_numpy("probabilities"), models["xgb"].predict_proba(x), atol=1e-6, rtol=0)
+    res = client.infer("fraud.json", [inp])  # no outputs named: the client asks for every output in binary
+    assert res.as_numpy("label").tolist() == models["xgb"].predict(x).tolist()
+    np.testing.assert_allclose(res.as_numpy("probabilities"), models["xgb"].predict_proba(x), atol=1e-6, rtol=0)
+
+
+def test_binary_request_by_hand_and_its_errors(server, models):
+    x = models["x"][:3]
+    raw = x.astype("<f4").tobytes()
+
+    def post(head: dict, tail: bytes, length: int | None = None) -> httpx.Response:
+        h = json.dumps(head).encode()
+        return httpx.post(server.url + "/v2/models/fraud.json/infer", content=h + tail,
+                          headers={"Inference-Header-Content-Length": str(len(h) if length is None else length)})
+
+    inp = {"name": "input", "shape": [3, 6], "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    r = post({"inputs": [inp], "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, raw)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    head = json.loads(r.content[:n])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - n == 3 * 2 * 4
+    got = np.frombuffer(r.content[n:], dtype="<f4").reshape(3, 2)
+    np.testing.assert_allclose(got, models["xgb"].predict_proba(x), atol=1e-6, rtol=0)
+    for head, tail, length, needle in [
+        ({"inputs": [inp]}, raw[:-4], None, "does not fit"),
+        ({"inputs": [{**inp, "parameters": {"binary_data_size": 8}}]}, raw[:8], None, "72 bytes, binary_data_size is 8"),
+        ({"inputs": [inp]}, raw + b"xx", None, "2 bytes after the JSON header belong to no input"),
+        ({"inputs": [inp]}, raw, 10**6, "Inference-Header-Content-Length must be"),
+        ({"inputs": [{k: v for k, v in inp.items() if k != "parameters"}]}, b"", None, "needs 'data' or"),
+    ]:
+        r = post(head, tail, length)
+        assert r.status_code == 400 and needle in r.json()["error"], (needle, r.text)
+
+
+def test_codec_bytes_and_bool_round_trip():
+    from inferd.server.oip_codec import _from_bytes, _to_bytes
+
+    words = np.array([b"card", b"", "caf\u00e9".encode()], dtype=object)
+    raw = _to_bytes(words, "BYTES")
+    assert raw[:4] == (4).to_bytes(4, "little") and len(raw) == 3 * 4 + 4 + 0 + 5
+    assert _from_bytes("w", memoryview(raw), "BYTES", 3).tolist() == words.tolist()
+    flags = np.array([True, False, True])
+    assert _to_bytes(flags, "BOOL") == b"\x01\x00\x01"
+    assert _from_bytes("f", memoryview(b"\x01\x00\x01"), "BOOL", 3).tolist() == flags.tolist()
+    from inferd.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="runs past"):
+        _from_bytes("w", memoryview(raw[:-1]), "BYTES", 3)
 
 
 def test_skops_refuses_foreign_types_and_missing_extras_say_how(tmp_path):

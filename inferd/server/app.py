@@ -65,10 +65,12 @@ class BodyLimit:
                 return await resp(scope, receive, send)
         limit = serving_audio.body_limit(scope["path"], self.state.max_body_bytes)
         declared = headers.get(b"content-length")
-        too_big = _error(413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
+        def too_big() -> JSONResponse:  # built only when needed: this runs on every request
+            return _error(413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
+
         if declared is not None and declared.isdigit() and int(declared) > limit:
             self.state.metrics.rejected.labels("body_too_large").inc()
-            return await too_big(scope, receive, send)
+            return await too_big()(scope, receive, send)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -84,7 +86,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
             self.state.metrics.rejected.labels("body_too_large").inc()
-            await too_big(scope, receive, send)
+            await too_big()(scope, receive, send)
 
 
 class _TooLarge(Exception):

@@ -8,6 +8,10 @@ The worker takes the oldest job, then keeps taking jobs until the batch holds `m
 loop) and hands each job its own slice of the results with its share of the batch's compute time (by item
 count). A full queue refuses new work at once with OverloadedError (503 + Retry-After), never a hang. An error
 in `run_batch` goes to every job of that batch; the worker keeps serving.
+
+The delay is a maximum: after a batch that had no company (one job, nothing else queued) the next batch takes
+what is queued and runs without waiting, so a lone client is not held back by `max_queue_delay_s` on every
+request; as soon as a batch finds two or more jobs, batches wait again.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from inferd.errors import OverloadedError
@@ -41,8 +45,29 @@ class BatchConfig:
 
 @dataclass
 class _Job:
+    """A concurrent Future for blocking callers, or an asyncio future and its loop for `submit`."""
+
     items: Sequence[Any]
-    future: Future = field(default_factory=Future)
+    future: Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    afuture: asyncio.Future | None = None
+
+    def start(self) -> bool:
+        """False when the caller has given up on it (cancelled): not worth computing."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.afuture.cancelled()  # type: ignore[union-attr]  # a racy read; at worst wasted work
+
+
+def _deliver(done: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """On the event loop: finish a batch's async jobs in one callback (one loop wake-up per batch)."""
+    for fut, result, exc in done:
+        if fut.cancelled():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 @dataclass
@@ -67,6 +92,7 @@ class BatchingWorker:
         self.concat = concat or (lambda parts: [x for p in parts for x in p])
         self.stats = BatchStats()
         self._stopping = False
+        self._alone = False  # the last batch was one job with nothing queued behind it
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.config.max_queue)
         self._init, self._init_error = init, None
         self._ready = threading.Event()
@@ -78,7 +104,11 @@ class BatchingWorker:
 
     # ---- submit (any thread; async helper for the server) ---------------------------------------------
     def submit_future(self, items: Sequence[Any]) -> Future:
-        job = _Job(items)
+        job = _Job(items, future=Future())
+        self._put(job)
+        return job.future  # type: ignore[return-value]
+
+    def _put(self, job: _Job) -> None:
         if not self._thread.is_alive():
             raise OverloadedError(f"the worker of model {self.name!r} has stopped")
         try:
@@ -86,11 +116,13 @@ class BatchingWorker:
         except queue.Full:
             raise OverloadedError(f"model {self.name!r} has {self.config.max_queue} requests waiting; retry "
                                   "later") from None
-        return job.future
 
     async def submit(self, items: Sequence[Any]) -> tuple[Any, float]:
         """(this job's results, its compute seconds)."""
-        return await asyncio.wrap_future(self.submit_future(items))
+        loop = asyncio.get_running_loop()
+        job = _Job(items, loop=loop, afuture=loop.create_future())
+        self._put(job)
+        return await job.afuture  # type: ignore[misc]
 
     def run(self, items: Sequence[Any]) -> tuple[Any, float]:
         """Blocking submit, for callers outside an event loop."""
@@ -108,7 +140,7 @@ class BatchingWorker:
     def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
         """Jobs for one batch, and a job taken that did not fit (it starts the next batch)."""
         jobs, n = [first], len(first.items)
-        deadline = time.monotonic() + self.config.max_queue_delay_s
+        deadline = time.monotonic() + (0.0 if self._alone else self.config.max_queue_delay_s)
         while n < self.config.max_batch_size:
             left = deadline - time.monotonic()
             try:
@@ -119,9 +151,11 @@ class BatchingWorker:
                 self._stopping = True
                 break
             if n + len(job.items) > self.config.max_batch_size:
+                self._alone = False
                 return jobs, job
             jobs.append(job)
             n += len(job.items)
+        self._alone = len(jobs) == 1
         return jobs, None
 
     def _loop(self) -> None:
@@ -143,26 +177,43 @@ class BatchingWorker:
             try:
                 jobs, carry = self._gather(first)
             except BaseException as exc:  # noqa: BLE001 - a job whose items misbehave fails alone
-                first.future.set_exception(exc)
+                self._finish([first], [None], exc)
                 carry = None
                 continue
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            jobs = [j for j in jobs if j.start()]
             if not jobs:
                 continue
             t0 = time.perf_counter()
             try:
                 results = self.run_batch(self.concat([j.items for j in jobs]))
             except BaseException as exc:  # noqa: BLE001 - every job of the batch gets the error
-                for j in jobs:
-                    j.future.set_exception(exc)
+                self._finish(jobs, [None] * len(jobs), exc)
                 continue
             dt = time.perf_counter() - t0
             total = sum(len(j.items) for j in jobs) or 1
             self.stats.batches += 1
             self.stats.items += total
             self.stats.compute_s += dt
-            i = 0
+            out, i = [], 0
             for j in jobs:
                 k = len(j.items)
-                j.future.set_result((results[i : i + k], dt * k / total))
+                out.append((results[i : i + k], dt * k / total))
                 i += k
+            self._finish(jobs, out, None)
+
+    @staticmethod
+    def _finish(jobs: list[_Job], results: list[Any], exc: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for j, r in zip(jobs, results):
+            if j.future is not None:
+                if exc is not None:
+                    j.future.set_exception(exc)
+                else:
+                    j.future.set_result(r)
+            else:
+                by_loop.setdefault(j.loop, []).append((j.afuture, r, exc))  # type: ignore[arg-type]
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, done)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
