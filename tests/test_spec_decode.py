@@ -261,3 +261,39 @@ def test_draft_model_needs_the_same_vocabulary(tiny_hf, tiny_llm):
         SpeculativeConfig("draft")
     with pytest.raises(InvalidRequestError, match="same vocabulary"):
         DraftModelProposer(tiny_llm.engine.lm, tiny_llm.engine.lm.config.vocab_size + 1, 8, 16)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_verification_rows_run_in_the_fused_decoder(tiny_hf, tiny_llm, method, always_propose):
+    """A verifying sequence's k + 1 rows are decode rows (each sees the cache up to its own position), so a step
+    of decodes and verifications is one fused C call, and the tokens equal the layer-by-layer path's."""
+    from inferd.ops import cpu_kernels
+    from inferd.ops.kernels import get_kernels
+
+    if not cpu_kernels.has_quant_gemm():
+        pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: no fused decoder")
+    ps = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 6, seed=7)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = LLM(str(tiny_hf), dtype="float32", quantization=method, kv_cache_memory=0.05, device="cpu")
+    plain.engine.lm.model._fused = None
+    spec = _llm(tiny_hf, True, quantization=method, device="cpu")
+    rows_seen: list[tuple[int, int]] = []  # (rows, sequences) of each step the fused decoder ran
+    runner = spec.engine.runner
+    execute = runner.execute
+
+    def counting(batch):
+        decoder = spec.engine.lm.model._fused
+        before = decoder.steps if decoder else 0
+        out = execute(batch)
+        decoder = spec.engine.lm.model._fused
+        if decoder and decoder.steps > before:
+            rows_seen.append((batch.meta.num_decode, len(batch.sample_rows)))
+        elif not batch.meta.prefills:
+            pytest.fail(f"a decode step of {batch.meta.num_decode} rows left the fused decoder")
+        return out
+
+    runner.execute = counting
+    for group in (ps[:1], ps):
+        assert _ids(spec.generate(group, params)) == _ids(plain.generate(group, params))
+    assert any(rows > seqs for rows, seqs in rows_seen)  # verification rows went through the fused call
+    assert spec.engine.spec_accepted_tokens > 0

@@ -217,8 +217,8 @@ class LLMEngine:
         for req in out.requests:
             req.times.compute_s += dt * out.num_tokens[req.request_id] / total
         if self.spec_policy is not None:
-            pure_decode = all(n == 1 for n in out.num_tokens.values())
-            self.spec_policy.time_model.observe(total, not pure_decode, dt)
+            # verification rows are decode rows: a step is "mixed" only when it carries prefill chunks
+            self.spec_policy.time_model.observe(total, bool(batch.meta.prefills), dt)
         assert so is not None or not sample_reqs
         j = 0
         for req in sample_reqs:

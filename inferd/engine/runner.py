@@ -101,7 +101,7 @@ class ModelRunner:
         num_sample_rows: list[int] = []
         prompt_lp_rows: dict[str, tuple[int, int, int]] = {}
         meta = AttnMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
-        decode_reqs: list[Request] = []
+        decode_rows: list[tuple[Request, int]] = []  # (sequence, context length including the row's token)
         row = 0
         for req in out.requests:
             n = out.num_tokens[req.request_id]
@@ -111,10 +111,12 @@ class ModelRunner:
             ids.extend(req.all_token_ids[start : end - len(spec)] + spec if spec else req.all_token_ids[start:end])
             positions.extend(range(start, end))
             slot_parts.append(self._slots(req.block_ids, start, end))
-            is_decode = n == 1 and start >= req.num_prompt_tokens
+            # a decode row per new token: one, or 1 + the proposals being verified (each row sees the cache up
+            # to its own position, so the step needs no multi-token attention)
+            is_decode = n == 1 + len(spec) and start >= req.num_prompt_tokens
             if is_decode:
                 assert not meta.prefills, "the scheduler puts decodes before prefills"
-                decode_reqs.append(req)
+                decode_rows.extend((req, start + i + 1) for i in range(n))
             else:
                 mask = None
                 if start > 0:  # cached prefix or earlier chunks: causal with an offset
@@ -136,16 +138,15 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(slot_parts) if slot_parts else meta.slot_mapping
         if meta.prefills and self.use_c_kernel:
             plan_prefill_kernel(meta)
-        meta.num_decode = len(decode_reqs)
-        if decode_reqs:
-            nblk = max(len(r.block_ids) for r in decode_reqs)
-            table = torch.zeros(len(decode_reqs), nblk, dtype=torch.long)
-            for i, r in enumerate(decode_reqs):
+        meta.num_decode = len(decode_rows)
+        if decode_rows:
+            nblk = max(len(r.block_ids) for r, _ in decode_rows)
+            table = torch.zeros(len(decode_rows), nblk, dtype=torch.long)
+            for i, (r, _) in enumerate(decode_rows):
                 table[i, : len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.long)
             dev = self.lm.device
             meta.decode_block_tables = table.to(dev)
-            meta.decode_ctx_lens = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs], dtype=torch.int32,
-                                                device=dev)
+            meta.decode_ctx_lens = torch.tensor([n for _, n in decode_rows], dtype=torch.int32, device=dev)
             meta.use_c_kernel = self.use_c_kernel
         if self.window_blocks:
             meta.local = self._window_meta(meta, out, decode_reqs)

@@ -107,7 +107,7 @@ class Scheduler:
                 if n == 1 and k > 0 and self.kv.allocate_slots(req, n + k):
                     del req.spec_token_ids[k:]
                     out.num_tokens[req.request_id] = n + k
-                    prefills.append(req)  # several query rows: the multi-token attention path
+                    decodes.append(req)  # k + 1 decode rows, each seeing the cache up to its own position
                     budget -= n + k
                     continue
                 req.spec_token_ids = []

@@ -4,9 +4,9 @@ Two measured models decide it:
 - acceptance: per sequence, an exponentially weighted estimate α of the chance that a proposed token is accepted
   (so the j-th proposal of a run lands with chance ≈ α^j); between proposals it relaxes toward the prior, so a
   sequence whose proposals failed is tried again later;
-- step time: measured from the engine's own steps as a function of their tokens, separately for pure decode
-  steps and for mixed ones (prefill chunks or verification rows run the multi-token path, which costs more per
-  step than the fused single-token decode on the CPU); see StepTimeModel.
+- step time: measured from the engine's own steps as a function of their tokens, separately for decode steps
+  (one row per sequence, or 1 + its proposals when verifying: all decode rows, the fused path on the CPU) and for
+  mixed ones (with prefill chunks: the multi-token path); see StepTimeModel.
 For a step with O sequences about to decode, drafts are taken in order of their acceptance chance while the
 expected tokens per second, (O + Σ accepted) / t(O + drafts), keeps rising. Large batches (where a step's time
 grows with its tokens) therefore switch speculation off by themselves, as does a low acceptance rate. So that the time model keeps seeing what
@@ -20,8 +20,8 @@ import statistics
 
 
 class StepTimeModel:
-    """Measured step time as a function of the step's tokens, kept separately for pure decode steps (one token per
-    sequence: the fused decode path) and mixed steps (prefill chunks or verification rows).
+    """Measured step time as a function of the step's tokens, kept separately for decode steps (decode and
+    verification rows only: the fused decode path) and mixed steps (with prefill chunks).
 
     The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a
     step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
@@ -85,8 +85,11 @@ class StepTimeModel:
 
 class SpecPolicy:
     def __init__(self, max_tokens: int, prior_alpha: float = 0.6, decay: float = 0.7, relax: float = 0.05,
-                 explore_every: int = 16):
+                 explore_every: int = 16, min_chance: float = 0.1):
         self.max_tokens = max_tokens
+        # a row is never free (K/V written, logits sampled), even where the measured step time looks flat: a
+        # proposal that lands with less than this chance is not verified
+        self.min_chance = min_chance
         # a model fitted only from steps without verification cannot tell what verification costs: every
         # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
         self.explore_every, self.idle_steps = explore_every, 0
@@ -122,6 +125,8 @@ class SpecPolicy:
             p = 1.0
             for _ in range(min(n_avail, self.max_tokens)):
                 p *= a
+                if p < self.min_chance:
+                    break
                 cand.append((p, rid))
         cand.sort(key=lambda x: -x[0])
         tm = self.time_model
@@ -131,7 +136,7 @@ class SpecPolicy:
             gain += p
             depth[rid] = depth.get(rid, 0) + 1
             longest = max(longest, depth[rid])
-            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, True) + pass_seconds * longest)
+            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest)
             if rate > best_rate:
                 best_rate, best_n = rate, n
         if best_n == 0 and cand:
