@@ -149,7 +149,7 @@ class ModelRunner:
             meta.decode_ctx_lens = torch.tensor([n for _, n in decode_rows], dtype=torch.int32, device=dev)
             meta.use_c_kernel = self.use_c_kernel
         if self.window_blocks:
-            meta.local = self._window_meta(meta, out, decode_reqs)
+            meta.local = self._window_meta(meta, out, [r for r, _ in decode_rows])
         dev = self.lm.device
         if dev.type != "cpu":
             for m in (meta, meta.local) if meta.local is not None else (meta,):
@@ -169,7 +169,8 @@ class ModelRunner:
 
     def _window_meta(self, meta: AttnMetadata, out: SchedulerOutput, decode_reqs: list[Request]) -> AttnMetadata:
         """The sliding-window layers' view of the step: the same rows, addressed through `local_block_ids` (entries
-        before the window are released, -1; they are never read, so tables show them as block 0)."""
+        before the window are released, -1; they are never read, so tables show them as block 0). `decode_reqs`:
+        the sequence of each decode row (a verifying sequence has several)."""
         bs = self.block_size
         slots, tables = [], []
         for req in out.requests:
