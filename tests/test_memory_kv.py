@@ -110,12 +110,12 @@ def test_metrics_report_weight_and_kv_bytes(tiny_llm):
                     if line.startswith(name) and labels in line)
 
     assert gauge("inferd_model_weight_bytes", 'model_name="tiny"') == eng.weight_bytes > 0
-    assert gauge("inferd_kv_cache_bytes", 'kind="max"') == eng.kv.num_blocks * eng.kv_bytes_per_block
+    assert gauge("inferd_kv_cache_bytes", 'kind="max"') == eng.kv.num_blocks * eng.kv_plan.full_block_bytes
     eng.add_request("mem", list(range(3, 60)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     eng.step()
     m.on_step("tiny", eng)
-    assert gauge("inferd_kv_cache_bytes", 'kind="used"') == 4 * eng.kv_bytes_per_block  # 57 tokens: 4 blocks
-    assert gauge("inferd_kv_cache_bytes", 'kind="resident"') >= 4 * eng.kv_bytes_per_block
+    assert gauge("inferd_kv_cache_bytes", 'kind="used"') == 4 * eng.kv_plan.full_block_bytes  # 57 tokens: 4 blocks
+    assert gauge("inferd_kv_cache_bytes", 'kind="resident"') >= 4 * eng.kv_plan.full_block_bytes
     eng.abort_request("mem")
 
 

@@ -15,12 +15,12 @@ from dataclasses import replace
 import torch
 
 from inferd.config import EngineConfig
-from inferd.engine.block_manager import KVCacheManager
 from inferd.engine.detokenizer import IncrementalDetokenizer
+from inferd.engine.kv_plan import plan_kv
 from inferd.engine.output_processor import OutputProcessor, RequestGroup
 from inferd.engine.outputs import CompletionOutput, RequestOutput
 from inferd.engine.request import Request, RequestStatus
-from inferd.engine.runner import ModelRunner, kv_bytes_per_block, plan_num_blocks
+from inferd.engine.runner import ModelRunner
 from inferd.engine.sampler import Sampler, prompt_logprobs
 from inferd.engine.scheduler import Scheduler, SchedulerOutput
 from inferd.engine.spec_decode import DraftModelProposer, NgramProposer, SpecPolicy
@@ -45,18 +45,20 @@ class LLMEngine:
         self.tokenizer = self.lm.tokenizer
         self.max_model_len = self.lm.max_model_len
         cc = config.cache
-        num_blocks = plan_num_blocks(self.lm, cc.block_size, cc.kv_cache_memory_gib,
-                                     available_memory_bytes(self.lm.device), config.memory_profile)
-        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
-                                 grow_before_evict=config.memory_profile != "small")
         sc = replace(config.scheduler, max_model_len=self.max_model_len)
         sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
+        self.kv_plan = plan_kv(self.lm, cc.block_size, cc.kv_cache_memory_gib, available_memory_bytes(self.lm.device),
+                               config.memory_profile, sc.max_num_seqs, sc.max_num_batched_tokens)
+        num_blocks = self.kv_plan.num_blocks
+        self.kv = self.kv_plan.make_manager(cc.enable_prefix_caching,
+                                            grow_before_evict=config.memory_profile != "small")
         self.scheduler = Scheduler(sc, self.kv)
         self.runner = ModelRunner(self.lm, num_blocks, cc.block_size,
                                   cuda_graphs=not config.enforce_eager, max_num_seqs=sc.max_num_seqs,
                                   # 2 MiB KV pages: fewer TLB misses at many streams, up to 2 MiB per layer's K
                                   # and V more memory; only the fast profile takes that trade (see README, Memory)
-                                  kv_huge_pages=config.memory_profile == "fast")
+                                  kv_huge_pages=config.memory_profile == "fast",
+                                  window_blocks=self.kv_plan.window_blocks)
         self.sampler = Sampler(self.lm.config.vocab_size)
         self.output = OutputProcessor(self._finish)
         spec = config.speculative
@@ -76,12 +78,14 @@ class LLMEngine:
         self.jump_forward = True  # append grammar-forced tokens without sampling them (they then run as a chunk)
         self.num_steps = 0
         self.total_compute_s = 0.0
-        self.kv_bytes_per_block = kv_bytes_per_block(self.lm, cc.block_size)
         self.weight_bytes, dense_copies = weight_bytes(self.lm.model)
-        log.info("engine ready: %d KV blocks of %d tokens", num_blocks, cc.block_size)
+        kp = self.kv_plan
+        window_note = "" if kp.window is None else (
+            f"; sliding-window layers ({kp.window_layers}, window {kp.window}): own pool of {kp.window_blocks} blocks")
+        log.info("engine ready: %d KV blocks of %d tokens%s", num_blocks, cc.block_size, window_note)
         log.info("memory (%s profile, %s): weights %.0f MB, of which bf16 copies %.0f MB; KV max %.0f MB "
                  "(%d tokens, backed as used)", config.memory_profile, self.lm.quantization, self.weight_bytes / 1e6,
-                 dense_copies / 1e6, num_blocks * self.kv_bytes_per_block / 1e6, num_blocks * cc.block_size)
+                 dense_copies / 1e6, kp.max_bytes / 1e6, num_blocks * cc.block_size)
 
     @property
     def model_name(self) -> str:
@@ -308,9 +312,9 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.queries,
             "prefix_cache_hits": self.kv.hits,
             "weight_bytes": self.weight_bytes,
-            "kv_bytes_used": self.kv.num_used_blocks * self.kv_bytes_per_block,
-            "kv_bytes_touched": self.kv.high_water * self.kv_bytes_per_block,  # resident: blocks ever written
-            "kv_bytes_max": self.kv.num_blocks * self.kv_bytes_per_block,
+            "kv_bytes_used": self.kv_plan.bytes_of(self.kv, "used"),
+            "kv_bytes_touched": self.kv_plan.bytes_of(self.kv, "touched"),  # resident: blocks ever written
+            "kv_bytes_max": self.kv_plan.max_bytes,
             "spec_drafts": self.spec_drafts,
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,

@@ -48,6 +48,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_ids: list[int] = field(default_factory=list)
+    local_block_ids: list[int] = field(default_factory=list)  # sliding-window layers' table (hybrid KV), -1: released
     wait_for: Request | None = None  # n>1 siblings wait until the first one's prompt is cached
     stop_reason: int | str | None = None
     error: str | None = None

@@ -15,36 +15,9 @@ import torch
 from inferd.engine.cuda_graphs import DecodeGraphs
 from inferd.engine.request import Request
 from inferd.engine.scheduler import SchedulerOutput
-from inferd.errors import InvalidRequestError
 from inferd.models.registry import LoadedModel
 from inferd.ops.attention import AttnMetadata, PrefillChunk, plan_prefill_kernel
 from inferd.ops.kernels import get_kernels
-
-
-def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
-    c = lm.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * lm.dtype.itemsize
-
-
-# memory profile → default KV budget (share of free memory, cap in GiB) when --kv-cache-memory is not given
-KV_DEFAULTS = {"small": (0.25, 0.5), "balanced": (0.25, 2.0), "fast": (0.5, 4.0)}
-
-
-def plan_num_blocks(lm: LoadedModel, block_size: int, budget_gib: float | None, available: int,
-                    profile: str = "balanced") -> int:
-    per_block = kv_bytes_per_block(lm, block_size)
-    share, cap = KV_DEFAULTS[profile]
-    budget = int(budget_gib * (1 << 30)) if budget_gib is not None else min(int(available * share), int(cap * (1 << 30)))
-    num_blocks = budget // per_block
-    need = -(-lm.max_model_len // block_size)
-    if num_blocks < need:
-        raise InvalidRequestError(
-            f"KV cache of {budget / (1 << 30):.2f} GiB holds {num_blocks * block_size} tokens, less than one "
-            f"sequence of max_model_len={lm.max_model_len} ({need * per_block / (1 << 30):.2f} GiB); "
-            "raise --kv-cache-memory or lower --max-model-len",
-            param="kv_cache_memory",
-        )
-    return int(num_blocks)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
@@ -69,6 +42,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = Fa
 def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
                        device: torch.device, huge_pages: bool = False) -> list[torch.Tensor]:
     """One (2, blocks, block_size, Hkv, D) tensor per layer. CPU: views of one lazily backed pool."""
+    if num_layers == 0:
+        return []
     if device.type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
     return list(lazy_zeros((num_layers, *shape), dtype, huge_pages).unbind(0))
@@ -87,9 +62,12 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, cuda_graphs: bool = False,
-                 max_num_seqs: int = 64, kv_huge_pages: bool = False):
+                 max_num_seqs: int = 64, kv_huge_pages: bool = False, window_blocks: int = 0):
+        """window_blocks > 0: a hybrid KV cache (engine/hybrid_kv.py): the sliding-window layers get a pool of
+        that many blocks, addressed through `Request.local_block_ids`."""
         self.lm = lm
         self.block_size = block_size
+        self.window_blocks = window_blocks
         c = lm.config
         # the C attention's limits (exported by the library); anything larger uses the torch path
         self.use_c_kernel = lm.device.type == "cpu" and get_kernels().attention_fits(c.num_heads, c.head_dim,
@@ -97,9 +75,15 @@ class ModelRunner:
         # sliding-window layers plan their window per step on the host: no CUDA graph replay for those models
         use_graphs = cuda_graphs and lm.device.type == "cuda" and not c.layer_windows
         # with CUDA graphs, one more block than the KV manager hands out: the padding rows' scratch block
-        self.kv_caches = allocate_kv_caches(
-            c.num_layers, (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim), lm.dtype, lm.device,
-            kv_huge_pages)
+        shape = (2, num_blocks + use_graphs, block_size, c.num_kv_heads, c.head_dim)
+        if window_blocks:
+            windowed = [c.window(i) is not None for i in range(c.num_layers)]
+            full = iter(allocate_kv_caches(windowed.count(False), shape, lm.dtype, lm.device, kv_huge_pages))
+            local = iter(allocate_kv_caches(windowed.count(True), (2, window_blocks, *shape[2:]), lm.dtype, lm.device,
+                                            kv_huge_pages))
+            self.kv_caches = [next(local) if w else next(full) for w in windowed]
+        else:
+            self.kv_caches = allocate_kv_caches(c.num_layers, shape, lm.dtype, lm.device, kv_huge_pages)
         self.graphs = (DecodeGraphs(lm.model, self.kv_caches, block_size, num_blocks, max_num_seqs,
                                     -(-lm.max_model_len // block_size)) if use_graphs else None)
 
@@ -164,12 +148,15 @@ class ModelRunner:
             meta.decode_block_tables = table.to(dev)
             meta.decode_ctx_lens = torch.tensor([n for _, n in decode_rows], dtype=torch.int32, device=dev)
             meta.use_c_kernel = self.use_c_kernel
+        if self.window_blocks:
+            meta.local = self._window_meta(meta, out, [r for r, _ in decode_rows])
         dev = self.lm.device
         if dev.type != "cpu":
-            meta.slot_mapping = meta.slot_mapping.to(dev, non_blocking=True)
-            for p in meta.prefills:
-                p.blocks = p.blocks.to(dev, non_blocking=True)
-                p.mask = None if p.mask is None else p.mask.to(dev, non_blocking=True)
+            for m in (meta, meta.local) if meta.local is not None else (meta,):
+                m.slot_mapping = m.slot_mapping.to(dev, non_blocking=True)
+                for p in m.prefills:
+                    p.blocks = p.blocks.to(dev, non_blocking=True)
+                    p.mask = None if p.mask is None else p.mask.to(dev, non_blocking=True)
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -179,6 +166,35 @@ class ModelRunner:
             num_sample_rows=num_sample_rows,
             prompt_lp_rows=prompt_lp_rows,
         )
+
+    def _window_meta(self, meta: AttnMetadata, out: SchedulerOutput, decode_reqs: list[Request]) -> AttnMetadata:
+        """The sliding-window layers' view of the step: the same rows, addressed through `local_block_ids` (entries
+        before the window are released, -1; they are never read, so tables show them as block 0). `decode_reqs`:
+        the sequence of each decode row (a verifying sequence has several)."""
+        bs = self.block_size
+        slots, tables = [], []
+        for req in out.requests:
+            start = req.num_computed_tokens
+            slots.append(self._slots(req.local_block_ids, start, start + out.num_tokens[req.request_id]))
+            tables.append(torch.tensor(req.local_block_ids, dtype=torch.long).clamp(min=0))
+        local = AttnMetadata(slot_mapping=torch.cat(slots) if slots else meta.slot_mapping,
+                             num_decode=meta.num_decode, decode_ctx_lens=meta.decode_ctx_lens,
+                             use_c_kernel=meta.use_c_kernel)
+        by_id = dict(zip((r.request_id for r in out.requests), tables))
+        if decode_reqs:
+            nblk = max(len(r.local_block_ids) for r in decode_reqs)
+            table = torch.zeros(len(decode_reqs), nblk, dtype=torch.long)
+            for i, r in enumerate(decode_reqs):
+                table[i, : len(r.local_block_ids)] = by_id[r.request_id]
+            local.decode_block_tables = table.to(self.lm.device)
+        decoding = {r.request_id for r in decode_reqs}
+        prefill_reqs = [r for r in out.requests if r.request_id not in decoding]
+        for p, r in zip(meta.prefills, prefill_reqs):
+            local.prefills.append(PrefillChunk(p.q_start, p.q_len, p.ctx_len, by_id[r.request_id][: -(-p.ctx_len // bs)],
+                                               p.mask))
+        if local.prefills and self.use_c_kernel:
+            plan_prefill_kernel(local)
+        return local
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:

@@ -49,6 +49,8 @@ class LlamaAttention(nn.Module):
             q = rotary.apply(q.reshape(T, self.h, self.d), cos, sin)  # (T, H, D)
             k = rotary.apply(k.reshape(T, self.hkv, self.d), cos, sin)  # (T, Hkv, D)
         v = v.reshape(T, self.hkv, self.d)
+        if self.window is not None and meta.local is not None:  # a hybrid KV cache: this layer's own pool
+            meta = meta.local
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, D)
         return self.o_proj(o.reshape(T, self.h * self.d))

@@ -45,6 +45,8 @@ class AttnMetadata:
     # sliding-window layers: window → (decode tables and mask, per-chunk blocks and mask), built at the first such
     # layer of a step (ops.attention._window_plan)
     window_plans: dict[int, tuple] = field(default_factory=dict)
+    # a hybrid KV cache (engine/hybrid_kv.py): the sliding-window layers' own slots and block tables for this step
+    local: AttnMetadata | None = None
 
 
 # A chunk goes to the C prefill kernel when q_len × ctx_len is at most this. Measured per layer (SmolLM2: 9
