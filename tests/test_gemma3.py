@@ -90,7 +90,7 @@ def test_serve_chat_openai_api(gemma_fp32, ref):
 
 def test_fused_decode_equals_python_layers_on_the_q4_k_m_file(ref):
     """The file's own packed K-quant / Q5_0 / Q8_0 layers (`-q auto`, bf16): a decode step as one C call gives the
-    greedy tokens of the layer-by-layer path (the window itself is exercised by tests/test_fused_gemma3.py's tiny
+    greedy tokens of the layer-by-layer path (the window itself is exercised by tests/test_fused_families.py's tiny
     model: this file's 512-token window is longer than these sequences)."""
     from inferd import LLM, SamplingParams
     from inferd.ops import cpu_kernels

@@ -4,7 +4,7 @@ Single-stream decode of a small model is dominated by per-op overhead: the Pytho
 calls and ~10 kernel calls per layer (each a few µs of Python + ctypes), ~4 ms per step for SmolLM2's 30
 layers against ~2 ms of 4-bit matmuls. Here every layer's weights are described once (pointers in ctypes
 structs) and a step is one call that runs the same kernels in the same order, so the result equals the Python
-path's (tests/test_engine.py checks it for Llama, tests/test_fused_gemma3.py for Gemma 3). Per layer the descriptor
+path's (tests/test_engine.py checks it for Llama, tests/test_fused_families.py for Gemma 3). Per layer the descriptor
 carries what varies between the families: q/k RMSNorm (Qwen3, Gemma 3), Gemma's extra output norms, the rotary
 tables (Gemma's local layers have their own base) and the sliding window.
 
