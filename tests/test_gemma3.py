@@ -86,3 +86,21 @@ def test_serve_chat_openai_api(gemma_fp32, ref):
         body = r.json()
         assert body["usage"]["prompt_tokens"] == len(g["prompt_ids"])
         assert body["choices"][0]["message"]["content"] == want
+
+
+def test_fused_decode_equals_python_layers_on_the_q4_k_m_file(ref):
+    """The file's own packed K-quant / Q5_0 / Q8_0 layers (`-q auto`, bf16): a decode step as one C call gives the
+    greedy tokens of the layer-by-layer path (the window itself is exercised by tests/test_fused_families.py's tiny
+    model: this file's 512-token window is longer than these sequences)."""
+    from inferd import LLM, SamplingParams
+    from inferd.ops import cpu_kernels
+
+    if not cpu_kernels.has_quant_gemm():
+        pytest.skip("this kernel tier has no packed GEMMs: the fused decoder does not run")
+    fused, plain = (LLM("gemma3-270m", kv_cache_memory=0.05, max_model_len=256, device="cpu") for _ in range(2))
+    plain.engine.lm.model._fused = None
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    prompts = [g["prompt_ids"] for g in ref["greedy"][:2]]
+    assert [o.outputs[0].token_ids for o in fused.generate(prompts, sp)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    assert fused.engine.lm.model._fused.steps > 0

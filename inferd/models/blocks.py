@@ -171,11 +171,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)
-        if self.act == "gelu_tanh":
-            gate, up = gu.chunk(2, dim=-1)
-            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-        h = cpu_kernels.silu_mul(gu) if not gu.is_cuda else None
+        gelu = self.act == "gelu_tanh"
+        h = None if gu.is_cuda else (cpu_kernels.gelu_tanh_mul(gu) if gelu else cpu_kernels.silu_mul(gu))
         if h is None:
             gate, up = gu.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
         return self.down_proj(h)

@@ -20,6 +20,7 @@ from inferd.models.blocks import GatedMLP, Linear, RMSNorm, Rotary, logits_fp32
 from inferd.models.llama import LlamaAttention
 from inferd.ops import cpu_kernels
 from inferd.ops.attention import AttnMetadata
+from inferd.ops.fused_decode import FusedDecoder
 
 # the norms that are (1 + weight) in an HF checkpoint
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")
@@ -63,6 +64,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.embed_scale = math.sqrt(cfg.hidden_size)
         self.make_rotary(max_positions)
+        self._fused: FusedDecoder | None | bool = False  # built at the first forward (after quantization)
 
     def make_rotary(self, max_positions: int, device: torch.device | None = None) -> None:
         """Global layers rotate with rope_theta (+ scaling), sliding-window layers with their own base."""
@@ -81,6 +83,11 @@ class Gemma3ForCausalLM(nn.Module):
         """input_ids, positions: (T,) → final hidden states (T, hidden)."""
         x = self.model.embed_tokens(input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # in the compute dtype, as transformers does
+        if self._fused is False:
+            self._fused = FusedDecoder.build(self) if not x.is_cuda else None
+        fused = self._fused.run(x, positions, kv_caches, meta) if self._fused else None
+        if fused is not None:  # a decode step: all layers in one C call
+            return self.model.norm.add_forward(*fused)[0]
         tables = x.is_cuda or not cpu_kernels.available()  # else the C rotary kernel reads the tables itself
         ropes = {}
         for name, rot in (("global", self.rotary), ("local", self.rotary_local)):

@@ -6,8 +6,9 @@ the prefill chunks, each contiguous. The cache of one layer is a tensor (2, num_
 (index_select of contiguous block_size×Hkv×D rows, ~10× faster than gathering token by token).
 
 Sliding-window layers (Mistral, Gemma 3's local layers) pass `window`: a query at position p sees keys at
-positions p - window < j <= p (transformers' convention). They run on the torch path (SDPA with a window mask over
-only the blocks the window touches), in decode and in (chunked) prefill; the C kernels have no window.
+positions p - window < j <= p (transformers' convention). The C decode and prefill kernels take the window and read
+only the blocks it touches; on the torch path SDPA gets a window mask over only those blocks (in decode and in
+chunked prefill), and a chunk whose whole context fits in the window is plain causal attention.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class AttnMetadata:
     # the small prefill chunks (by_c_kernel) at once for the C kernel: block tables (C, nblk) int64, q_starts,
     # q_lens, ctx_lens (C,) int32; None: one SDPA call per chunk
     prefill_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    # sliding-window layers: window → (decode tables and mask, per-chunk blocks and mask), built at the first such
-    # layer of a step (ops.attention._window_plan)
-    window_plans: dict[int, tuple] = field(default_factory=dict)
+    # the torch path's per-step plans, built at the first layer that needs one: ("decode", window) → (decode
+    # tables cut to the blocks the window touches, mask); (chunk index, window) → (blocks, mask)
+    window_plans: dict[tuple, tuple] = field(default_factory=dict)
     # a hybrid KV cache (engine/hybrid_kv.py): the sliding-window layers' own slots and block tables for this step
     local: AttnMetadata | None = None
 
@@ -95,18 +96,17 @@ def paged_attention(
     hkv = kv_cache.shape[3]
     group = H // hkv
     nd = meta.num_decode
-    if window is not None:
-        return _windowed(q, k, v, kv_cache, meta, scale, window, group)
     if meta.prefill_tables is not None:  # C kernels: decode rows and the small prefill chunks, SDPA the rest
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         qc = q.contiguous()
-        if cpu_kernels.paged_prefill_attention(qc, kv_cache, out, *meta.prefill_tables, scale):
+        if cpu_kernels.paged_prefill_attention(qc, kv_cache, out, *meta.prefill_tables, scale, window):
             if nd:
                 cpu_kernels.paged_decode_attention(qc[:nd], kv_cache, meta.decode_block_tables, meta.decode_ctx_lens,
-                                                   scale, out=out[:nd])
-            for p in meta.prefills:
+                                                   scale, out=out[:nd], window=window)
+            for i, p in enumerate(meta.prefills):
                 if not p.by_c_kernel:
-                    out[p.q_start : p.q_start + p.q_len] = _prefill_sdpa(q, k, v, kv_cache, p, scale, group)
+                    out[p.q_start : p.q_start + p.q_len] = _prefill_sdpa(q, k, v, kv_cache, meta, i, scale, group,
+                                                                         window)
             return out
         meta.prefill_tables = None  # shape not supported: SDPA below, for this and the next layers
         for p in meta.prefills:
@@ -116,90 +116,70 @@ def paged_attention(
         tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
         assert tables is not None and lens is not None
         if meta.use_c_kernel:
-            outs.append(cpu_kernels.paged_decode_attention(q[:nd].contiguous(), kv_cache, tables, lens, scale))
+            outs.append(cpu_kernels.paged_decode_attention(q[:nd].contiguous(), kv_cache, tables, lens, scale,
+                                                           window=window))
         else:
-            bs = kv_cache.shape[2]
-            L = tables.shape[1] * bs
-            ks = _gather(kv_cache[0], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
-            vs = _gather(kv_cache[1], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)
-            mask = (torch.arange(L, device=q.device).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, L)
-            # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
-            qd = q[:nd].view(nd, hkv, group, D)
-            o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=scale)
-            outs.append(o.reshape(nd, H, D))
-    for p in meta.prefills:
-        outs.append(_prefill_sdpa(q, k, v, kv_cache, p, scale, group))
+            outs.append(_decode_sdpa(q, kv_cache, meta, scale, group, window))
+    for i in range(len(meta.prefills)):
+        outs.append(_prefill_sdpa(q, k, v, kv_cache, meta, i, scale, group, window))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, p: PrefillChunk,
-                  scale: float, group: int) -> torch.Tensor:
-    """One prefill chunk's attention by SDPA → (q_len, H, D)."""
+def _decode_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float, group: int,
+                 window: int | None) -> torch.Tensor:
+    """The decode rows' attention by SDPA over their gathered blocks (those the window touches) → (Bd, H, D)."""
+    nd, (H, D), hkv, bs = meta.num_decode, q.shape[1:], kv_cache.shape[3], kv_cache.shape[2]
+    tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+    assert tables is not None and lens is not None
+    key = ("decode", window)
+    plan = meta.window_plans.get(key)
+    if plan is None:
+        lens64 = lens.long()
+        # a window row's query is at position len - 1: keys len - 1 - window < j <= len - 1, from the earliest block
+        # any row's window touches
+        first = 0 if window is None else int(((lens64 - window).clamp(min=0) // bs).min())
+        t = tables[:, first:]
+        pos = first * bs + torch.arange(t.shape[1] * bs, device=q.device)
+        m = pos.unsqueeze(0) < lens64.unsqueeze(1)
+        if window is not None:
+            m &= pos.unsqueeze(0) >= lens64.unsqueeze(1) - window
+        plan = meta.window_plans[key] = (t, m.view(nd, 1, 1, -1))
+    t, mask = plan
+    L = t.shape[1] * bs
+    ks = _gather(kv_cache[0], t.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
+    vs = _gather(kv_cache[1], t.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)
+    # the G query heads sharing a KV head act as G query positions: no K/V expansion for GQA
+    o = F.scaled_dot_product_attention(q[:nd].view(nd, hkv, group, D), ks, vs, attn_mask=mask, scale=scale)
+    return o.reshape(nd, H, D)
+
+
+def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+                  i: int, scale: float, group: int, window: int | None) -> torch.Tensor:
+    """Prefill chunk i's attention by SDPA → (q_len, H, D). A window that reaches past the chunk's first key
+    reads only the blocks from the first one it touches, with the mask p - window < j <= p."""
+    p = meta.prefills[i]
     qs = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
-    if p.mask is None:  # the chunk is the whole context: use the fresh K/V, plain causal
+    blocks, mask, n_keys = p.blocks, p.mask, p.ctx_len
+    if window is not None and p.ctx_len > window:  # else the window covers the whole context: plain causal
+        key = (i, window)
+        plan = meta.window_plans.get(key)
+        if plan is None:
+            bs = kv_cache.shape[2]
+            start = p.ctx_len - p.q_len
+            first = max(0, start - window + 1) // bs
+            qpos = torch.arange(start, p.ctx_len, device=q.device).unsqueeze(1)
+            kpos = torch.arange(first * bs, p.ctx_len, device=q.device).unsqueeze(0)
+            plan = meta.window_plans[key] = (p.blocks[first:], (kpos <= qpos) & (kpos > qpos - window))
+        blocks, mask = plan
+        n_keys = mask.shape[1]
+    if mask is None:  # the chunk is the whole context: use the fresh K/V, plain causal
         ks = k[p.q_start : p.q_start + p.q_len]
         vs = v[p.q_start : p.q_start + p.q_len]
     else:
-        ks = _gather(kv_cache[0], p.blocks)[: p.ctx_len]  # (ctx, Hkv, D)
-        vs = _gather(kv_cache[1], p.blocks)[: p.ctx_len]
+        ks = _gather(kv_cache[0], blocks)[:n_keys]  # (keys, Hkv, D)
+        vs = _gather(kv_cache[1], blocks)[:n_keys]
     o = F.scaled_dot_product_attention(
-        qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask,
-        is_causal=p.mask is None, scale=scale, enable_gqa=group > 1,
+        qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0), attn_mask=mask,
+        is_causal=mask is None, scale=scale, enable_gqa=group > 1,
     )
     return o.squeeze(0).transpose(0, 1)
-
-
-def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
-              scale: float, window: int, group: int) -> torch.Tensor:
-    """Sliding-window attention on the torch path: decode rows and every prefill chunk read only the blocks their
-    window touches, with a mask p - window < j <= p. Masks are built once per step and window (meta.window_masks)."""
-    T, H, D = q.shape
-    hkv = kv_cache.shape[3]
-    bs = kv_cache.shape[2]
-    nd = meta.num_decode
-    outs: list[torch.Tensor] = []
-    plan = meta.window_plans.get(window)
-    if plan is None:
-        plan = meta.window_plans[window] = _window_plan(meta, window, bs, q.device)
-    if nd:
-        tables, mask = plan[0]
-        n_blk = tables.shape[1]
-        L = n_blk * bs
-        ks = _gather(kv_cache[0], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)  # (Bd, Hkv, L, D)
-        vs = _gather(kv_cache[1], tables.reshape(-1)).view(nd, L, hkv, D).transpose(1, 2)
-        qd = q[:nd].view(nd, hkv, group, D)
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask, scale=scale)
-        outs.append(o.reshape(nd, H, D))
-    for p, (blocks, mask) in zip(meta.prefills, plan[1]):
-        qs = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # (1, H, q, D)
-        ks = _gather(kv_cache[0], blocks)[: mask.shape[1]]
-        vs = _gather(kv_cache[1], blocks)[: mask.shape[1]]
-        o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
-                                           attn_mask=mask, scale=scale, enable_gqa=group > 1)
-        outs.append(o.squeeze(0).transpose(0, 1))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _window_plan(meta: AttnMetadata, window: int, bs: int, device: torch.device) -> tuple[
-        tuple[torch.Tensor, torch.Tensor] | tuple[None, None], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """For one window size: the decode rows' block tables cut to the blocks the window touches and their mask,
-    and per prefill chunk (blocks from the first one its window touches, mask (q_len, keys))."""
-    decode: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] = (None, None)
-    if meta.num_decode:
-        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
-        assert tables is not None and lens is not None
-        lens64 = lens.long()
-        first = int(((lens64 - window).clamp(min=0) // bs).min())  # the earliest block any row's window touches
-        t = tables[:, first:]
-        pos = first * bs + torch.arange(t.shape[1] * bs, device=device)
-        # a decode row's query is at position len - 1: keys len - 1 - window < j <= len - 1
-        m = (pos.unsqueeze(0) < lens64.unsqueeze(1)) & (pos.unsqueeze(0) >= lens64.unsqueeze(1) - window)
-        decode = (t, m.view(t.shape[0], 1, 1, -1))
-    chunks = []
-    for p in meta.prefills:
-        start = p.ctx_len - p.q_len
-        first = max(0, start - window + 1) // bs
-        qpos = torch.arange(start, p.ctx_len, device=device).unsqueeze(1)
-        kpos = torch.arange(first * bs, p.ctx_len, device=device).unsqueeze(0)
-        chunks.append((p.blocks[first:], (kpos <= qpos) & (kpos > qpos - window)))
-    return decode, chunks

@@ -15,11 +15,12 @@ class LinDesc(ctypes.Structure):
 
 class LayerDesc(ctypes.Structure):
     _fields_ = [("in_norm", _p), ("post_norm", _p), ("qkv", LinDesc), ("o", LinDesc), ("gate_up", LinDesc),
-                ("down", LinDesc), ("k_cache", _p), ("v_cache", _p)]
+                ("down", LinDesc), ("k_cache", _p), ("v_cache", _p), ("q_norm", _p), ("k_norm", _p),
+                ("attn_out_norm", _p), ("mlp_out_norm", _p), ("cos", _p), ("sin", _p), ("window", _i)]
 
 
 class StepDesc(ctypes.Structure):
     _fields_ = [(n, _i) for n in ("M", "H", "Hkv", "D", "hidden", "inter", "rot_dim", "bs", "max_blocks", "is_bf16",
-                                  "first")] + [("eps", _f), ("scale", _f)] + \
+                                  "first", "act_kind", "local_max_blocks")] + [("eps", _f), ("scale", _f)] + \
                [(n, _p) for n in ("positions", "slots", "block_tables", "ctx_lens", "cos", "sin", "x", "residual", "h",
-                                  "qkv", "q", "attn", "gu", "act")]
+                                  "qkv", "q", "attn", "gu", "act", "local_slots", "local_block_tables")]

@@ -20,9 +20,11 @@ def available() -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           ctx_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                           ctx_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """q: (B, H, D) contiguous; kv_cache: (2, num_blocks, bs, Hkv, D); block_tables: (B, max_blocks) int64;
-    ctx_lens: (B,) int32 → (B, H, D), written into `out` (contiguous, like q) when given."""
+    ctx_lens: (B,) int32 → (B, H, D), written into `out` (contiguous, like q) when given. `window`: a sliding-window
+    layer's window (the query at p sees keys p - window < j <= p; only their blocks are read)."""
     lib = _lib()
     assert lib is not None
     B, H, D = q.shape
@@ -30,17 +32,19 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q) if out is None else out
     rc = lib.paged_decode_attention(
         q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
-        out.data_ptr(), B, H, hkv, D, bs, block_tables.shape[1], scale, int(q.dtype == torch.bfloat16))
+        out.data_ptr(), B, H, hkv, D, bs, block_tables.shape[1], scale, int(q.dtype == torch.bfloat16), window or 0)
     if rc != 0:
         raise ValueError(f"paged_decode_attention does not support H={H}, Hkv={hkv}, D={D}, block_size={bs}")
     return out
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
-                            q_starts: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> bool:
+                            q_starts: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                            window: int | None = None) -> bool:
     """Causal attention of C prefill chunks, written into `out` (T, H, D) at their rows. q: (T, H, D)
     contiguous; kv_cache: (2, num_blocks, bs, Hkv, D) holding every chunk's K/V; block_tables (C, max_blocks)
-    int64; q_starts / q_lens / ctx_lens (C,) int32 (a chunk covers the last q_len positions of its ctx_len).
+    int64; q_starts / q_lens / ctx_lens (C,) int32 (a chunk covers the last q_len positions of its ctx_len);
+    `window`: a sliding-window layer's window (row at p sees keys p - window < j <= p).
     False when the tier (AVX-512 only) or the shape (D or block_size not a multiple of 16) has no kernel."""
     lib = _lib()
     if lib is None or not get_kernels().prefill_attention:
@@ -49,7 +53,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.
     rc = lib.paged_prefill_attention(
         q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(), q_starts.data_ptr(),
         q_lens.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(), block_tables.shape[0], q.shape[1], hkv, d, bs,
-        block_tables.shape[1], scale, int(q.dtype == torch.bfloat16))
+        block_tables.shape[1], scale, int(q.dtype == torch.bfloat16), window or 0)
     if rc == -2:
         raise MemoryError("paged_prefill_attention: out of memory")
     return rc == 0
@@ -131,6 +135,18 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     inter = gu.shape[1] // 2
     out = torch.empty(gu.shape[0], inter, dtype=gu.dtype)
     lib.silu_mul(gu.data_ptr(), out.data_ptr(), gu.shape[0], inter, int(gu.dtype == torch.bfloat16))
+    return out
+
+
+def gelu_tanh_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """gu: (rows, 2·inter) contiguous → gelu_tanh(gu[:, :inter]) · gu[:, inter:] (Gemma's GeGLU); None when
+    unavailable."""
+    lib = _lib()
+    if lib is None or gu.dtype not in _FLOAT_TYPES or gu.is_cuda or not gu.is_contiguous() or gu.dim() != 2:
+        return None
+    inter = gu.shape[1] // 2
+    out = torch.empty(gu.shape[0], inter, dtype=gu.dtype)
+    lib.gelu_tanh_mul(gu.data_ptr(), out.data_ptr(), gu.shape[0], inter, int(gu.dtype == torch.bfloat16))
     return out
 
 

@@ -1,10 +1,12 @@
-"""The decoder stack of a Llama-family model for a decode step in one C call (`decode_layers` in csrc).
+"""The decoder stack of a Llama-family or Gemma 3 model for a decode step in one C call (`decode_layers` in csrc).
 
 Single-stream decode of a small model is dominated by per-op overhead: the Python path makes ~10 module
 calls and ~10 kernel calls per layer (each a few µs of Python + ctypes), ~4 ms per step for SmolLM2's 30
 layers against ~2 ms of 4-bit matmuls. Here every layer's weights are described once (pointers in ctypes
 structs) and a step is one call that runs the same kernels in the same order, so the result equals the Python
-path's (tests/test_engine.py checks it).
+path's (tests/test_engine.py checks it for Llama, tests/test_fused_families.py for Gemma 3). Per layer the descriptor
+carries what varies between the families: q/k RMSNorm (Qwen3, Gemma 3), Gemma's extra output norms, the rotary
+tables (Gemma's local layers have their own base) and the sliding window.
 
 Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows (on the
 kernel tier of ops/kernels.py): 4-bit `q4rows16`, 4/5/6-bit `qkrows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
@@ -23,6 +25,7 @@ from inferd.ops.c_structs import LayerDesc, LinDesc, StepDesc
 from inferd.ops.kernels import get_kernels
 
 MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # the MLP activation → step_desc.act_kind
 
 
 def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:
@@ -72,8 +75,8 @@ class FusedDecoder:
         if lib is None or not hasattr(lib, "decode_layers") or model.model.norm.weight.device.type != "cpu" \
                 or dtype not in (torch.bfloat16, torch.float32):
             return None
-        if getattr(cfg, "architecture", "llama") not in ("llama", "mistral", "qwen2") or cfg.qk_norm \
-                or cfg.layer_windows or cfg.mlp_act != "silu":  # the C stack is plain Llama attention and SwiGLU
+        if getattr(cfg, "architecture", "llama") not in ("llama", "mistral", "qwen2", "qwen3", "gemma3") \
+                or cfg.mlp_act not in ACT_KINDS:
             return None
         linears, max_rows = [], 1 << 30
         for layer in model.model.layers:
@@ -89,15 +92,31 @@ class FusedDecoder:
             return None
         return FusedDecoder(model, lib, linears, max_rows)
 
+    def _rotary(self, i: int) -> nn.Module:
+        """Layer i's rotary tables: Gemma 3's sliding-window layers have their own (rotary_local)."""
+        local = getattr(self.model, "rotary_local", None)
+        return local if local is not None and self.model.config.window(i) is not None else self.model.rotary
+
     def _layer_descs(self, kv_caches: list[torch.Tensor]) -> ctypes.Array:
-        key = tuple(c.data_ptr() for c in kv_caches)
+        rots = [self._rotary(i) for i in range(len(kv_caches))]
+        key = tuple(c.data_ptr() for c in kv_caches) + tuple(r.cos.data_ptr() for r in rots)  # tables may be rebuilt
         if self.layers is None or key != self.cache_key:
             arr = (LayerDesc * len(kv_caches))()
-            for d, layer, lin, cache in zip(arr, self.model.model.layers, self.linears, kv_caches):
+            for d, layer, lin, cache, rot in zip(arr, self.model.model.layers, self.linears, kv_caches, rots):
+                attn = layer.self_attn
                 d.in_norm = layer.input_layernorm.weight.data_ptr()
-                d.post_norm = layer.post_attention_layernorm.weight.data_ptr()
                 d.qkv, d.o, d.gate_up, d.down = lin
                 d.k_cache, d.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
+                d.cos, d.sin = rot.cos.data_ptr(), rot.sin.data_ptr()
+                d.window = attn.window or 0
+                if attn.q_norm is not None:
+                    d.q_norm, d.k_norm = attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()
+                if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: four norms
+                    d.attn_out_norm = layer.post_attention_layernorm.weight.data_ptr()
+                    d.post_norm = layer.pre_feedforward_layernorm.weight.data_ptr()
+                    d.mlp_out_norm = layer.post_feedforward_layernorm.weight.data_ptr()
+                else:
+                    d.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             self.layers, self.cache_key = arr, key
         return self.layers
 
@@ -122,12 +141,18 @@ class FusedDecoder:
         tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
         assert tables is not None and lens is not None
         rot = self.model.rotary
+        local = meta.local  # a hybrid KV cache: the window layers' own slots and tables
+        local_tables = None if local is None else local.decode_block_tables
         s = StepDesc(M, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size, rot.dim,
-                     kv_caches[0].shape[2], tables.shape[1], int(x.dtype == torch.bfloat16), 1, cfg.rms_norm_eps,
+                     kv_caches[0].shape[2], tables.shape[1], int(x.dtype == torch.bfloat16), 1, ACT_KINDS[cfg.mlp_act],
+                     0 if local_tables is None else local_tables.shape[1],
+                     cfg.rms_norm_eps,
                      attn.scale,
                      positions.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr(),
                      rot.cos.data_ptr(), rot.sin.data_ptr(), out.data_ptr(), residual.data_ptr(), h.data_ptr(),
-                     qkv.data_ptr(), q.data_ptr(), att.data_ptr(), gu.data_ptr(), act.data_ptr())
+                     qkv.data_ptr(), q.data_ptr(), att.data_ptr(), gu.data_ptr(), act.data_ptr(),
+                     None if local is None else local.slot_mapping.data_ptr(),
+                     None if local_tables is None else local_tables.data_ptr())
         if self.lib.decode_layers(self._layer_descs(kv_caches), len(kv_caches), ctypes.byref(s)) != 0:
             return None
         self.steps += 1

@@ -58,14 +58,15 @@ BASE_CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 
 # name → (argument codes, result): p pointer, i int, l int64, f float; the result is always int
 SIGNATURES: dict[str, str] = {
-    "paged_decode_attention": "ppppppiiiiiifi",
-    "paged_prefill_attention": "ppppppppiiiiiifi",
+    "paged_decode_attention": "ppppppiiiiiifii",
+    "paged_prefill_attention": "ppppppppiiiiiifii",
     "gemm_bf16": "pippiii",
     "gemv_bf16": "pppii",
     "rms_norm": "pppiilfi",
     "add_rms_norm": "ppppiifi",
     "rope_inplace": "piiilipppi",
     "silu_mul": "ppiii",
+    "gelu_tanh_mul": "ppiii",
     "q4_gemm": "pipppiii",
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",

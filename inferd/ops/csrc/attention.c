@@ -12,7 +12,7 @@ static inline void load_row(const void *cache, int64_t off, int D, int is_bf16, 
 // One sequence: every head, reading each K/V block front to back (sequential, prefetch-friendly).
 // Inlined with constant Hkv, G and D so the short inner loops unroll.
 static inline __attribute__((always_inline)) void attn_seq(
-    const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int ctx, void *out, int b,
+    const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
     const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
     const int H = Hkv * G;
     float qf[MAX_H][MAX_D], acc[MAX_H][MAX_D], m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
@@ -29,10 +29,11 @@ static inline __attribute__((always_inline)) void attn_seq(
         l[h] = 0.f;
     }
     const int nblk = (ctx + bs - 1) / bs;
-    for (int j = 0; j < nblk; j++) {
+    for (int j = start / bs; j < nblk; j++) {  // keys start .. ctx-1: only the blocks they lie in
         const int n = (j == nblk - 1) ? ctx - j * bs : bs;
+        const int t0 = j == start / bs ? start - j * bs : 0;
         const int64_t base = bt[j] * blk_stride;
-        for (int t = 0; t < n; t++) {
+        for (int t = t0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
                 load_row(k_cache, base + t * tok_stride + (int64_t)kh * D, D, is_bf16, kf);
                 for (int g = 0; g < G; g++) {
@@ -46,20 +47,20 @@ static inline __attribute__((always_inline)) void attn_seq(
         }
         for (int h = 0; h < H; h++) {
             float mx = m[h];
-            for (int t = 0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
+            for (int t = t0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
             const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
             l[h] *= corr;
             for (int d = 0; d < D; d++) acc[h][d] *= corr;
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int t = 0; t < n; t++) {
+            for (int t = t0; t < n; t++) {
                 s[h][t] = exp_neg(s[h][t] - mx);
                 sum += s[h][t];
             }
             l[h] += sum;
             m[h] = mx;
         }
-        for (int t = 0; t < n; t++) {
+        for (int t = t0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
                 load_row(v_cache, base + t * tok_stride + (int64_t)kh * D, D, is_bf16, kf);
                 for (int g = 0; g < G; g++) {
@@ -89,7 +90,7 @@ static inline __attribute__((always_inline)) void attn_seq(
 // horizontal sum, V accumulated with broadcast FMAs. ~5x faster than the auto-vectorised loops above (whose
 // `omp simd` reductions re-initialise a lane array for every dot product).
 static inline __attribute__((always_inline)) void attn_seq_vec(
-    const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int ctx, void *out, int b,
+    const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
     const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
     const int H = Hkv * G, NV = D / VW;
     vf qv[MAX_H][MAX_D / VW], acc[MAX_H][MAX_D / VW];
@@ -106,10 +107,11 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
         l[h] = 0.f;
     }
     const int nblk = (ctx + bs - 1) / bs;
-    for (int j = 0; j < nblk; j++) {
+    for (int j = start / bs; j < nblk; j++) {  // keys start .. ctx-1: only the blocks they lie in
         const int n = (j == nblk - 1) ? ctx - j * bs : bs;
+        const int t0 = j == start / bs ? start - j * bs : 0;
         const int64_t base = bt[j] * blk_stride;
-        for (int t = 0; t < n; t++) {
+        for (int t = t0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
                 const int64_t off = base + t * tok_stride + (int64_t)kh * D;
                 vf kv[MAX_D / VW];
@@ -124,20 +126,20 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
         }
         for (int h = 0; h < H; h++) {
             float mx = m[h];
-            for (int t = 0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
+            for (int t = t0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
             const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
             l[h] *= corr;
             const vf cv = vf_set1(corr);
             for (int i = 0; i < NV; i++) acc[h][i] = vf_mul(acc[h][i], cv);
             float sum = 0.f;
-            for (int t = 0; t < n; t++) {
+            for (int t = t0; t < n; t++) {
                 s[h][t] = exp_neg(s[h][t] - mx);
                 sum += s[h][t];
             }
             l[h] += sum;
             m[h] = mx;
         }
-        for (int t = 0; t < n; t++) {
+        for (int t = t0; t < n; t++) {
             for (int kh = 0; kh < Hkv; kh++) {
                 const int64_t off = base + t * tok_stride + (int64_t)kh * D;
                 vf vv[MAX_D / VW];
@@ -166,26 +168,31 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
 #define DISPATCH(HKV, GV, DV, BF)                                                                         \
     if (Hkv == HKV && G == GV && D == DV && is_bf16 == BF) {                                              \
         _Pragma("omp parallel for schedule(dynamic, 1)") for (int b = 0; b < B; b++)                      \
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF); \
+            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF); \
         return 0;                                                                                         \
     }
 
-// dtype: 0 = float32, 1 = bfloat16 (q, caches and out share it)
+// the first key a query at position ctx - 1 sees under a sliding window (0: the whole context)
+#define WSTART(ctx) (window > 0 && (ctx) > window ? (ctx) - window : 0)
+
+// dtype: 0 = float32, 1 = bfloat16 (q, caches and out share it). window > 0: a sliding-window layer, the query at
+// position p sees keys p - window < j <= p (transformers' convention) and only the blocks holding them are read.
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            const int32_t *ctx_lens, void *out, int B, int H, int Hkv, int D, int bs,
-                           int max_blocks, float scale, int is_bf16) {
+                           int max_blocks, float scale, int is_bf16, int window) {
     const int G = H / Hkv;
     if (H > MAX_H || D > MAX_D || bs > MAX_BS) return -1;
     DISPATCH(3, 3, 64, 1)  // SmolLM2-135M
     DISPATCH(3, 3, 64, 0)
+    DISPATCH(1, 4, 256, 1)  // Gemma 3 270M
 #pragma omp parallel for schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         if (D % ATTN_VW == 0)
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, Hkv, G, D, bs,
-                      scale, is_bf16);
+            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
+                      out, b, Hkv, G, D, bs, scale, is_bf16);
         else
-            attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], out, b, Hkv, G, D, bs,
-                     scale, is_bf16);
+            attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
+                     out, b, Hkv, G, D, bs, scale, is_bf16);
     }
     return 0;
 }
@@ -199,9 +206,12 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 // D × 16 so one FMA chain scores 16 keys for a query), shared by the tile's rows and the G query heads of
 // the KV head; online softmax per query. Replaces one SDPA call per chunk and the gather of its context.
 #define PF_QT 16
+// window > 0: sliding window, a row at position p sees keys p - window < j <= p; runs of keys no row of a tile sees
+// are skipped.
 int paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                             const int32_t *q_starts, const int32_t *q_lens, const int32_t *ctx_lens, void *out,
-                            int C, int H, int Hkv, int D, int bs, int max_blocks, float scale, int is_bf16) {
+                            int C, int H, int Hkv, int D, int bs, int max_blocks, float scale, int is_bf16,
+                            int window) {
 #ifdef __AVX512F__
     if (Hkv <= 0 || H % Hkv || D % 16 || bs % 16 || D > MAX_D || H > MAX_H) return -1;
     const int G = H / Hkv, NV = D / 16, NQ = PF_QT * G;
@@ -249,7 +259,9 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
             const int nk = pos0 + r1;  // keys 0 .. nk-1 are visible to some row of the tile
             const __m512i sidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                     _mm512_set1_epi32(16));
-            for (int k0 = 0; k0 < nk; k0 += 16) {
+            int kfirst = window > 0 ? pos0 + r0 - window + 1 : 0;  // the first key the tile's first row sees
+            kfirst = kfirst < 0 ? 0 : kfirst / 16 * 16;
+            for (int k0 = kfirst; k0 < nk; k0 += 16) {
                 const int n = nk - k0 < 16 ? nk - k0 : 16;
                 const int64_t base = bt[k0 / bs] * blk_stride + (int64_t)(k0 % bs) * tok_stride + (int64_t)kh * D;
                 for (int t = 0; t < 16; t++) {
@@ -276,6 +288,11 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
                         int lim = u < nq ? pos0 + r0 + (j0 + u) / G - k0 + 1 : 0;
                         lim = lim < 0 ? 0 : (lim > n ? n : lim);
                         vis[u] = (__mmask16)((1u << lim) - 1u);
+                        if (window > 0 && u < nq) {  // keys before p - window + 1 are outside the row's window
+                            int lo = pos0 + r0 + (j0 + u) / G - window + 1 - k0;
+                            lo = lo < 0 ? 0 : (lo > 16 ? 16 : lo);
+                            vis[u] &= (__mmask16)~((1u << lo) - 1u);
+                        }
                     }
                     const float *q0 = qf + (int64_t)j0 * D;
                     if (nq == 4) {
@@ -341,6 +358,7 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
 #else
     (void)q; (void)k_cache; (void)v_cache; (void)block_tables; (void)q_starts; (void)q_lens; (void)ctx_lens;
     (void)out; (void)C; (void)H; (void)Hkv; (void)D; (void)bs; (void)max_blocks; (void)scale; (void)is_bf16;
+    (void)window;
     return -1;
 #endif
 }

@@ -1,4 +1,4 @@
-// The decoder stack of a Llama-family model for decode rows, in one call (see ops/fused_decode.py).
+// The decoder stack of a Llama-family or Gemma 3 model for decode rows, in one call (see ops/fused_decode.py).
 #include "kernels.h"
 
 static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
@@ -32,24 +32,39 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
             add_rms_norm(s->x, s->residual, L->in_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
         }
         if (linear_run(&L->qkv, s->h, qkv, M, s->is_bf16)) return -1;
-        rope_inplace(qkv, M, s->H, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions, s->is_bf16);
-        rope_inplace(qkv + (size_t)qdim * E, M, s->Hkv, s->D, qkvdim, s->rot_dim, s->cos, s->sin, s->positions,
+        const float *cos_t = L->cos ? L->cos : s->cos, *sin_t = L->sin ? L->sin : s->sin;
+        for (int m = 0; m < M && L->q_norm; m++) {  // per head, in place, before the rotation
+            char *row = qkv + (size_t)m * qkvdim * E;
+            rms_norm(row, L->q_norm, row, s->H, s->D, s->D, s->eps, s->is_bf16);
+            rms_norm(row + (size_t)qdim * E, L->k_norm, row + (size_t)qdim * E, s->Hkv, s->D, s->D, s->eps,
                      s->is_bf16);
+        }
+        rope_inplace(qkv, M, s->H, s->D, qkvdim, s->rot_dim, cos_t, sin_t, s->positions, s->is_bf16);
+        rope_inplace(qkv + (size_t)qdim * E, M, s->Hkv, s->D, qkvdim, s->rot_dim, cos_t, sin_t, s->positions,
+                     s->is_bf16);
+        const int own_pool = L->window && s->local_slots;  // a window layer of a hybrid KV cache
+        const int64_t *slots = own_pool ? s->local_slots : s->slots;
         for (int m = 0; m < M; m++) {
             const char *row = qkv + (size_t)m * qkvdim * E;
             memcpy((char *)s->q + (size_t)m * qdim * E, row, (size_t)qdim * E);
-            memcpy((char *)L->k_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)qdim * E, (size_t)kvdim * E);
-            memcpy((char *)L->v_cache + (size_t)s->slots[m] * kvdim * E, row + (size_t)(qdim + kvdim) * E,
+            memcpy((char *)L->k_cache + (size_t)slots[m] * kvdim * E, row + (size_t)qdim * E, (size_t)kvdim * E);
+            memcpy((char *)L->v_cache + (size_t)slots[m] * kvdim * E, row + (size_t)(qdim + kvdim) * E,
                    (size_t)kvdim * E);
         }
-        if (paged_decode_attention(s->q, L->k_cache, L->v_cache, s->block_tables, s->ctx_lens, s->attn, M, s->H,
-                                   s->Hkv, s->D, s->bs, s->max_blocks, s->scale, s->is_bf16))
+        if (paged_decode_attention(s->q, L->k_cache, L->v_cache, own_pool ? s->local_block_tables : s->block_tables,
+                                   s->ctx_lens, s->attn, M, s->H, s->Hkv, s->D, s->bs,
+                                   own_pool ? s->local_max_blocks : s->max_blocks, s->scale, s->is_bf16, L->window))
             return -1;
         if (linear_run(&L->o, s->attn, s->x, M, s->is_bf16)) return -1;
+        if (L->attn_out_norm) rms_norm(s->x, L->attn_out_norm, s->x, M, s->hidden, s->hidden, s->eps, s->is_bf16);
         add_rms_norm(s->x, s->residual, L->post_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
         if (linear_run(&L->gate_up, s->h, s->gu, M, s->is_bf16)) return -1;
-        silu_mul(s->gu, s->act, M, s->inter, s->is_bf16);
+        if (s->act_kind == 1)
+            gelu_tanh_mul(s->gu, s->act, M, s->inter, s->is_bf16);
+        else
+            silu_mul(s->gu, s->act, M, s->inter, s->is_bf16);
         if (linear_run(&L->down, s->act, s->x, M, s->is_bf16)) return -1;
+        if (L->mlp_out_norm) rms_norm(s->x, L->mlp_out_norm, s->x, M, s->hidden, s->hidden, s->eps, s->is_bf16);
     }
     return 0;
 }

@@ -1,4 +1,5 @@
-// Row-wise kernels: RMSNorm (with the residual add fused), SiLU·mul of the gate/up projection, rotary.
+// Row-wise kernels: RMSNorm (with the residual add fused), SiLU·mul / GELU·mul of the gate/up projection,
+// rotary.
 // Same rounding as torch's separate ops in the model's dtype (tests compare them).
 #include "kernels.h"
 
@@ -124,8 +125,11 @@ int add_rms_norm(const void *x, void *residual, const void *w, void *out, int ro
     return 0;
 }
 
-// out (rows, inter) = silu(gu[:, :inter]) * gu[:, inter:], for the fused gate/up projection's output.
-int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
+// out (rows, inter) = act(gu[:, :inter]) * gu[:, inter:], for the fused gate/up projection's output. act is
+// SiLU, g·sigmoid(g), or (gelu) tanh-GELU, 0.5 g (1 + tanh(y)) with y = sqrt(2/pi) (g + 0.044715 g³), which is
+// g·sigmoid(2y): one sigmoid form for both, through exp(-|z|) <= 1 so the polynomial exp_neg applies.
+static inline int gated_act(const void *gu, void *out, int rows, int inter, int is_bf16, const int gelu) {
+    const float c1 = 2.f * 0.7978845608028654f, c3 = 2.f * 0.7978845608028654f * 0.044715f;
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) {
         const int64_t in = (int64_t)r * 2 * inter, o = (int64_t)r * inter;
@@ -133,9 +137,10 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
 #ifdef VW
         for (; i0 + VW <= inter; i0 += VW) {
             const vf g = vf_load(gu, in + i0, is_bf16), u = vf_load(gu, in + inter + i0, is_bf16);
-            const vf e = vf_exp_neg(vf_sub(vf_zero(), vf_abs(g)));
+            const vf z = gelu ? vf_mul(g, vf_fma(vf_mul(g, g), vf_set1(c3), vf_set1(c1))) : g;
+            const vf e = vf_exp_neg(vf_sub(vf_zero(), vf_abs(z)));
             const vf one = vf_set1(1.f);
-            const vf sig = vf_div(vf_select_ge0(g, one, e), vf_add(one, e));
+            const vf sig = vf_div(vf_select_ge0(z, one, e), vf_add(one, e));
             vf sv = vf_mul(g, sig);
             if (is_bf16) sv = vf_round_bf16(sv);
             vf_store(out, o + i0, vf_mul(sv, u), is_bf16);
@@ -144,10 +149,10 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
 #pragma omp simd
         for (int i = i0; i < inter; i++) {
             const float g = LOADF(gu, in + i), u = LOADF(gu, in + inter + i);
-            // silu(g) * u: round the silu to the compute dtype first, as torch's separate ops do;
-            // sigmoid via exp(-|g|) <= 1 so the polynomial exp_neg applies and the loop vectorises
-            const float e = exp_neg(-fabsf(g));
-            float s = g * (g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+            // act(g) * u: round the activation to the compute dtype first, as torch's separate ops do
+            const float z = gelu ? g * (g * g * c3 + c1) : g;
+            const float e = exp_neg(-fabsf(z));
+            float s = g * (z >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
             if (is_bf16) {
                 s = bf16_to_f32(f32_to_bf16(s));
                 ((uint16_t *)out)[o + i] = f32_to_bf16(s * u);
@@ -157,4 +162,12 @@ int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
         }
     }
     return 0;
+}
+
+int silu_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
+    return gated_act(gu, out, rows, inter, is_bf16, 0);
+}
+
+int gelu_tanh_mul(const void *gu, void *out, int rows, int inter, int is_bf16) {
+    return gated_act(gu, out, rows, inter, is_bf16, 1);
 }
