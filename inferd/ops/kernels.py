@@ -10,7 +10,7 @@ Tiers, best first (each needs the CPU flags listed in TIER_FLAGS):
   avx512_amx        AVX-512 BF16/VNNI build; the CPU also has AMX (used by torch's oneDNN for big bf16 GEMMs)
   avx512_bf16_vnni  vdpbf16ps bf16 GEMV, vpdpbusd int4/int8 GEMMs, AVX-512 attention and row kernels
   avx512            AVX-512 attention and row kernels, AVX2 int4/int8 GEMMs, bf16 GEMV by widening to fp32
-  avx2_fma          8-lane versions of the above; no C prefill attention (torch SDPA)
+  avx2_fma          8-lane versions of the above (the C prefill attention over runs of 8 keys)
   scalar            portable C (no intrinsics: also ARM); no quantized GEMMs
   torch             no C library
 """
@@ -170,7 +170,7 @@ class Kernels:
 
     @property
     def prefill_attention(self) -> bool:
-        return self.lib is not None and self.vector_width == 16
+        return self.lib is not None and self.vector_width in (8, 16)
 
     def attention_fits(self, num_heads: int, head_dim: int, block_size: int) -> bool:
         return (self.lib is not None and num_heads <= self.max_heads and head_dim <= self.max_head_dim
@@ -183,7 +183,7 @@ class Kernels:
         vec = {16: "avx512", 8: "avx2"}.get(self.vector_width, "scalar C")
         return {
             "decode attention": vec,
-            "prefill attention": "avx512" if self.prefill_attention else "torch sdpa",
+            "prefill attention": vec if self.prefill_attention else "torch sdpa",
             "norms, silu, rotary": vec,
             "bf16 gemv / fp32 logits": "avx512_bf16" if self.bf16_dot else (vec if self.dense_gemm else "torch"),
             "int4/int8 gemm": "vnni" if self.vnni else ("avx2" if self.quant_gemm else "torch"),

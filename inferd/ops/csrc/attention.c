@@ -355,6 +355,142 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
     }
     free(items);
     return failed ? -2 : 0;
+#elif defined(VW) && VW == 8
+    // AVX2 + FMA: the same algorithm over runs of 8 keys (K run transposed to D × 8 by scalar stores, no scatter;
+    // visibility as lane masks built by comparisons instead of AVX-512 mask registers)
+    if (Hkv <= 0 || H % Hkv || D % 8 || bs % 8 || D > MAX_D || H > MAX_H) return -1;
+    const int G = H / Hkv, NV = D / 8, NQ = PF_QT * G;
+    int n_items = 0;
+    for (int c = 0; c < C; c++) n_items += (q_lens[c] + PF_QT - 1) / PF_QT * Hkv;
+    int *items = malloc(sizeof(int) * 3 * (size_t)(n_items ? n_items : 1));
+    if (!items) return -2;
+    for (int c = 0, k = 0; c < C; c++)
+        for (int t = 0; t < (q_lens[c] + PF_QT - 1) / PF_QT; t++)
+            for (int kh = 0; kh < Hkv; kh++, k++) {
+                items[3 * k] = c;
+                items[3 * k + 1] = t;
+                items[3 * k + 2] = kh;
+            }
+    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)bs * tok_stride;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *qf = aligned_alloc(32, sizeof(float) * NQ * D), *acc = aligned_alloc(32, sizeof(float) * NQ * D);
+        float *kt = aligned_alloc(32, sizeof(float) * D * 8), *vf8 = aligned_alloc(32, sizeof(float) * 8 * D);
+        float *m = malloc(sizeof(float) * NQ), *l = malloc(sizeof(float) * NQ);
+        if (!qf || !acc || !kt || !vf8 || !m || !l) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            if (failed) continue;
+            const int c = items[3 * it], r0 = items[3 * it + 1] * PF_QT, kh = items[3 * it + 2];
+            const int r1 = q_lens[c] < r0 + PF_QT ? q_lens[c] : r0 + PF_QT, nr = r1 - r0;
+            const int pos0 = ctx_lens[c] - q_lens[c];
+            const int64_t *bt = block_tables + (int64_t)c * max_blocks;
+            const __m256 sc = _mm256_set1_ps(scale);
+            for (int rr = 0; rr < nr; rr++)
+                for (int g = 0; g < G; g++) {
+                    const int j = rr * G + g;
+                    const int64_t qoff = ((int64_t)(q_starts[c] + r0 + rr) * H + kh * G + g) * D;
+                    for (int i = 0; i < NV; i++) {
+                        _mm256_store_ps(qf + (int64_t)j * D + i * 8, _mm256_mul_ps(v8_load(q, qoff + i * 8, is_bf16), sc));
+                        _mm256_store_ps(acc + (int64_t)j * D + i * 8, _mm256_setzero_ps());
+                    }
+                    m[j] = -INFINITY;
+                    l[j] = 0.f;
+                }
+            const int nk = pos0 + r1;
+            int kfirst = window > 0 ? pos0 + r0 - window + 1 : 0;
+            kfirst = kfirst < 0 ? 0 : kfirst / 8 * 8;
+            for (int k0 = kfirst; k0 < nk; k0 += 8) {
+                const int n = nk - k0 < 8 ? nk - k0 : 8;
+                const int64_t base = bt[k0 / bs] * blk_stride + (int64_t)(k0 % bs) * tok_stride + (int64_t)kh * D;
+                for (int t = 0; t < 8; t++) {
+                    if (t < n) {
+                        const int64_t off = base + t * tok_stride;
+                        for (int i = 0; i < NV; i++) {
+                            float row[8];
+                            _mm256_storeu_ps(row, v8_load(k_cache, off + i * 8, is_bf16));
+                            for (int e = 0; e < 8; e++) kt[(i * 8 + e) * 8 + t] = row[e];
+                            _mm256_store_ps(vf8 + t * D + i * 8, v8_load(v_cache, off + i * 8, is_bf16));
+                        }
+                    } else {
+                        for (int d = 0; d < D; d++) kt[d * 8 + t] = 0.f;
+                    }
+                }
+                int jstart = (k0 - pos0 - r0) * G;
+                if (jstart < 0) jstart = 0;
+                for (int j0 = jstart; j0 < nr * G; j0 += 4) {
+                    const int nq = nr * G - j0 < 4 ? nr * G - j0 : 4;
+                    __m256 sq[4];
+                    int lo[4], lim[4];
+                    for (int u = 0; u < 4; u++) {
+                        sq[u] = _mm256_setzero_ps();
+                        int hi = u < nq ? pos0 + r0 + (j0 + u) / G - k0 + 1 : 0;  // keys [lo, hi) of the run visible
+                        lim[u] = hi < 0 ? 0 : (hi > n ? n : hi);
+                        int a = window > 0 && u < nq ? pos0 + r0 + (j0 + u) / G - window + 1 - k0 : 0;
+                        lo[u] = a < 0 ? 0 : (a > 8 ? 8 : a);
+                    }
+                    const float *q0 = qf + (int64_t)j0 * D;
+                    for (int d = 0; d < D; d++) {
+                        const __m256 kd = _mm256_load_ps(kt + d * 8);
+                        for (int u = 0; u < nq; u++) sq[u] = _mm256_fmadd_ps(_mm256_set1_ps(q0[u * D + d]), kd, sq[u]);
+                    }
+                    float pt[4][8], corr[4];
+                    for (int u = 0; u < nq; u++) {
+                        const int j = j0 + u;
+                        if (lo[u] >= lim[u]) {  // row sees none of these keys
+                            memset(pt[u], 0, sizeof(pt[u]));
+                            corr[u] = 1.f;
+                            continue;
+                        }
+                        const __m256 vis = _mm256_castsi256_ps(_mm256_and_si256(
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(lim[u]), lane),
+                            _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo[u] - 1))));
+                        float s8[8];
+                        _mm256_storeu_ps(s8, sq[u]);
+                        float mx_run = -INFINITY;
+                        for (int t = lo[u]; t < lim[u]; t++) mx_run = s8[t] > mx_run ? s8[t] : mx_run;
+                        const float mx = mx_run > m[j] ? mx_run : m[j];
+                        corr[u] = m[j] == -INFINITY ? 0.f : exp_neg(m[j] - mx);
+                        const __m256 p = _mm256_and_ps(vis, vf_exp_neg(_mm256_sub_ps(sq[u], _mm256_set1_ps(mx))));
+                        l[j] = l[j] * corr[u] + vf_hsum(p);
+                        m[j] = mx;
+                        _mm256_storeu_ps(pt[u], p);
+                    }
+                    for (int i = 0; i < NV; i++) {
+                        __m256 a[4];
+                        for (int u = 0; u < nq; u++)
+                            a[u] = _mm256_mul_ps(_mm256_load_ps(acc + (int64_t)(j0 + u) * D + i * 8), _mm256_set1_ps(corr[u]));
+                        for (int t = 0; t < n; t++) {
+                            const __m256 vt = _mm256_load_ps(vf8 + t * D + i * 8);
+                            for (int u = 0; u < nq; u++) a[u] = _mm256_fmadd_ps(_mm256_set1_ps(pt[u][t]), vt, a[u]);
+                        }
+                        for (int u = 0; u < nq; u++) _mm256_store_ps(acc + (int64_t)(j0 + u) * D + i * 8, a[u]);
+                    }
+                }
+            }
+            for (int rr = 0; rr < nr; rr++)
+                for (int g = 0; g < G; g++) {
+                    const int j = rr * G + g;
+                    const __m256 inv = _mm256_set1_ps(l[j] > 0.f ? 1.f / l[j] : 0.f);
+                    const int64_t ooff = ((int64_t)(q_starts[c] + r0 + rr) * H + kh * G + g) * D;
+                    for (int i = 0; i < NV; i++)
+                        v8_store(out, ooff + i * 8, _mm256_mul_ps(_mm256_load_ps(acc + (int64_t)j * D + i * 8), inv), is_bf16);
+                }
+        }
+        free(qf);
+        free(acc);
+        free(kt);
+        free(vf8);
+        free(m);
+        free(l);
+    }
+    free(items);
+    return failed ? -2 : 0;
 #else
     (void)q; (void)k_cache; (void)v_cache; (void)block_tables; (void)q_starts; (void)q_lens; (void)ctx_lens;
     (void)out; (void)C; (void)H; (void)Hkv; (void)D; (void)bs; (void)max_blocks; (void)scale; (void)is_bf16;
