@@ -4,7 +4,8 @@ Differences from Llama: embeddings scaled by sqrt(hidden); RMSNorm by (1 + weigh
 effective multiplier 1 + weight (as GGUF files store it; an HF checkpoint's norms get +1 at load), so the plain
 RMSNorm and its C kernel apply; four norms per layer (before and after attention and the MLP); q/k RMSNorm per head;
 a tanh-GELU gated MLP; interleaved sliding-window layers with their own rope base and global layers; softmax scale
-query_pre_attn_scalar ** -0.5; tied embeddings; optional final logit soft-capping.
+query_pre_attn_scalar ** -0.5; tied embeddings; optional final logit soft-capping. On the CPU a decode step's layers
+run as one C call (ops/fused_decode.py), as for Llama.
 """
 
 from __future__ import annotations
