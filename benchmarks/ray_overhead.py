@@ -5,8 +5,11 @@ proxy, ingress and replica), both up at once and measured in alternating rounds 
     python benchmarks/ray_overhead.py --out docs/ray_overhead [--concurrency 1,16] [--num-prompts 16] [--rounds 3]
 
 Workload as benchmarks/serving.py: streaming chat, 33 random-text tokens + SmolLM2's chat template, 128 output
-tokens (ignore_eos), temperature 0. The replica is given every core (--replica-cpus = cpu count, hence the same
-torch threads as the direct server). Needs the [ray] extra.
+tokens (ignore_eos), temperature 0. Both servers get the same explicit `--threads` (default: every core), and the
+replica reserves that many CPUs (--replica-cpus). Explicit, because torch's default pool differs between the two
+processes (Ray sets OMP_NUM_THREADS in its workers), and on an oversubscribed host a 2-thread pool is up to 10x
+slower than 1 thread (each parallel region waits for a descheduled thread): compare like with like. Needs the [ray]
+extra.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--num-prompts", type=int, default=16, help="per level and round (at least the concurrency)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both servers")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpus = str(os.cpu_count() or 1)
+    threads = ["--threads", str(args.threads)]
     runs: list[dict] = []
-    with server("direct", [], out) as direct, server("ray", ["--replicas", "1", "--replica-cpus", cpus], out) as ray:
+    with server("direct", threads, out) as direct, \
+            server("ray", [*threads, "--replicas", "1", "--replica-cpus", str(args.threads)], out) as ray:
         for r in range(args.rounds):
             for label, url in (("direct", direct), ("ray", ray)):
                 levels = bench(url, "smollm2-135m", args.concurrency, args.num_prompts, out / f"{label}-{r}",

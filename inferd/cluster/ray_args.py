@@ -79,3 +79,13 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    for k, v in THROUGHPUT_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+# Ray Serve's own switch for its fast request path (Ray >= 2.50): user code and the request router on the replica's
+# event loop instead of extra threads/loops, handle calls and stream items over gRPC instead of the object store,
+# buffered access logs. Each streamed token crosses two handle hops (proxy -> ingress -> replica), so on a small CPU
+# host this is most of Serve's overhead (benchmarks/ray_overhead.py). Direct ingress (replicas serving HTTP on their
+# own ports) stays off: clients keep the one --host:--port of the proxy.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
