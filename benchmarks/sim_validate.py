@@ -1,15 +1,20 @@
 """Validate `inferd simulate` against a measured run: the same open-loop workload (Poisson arrivals, chat prompts
 sharing a few system prompts, fixed output lengths) sent for real through `inferd serve --replicas 2` on this
 machine and fed to the simulator (`inferd.cluster.simulate.simulate`, the same router code), with a service model
-calibrated here just before the run; the table compares TTFT / TPOT p50 and p99, prefix-cache hit rate and output
-throughput, and gives the simulator's relative error on each.
+calibrated on this machine around the run; the table compares TTFT / TPOT p50 and p99, prefix-cache hit rate and
+output throughput (set by the open-loop arrivals below saturation), and gives the simulator's relative error.
 
     python benchmarks/sim_validate.py --out docs/sim_validate [--rate 0.6] [--duration 60] [--calibrate-procs 1]
 
-Calibration (a child process per `--calibrate-procs`, all at once, `--replica-cpus` torch threads each, as a replica
-gets): SmolLM2-135M decode steps at 1/4/8/16 running sequences (median TPOT of `LLM.generate`, random-token prompts)
-fitted to `base + per_seq x running` (`service_model.fit_decode`'s line), and prefill of fresh 480-token prompts for
-the per-token cost. With `--calibrate-procs 2` both calibrators share the cores as the two replicas do under load.
+Calibration: a child process per `--calibrate-procs` (all at once), with `--replica-cpus` torch threads and
+OMP_NUM_THREADS as Ray gives a replica, run before and again after the measured run (the host's load drifts; the
+model takes the medians of both): SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
+`base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
+480 tokens for the per-token prefill cost. `--calibrate-with serve` (default) measures through a single-process
+`inferd serve --threads N`, a replica's own code path, with an HTTP client; `offline` through `LLM.generate` (the
+`inferd bench offline` path), which on this host runs decode steps about 2x slower than the server does and so
+overstates TPOT by ~90% (docs/benchmarks.md). With `--calibrate-procs 2` both calibrators share the cores as the
+two replicas do under load.
 Needs the [ray] extra and the smollm2-135m package.
 """
 
@@ -35,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
+DECODE_POINTS = (1, 2, 4, 8)  # running sequences: the batch sizes a replica sees at these loads
+PASSES = 5
 WORDS = ("bread oven flour yeast crust dough butter sugar salt water morning evening order cake sourdough rye "
          "window street market price fresh warm slice loaf table coffee milk honey basket recipe baker").split()
 
@@ -60,7 +67,7 @@ def messages(systems: list[str], r: dict) -> list[dict]:
 
 
 # ---- calibration (child process) --------------------------------------------------------------------------------
-def calibrate(path: Path, threads: int, wl_path: Path | None) -> None:
+def calibrate(path: Path, threads: int, wl_path: Path) -> None:
     import torch
 
     from inferd.bench.dataset import random_requests
@@ -73,23 +80,86 @@ def calibrate(path: Path, threads: int, wl_path: Path | None) -> None:
     seed = os.getpid()
     llm.generate([r.prompt for r in random_requests(2, 32, 8, seed, tok, token_ids=True)],
                  SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
-    decode = []
-    for n in (1, 4, 8, 16):
-        outs = llm.generate([r.prompt for r in random_requests(n, 16, 48, seed + n, tok, token_ids=True)],
-                            SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
-        decode.append((n, statistics.median(o.metrics.tpot_s for o in outs)))
+    tpots: dict[int, list[float]] = {n: [] for n in DECODE_POINTS}
     prefill = []
-    for i in range(3):  # fresh prompts: nothing from the prefix cache
-        out = llm.generate([random_requests(1, 480, 1, seed + 100 + i, tok, token_ids=True)[0].prompt],
+    for p in range(PASSES):  # interleaved passes, medians (see _calibrate_http)
+        for n in DECODE_POINTS:
+            outs = llm.generate([r.prompt for r in random_requests(n, 16, 48, seed + 10 * p + n, tok,
+                                                                   token_ids=True)],
+                                SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+            tpots[n] += [o.metrics.tpot_s for o in outs]
+        out = llm.generate([random_requests(1, 480, 1, seed + 100 + p, tok, token_ids=True)[0].prompt],
                            SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
-        prefill.append(out.metrics.ttft_s)
-    res: dict = {"decode": decode, "prefill_480_s": statistics.median(prefill)}
-    if wl_path is not None:  # the workload's token counts, with the server's own chat template
-        wl = json.loads(wl_path.read_text())
-        res["system_tokens"] = [len(tok.encode_chat([{"role": "system", "content": s}], add_generation_prompt=False))
-                                for s in wl["systems"]]
-        res["prompt_tokens"] = [len(tok.encode_chat(messages(wl["systems"], r))) for r in wl["requests"]]
+        prefill.append(out.metrics.ttft_s)  # a fresh prompt: nothing from the prefix cache
+    res: dict = {"decode": [(n, statistics.median(v)) for n, v in tpots.items()],
+                 "prefill_480_s": statistics.median(prefill)}
+    wl = json.loads(wl_path.read_text())  # the workload's token counts, with the server's own chat template
+    res["system_tokens"] = [len(tok.encode_chat([{"role": "system", "content": s}], add_generation_prompt=False))
+                            for s in wl["systems"]]
+    res["prompt_tokens"] = [len(tok.encode_chat(messages(wl["systems"], r))) for r in wl["requests"]]
     path.write_text(json.dumps(res))
+
+
+def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path) -> None:
+    """The same figures through a single-process `inferd serve --threads N` (a replica's code path: the app, the
+    async engine, SSE), measured by an HTTP client: TPOT at n concurrent streams and the TTFT of fresh 480-token
+    prompts; workload token counts from its /tokenize."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(out / f"{path.stem}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL, "--port", str(port),
+                                 "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while True:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"calibration server did not come up (see {out / (path.stem + '.log')})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            res = asyncio.run(_calibrate_http(url, json.loads(wl_path.read_text())))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    path.write_text(json.dumps(res))
+
+
+async def _calibrate_http(url: str, wl: dict) -> dict:
+    rng = random.Random(os.getpid())
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) + str(rng.randint(0, 999)) for _ in range(n))
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def stream(content: str, max_tokens: int) -> dict:
+            body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            return await one(client, url, body, time.perf_counter(), 0.0)
+
+        await asyncio.gather(*(stream(f"warm-up {i}", 64) for i in range(4)))
+        # interleaved passes, medians: the host's load swings 2x within seconds, a single pass per point is noise
+        tpots: dict[int, list[float]] = {n: [] for n in DECODE_POINTS}
+        prefill = []
+        for _ in range(PASSES):
+            for n in DECODE_POINTS:
+                rows = await asyncio.gather(*(stream(words(12), 48) for _ in range(n)))
+                tpots[n] += [r["tpot_s"] for r in rows]
+            r = await stream(words(160), 1)  # a fresh prompt: nothing from the prefix cache
+            prefill.append(r["ttft_s"] * 480 / r["prompt_tokens"])  # scaled to 480 tokens
+        decode = [(n, statistics.median(v)) for n, v in tpots.items()]
+        count = []
+        for m in [[{"role": "system", "content": x}] for x in wl["systems"]] + \
+                 [messages(wl["systems"], r) for r in wl["requests"]]:
+            gen = len(m) > 1
+            count.append((await client.post(url + "/tokenize", json={"messages": m, "add_generation_prompt": gen}))
+                         .json()["count"])
+    k = len(wl["systems"])
+    return {"decode": decode, "prefill_480_s": statistics.median(prefill), "system_tokens": count[:k],
+            "prompt_tokens": count[k:]}
 
 
 def service_model(cals: list[dict]):
@@ -215,35 +285,47 @@ def main() -> None:
     ap.add_argument("--routing", default="prefix")
     ap.add_argument("--replica-cpus", type=int, default=1)
     ap.add_argument("--calibrate-procs", type=int, default=1)
+    ap.add_argument("--calibrate-with", choices=["serve", "offline"], default="serve",
+                    help="measure the service model through `inferd serve` (a replica's code path) or LLM.generate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrate-json", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--workload-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.calibrate_json:
-        calibrate(Path(args.calibrate_json), args.replica_cpus, Path(args.workload_json) if args.workload_json else None)
+        if args.calibrate_with == "serve":
+            calibrate_serve(Path(args.calibrate_json), args.replica_cpus, Path(args.workload_json),
+                            Path(args.calibrate_json).parent)
+        else:
+            calibrate(Path(args.calibrate_json), args.replica_cpus, Path(args.workload_json))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     systems, reqs = workload(args)
     (out / "workload.json").write_text(json.dumps({"systems": systems, "requests": reqs}))
 
-    print(f"calibrating ({args.calibrate_procs} process(es), {args.replica_cpus} thread(s) each)...", file=sys.stderr)
-    procs = [subprocess.Popen([sys.executable, __file__, "--replica-cpus", str(args.replica_cpus), "--calibrate-json",
-                               str(out / f"cal{i}.json")] + (["--workload-json", str(out / "workload.json")] if i == 0
-                                                             else [])) for i in range(args.calibrate_procs)]
-    if any(p.wait() != 0 for p in procs):
-        sys.exit("calibration failed")
-    cals = [json.loads((out / f"cal{i}.json").read_text()) for i in range(args.calibrate_procs)]
-    svc, pts, prefill = service_model(cals)
-    print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
-          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token (TPOT points {pts}, 480-token prefill "
-          f"{prefill * 1e3:.0f} ms)", file=sys.stderr)
+    def calibration(tag: str) -> list[dict]:
+        print(f"calibrating {tag} ({args.calibrate_procs} process(es), {args.replica_cpus} thread(s) each)...",
+              file=sys.stderr)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.replica_cpus)}  # what Ray gives a replica's process
+        procs = [subprocess.Popen([sys.executable, __file__, "--replica-cpus", str(args.replica_cpus),
+                                   "--calibrate-with", args.calibrate_with, "--calibrate-json", str(out / f"cal-{tag}{i}.json"), "--workload-json",
+                                   str(out / "workload.json")], env=env) for i in range(args.calibrate_procs)]
+        if any(p.wait() != 0 for p in procs):
+            sys.exit("calibration failed")
+        return [json.loads((out / f"cal-{tag}{i}.json").read_text()) for i in range(args.calibrate_procs)]
 
+    # before and after the measured run: the host's load drifts, and the two bracket the run
+    cals = calibration("before")
     load0 = os.getloadavg()
     print(f"measuring: {len(reqs)} requests over {args.duration:.0f} s through 2 Ray Serve replicas...", file=sys.stderr)
     with ray_server(args, out) as url:
         real = asyncio.run(drive(url, systems, reqs, args.output_len))
     load1 = os.getloadavg()
+    cals += calibration("after")
+    svc, pts, prefill = service_model(cals)
+    print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
+          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token (TPOT points {pts}, 480-token prefill "
+          f"{prefill * 1e3:.0f} ms; each calibration: {[c['decode'] for c in cals]})", file=sys.stderr)
     sim = simulated(svc, cals[0]["system_tokens"], cals[0]["prompt_tokens"], reqs, args)
     r, s = stats(real, args.warmup), stats(sim, args.warmup)
     keys = [("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
@@ -255,7 +337,7 @@ def main() -> None:
     table = "\n".join(lines)
     replicas = sorted({x["replica"] for x in real})
     summary = {"args": {k: v for k, v in vars(args).items() if not k.endswith("_json")},
-               "service_model": svc.__dict__, "tpot_points": pts, "prefill_480_s": prefill,
+               "service_model": svc.__dict__, "tpot_points": pts, "calibrations": cals, "prefill_480_s": prefill,
                "measured": r, "simulated": s, "replicas_seen": replicas, "loadavg_before": load0,
                "loadavg_after": load1, "real": real, "sim": sim}
     (out / "result.json").write_text(json.dumps(summary, indent=1))
