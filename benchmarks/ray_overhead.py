@@ -5,10 +5,10 @@ proxy, ingress and replica), both up at once and measured in alternating rounds 
     python benchmarks/ray_overhead.py --out docs/ray_overhead [--concurrency 1,16] [--num-prompts 16] [--rounds 3]
 
 Workload as benchmarks/serving.py: streaming chat, 33 random-text tokens + SmolLM2's chat template, 128 output
-tokens (ignore_eos), temperature 0. Both servers get the same explicit `--threads` (default: every core), and the
-replica reserves that many CPUs (--replica-cpus). Explicit, because torch's default pool differs between the two
-processes (Ray sets OMP_NUM_THREADS in its workers), and on an oversubscribed host a 2-thread pool is up to 10x
-slower than 1 thread (each parallel region waits for a descheduled thread): compare like with like. Needs the [ray]
+tokens (ignore_eos), temperature 0. Both servers get the same explicit `--threads` (default: every core) and run
+with OMP_NUM_THREADS at that count (Ray sets it in a replica's worker process; the C kernels' OpenMP teams follow
+it), and the replica reserves that many CPUs (--replica-cpus): on an oversubscribed host a 2-thread team is up to
+10x slower than 1 thread (each parallel region waits for a descheduled thread), so like must meet like. Needs the [ray]
 extra.
 """
 
@@ -31,11 +31,11 @@ from serving import bench, free_port, wait_ready  # noqa: E402
 
 
 @contextlib.contextmanager
-def server(label: str, extra: list[str], out: Path) -> Iterator[str]:
+def server(label: str, extra: list[str], out: Path, env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     log = open(out / f"{label}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", "smollm2-135m", "--port",
-                             str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
+                             str(port), *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         t0 = time.time()
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=900)
@@ -61,9 +61,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # what Ray gives the replica's worker process
     runs: list[dict] = []
-    with server("direct", threads, out) as direct, \
-            server("ray", [*threads, "--replicas", "1", "--replica-cpus", str(args.threads)], out) as ray:
+    with server("direct", threads, out, env) as direct, \
+            server("ray", [*threads, "--replicas", "1", "--replica-cpus", str(args.threads)], out, env) as ray:
         for r in range(args.rounds):
             for label, url in (("direct", direct), ("ray", ray)):
                 levels = bench(url, "smollm2-135m", args.concurrency, args.num_prompts, out / f"{label}-{r}",

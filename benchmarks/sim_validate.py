@@ -42,6 +42,7 @@ from serving import free_port  # noqa: E402
 MODEL = "smollm2-135m"
 DECODE_POINTS = (1, 2, 4, 8)  # running sequences: the batch sizes a replica sees at these loads
 PASSES = 5
+WARMUP_S = 30.0
 WORDS = ("bread oven flour yeast crust dough butter sugar salt water morning evening order cake sourdough rye "
          "window street market price fresh warm slice loaf table coffee milk honey basket recipe baker").split()
 
@@ -140,7 +141,9 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             return await one(client, url, body, time.perf_counter(), 0.0)
 
-        await asyncio.gather(*(stream(f"warm-up {i}", 64) for i in range(4)))
+        warm_until = time.monotonic() + WARMUP_S  # a fresh server decodes slower at first (first-touch of the KV
+        while time.monotonic() < warm_until:  # pool, kernel caches); the replicas have been up longer than that
+            await asyncio.gather(*(stream(f"warm-up {i}", 32) for i in range(4)))
         # interleaved passes, medians: the host's load swings 2x within seconds, a single pass per point is noise
         tpots: dict[int, list[float]] = {n: [] for n in DECODE_POINTS}
         prefill = []
@@ -151,6 +154,7 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             r = await stream(words(160), 1)  # a fresh prompt: nothing from the prefix cache
             prefill.append(r["ttft_s"] * 480 / r["prompt_tokens"])  # scaled to 480 tokens
         decode = [(n, statistics.median(v)) for n, v in tpots.items()]
+        passes = {n: [round(x * 1e3, 1) for x in v] for n, v in tpots.items()}
         count = []
         for m in [[{"role": "system", "content": x}] for x in wl["systems"]] + \
                  [messages(wl["systems"], r) for r in wl["requests"]]:
@@ -158,7 +162,8 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             count.append((await client.post(url + "/tokenize", json={"messages": m, "add_generation_prompt": gen}))
                          .json()["count"])
     k = len(wl["systems"])
-    return {"decode": decode, "prefill_480_s": statistics.median(prefill), "system_tokens": count[:k],
+    return {"decode": decode, "tpot_ms_per_pass": passes, "prefill_480_s": statistics.median(prefill),
+            "system_tokens": count[:k],
             "prompt_tokens": count[k:]}
 
 
