@@ -173,7 +173,7 @@ def _plot(out: Path, s: dict) -> None:
     ax.step([p["t"] for p in tl], [p["replicas"] for p in tl], where="post", label="ready replicas")
     ax.plot([p["t"] for p in tl], [p["inflight"] for p in tl], alpha=0.6, label="requests in flight")
     ax.axvspan(s["marks"]["load_start"], s["marks"]["load_end"], color="grey", alpha=0.15, label="load step")
-    ax.set_xlabel("seconds since the first replica was up")
+    ax.set_xlabel("seconds since `inferd serve` was started")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "timeline.png", dpi=100)

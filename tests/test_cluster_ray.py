@@ -226,7 +226,8 @@ def test_kuberay_entry_point_and_flags_make_the_serve_options():
     opts = replica_options(args)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 3,
                                           "target_ongoing_requests": 4.0, "upscale_delay_s": 5.0,
-                                          "downscale_delay_s": 20.0, "look_back_period_s": 30.0}
+                                          "downscale_delay_s": 20.0, "look_back_period_s": 30.0,
+                                          "metrics_interval_s": 10.0}
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (12, 30)
     assert opts["ray_actor_options"]["num_cpus"] == 2.0
     assert opts["request_router_config"].request_router_kwargs["policy"] == "round-robin"

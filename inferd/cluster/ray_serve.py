@@ -309,7 +309,9 @@ def replica_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["autoscaling_config"] = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                       "initial_replicas": n, "target_ongoing_requests": args.target_ongoing_requests,
                                       "upscale_delay_s": args.upscale_delay, "downscale_delay_s": args.downscale_delay,
-                                      "look_back_period_s": args.autoscale_look_back}
+                                      "look_back_period_s": args.autoscale_look_back,
+                                      # Serve wants the look-back window longer than its metrics interval (10 s)
+                                      "metrics_interval_s": min(10.0, args.autoscale_look_back / 2)}
     else:
         opts["num_replicas"] = n
     return opts
