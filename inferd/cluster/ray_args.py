@@ -59,7 +59,7 @@ def check_ray_args(args: argparse.Namespace) -> None:
         raise InferdError(f"autoscaling needs 0 <= --min-replicas <= --replicas <= --max-replicas; got {lo}, {n}, "
                           f"{hi}")
     if min(args.upscale_delay, args.downscale_delay) < 0 or args.autoscale_look_back <= 0:
-        raise InferdError("--upscale-delay and --downscale-delay must be >= 0 and --autoscale-look-back positive")
+        raise InferdError("--upscale-delay and --downscale-delay must be >= 0, --autoscale-look-back positive")
     if args.target_ongoing_requests <= 0 or args.max_ongoing_requests < 1:
         raise InferdError("--target-ongoing-requests must be positive and --max-ongoing-requests at least 1")
     if args.replica_cpus <= 0:
