@@ -11,10 +11,10 @@ OMP_NUM_THREADS as Ray gives a replica, run before and again after the measured 
 model takes the medians of both): SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
 `base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
 480 tokens for the per-token prefill cost. `--calibrate-with serve` (default) measures through a single-process
-`inferd serve --threads N`, a replica's own code path, with an HTTP client; `offline` through `LLM.generate` (the
-`inferd bench offline` path), which on this host runs decode steps about 2x slower than the server does and so
-overstates TPOT by ~90% (docs/benchmarks.md). With `--calibrate-procs 2` both calibrators share the cores as the
-two replicas do under load.
+`inferd serve --threads N`, a replica's own code path, with an HTTP client, after WARMUP_S of warm-up; `offline`
+through `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md both calibrated
+slower decode steps than the Ray replicas then ran (TPOT overstated by 66-92%). With `--calibrate-procs 2` both
+calibrators share the cores as the two replicas do under load.
 Needs the [ray] extra and the smollm2-135m package.
 """
 
