@@ -101,15 +101,16 @@ def calibrate(path: Path, threads: int, wl_path: Path) -> None:
     path.write_text(json.dumps(res))
 
 
-def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path) -> None:
+def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path, via_ray: bool = False) -> None:
     """The same figures through a single-process `inferd serve --threads N` (a replica's code path: the app, the
     async engine, SSE), measured by an HTTP client: TPOT at n concurrent streams and the TTFT of fresh 480-token
     prompts; workload token counts from its /tokenize."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(out / f"{path.stem}.log", "w") as log:
+        how = ["--replicas", "1", "--replica-cpus", str(threads)] if via_ray else ["--threads", str(threads)]
         proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL, "--port", str(port),
-                                 "--threads", str(threads)], stdout=log, stderr=subprocess.STDOUT)
+                                 *how], stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
             while True:
@@ -287,19 +288,20 @@ def main() -> None:
     ap.add_argument("--system-words", type=int, default=220, help="words per system prompt (~1.1 tokens each)")
     ap.add_argument("--user-words", type=int, nargs=2, default=[10, 40])
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--routing", default="prefix")
+    ap.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded", "round-robin"])
     ap.add_argument("--replica-cpus", type=int, default=1)
     ap.add_argument("--calibrate-procs", type=int, default=1)
-    ap.add_argument("--calibrate-with", choices=["serve", "offline"], default="serve",
-                    help="measure the service model through `inferd serve` (a replica's code path) or LLM.generate")
+    ap.add_argument("--calibrate-with", choices=["ray", "serve", "offline"], default="ray",
+                    help="measure the service model through one Ray Serve replica (`inferd serve --replicas 1`), "
+                         "a single-process `inferd serve`, or LLM.generate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrate-json", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--workload-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.calibrate_json:
-        if args.calibrate_with == "serve":
+        if args.calibrate_with in ("serve", "ray"):
             calibrate_serve(Path(args.calibrate_json), args.replica_cpus, Path(args.workload_json),
-                            Path(args.calibrate_json).parent)
+                            Path(args.calibrate_json).parent, via_ray=args.calibrate_with == "ray")
         else:
             calibrate(Path(args.calibrate_json), args.replica_cpus, Path(args.workload_json))
         return
