@@ -10,11 +10,12 @@ Calibration: a child process per `--calibrate-procs` (all at once), with `--repl
 OMP_NUM_THREADS as Ray gives a replica, run before and again after the measured run (the host's load drifts; the
 model takes the medians of both): SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
 `base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
-480 tokens for the per-token prefill cost. `--calibrate-with serve` (default) measures through a single-process
-`inferd serve --threads N`, a replica's own code path, with an HTTP client, after WARMUP_S of warm-up; `offline`
-through `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md both calibrated
-slower decode steps than the Ray replicas then ran (TPOT overstated by 66-92%). With `--calibrate-procs 2` both
-calibrators share the cores as the two replicas do under load.
+480 tokens for the per-token prefill cost. `--calibrate-with ray` (default) measures one Ray Serve replica
+(`inferd serve --replicas 1`: the replica's service model as deployed, Ray's per-request cost included) and
+`serve` a single-process `inferd serve --threads N`, both through an HTTP client after WARMUP_S of warm-up;
+`offline` measures `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md the
+last two ran ~2x slower than the same engine in a Ray worker. With `--calibrate-procs 2` both calibrators share
+the cores as the two replicas do under load.
 Needs the [ray] extra and the smollm2-135m package.
 """
 
