@@ -5,8 +5,11 @@ proxy, ingress and replica), both up at once and measured in alternating rounds 
     python benchmarks/ray_overhead.py --out docs/ray_overhead [--concurrency 1,16] [--num-prompts 16] [--rounds 3]
 
 Workload as benchmarks/serving.py: streaming chat, 33 random-text tokens + SmolLM2's chat template, 128 output
-tokens (ignore_eos), temperature 0. The replica is given every core (--replica-cpus = cpu count, hence the same
-torch threads as the direct server). Needs the [ray] extra.
+tokens (ignore_eos), temperature 0. Both servers get the same explicit `--threads` (default: every core) and run
+with OMP_NUM_THREADS at that count (Ray sets it in a replica's worker process; the C kernels' OpenMP teams follow
+it), and the replica reserves that many CPUs (--replica-cpus): on an oversubscribed host a 2-thread team is up to
+10x slower than 1 thread (each parallel region waits for a descheduled thread), so like must meet like. Needs the [ray]
+extra.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from serving import bench, free_port, wait_ready  # noqa: E402
 
 
 @contextlib.contextmanager
-def server(label: str, extra: list[str], out: Path) -> Iterator[str]:
+def server(label: str, extra: list[str], out: Path, env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     log = open(out / f"{label}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", "smollm2-135m", "--port",
-                             str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
+                             str(port), *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         t0 = time.time()
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=900)
@@ -53,12 +56,15 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--num-prompts", type=int, default=16, help="per level and round (at least the concurrency)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both servers")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpus = str(os.cpu_count() or 1)
+    threads = ["--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # what Ray gives the replica's worker process
     runs: list[dict] = []
-    with server("direct", [], out) as direct, server("ray", ["--replicas", "1", "--replica-cpus", cpus], out) as ray:
+    with server("direct", threads, out, env) as direct, \
+            server("ray", [*threads, "--replicas", "1", "--replica-cpus", str(args.threads)], out, env) as ray:
         for r in range(args.rounds):
             for label, url in (("direct", direct), ("ray", ray)):
                 levels = bench(url, "smollm2-135m", args.concurrency, args.num_prompts, out / f"{label}-{r}",

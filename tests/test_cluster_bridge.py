@@ -50,10 +50,38 @@ def test_call_asgi_relays_status_headers_and_chunks_and_cancels_on_close():
         assert bad[0]["status"] == 422
         gen = call_asgi(app, "GET", "/stream", "", [], b"")
         first = [await gen.__anext__() for _ in range(3)]
-        assert first[0]["status"] == 200 and first[1]["body"] == b"data: 0\n\n"
+        assert first[0]["status"] == 200 and first[1]["body"].startswith(b"data: 0\n\n")
         await gen.aclose()  # the client went away: the app's task is cancelled
         await asyncio.sleep(0.05)
         assert app.state.cancelled == [True]
+
+    asyncio.run(run())
+
+
+def test_call_asgi_never_waits_for_more_chunks_but_sends_queued_ones_together():
+    app = FastAPI()
+    release = asyncio.Event()
+
+    @app.get("/held")
+    async def held() -> StreamingResponse:
+        async def gen():
+            yield "data: first\n\n"
+            await release.wait()  # the app holds the next token until the client has the first one
+            for i in range(5):  # then five at once, queued before the bridge runs again
+                yield f"data: {i}\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    async def run():
+        gen = call_asgi(app, "GET", "/held", "", [], b"")
+        assert (await gen.__anext__())["status"] == 200
+        # no batching delay: the first chunk comes while the app is still waiting (a bridge that waited for
+        # company would time out here)
+        assert (await asyncio.wait_for(gen.__anext__(), 5))["body"] == b"data: first\n\n"
+        release.set()
+        rest = [m["body"] async for m in gen]
+        assert b"".join(rest) == b"".join(f"data: {i}\n\n".encode() for i in range(5))
+        assert len(rest) == 1  # what was already queued went on as one message
 
     asyncio.run(run())
 

@@ -114,6 +114,35 @@ def test_prefix_routing_keeps_a_shared_system_prompt_on_one_replica(cluster):
     assert queries > 0 and hits / queries > 0.8, (hits, queries)
 
 
+def _abort_and_busy(url: str) -> tuple[float, float, float]:
+    """(aborted requests, running requests, KV blocks in use) summed over the replicas' pushed metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    aborted = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                  if ln.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in ln)
+    return aborted, _metric(text, "vllm:num_requests_running"), _metric(text, "vllm:kv_cache_usage_perc")
+
+
+def test_client_disconnect_mid_stream_aborts_the_request_on_the_replica(cluster):
+    """Closing a stream at the client must cancel the replica's request through the Ray hops (proxy, ingress,
+    replica): the engine aborts it and frees its KV, instead of generating on to max_tokens for nobody."""
+    url, _ = cluster
+    aborted0 = _abort_and_busy(url)[0]
+    body = {"prompt": "Long story", "max_tokens": 480, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # a few tokens in: the client goes away
+    deadline = time.monotonic() + 20  # replicas push their metrics once a second
+    while time.monotonic() < deadline:
+        aborted, running, kv = _abort_and_busy(url)
+        if aborted >= aborted0 + 1 and running == 0 and kv == 0.0:
+            break
+        time.sleep(0.25)
+    assert aborted == aborted0 + 1, (aborted0, aborted)  # aborted, not finished with "length"
+    assert running == 0 and kv == 0.0, (running, kv)  # nothing left running, every KV block back in the pool
+
+
 def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
     """2 replicas x 16 ongoing + 16 queued at the ingress: 80 long requests at once cannot all be taken."""
     url, _ = cluster
@@ -192,10 +221,13 @@ def test_kuberay_entry_point_and_flags_make_the_serve_options():
 
     args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6 "
                                       "--target-ongoing-requests 4 --max-ongoing-requests 12 --max-queue 30 "
+                                      "--upscale-delay 5 --downscale-delay 20 "
                                       "--replica-cpus 2"})
     opts = replica_options(args)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 3,
-                                          "target_ongoing_requests": 4.0}
+                                          "target_ongoing_requests": 4.0, "upscale_delay_s": 5.0,
+                                          "downscale_delay_s": 20.0, "look_back_period_s": 30.0,
+                                          "metrics_interval_s": 10.0}
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (12, 30)
     assert opts["ray_actor_options"]["num_cpus"] == 2.0
     assert opts["request_router_config"].request_router_kwargs["policy"] == "round-robin"

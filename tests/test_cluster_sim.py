@@ -125,5 +125,8 @@ def test_serve_replica_flags_are_checked_before_ray_starts(capsys):
     assert main(["serve", "--replicas", "2", "--min-replicas", "1"]) == 1
     assert main(["serve", "--replicas", "5", "--min-replicas", "1", "--max-replicas", "4"]) == 1
     assert main(["serve", "--replicas", "2", "--replica-cpus", "0"]) == 1
+    assert main(["serve", "--replicas", "1", "--min-replicas", "1", "--max-replicas", "2", "--downscale-delay",
+                 "-1"]) == 1
     err = capsys.readouterr().err
     assert "--replicas must be at least 1" in err and "together" in err and "--max-replicas" in err
+    assert "--upscale-delay and --downscale-delay must be >= 0" in err

@@ -36,9 +36,10 @@ async def call_asgi(app: Callable, method: str, path: str, query: str, headers: 
     task = asyncio.ensure_future(app(scope, receive, send))
     done_marker = object()
     task.add_done_callback(lambda _: queue.put_nowait(done_marker))
+    pending: Any = None
     try:
         while True:
-            msg = await queue.get()
+            msg, pending = (pending, None) if pending is not None else (await queue.get(), None)
             if msg is done_marker:
                 task.result()  # re-raise what the app raised
                 return
@@ -46,9 +47,19 @@ async def call_asgi(app: Callable, method: str, path: str, query: str, headers: 
                 hdrs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in msg.get("headers", [])]
                 yield {"status": msg["status"], "headers": hdrs + [list(h) for h in extra_headers or []]}
             elif msg["type"] == "http.response.body":
-                if msg.get("body"):
-                    yield {"body": msg["body"]}
-                if not msg.get("more_body", False):
+                body, more = msg.get("body", b""), msg.get("more_body", False)
+                # chunks the app has already queued go on as one message (fewer hops per token while the consumer
+                # is behind); never a wait for more: no batching delay
+                while more and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is done_marker or nxt["type"] != "http.response.body":
+                        pending = nxt
+                        break
+                    body += nxt.get("body", b"")
+                    more = nxt.get("more_body", False)
+                if body:
+                    yield {"body": body}
+                if not more:
                     return
     finally:
         if not task.done():

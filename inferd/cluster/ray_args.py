@@ -29,6 +29,12 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas")
     g.add_argument("--target-ongoing-requests", type=float, default=16.0,
                    help="autoscaling: ongoing requests per replica Ray Serve aims for")
+    g.add_argument("--upscale-delay", type=float, default=30.0, metavar="S",
+                   help="autoscaling: seconds the load must stay above the target before replicas are added")
+    g.add_argument("--downscale-delay", type=float, default=600.0, metavar="S",
+                   help="autoscaling: seconds the load must stay below the target before replicas are removed")
+    g.add_argument("--autoscale-look-back", type=float, default=30.0, metavar="S",
+                   help="autoscaling: window (seconds) over which ongoing requests are averaged")
     g.add_argument("--max-ongoing-requests", type=int, default=64,
                    help="requests a replica takes at once; more wait at the ingress (up to --max-queue, then 503)")
     g.add_argument("--replica-cpus", type=float, default=1.0,
@@ -52,6 +58,8 @@ def check_ray_args(args: argparse.Namespace) -> None:
     if lo is not None and not 0 <= lo <= n <= hi:
         raise InferdError(f"autoscaling needs 0 <= --min-replicas <= --replicas <= --max-replicas; got {lo}, {n}, "
                           f"{hi}")
+    if min(args.upscale_delay, args.downscale_delay) < 0 or args.autoscale_look_back <= 0:
+        raise InferdError("--upscale-delay and --downscale-delay must be >= 0, --autoscale-look-back positive")
     if args.target_ongoing_requests <= 0 or args.max_ongoing_requests < 1:
         raise InferdError("--target-ongoing-requests must be positive and --max-ongoing-requests at least 1")
     if args.replica_cpus <= 0:
@@ -71,3 +79,13 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    for k, v in THROUGHPUT_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+# Ray Serve's own switch for its fast request path (Ray >= 2.50): user code and the request router on the replica's
+# event loop instead of extra threads/loops, handle calls and stream items over gRPC instead of the object store,
+# buffered access logs. Each streamed token crosses two handle hops (proxy -> ingress -> replica), so on a small CPU
+# host this is most of Serve's overhead (benchmarks/ray_overhead.py). Direct ingress (replicas serving HTTP on their
+# own ports) stays off: clients keep the one --host:--port of the proxy.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}

@@ -23,6 +23,7 @@ for a local Ray, after `ray_args.local_ray_env()` (it must see the environment b
 # no `from __future__ import annotations`: FastAPI reads the ingress methods' annotations at runtime, and Serve's
 # ingress wrapper resolves them outside this module
 import argparse
+import asyncio
 import json
 import logging
 import math
@@ -254,7 +255,11 @@ class InferdIngress:
                 headers = {k: v for k, v in start["headers"] if k.lower() not in _HOP_HEADERS}
                 if headers.get("content-type", "").startswith("text/event-stream"):
                     return StreamingResponse(self._relay(gen, self.counts), status_code=start["status"], headers=headers)
-                chunks = [m["body"] async for m in gen]  # nothing sent yet: a failure here is still retried
+                try:
+                    chunks = [m["body"] async for m in gen]  # nothing sent yet: a failure here is still retried
+                except asyncio.CancelledError:  # the client went away: stop the replica's request too
+                    gen.cancel()
+                    raise
                 return Response(b"".join(chunks), status_code=start["status"], headers=headers)
             except BackPressureError:
                 self.counts["overloaded"] += 1
@@ -270,13 +275,19 @@ class InferdIngress:
 
     @staticmethod
     async def _relay(gen: Any, counts: dict[str, int]):
+        ended = False
         try:
             async for msg in gen:
                 yield msg["body"]
+            ended = True
         except RayError as exc:
+            ended = True
             counts["stream_failed"] += 1
             log.warning("a stream's replica failed: %s", exc)
             yield _sse_error(f"the replica serving this stream failed ({type(exc).__name__}); retry the request")
+        finally:
+            if not ended:  # the client went away mid-stream: the replica's request is cancelled, its engine
+                gen.cancel()  # request aborted and its KV blocks freed (not left to run to max_tokens)
 
 
 # ---- building and running -----------------------------------------------------------------------------------
@@ -296,7 +307,11 @@ def replica_options(args: argparse.Namespace) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": args.shutdown_timeout}
     if args.min_replicas is not None:
         opts["autoscaling_config"] = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                                      "initial_replicas": n, "target_ongoing_requests": args.target_ongoing_requests}
+                                      "initial_replicas": n, "target_ongoing_requests": args.target_ongoing_requests,
+                                      "upscale_delay_s": args.upscale_delay, "downscale_delay_s": args.downscale_delay,
+                                      "look_back_period_s": args.autoscale_look_back,
+                                      # Serve wants the look-back window longer than its metrics interval (10 s)
+                                      "metrics_interval_s": min(10.0, args.autoscale_look_back / 2)}
     else:
         opts["num_replicas"] = n
     return opts
