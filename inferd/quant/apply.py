@@ -260,7 +260,7 @@ def _tied_packed_head(src: GGUFTensors, name: str, meta: nn.Module, device: torc
     raw = src.raw(name)
     if raw is None or raw.type_name not in QK_TYPES or (raw.type_name in INT4_TYPES - K_TYPES):
         return None
-    if qk_layout(raw.rows, raw.cols) != "qkrows16":  # no qk_gemm here: the int8 head's kernels are faster
+    if device.type != "cpu" or qk_layout(raw.rows, raw.cols) != "qkrows16":  # no qk_gemm: int8 is faster
         return None
     if (raw.rows, raw.cols) != (meta.out_features, meta.in_features):
         raise ModelLoadError(f"{name}: shape {(raw.rows, raw.cols)} does not make "
