@@ -13,7 +13,7 @@ import torch
 from inferd import LLM
 from inferd.errors import ModelLoadError
 from inferd.loader.gguf import RawTensor
-from inferd.ops.kernels import runnable_tiers, use_tier
+from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
 from inferd.quant import gguf_blocks
 from inferd.quant.apply import QuantConfig, packed_from_blocks, resolve_auto
 from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear, module_bytes
@@ -215,3 +215,68 @@ def test_repack_cache_keeps_k_quant_layers(kquant_model, tmp_path, monkeypatch):
         layers = llm.engine.lm.model.model.layers
     assert repacked == [8, 0] and outs[0] == outs[1]
     assert layers[0].mlp.down_proj.kmode and not layers[1].self_attn.qkv_proj.kmode
+
+
+def _tied_gguf(tmp_path, table_type: str):
+    """A tiny tied-embedding model whose embedding/output table is stored as `table_type` (as Llama 3.2 /
+    Qwen2.5 Q4_K_M files store theirs as Q6_K) and its decoder as Q4_K_M-like layer 0 types."""
+    from safetensors.torch import load_file, save_file
+
+    hf = write_hf(tmp_path / "hf", config={**KQ_CONFIG, "tie_word_embeddings": True})
+    weights = load_file(str(hf / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(hf / "model.safetensors"))
+    types = {i: LAYER_TYPES[0] for i in (0, 1)}
+
+    def quant(name: str) -> str | None:
+        return table_type if name == "model.embed_tokens.weight" else _type_of(name, types)
+
+    return write_gguf(tmp_path / f"tied_{table_type}.gguf", hf, quant=quant)
+
+
+@pytest.mark.parametrize("table_type", ["Q6_K", "Q4_K", "Q5_0"])
+def test_tied_k_quant_head_stays_packed_on_every_tier(tmp_path, table_type):
+    """A tied table stored as a K-quant/Q5 type stays packed as the lm_head (QKLinear, the file's bytes) on every
+    tier: its logits are within 1% of output scale of the dequantized fp32 head, every greedy token is the argmax
+    of an fp32 head of the same weights (or a near tie within 1% of scale: the int8 activations, as llama.cpp's,
+    move logits ~0.5%), and the embedding lookup is the file's rows exactly."""
+    from inferd import SamplingParams
+    from inferd.models.blocks import logits_fp32
+    from inferd.quant.linear import QKEmbedding
+
+    path = _tied_gguf(tmp_path, table_type)
+    tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type.name == table_type
+    table = torch.from_numpy(_gguf_dequant(np.asarray(tensor.data), table_type, (int(tensor.shape[1]),
+                                                                                 int(tensor.shape[0]))))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = ["The capital", "the quick brown fox jumps"]
+    for tier in runnable_tiers() if table_type == "Q6_K" else runnable_tiers()[:1]:  # the others: the best tier
+        with use_tier(tier):
+            llm = LLM(str(path), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
+            model = llm.engine.lm.model
+            head, emb = model.lm_head, model.model.embed_tokens
+            if not get_kernels().quant_gemm:  # no qk_gemm: the int8 head (aten's kernel), as before
+                assert isinstance(head, Int8Linear) and not isinstance(emb, QKEmbedding), tier
+                continue
+            assert isinstance(head, QKLinear) and isinstance(emb, QKEmbedding), (tier, type(head), type(emb))
+            assert head.bits == gguf_blocks.BITS[table_type] and head.dense is None
+            assert module_bytes(head) <= 1.1 * int(tensor.n_bytes), (tier, module_bytes(head), tensor.n_bytes)
+            assert torch.equal(head.dequantized(), table)  # the file's own weights, bit for bit
+            ids = torch.tensor([[0, 17, 5], [table.shape[0] - 1, 17, 300]])
+            assert torch.equal(emb(ids), table[ids])  # only the looked-up rows, exact
+            x = torch.from_numpy(np.random.default_rng(3).standard_normal((5, table.shape[1])).astype(np.float32))
+            ref = x @ table.T
+            y = logits_fp32(head, x)
+            assert y.dtype == torch.float32
+            err = float((y - ref).abs().max()) / float(ref.abs().max())
+            assert err < 0.01, (tier, err)
+            got = [llm.tokenizer.encode(p) + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, sp))]
+            dense = torch.nn.Linear(table.shape[1], table.shape[0], bias=False)
+            dense.weight.data = table.clone()
+            model.lm_head = dense  # the same model with an fp32 head of the same weights
+            for seq in got:  # each greedy token is the fp32 head's argmax, or within 1% of scale of it (a near tie)
+                want = prompt_logits(llm.engine, seq[:-1])[-sp.max_tokens:]
+                picked = want.gather(1, torch.tensor(seq[-sp.max_tokens:]).unsqueeze(1)).squeeze(1)
+                gap = (want.max(1).values - picked) / want.abs().max()
+                assert float(gap.max()) < 0.01, (tier, gap)

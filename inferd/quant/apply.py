@@ -36,8 +36,10 @@ from inferd.quant.linear import (
     QKLinear,
     dequantize_int4,
     int8_group_size,
+    qk_layout,
     quantize_int4,
     quantize_int8,
+    tied_embedding,
 )
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,24 @@ def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
+def _tied_packed_head(src: GGUFTensors, name: str, meta: nn.Module, device: torch.device) -> QKLinear | None:
+    """A tied table stored as Q4_K/Q5_K/Q6_K/Q5_0/Q5_1 kept packed as the lm_head (`QKLinear`, qkrows16 where the
+    tier has the kernels): the logits read the file's bytes (e.g. Q6_K: 6.56 bits per weight, vs 8.5 for the int8
+    table) with the file's own weights, and the embedding lookup dequantizes only the rows it reads. None for any
+    other type (Q8_0 stays int8 as stored; F16/BF16/F32 and Q4_0/Q4_1 are quantized to int8 per 32, see
+    quantize_model: a 4-bit requantized head costs perplexity)."""
+    raw = src.raw(name)
+    if raw is None or raw.type_name not in QK_TYPES or (raw.type_name in INT4_TYPES - K_TYPES):
+        return None
+    if device.type != "cpu" or qk_layout(raw.rows, raw.cols) != "qkrows16":  # no qk_gemm: int8 is faster
+        return None
+    if (raw.rows, raw.cols) != (meta.out_features, meta.in_features):
+        raise ModelLoadError(f"{name}: shape {(raw.rows, raw.cols)} does not make "
+                             f"({meta.out_features}, {meta.in_features})")
+    layer = packed_from_blocks([raw], None, QuantConfig("gguf", 32, 0), device)  # no bf16 copy: fp32 logits
+    return layer if isinstance(layer, QKLinear) else None
+
+
 def _from_cache(model: nn.Module, src: GGUFTensors, cached: dict[str, nn.Module], dtype: torch.dtype,
                 device: torch.device) -> set[str]:
     """Puts cached packed layers in place (those the cache has; the rest load as without it)."""
@@ -267,7 +287,7 @@ def _from_cache(model: nn.Module, src: GGUFTensors, cached: dict[str, nn.Module]
     model.lm_head = cached["lm_head"]
     emb = "model.embed_tokens.weight"
     if "lm_head.weight" not in src:  # tied: the lm_head's table
-        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+        model.model.embed_tokens = tied_embedding(model.lm_head, dtype)
     else:  # an untied embedding is a plain int8 table: cheap to make again
         q8, s8 = _int8_table(src, emb)
         model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
@@ -300,19 +320,26 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     kept_bytes = [0, 0]  # dequantized layers: bytes in memory, bytes in the file
     # the embedding first: its conversion's temporaries (~2.5x the int8 table) then sit on a small resident set
     emb = "model.embed_tokens.weight"
-    q8, s8 = _int8_table(src, emb)
+    tied = "lm_head.weight" not in src
+    head = _tied_packed_head(src, emb, model.lm_head, device) if tied else None
     used.add(emb)
-    src.release(emb)
-    if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
-        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)  # no bf16 copy (as quantize_model)
-        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+    if head is not None:  # the file's own K-quant/Q5 table, packed once for both (fewer bytes than int8)
+        src.release(emb)
+        model.lm_head = head
+        model.model.embed_tokens = tied_embedding(head, dtype)
     else:
-        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
-        qh, sh = _int8_table(src, "lm_head.weight")
-        model.lm_head = Int8Linear(qh.to(device), sh.to(device), None)
-        used.add("lm_head.weight")
-        src.release("lm_head.weight")
-    del q8, s8
+        q8, s8 = _int8_table(src, emb)
+        src.release(emb)
+        if tied:  # one int8 table for both, in the lm_head's layout
+            model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)  # no bf16 copy (as quantize_model)
+            model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+        else:
+            model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
+            qh, sh = _int8_table(src, "lm_head.weight")
+            model.lm_head = Int8Linear(qh.to(device), sh.to(device), None)
+            used.add("lm_head.weight")
+            src.release("lm_head.weight")
+        del q8, s8
     release_free_memory()  # the table's conversion temporaries, before the layers' packing piles on top
     for i in range(cfg.num_layers):
         layer = model.model.layers[i]

@@ -417,27 +417,37 @@ class QKLinear(_PackedLinear):
         self.dense_from_rows = dense_from_rows
         self._set_dense(self.dequantized().bfloat16() if dense_from_rows else None)
 
-    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q uint8 (N, K), d and m float32 (N, K / sub) as the kernel sees them."""
+    def unpacked(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q uint8 (N, K), d and m float32 (N, K / sub) as the kernel sees them; with `rows` (int64 indices into
+        the N rows; in the qkrows16 layout row-block indices, each giving its 16 rows) only those rows."""
         n, k, sub = self.out_features, self.in_features, self.sub
+        packed, dm, scm_all, sb_all = self.packed, self.dm, self.scm, self.sb
+        if rows is not None:
+            if self.layout == "qkrows16":  # every buffer is stored row block after row block
+                packed, dm, scm_all, sb_all = (None if t is None else t.view(n // 16, -1)[rows].reshape(-1)
+                                               for t in (packed, dm, scm_all, sb_all))
+                n = 16 * rows.shape[0]
+            else:  # q (N, K); scales (2, N, ·)
+                packed = packed[rows]
+                dm, scm_all, sb_all = (None if t is None else t[:, rows] for t in (dm, scm_all, sb_all))
+                n = rows.shape[0]
         if not self.kmode:
+            assert dm is not None
             if self.layout == "qkrows16":
-                assert self.dm is not None
-                return unpack_qk_rows16(self.packed, self.dm, n, k, self.bits, sub)
-            assert self.dm is not None
-            return self.packed, self.dm[0].float(), self.dm[1].float()
-        assert self.scm is not None and self.sb is not None
+                return unpack_qk_rows16(packed, dm, n, k, self.bits, sub)
+            return packed, dm[0].float(), dm[1].float()
+        assert scm_all is not None and sb_all is not None
         if self.layout == "qkrows16":
             ns = 32 // sub
-            q = unpack_q_rows16(self.packed, n, k, self.bits)
-            scm = self.scm.view(n // 16, k // 32, 2, ns, 16)
+            q = unpack_q_rows16(packed, n, k, self.bits)
+            scm = scm_all.view(n // 16, k // 32, 2, ns, 16)
             sc, mn = (_from_rows16(scm[:, :, i], n) for i in range(2))
-            sbv = self.sb.view(n // 16, k // 256, 2, 1, 16)
+            sbv = sb_all.view(n // 16, k // 256, 2, 1, 16)
             kd, kdmin = (_from_rows16(sbv[:, :, i], n) for i in range(2))
         else:
-            q = self.packed
-            sc, mn = self.scm[0], self.scm[1]
-            kd, kdmin = self.sb[0], self.sb[1]
+            q = packed
+            sc, mn = scm_all[0], scm_all[1]
+            kd, kdmin = sb_all[0], sb_all[1]
         rep = 256 // sub
         d = kd.float().repeat_interleave(rep, dim=1) * sc.float()
         m = kdmin.float().repeat_interleave(rep, dim=1) * mn.float()
@@ -446,6 +456,21 @@ class QKLinear(_PackedLinear):
     def dequantized(self) -> torch.Tensor:
         q, d, m = self.unpacked()
         return dequantize_qk(q, d, m, self.sub)
+
+    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows (len(ids), K) of the weight for int64 `ids`, dequantizing only the row blocks they touch
+        (an embedding lookup in a tied lm_head's table)."""
+        if self.layout != "qkrows16":
+            q, d, m = self.unpacked(ids)
+            return dequantize_qk(q, d, m, self.sub)
+        blocks, where = torch.unique(ids // 16, return_inverse=True)
+        q, d, m = self.unpacked(blocks)
+        return dequantize_qk(q, d, m, self.sub)[where * 16 + ids % 16]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """As the lm_head: float32 output from fp32 activations, never through the bf16 copy (sampling must not
+        see bf16-rounded logits)."""
+        return self._packed(x.float().contiguous())
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "qkrows16":
@@ -487,6 +512,29 @@ class Int8Embedding(nn.Module):
         k = rows.shape[-1]
         out = rows.view(*ids.shape, scales.shape[-1], -1) * scales.unsqueeze(-1)
         return out.view(*ids.shape, k).to(self.dtype)
+
+
+class QKEmbedding(nn.Module):
+    """The embedding of a tied lm_head kept packed as a QKLinear (the file's K-quant / Q5 table): the lookup
+    dequantizes only the rows it reads, so the table is stored once, at its file size."""
+
+    def __init__(self, lm_head: QKLinear, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.lm_head = [lm_head]  # a list: not registered as a submodule (no double counting, no state dict)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head[0]
+        rows = head.dequantized_rows(ids.reshape(-1).long())
+        return rows.view(*ids.shape, head.in_features).to(self.dtype)
+
+
+def tied_embedding(lm_head: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The embedding that reads a tied lm_head's packed table (Int8Linear or QKLinear)."""
+    if isinstance(lm_head, QKLinear):
+        return QKEmbedding(lm_head, dtype)
+    assert isinstance(lm_head, Int8Linear)
+    return Int8Embedding.tied(lm_head, dtype)
 
 
 def module_bytes(m: nn.Module) -> int:
