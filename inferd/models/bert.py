@@ -58,6 +58,7 @@ class BertLayer(nn.Module):
         self.out = nn.Linear(c.intermediate_size, h)
         self.out_norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
         self.act = c.hidden_act
+        self.gelu_tanh = c.hidden_act in ("gelu_new", "gelu_pytorch_tanh")
 
     def forward(self, x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
         """x: (N, h) packed tokens; spans: (start, length) of each sequence in x.
@@ -74,7 +75,8 @@ class BertLayer(nn.Module):
         o = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N, h)
         x = self.attn_norm(x + self.attn_out(o))
         inter = self.inter(x)
-        inter = F.gelu(inter, approximate="tanh" if self.act in ("gelu_new", "gelu_pytorch_tanh") else "none")
+        if getattr(self.inter, "act", None) is None:  # a W8A8Linear may apply the GELU in its epilogue
+            inter = F.gelu(inter, approximate="tanh" if self.gelu_tanh else "none")
         return self.out_norm(x + self.out(inter))
 
 

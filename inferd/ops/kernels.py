@@ -70,6 +70,8 @@ SIGNATURES: dict[str, str] = {
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
+    "quantize_rows_asym": "piiiipppp",
+    "dequant_rows": "piiippppppii",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }
