@@ -113,3 +113,22 @@ def test_minilm_int8_matches_sentence_transformers(reference_dir):
         r, g = sub @ sub[i], got @ got[i]  # is within 0.002 in the reference (measured: one swap, gap 0.0013)
         swapped = np.sign(r[:, None] - r[None, :]) * np.sign(g[:, None] - g[None, :]) < 0
         assert (np.abs(r[:, None] - r[None, :])[swapped] < 0.002).all(), (i, r, g)
+
+
+@pytest.mark.parametrize("tier", [t for t in runnable_tiers() if t != "torch"])
+def test_encoder_attention_kernel_vs_sdpa(tier):
+    from inferd.ops.encoder_attention import encoder_attention
+
+    g = torch.Generator().manual_seed(0)
+    spans, start = [], 0
+    for n in (1, 7, 33, 130):
+        spans.append((start, n))
+        start += n
+    qkv = torch.randn(start, 3, 4, 24, generator=g)
+    want = encoder_attention(qkv, spans, use_c=False)
+    with use_tier(tier) as k:
+        assert k.lib is not None
+        for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            got = encoder_attention(qkv.to(dtype), spans)
+            assert got.dtype == dtype and got.shape == (start, 96)
+            torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
