@@ -10,7 +10,11 @@ an exact-match LRU cache returns repeated texts without recomputation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import pickle
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.models.bert import BertConfig, BertEncoder
 from inferd.quant.w8a8 import calibrate_absmax, swap_linears
 
+log = logging.getLogger(__name__)
 QUANTIZATIONS = ("auto", "none", "int8")
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (0.3 and 0.6 measured worse on MiniLM)
 _CALIBRATION = Path(__file__).parent / "compress" / "data"
@@ -49,14 +54,42 @@ def calibration_texts() -> list[str]:
     return paras + [ln.strip() for ln in (_CALIBRATION / "prompts.txt").read_text().splitlines() if ln.strip()]
 
 
+def _stats_cache_file(path: Path) -> Path:
+    """Where the calibrated activation ranges of this model directory are kept: keyed by its weight files (size,
+    mtime) and the calibration text, under $INFERD_HOME/calibration."""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.glob("*.safetensors")) + [_CALIBRATION / "calibration.txt", _CALIBRATION / "prompts.txt"]:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    home = Path(os.environ.get("INFERD_HOME", Path.home() / ".cache" / "inferd"))
+    return home / "calibration" / f"{path.name}-{h.hexdigest()[:16]}.pt"
+
+
+def _load_stats(f: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        return torch.load(f, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+
+
 @torch.inference_mode()
-def w8a8_plan(model: BertEncoder, calib: list[list[int]]) -> dict[str, dict]:
+def w8a8_plan(model: BertEncoder, calib: list[list[int]], cache: Path | None = None) -> dict[str, dict]:
     """Which linears become W8A8 and how, from the activation ranges on `calib` (model in fp32).
 
     Every layer's qkv, attention output and FFN up projection (with its GELU fused); the FFN down projection
     stays in the model dtype: quantizing its GELU outputs per token (or per group of 384) cost the most cosine
     (min 0.9984 with it vs 0.9993 without, 120 bench texts, see docs/benchmarks.md)."""
-    stats = calibrate_absmax(model, lambda: [model(calib[i : i + 16]) for i in range(0, len(calib), 16)])
+    stats = _load_stats(cache) if cache is not None and cache.is_file() else None
+    if stats is None:  # one fp32 pass over ~1,600 tokens; later loads read the cached ranges
+        stats = calibrate_absmax(model, lambda: [model(calib[i : i + 16]) for i in range(0, len(calib), 16)])
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(stats, tmp)
+                os.replace(tmp, cache)  # atomic: a concurrent loader never reads half a file
+            except OSError as exc:  # a read-only or full $INFERD_HOME: the cache is an optimisation only
+                log.warning("cannot cache the calibration ranges in %s: %s", cache, exc)
     plan = {}
     for i, layer in enumerate(model.layers):
         act = "gelu_tanh" if layer.gelu_tanh else "gelu"
@@ -150,7 +183,7 @@ class Embedder:
         self.pooling = _pooling_config(path, self.config.max_position_embeddings)
         plan, fp32 = {}, {}
         if self.quantization == "int8":
-            plan = w8a8_plan(self.model, self.tokenize(calibration_texts()))
+            plan = w8a8_plan(self.model, self.tokenize(calibration_texts()), _stats_cache_file(path))
             fp32 = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                     for n, m in self.model.named_modules() if n in plan}
         self.model = self.model.to(self.dtype)

@@ -75,8 +75,13 @@ def test_quantize_and_epilogue_identical_across_tiers():
     assert ((back.view(23, 96) - x * inv).abs() <= sx.t().repeat_interleave(48, 1) * 0.5 + 1e-6).all()
 
 
-def test_embedder_quantization_option(tiny_bert, tmp_path):
+def test_embedder_quantization_option(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERD_HOME", str(tmp_path / "home"))
     q = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+    cached = list((tmp_path / "home" / "calibration").glob("*.pt"))
+    assert len(cached) == 1  # the calibrated ranges, read back by the next load
+    again = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+    torch.testing.assert_close(again.model.layers[0].qkv.inv, q.model.layers[0].qkv.inv, rtol=0, atol=0)
     n = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
     kinds = {type(m).__name__ for m in q.model.modules()}
     assert "W8A8Linear" in kinds and "W8A8Linear" not in {type(m).__name__ for m in n.model.modules()}
