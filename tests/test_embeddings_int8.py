@@ -76,11 +76,12 @@ def test_quantize_and_epilogue_identical_across_tiers():
 
 
 def test_embedder_quantization_option(tiny_bert, tmp_path, monkeypatch):
-    monkeypatch.setenv("INFERD_HOME", str(tmp_path / "home"))
-    q = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
-    cached = list((tmp_path / "home" / "calibration").glob("*.pt"))
-    assert len(cached) == 1  # the calibrated ranges, read back by the next load
-    again = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+    with monkeypatch.context() as mp:  # only here: the CLI below keeps the built kernels of the usual home
+        mp.setenv("INFERD_HOME", str(tmp_path / "home"))
+        q = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+        cached = list((tmp_path / "home" / "calibration").glob("*.pt"))
+        assert len(cached) == 1  # the calibrated ranges, read back by the next load
+        again = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
     torch.testing.assert_close(again.model.layers[0].qkv.inv, q.model.layers[0].qkv.inv, rtol=0, atol=0)
     n = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
     kinds = {type(m).__name__ for m in q.model.modules()}
