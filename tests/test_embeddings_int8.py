@@ -130,11 +130,12 @@ def test_encoder_attention_kernel_vs_sdpa(tier):
     for n in (1, 7, 33, 130):
         spans.append((start, n))
         start += n
-    qkv = torch.randn(start, 3, 4, 24, generator=g)
-    want = encoder_attention(qkv, spans, use_c=False)
-    with use_tier(tier) as k:
-        assert k.lib is not None
-        for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-            got = encoder_attention(qkv.to(dtype), spans)
-            assert got.dtype == dtype and got.shape == (start, 96)
-            torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+    for d in (24, 32):  # 32: the vector body on every SIMD tier; 24: the scalar one where 24 is not a multiple
+        qkv = torch.randn(start, 3, 4, d, generator=g)
+        want = encoder_attention(qkv, spans, use_c=False)
+        with use_tier(tier) as k:
+            assert k.lib is not None
+            for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                got = encoder_attention(qkv.to(dtype), spans)
+                assert got.dtype == dtype and got.shape == (start, 4 * d)
+                torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
