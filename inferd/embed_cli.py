@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default=None, help="write vectors to a .npy or .jsonl file")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8"],
-                   help="int8: W8A8 linears (auto: int8 on CPU, none on GPU)")
+                   help="int8: W8A8 linears (auto: int8 on CPU with the C kernels, none on GPU)")
     p.add_argument("--batch-size", type=int, default=256, help="texts per progress step")
     p.add_argument("--no-truncate", action="store_true", help="fail on inputs over the model's max length")
     p.set_defaults(func=cmd_embed)

@@ -28,6 +28,7 @@ from inferd.hardware import pick_device, pick_dtype
 from inferd.loader import hub
 from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.models.bert import BertConfig, BertEncoder
+from inferd.ops.kernels import get_kernels
 from inferd.quant.w8a8 import calibrate_absmax, swap_linears
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,12 @@ _CALIBRATION = Path(__file__).parent / "compress" / "data"
 
 
 def resolve_quantization(quantization: str, device: torch.device) -> str:
-    """`auto` → int8 on CPUs (W8A8 linears: ~2x the bf16 GEMM throughput through oneDNN), none elsewhere."""
+    """`auto` → int8 on CPUs with the C kernels (W8A8 linears: ~2x the bf16 GEMM throughput through oneDNN; the
+    quantizer and epilogue are C passes), none elsewhere (GPU, or the `torch` tier where they would be torch ops)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "auto":
-        return "int8" if device.type == "cpu" else "none"
+        return "int8" if device.type == "cpu" and get_kernels().lib is not None else "none"
     if quantization == "int8" and device.type != "cpu":
         raise ValueError("int8 encoder quantization runs on CPU only; use --quantization none on this device")
     return quantization

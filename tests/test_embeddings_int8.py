@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inferd import Embedder
-from inferd.ops.kernels import runnable_tiers, use_tier
+from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
 from inferd.quant.w8a8 import W8A8Linear, dequantize_rows, quantize_rows
 from tests.conftest import needs_minilm
 
@@ -93,6 +93,12 @@ def test_embedder_quantization_option(tiny_bert, tmp_path, monkeypatch):
         np.testing.assert_allclose(q.embed([t])[0], a[i], atol=1e-5)
     with pytest.raises(ValueError, match="choose one of"):
         Embedder(str(tiny_bert), quantization="int4")
+    from inferd.embedder import resolve_quantization
+
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu) == ("int8" if get_kernels().lib is not None else "none")
+    with use_tier("torch"):  # no C passes: auto keeps the model's dtype
+        assert resolve_quantization("auto", cpu) == "none"
     out = tmp_path / "v.npy"
     r = subprocess.run([sys.executable, "-m", "inferd.cli", "embed", "--model", str(tiny_bert), "--dtype", "float32",
                         "-q", "none", "-o", str(out), *texts], capture_output=True, text=True)
