@@ -46,10 +46,10 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200))) for _ in range(n)]
 
 
-def bench_inferd(texts: list[str]) -> tuple[dict[int, float], np.ndarray]:
+def bench_inferd(texts: list[str], quantization: str = "auto") -> tuple[dict[int, float], np.ndarray]:
     from inferd import Embedder
 
-    e = Embedder("all-minilm-l6-v2", cache_size=0)
+    e = Embedder("all-minilm-l6-v2", cache_size=0, quantization=quantization)
     e.embed(texts[:64])
     res = {}
     for bs in (1, 32, 128):
@@ -95,14 +95,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer-python", default=None)
     ap.add_argument("--num-texts", type=int, default=1000)
+    ap.add_argument("--quantization", nargs="+", default=["auto"], choices=["auto", "none", "int8"],
+                    help="inferd settings to measure, each in its own column (the first is compared to the peer)")
+    ap.add_argument("--no-server", action="store_true", help="skip the HTTP latency part")
     args = ap.parse_args()
     from inferd.hardware import machine_info
     from inferd.loader.hub import resolve
 
     print(f"# {time.strftime('%Y-%m-%d')}  {machine_info()}")
     texts = make_texts(args.num_texts)
-    ours, vecs = bench_inferd(texts)
+    runs = {q: bench_inferd(texts, q) for q in args.quantization}
     peer = None
+    ref = None
     if args.peer_python:
         with tempfile.TemporaryDirectory() as d:
             tp = Path(d) / "t.json"
@@ -111,13 +115,20 @@ def main() -> None:
                                   str(resolve("all-minilm-l6-v2"))], capture_output=True, text=True, check=True)
             peer = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
             ref = np.load(Path(d) / "v.npy")
-        cos = (vecs * ref).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
-        print(f"cosine to sentence-transformers fp32: min {cos.min():.6f}, mean {cos.mean():.6f}")
-    print("| batch | inferd texts/s | sentence-transformers texts/s | ratio |")
-    print("|---|---|---|---|")
+    for q, (_, vecs) in runs.items():
+        if ref is not None:
+            cos = (vecs * ref).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
+            print(f"-q {q}: cosine to sentence-transformers fp32: min {cos.min():.6f}, mean {cos.mean():.6f}")
+    cols = " | ".join(f"inferd -q {q} texts/s" for q in runs)
+    print(f"| batch | {cols} | sentence-transformers texts/s | ratio (-q {args.quantization[0]}) |")
+    print("|---|" + "---|" * (len(runs) + 2))
     for bs in (1, 32, 128):
         p = peer[bs] if peer else None
-        print(f"| {bs} | {ours[bs]:.1f} | {p and f'{p:.1f}' or '-'} | {p and f'{ours[bs] / p:.2f}x' or '-'} |")
+        ours = [r[bs] for r, _ in runs.values()]
+        vals = " | ".join(f"{v:.1f}" for v in ours)
+        print(f"| {bs} | {vals} | {p and f'{p:.1f}' or '-'} | {p and f'{ours[0] / p:.2f}x' or '-'} |")
+    if args.no_server:
+        return
     lat = asyncio.run(server_latency(texts))
     print(f"server, 16 concurrent clients, single-text requests: p50 {lat['p50_ms']:.1f} ms, p99 "
           f"{lat['p99_ms']:.1f} ms, {lat['requests_per_s']:.1f} req/s")

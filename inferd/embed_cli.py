@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", default=None, help="text file, one input per line")
     p.add_argument("--output", "-o", default=None, help="write vectors to a .npy or .jsonl file")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8"],
+                   help="int8: W8A8 linears (auto: int8 on CPU with the C kernels, none on GPU)")
     p.add_argument("--batch-size", type=int, default=256, help="texts per progress step")
     p.add_argument("--no-truncate", action="store_true", help="fail on inputs over the model's max length")
     p.set_defaults(func=cmd_embed)
@@ -36,7 +38,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise InferdError(f"cannot read {args.file}: {exc}") from exc
     if not texts:
         raise InferdError("nothing to embed: pass texts or --file")
-    emb = Embedder(args.model, dtype=args.dtype, cache_size=0)
+    emb = Embedder(args.model, dtype=args.dtype, cache_size=0, quantization=args.quantization)
     chunks = []
     with tqdm(total=len(texts), desc="embed", file=sys.stderr, disable=len(texts) < args.batch_size) as bar:
         for i in range(0, len(texts), args.batch_size):

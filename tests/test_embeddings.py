@@ -28,8 +28,9 @@ def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @needs_minilm
 @pytest.mark.parametrize("dtype,bound", [("float32", 0.9999), ("auto", 0.999)])
 def test_minilm_matches_sentence_transformers(minilm_ref, dtype, bound):
+    """Unquantized (the int8 default is tested in test_embeddings_int8.py)."""
     texts, ref = minilm_ref
-    e = Embedder("all-minilm-l6-v2", dtype=dtype, cache_size=0)
+    e = Embedder("all-minilm-l6-v2", dtype=dtype, cache_size=0, quantization="none")
     got = e.embed(texts)
     assert got.shape == ref.shape
     assert cos(got, ref).min() >= bound

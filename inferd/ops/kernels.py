@@ -71,6 +71,9 @@ SIGNATURES: dict[str, str] = {
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
+    "encoder_attention": "pppiiipfi",
+    "quantize_rows_asym": "piiiipppp",
+    "dequant_rows": "piiippppppii",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }

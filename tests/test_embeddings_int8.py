@@ -1,0 +1,147 @@
+"""W8A8 encoder linears (inferd/quant/w8a8.py): the kernels on every tier against fp32, and all-MiniLM-L6-v2 under
+the default int8 recipe against sentence-transformers fp32."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from inferd import Embedder
+from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
+from inferd.quant.w8a8 import W8A8Linear, dequantize_rows, quantize_rows
+from tests.conftest import needs_minilm
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _activations(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """LayerNorm-like rows with a few outlier channels (what SmoothQuant is for) and a skewed, GELU-like row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 3] *= 20
+    x[:, k // 2] += 8
+    x[-1] = torch.nn.functional.gelu(x[-1])
+    return x
+
+
+@pytest.mark.parametrize("tier", runnable_tiers())
+def test_w8a8_linear_vs_fp32_on_every_tier(tier):
+    lin = torch.nn.Linear(128, 48)
+    x = _activations(19, 128)
+    with use_tier(tier):
+        for group, act in ((None, None), (64, "gelu"), (None, "gelu_tanh")):
+            q = W8A8Linear(lin.weight, lin.bias, act_absmax=x.abs().amax(0), group=group, act=act)
+            want = lin(x)
+            if act:
+                want = torch.nn.functional.gelu(want, approximate="tanh" if act == "gelu_tanh" else "none")
+            for dtype, bound in ((torch.float32, 0.01), (torch.bfloat16, 0.015)):
+                got = q(x.to(dtype))
+                assert got.dtype == dtype and got.shape == want.shape
+                err = (got.float() - want).norm() / want.norm()
+                assert err < bound, (tier, group, act, dtype, float(err))
+
+
+def test_quantize_and_epilogue_identical_across_tiers():
+    """The C passes (each tier's build) and the torch fallback quantize identically and agree on the epilogue."""
+    x = _activations(23, 96, seed=1)
+    inv = torch.rand(96) + 0.5
+    acc = torch.randint(-20000, 20000, (2, 23, 40), dtype=torch.int32)
+    wsum = torch.randint(-3000, 3000, (2, 40), dtype=torch.int32)
+    sw, bias = torch.rand(40) / 100, torch.randn(40)
+    outs = {}
+    for tier in [*runnable_tiers(), "torch"]:
+        with use_tier(tier):
+            xq, sx, zx = quantize_rows(x, 48, inv)
+            y = dequantize_rows(acc, sx, zx, wsum, sw, bias, torch.float32, "gelu")
+            outs[tier] = (xq, sx, zx, y)
+    ref = outs["torch"]
+    for tier, (xq, sx, zx, y) in outs.items():
+        assert sx.shape == (2, 23) and zx.shape == (2, 23)
+        # equal up to a rounding tie flipped by fp32 contraction: at most one level in a few places
+        assert (xq.int() - ref[0].int()).abs().max() <= 1 and (xq != ref[0]).float().mean() < 0.01, tier
+        torch.testing.assert_close(sx, ref[1], rtol=1e-6, atol=0)
+        assert torch.equal(zx, ref[2]), tier
+        torch.testing.assert_close(y, ref[3], rtol=1e-4, atol=1e-4)
+    # the dequantized rows reproduce x · inv within half a quantization step
+    xq, sx, zx, _ = ref
+    back = (xq.float().view(23, 2, 48) - zx.t().unsqueeze(-1)) * sx.t().unsqueeze(-1)
+    assert ((back.view(23, 96) - x * inv).abs() <= sx.t().repeat_interleave(48, 1) * 0.5 + 1e-6).all()
+
+
+def test_embedder_quantization_option(tiny_bert, tmp_path, monkeypatch):
+    with monkeypatch.context() as mp:  # only here: the CLI below keeps the built kernels of the usual home
+        mp.setenv("INFERD_HOME", str(tmp_path / "home"))
+        q = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+        cached = list((tmp_path / "home" / "calibration").glob("*.pt"))
+        assert len(cached) == 1  # the calibrated ranges, read back by the next load
+        again = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="int8")
+    torch.testing.assert_close(again.model.layers[0].qkv.inv, q.model.layers[0].qkv.inv, rtol=0, atol=0)
+    n = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
+    kinds = {type(m).__name__ for m in q.model.modules()}
+    assert "W8A8Linear" in kinds and "W8A8Linear" not in {type(m).__name__ for m in n.model.modules()}
+    texts = ["hello there", "the app crashes on start", "my invoice is wrong and the app crashes"]
+    a, b = q.embed(texts), n.embed(texts)
+    assert cos(a, b).min() > 0.99 and not np.array_equal(a, b)
+    for i, t in enumerate(texts):  # per-token scales: a text's vector does not depend on its batch
+        np.testing.assert_allclose(q.embed([t])[0], a[i], atol=1e-5)
+    with pytest.raises(ValueError, match="choose one of"):
+        Embedder(str(tiny_bert), quantization="int4")
+    from inferd.embedder import resolve_quantization
+
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu) == ("int8" if get_kernels().lib is not None else "none")
+    with use_tier("torch"):  # no C passes: auto keeps the model's dtype
+        assert resolve_quantization("auto", cpu) == "none"
+    out = tmp_path / "v.npy"
+    r = subprocess.run([sys.executable, "-m", "inferd.cli", "embed", "--model", str(tiny_bert), "--dtype", "float32",
+                        "-q", "none", "-o", str(out), *texts], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(out), b, atol=1e-5)
+
+
+@needs_minilm
+def test_minilm_int8_matches_sentence_transformers(reference_dir):
+    texts = json.loads((reference_dir / "embeddings_minilm.json").read_text())["texts"]
+    ref = np.load(reference_dir / "embeddings_minilm.npy")
+    e = Embedder("all-minilm-l6-v2", cache_size=0)  # the default: int8 on CPU
+    assert e.quantization == "int8"
+    assert sum(type(m).__name__ == "W8A8Linear" for m in e.model.modules()) == 18
+    c = cos(e.embed(texts), ref)
+    empty = texts.index("")
+    # every real text ≥ 0.999; the empty string ([CLS] [SEP] only, the two outlier-heavy tokens, nothing to
+    # average the noise over) is the worst case: 0.9988 measured
+    assert np.delete(c, empty).min() >= 0.999, c
+    assert c[empty] >= 0.998, c
+    got = e.embed(texts)[:7]
+    sub = ref[:7]
+    for i in range(7):  # same ranking of the non-degenerate sentences, up to near-ties: every pair that swaps
+        r, g = sub @ sub[i], got @ got[i]  # is within 0.002 in the reference (measured: one swap, gap 0.0013)
+        swapped = np.sign(r[:, None] - r[None, :]) * np.sign(g[:, None] - g[None, :]) < 0
+        assert (np.abs(r[:, None] - r[None, :])[swapped] < 0.002).all(), (i, r, g)
+
+
+@pytest.mark.parametrize("tier", [t for t in runnable_tiers() if t != "torch"])
+def test_encoder_attention_kernel_vs_sdpa(tier):
+    from inferd.ops.encoder_attention import encoder_attention
+
+    g = torch.Generator().manual_seed(0)
+    spans, start = [], 0
+    for n in (1, 7, 33, 130):
+        spans.append((start, n))
+        start += n
+    for d in (24, 32):  # 32: the vector body on every SIMD tier; 24: the scalar one where 24 is not a multiple
+        qkv = torch.randn(start, 3, 4, d, generator=g)
+        want = encoder_attention(qkv, spans, use_c=False)
+        with use_tier(tier) as k:
+            assert k.lib is not None
+            for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                got = encoder_attention(qkv.to(dtype), spans)
+                assert got.dtype == dtype and got.shape == (start, 4 * d)
+                torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
