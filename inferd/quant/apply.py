@@ -385,8 +385,9 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     from inferd.loader import repack_cache
 
     cfg = model.config
+    prepack = qc.profile == "fast"  # else bf16 copies shared from the cache's mapping (see repack_cache)
     if cache_key is not None:
-        cached = repack_cache.load(cache_key, qc.dense_from_rows)
+        cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack)
         if cached is not None and "lm_head" in cached:
             log.info("packed layers from the repack cache (%s)", cache_key)
             return _from_cache(model, src, cached, dtype, device)
@@ -453,4 +454,10 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
         except OSError as exc:  # a full $INFERD_HOME: the cache is an optimisation only
             writer.abort()
             log.warning("could not write the repack cache (%s)", exc)
+        else:  # the layers just packed → the same ones mapped from the entry: this process shares them with
+            # every later one (page cache) instead of keeping a private copy
+            cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack) if cache_key else None
+            if cached is not None and "lm_head" in cached:
+                _from_cache(model, src, cached, dtype, device)
+                release_free_memory()
     return used
