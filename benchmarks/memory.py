@@ -169,7 +169,7 @@ def main() -> None:
                             "smollm2-135m", not args.no_two, not args.two_only))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| server | ready 1st s | ready 2nd s | idle RSS MiB | RSS after 16-stream load | peak RSS | "
-          "second process adds (PSS), idle | same, both after a load |")
+          "second process adds (its USS), idle | same, both after a load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "idle_rss_mib" not in r:  # --two-only
