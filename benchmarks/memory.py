@@ -70,6 +70,10 @@ class Server:
     def mib(self, key: str) -> float:
         return round(proc_status(self.proc.pid, key) / (1 << 20), 1)
 
+    def uss_mib(self) -> float:
+        """Pages only this process maps (what it adds beside processes that share the rest with it)."""
+        return round(self.mib("Private_Clean") + self.mib("Private_Dirty"), 1)
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -106,9 +110,9 @@ def peer_cmd(args: argparse.Namespace, port: int, gguf: str) -> list[str]:
             "--n_threads", str(os.cpu_count()), "--model_alias", "smollm2-135m", "--interrupt_requests", "False"]
 
 
-def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True) -> dict:
+def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True, one: bool = True) -> dict:
     res: dict = {"server": name}
-    for start in ("first", "second"):
+    for start in ("first", "second") if one else ():
         port = free_port()
         s = Server(make_cmd(port), ready_path, port)
         res[f"ready_s_{start}"] = round(s.ready_s, 2)
@@ -127,8 +131,17 @@ def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True) 
         b = Server(make_cmd(ports[1]), ready_path, ports[1])
         time.sleep(1.0)
         pss = a.mib("Pss") + b.mib("Pss")
+        # What B adds = its private pages (USS): every page it shares (the mapped weights with A, the libraries
+        # with A and with anything else running) is resident anyway. (PSS(A) + PSS(B) - RSS(A), the earlier
+        # measure, undercounts on a busy host: PSS splits library pages among every process using them.)
         res["two_procs"] = {"rss_a_alone": alone, "rss_a": a.mib("VmRSS"), "rss_b": b.mib("VmRSS"),
-                            "pss_sum": round(pss, 1), "second_adds": round(pss - alone, 1)}
+                            "pss_sum": round(pss, 1), "second_adds": b.uss_mib()}
+        # after a short 16-stream load on each, the weights (and the bf16 copies of big steps) are resident
+        for s in (a, b):
+            load(s.port, model, requests=16, max_tokens=16)
+        time.sleep(1.0)
+        res["two_procs"].update({"rss_a_loaded": a.mib("VmRSS"), "rss_b_loaded": b.mib("VmRSS"),
+                                 "second_adds_loaded": b.uss_mib()})
         a.stop()
         b.stop()
     return res
@@ -141,26 +154,32 @@ def main() -> None:
     ap.add_argument("--memory-profile", default="balanced", choices=["small", "balanced", "fast"])
     ap.add_argument("--peer-python", help="a Python with llama-cpp-python[server]")
     ap.add_argument("--no-two", action="store_true", help="skip the two-process measurement")
+    ap.add_argument("--two-only", action="store_true", help="only the two-process measurement")
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
           f"{' '.join(sys.argv)}", flush=True)
     rows = [measure(f"inferd ({args.memory_profile})", lambda p: inferd_cmd(args, p), "/ready",
-                    (args.model or ["smollm2-135m"])[0], not args.no_two)]
+                    (args.model or ["smollm2-135m"])[0], not args.no_two, not args.two_only)]
     print(json.dumps(rows[-1]), flush=True)
     if args.peer_python:
         from inferd.loader import hub
 
         gguf = str(hub.resolve("smollm2-135m"))
         rows.append(measure("llama-cpp-python server", lambda p: peer_cmd(args, p, gguf), "/v1/models",
-                            "smollm2-135m", not args.no_two))
+                            "smollm2-135m", not args.no_two, not args.two_only))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| server | ready 1st s | ready 2nd s | idle RSS MiB | RSS after 16-stream load | peak RSS | "
-          "second process adds (PSS) |")
-    print("|---|---|---|---|---|---|---|")
+          "second process adds (its USS), idle | same, both after a load |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "idle_rss_mib" not in r:  # --two-only
+            continue
         two = r.get("two_procs", {})
+        idle = f"{two['second_adds']} ({two['second_adds'] / two['rss_a_alone']:.2f}x)" if two else "-"
+        loaded = (f"{two['second_adds_loaded']} ({two['second_adds_loaded'] / two['rss_a_loaded']:.2f}x)"
+                  if two else "-")
         print(f"| {r['server']} | {r['ready_s_first']} | {r['ready_s_second']} | {r['idle_rss_mib']} | "
-              f"{r['rss_after_load_mib']} | {r['peak_rss_mib']} | {two.get('second_adds', '-')} |")
+              f"{r['rss_after_load_mib']} | {r['peak_rss_mib']} | {idle} | {loaded} |")
 
 
 if __name__ == "__main__":

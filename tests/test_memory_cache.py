@@ -50,3 +50,33 @@ def test_cache_can_be_turned_off(tmp_path, home, monkeypatch):
     gguf = write_gguf(tmp_path / "m.gguf", write_hf(tmp_path / "m"), quant="Q4_0")
     assert _run(gguf)[0] == 8 and _run(gguf)[0] == 8
     assert not (home / "repack").exists()
+
+
+def _mapped_from(t, folder) -> bool:
+    """Does tensor t's memory lie in a file mapping of a file under `folder`?"""
+    ptr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].startswith(str(folder)):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start <= ptr < end:
+                return True
+    return False
+
+
+def test_packed_layers_and_bf16_copies_are_mapped_from_the_cache_from_the_first_load(tmp_path, home):
+    """Right after writing the entry the process swaps its freshly packed layers for the mapped ones (shared with
+    every later process); bf16 copies stay mapped too, except under `fast`, which prepacks them for oneDNN."""
+    from inferd.ops import onednn
+
+    gguf = write_gguf(tmp_path / "m.gguf", write_hf(tmp_path / "m"), quant="Q4_0")
+    for profile in ("balanced", "fast"):
+        llm = LLM(str(gguf), quantization="gguf", dtype="float32", kv_cache_memory=0.02, quant_dense_rows=4,
+                  memory_profile=profile)
+        layer = llm.engine.lm.model.model.layers[0].mlp.gate_up_proj
+        assert _mapped_from(layer.packed, home / "repack"), profile
+        if profile == "balanced":
+            assert layer.dense is not None and _mapped_from(layer.dense, home / "repack")
+        elif onednn.available():
+            assert layer.dense is None and layer._dense_onednn is not None
+        del llm

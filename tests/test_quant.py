@@ -267,3 +267,36 @@ def test_quantized_file_is_the_same_on_every_tier(tiny_hf, tmp_path, method):
             ppl[tier] = perplexity(llm.engine, llm.tokenizer.encode(text), context=64, stride=32)[0]
     best = ppl[runnable_tiers()[0]]
     assert all(abs(p / best - 1) < 1e-3 for p in ppl.values()), (method, ppl)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_streamed_quantization_equals_quantizing_the_loaded_model(tiny_hf, tiny_gguf, method, fmt):
+    """int8/int4 quantize each tensor as it is read (no dense model first): the same buffers as quantizing the
+    whole dense model after loading it."""
+    from inferd.models.registry import load_model
+    from inferd.quant.apply import QuantConfig, quantize_model
+
+    spec = str(tiny_hf if fmt == "hf" else tiny_gguf)
+    qc = QuantConfig(method, 32)
+    cpu = torch.device("cpu")
+    streamed = load_model(spec, torch.float32, cpu, quant=qc).model
+    dense = load_model(spec, torch.float32, cpu).model
+    quantize_model(dense, qc)
+    a, b = dict(streamed.named_buffers()), dict(dense.named_buffers())
+    assert a.keys() == b.keys() and any("qkv_proj" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pa, pb = dict(streamed.named_parameters()), dict(dense.named_parameters())
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_row_chunked_quantization_equals_whole_matrix():
+    from inferd.quant.apply import _by_rows
+
+    w = torch.randn(37, 64)
+    for fn, arg in ((quantize_int8, 32), (quantize_int8, None), (quantize_int4, 32)):
+        whole, chunked = fn(w, arg), _by_rows(fn, w, arg, step=8)
+        assert len(whole) == len(chunked) and all(torch.equal(a, b) for a, b in zip(whole, chunked))

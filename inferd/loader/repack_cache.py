@@ -8,8 +8,9 @@ written). The key covers the GGUF's content (size, mtime and sampled bytes), the
 kernel tier, torch's version and the packing code's source, so a changed file, another CPU or a new layout gets
 its own entry. Only the CPU uses it.
 
-oneDNN-prepacked bf16 copies are opaque: the cache keeps their plain bf16 source and prepacks it at load (a
-reorder, much cheaper than dequantizing).
+oneDNN-prepacked bf16 copies are opaque: the cache keeps their plain bf16 source. The `fast` memory profile
+prepacks it at load (a reorder, much cheaper than dequantizing; private to the process); the others use the
+mapped copy as it is (shared between processes, resident only once a big step has used it).
 """
 
 from __future__ import annotations
@@ -132,8 +133,10 @@ class CacheWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def load(key: str, dense_from_rows: int) -> dict[str, nn.Module] | None:
-    """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read)."""
+def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.Module] | None:
+    """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read).
+    `prepack`: bf16 copies prepacked for oneDNN (private, faster big steps); else used from the mapping
+    (shared by every process on the model, resident only once used)."""
     path = _entry(key)
     if not path.is_file():
         return None
@@ -177,7 +180,7 @@ def load(key: str, dense_from_rows: int) -> dict[str, nn.Module] | None:
                     layer.register_buffer(t_name, None)
             key_dense = f"{name}/@dense"
             has_dense = bool(dense_from_rows) and key_dense in header
-            layer._set_dense(tensor(key_dense) if has_dense else None)
+            layer._set_dense(tensor(key_dense) if has_dense else None, prepack)
             if has_dense and layer._buffers.get("dense") is None:  # prepacked for oneDNN: the source is not kept
                 drop(key_dense)
             out[name] = layer

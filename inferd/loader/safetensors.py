@@ -50,3 +50,55 @@ def load_safetensors(model_dir: str | Path, dtype: torch.dtype | None) -> dict[s
         for name, t in tensors.items():
             out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return out
+
+
+class SafetensorsTensors:
+    """The tensors of an HF directory read one at a time, for loading tensor by tensor like GGUFTensors. Each
+    read opens its shard afresh: a handle kept open would leave every page read so far mapped into this process
+    (the whole file resident by the end of a load); reopening costs a header parse per tensor. `norm_offset`
+    names are returned with 1 added (Gemma stores its norm weights as w - 1)."""
+
+    def __init__(self, model_dir: str | Path, norm_offset: tuple[str, ...] = (), tied: bool = False):
+        from safetensors import SafetensorError, safe_open
+
+        self.norm_offset = norm_offset
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in safetensor_files(model_dir):
+            try:
+                with safe_open(str(f), "pt") as h:
+                    for name in h.keys():
+                        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                            continue
+                        self.files[name] = f
+                        self.shapes[name] = tuple(h.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as exc:
+                raise ModelLoadError(f"{f}: cannot read safetensors file ({exc})") from exc
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dense(self, name: str, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+        """One tensor (or a slice of its rows) in `dtype` (integer tensors as stored)."""
+        from safetensors import SafetensorError, safe_open
+
+        f = self.files[name]
+        try:
+            with safe_open(str(f), "pt") as h:
+                t = h.get_tensor(name) if rows is None else h.get_slice(name)[rows]
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{f}: cannot read tensor {name} ({exc})") from exc
+        if t.is_floating_point():
+            t = t.to(dtype)
+            if name.endswith(self.norm_offset):
+                t = t + 1
+        return t.contiguous()
+
+    def release(self, name: str) -> None:
+        """Nothing is kept mapped between reads (see the class)."""

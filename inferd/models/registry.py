@@ -15,11 +15,11 @@ from inferd.hardware import release_free_memory
 from inferd.loader import hub, repack_cache
 from inferd.loader.gguf import GGUFTensors, config_from_gguf, read_gguf
 from inferd.loader.materialize import materialize, skip_init
-from inferd.loader.safetensors import load_safetensors, read_hf_config
+from inferd.loader.safetensors import SafetensorsTensors, load_safetensors, read_hf_config
 from inferd.loader.tokenizer import Tokenizer
-from inferd.models.gemma3 import Gemma3ForCausalLM
+from inferd.models.gemma3 import NORM_SUFFIXES, Gemma3ForCausalLM
 from inferd.models.llama import LlamaForCausalLM
-from inferd.quant.apply import QuantConfig, pack_gguf, quantize_model, resolve_auto
+from inferd.quant.apply import QuantConfig, pack_gguf, quantize_streaming, resolve_auto
 from inferd.quant.io import load_quantized_into
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,22 @@ class LoadedModel:
     quantization: str = "none"  # the method after `auto` was resolved
 
 
-def _stream_gguf(model: torch.nn.Module, src: GGUFTensors, quant: QuantConfig, dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Fills a model skeleton from a GGUF: packed layers straight from the blocks (`gguf`), the rest dense,
-    tensor by tensor; `int8`/`int4` quantize the dense model after (one layer at a time)."""
-    key = None
-    if quant.method == "gguf" and device.type == "cpu" and os.environ.get("INFERD_REPACK_CACHE", "1") != "0":
-        key = repack_cache.cache_key(src.file.path, {"method": quant.method, "dense_from_rows": quant.dense_from_rows,
-                                                     "dtype": str(dtype)})
-    consumed = pack_gguf(model, src, quant, dtype, device, key) if quant.method == "gguf" else set()
+def _stream(model: torch.nn.Module, src: GGUFTensors | SafetensorsTensors, quant: QuantConfig, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Fills a model skeleton tensor by tensor: packed layers straight from a GGUF's blocks (`gguf`), or each
+    linear quantized as it is read (`int8`/`int4`), then the rest dense; never a dense copy of the model."""
+    consumed: set[str] = set()
+    if quant.method == "gguf":
+        if not isinstance(src, GGUFTensors):
+            raise ModelLoadError("--quantization gguf needs a .gguf model (use int8 or int4 for other formats)")
+        key = None
+        if device.type == "cpu" and os.environ.get("INFERD_REPACK_CACHE", "1") != "0":
+            key = repack_cache.cache_key(src.file.path, {"method": quant.method, "dtype": str(dtype),
+                                                         "dense_from_rows": quant.dense_from_rows})
+        consumed = pack_gguf(model, src, quant, dtype, device, key)
+    elif quant.method in ("int8", "int4"):
+        consumed = quantize_streaming(model, src, quant, dtype, device)
     materialize(model, set(src.names()), lambda n: src.dense(n, dtype), dtype, device, consumed, src.release)
-    if quant.method in ("int8", "int4"):
-        quantize_model(model, quant)
 
 
 def load_model(
@@ -69,7 +73,7 @@ def load_model(
 ) -> LoadedModel:
     quant = quant or QuantConfig()
     path = hub.resolve(spec)
-    src: GGUFTensors | None = None
+    src: GGUFTensors | SafetensorsTensors | None = None
     recipe = None
     if path.is_dir():
         quant = resolve_auto(quant, None, device)
@@ -79,7 +83,11 @@ def load_model(
             raise ModelLoadError(f"{path}: quantization {recipe.get('quant_method')!r} is not supported "
                                  "(inferd loads its own int8/int4 files, and GGUF)")
         cfg = ModelConfig.from_hf(hf_cfg)
-        weights = load_safetensors(path, None if recipe else dtype)
+        if recipe is not None:  # a model written by `inferd quantize`: packed tensors, read whole
+            weights = load_safetensors(path, None)
+        else:
+            offset = NORM_SUFFIXES if cfg.architecture == "gemma3" else ()
+            src = SafetensorsTensors(path, offset, tied=cfg.tie_word_embeddings)
         tok = Tokenizer.from_hf_dir(path, cfg.eos_token_ids)
     elif path.suffix == ".gguf" or path.is_file():
         f = read_gguf(path)
@@ -87,28 +95,24 @@ def load_model(
         src = GGUFTensors(f, cfg)
         quant = resolve_auto(quant, src.linear_types(), device)
         tok = Tokenizer.from_gguf_metadata(f.metadata)
+        del f  # src holds the file: dropping src unmaps it
     else:
         raise ModelLoadError(f"cannot load {path}: not a .gguf file or a model directory")
     if max_model_len is None:
         max_model_len = min(cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
-    if src is not None:  # GGUF: one tensor at a time from the file's mmap, never a whole dense copy
+    if src is not None:  # one tensor at a time (a GGUF from the file's mmap), never a whole dense copy
         with skip_init():  # a CPU skeleton whose uninitialised weights are replaced one by one
             model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
-        _stream_gguf(model, src, quant, dtype, device)
-        del src, f  # unmaps the file
+        _stream(model, src, quant, dtype, device)
+        del src  # unmaps a GGUF file
     else:
         with torch.device("meta"):
             model = ARCHITECTURES[cfg.architecture](cfg, max_model_len)
         model = model.to_empty(device=device).to(dtype)
-        if recipe is not None:  # a model written by `inferd quantize`
-            if quant.method not in ("none", recipe.get("method")):
-                raise ModelLoadError(f"{path} is already quantized ({recipe.get('method')}); drop --quantization")
-            load_quantized_into(model, weights, recipe, dtype, quant.dense_from_rows)
-        else:
-            model.load_weights({k: v.to(device) for k, v in weights.items()})
-            if quant.method == "gguf":
-                raise ModelLoadError("--quantization gguf needs a .gguf model (use int8 or int4 for other formats)")
-            quantize_model(model, quant)
+        assert recipe is not None
+        if quant.method not in ("none", recipe.get("method")):
+            raise ModelLoadError(f"{path} is already quantized ({recipe.get('method')}); drop --quantization")
+        load_quantized_into(model, weights, recipe, dtype, quant.dense_from_rows)
     if quant.method != "none":
         log.info("quantized %s with %s", path.name, quant)
     model.make_rotary(max_model_len, device)

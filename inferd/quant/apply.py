@@ -9,7 +9,9 @@ naming the types and the memory they cost).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -104,15 +106,37 @@ def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, 
     return dense
 
 
+def _by_rows(fn: Callable[..., tuple[torch.Tensor, ...]], w: torch.Tensor, *args: Any,
+             step: int = 512) -> tuple[torch.Tensor, ...]:
+    """fn(w, *args) for a per-row quantizer, computed `step` rows at a time into preallocated outputs: its float
+    temporaries (several times the weight) stay a chunk's size while a model streams in."""
+    if w.shape[0] <= step:
+        return fn(w, *args)
+    first = fn(w[:step], *args)
+    outs = tuple(torch.empty((w.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device) for t in first)
+    for o, t in zip(outs, first):
+        o[:step] = t
+    del first
+    for i in range(step, w.shape[0], step):
+        for o, t in zip(outs, fn(w[i : i + step], *args)):
+            o[i : i + step] = t
+    return outs
+
+
+def _quantized_weight(w: torch.Tensor, bias: torch.Tensor | None, qc: QuantConfig, name: str) -> nn.Module:
+    """`int8`/`int4`: one dense (N, K) weight → its packed layer."""
+    if qc.method == "int8":
+        return Int8Linear(*_by_rows(quantize_int8, w, int8_group_size()), bias, qc.dense_from_rows)
+    if w.shape[1] % qc.group_size:
+        raise ModelLoadError(f"int4 group size {qc.group_size} does not divide {name}'s {w.shape[1]} "
+                             "input features; choose a group size that does (e.g. 32 or 64)")
+    return Int4Linear(*_by_rows(quantize_int4, w, qc.group_size), qc.group_size, bias, qc.dense_from_rows)
+
+
 def _quantized(dense: nn.Linear, qc: QuantConfig, raws: list[RawTensor | None] | None, name: str) -> nn.Module:
     bias = dense.bias.data if dense.bias is not None else None
-    if qc.method == "int8":
-        return Int8Linear(*quantize_int8(dense.weight.data, int8_group_size()), bias, qc.dense_from_rows)
-    if qc.method == "int4":
-        if dense.in_features % qc.group_size:
-            raise ModelLoadError(f"int4 group size {qc.group_size} does not divide {name}'s {dense.in_features} "
-                                 "input features; choose a group size that does (e.g. 32 or 64)")
-        return Int4Linear(*quantize_int4(dense.weight.data, qc.group_size), qc.group_size, bias, qc.dense_from_rows)
+    if qc.method in ("int8", "int4"):
+        return _quantized_weight(dense.weight.data, bias, qc, name)
     assert qc.method == "gguf"
     if raws is None:
         raise ValueError("--quantization gguf needs a GGUF model; use int8 or int4 for other formats")
@@ -149,6 +173,83 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
 
 # ---- streaming: a GGUF's tensors straight into packed layers, one layer at a time ---------------------------
 EMBED_CHUNK_ROWS = 8192  # rows dequantized at once when an embedding table is not Q8_0
+
+
+class DenseSource(Protocol):
+    """Tensors under their HF names, read one at a time (GGUFTensors, loader.safetensors.SafetensorsTensors)."""
+
+    def __contains__(self, name: str) -> bool: ...
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dense(self, name: str, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor: ...
+    def release(self, name: str) -> None: ...
+
+
+def _int8_rows(src: DenseSource, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding-shaped table in `dtype` → int8 rows + scales, a chunk of rows at a time (quantize_int8 is per
+    row: the numbers of quantize_model on the whole table)."""
+    gs = int8_group_size()
+    rows, cols = src.shape(name)
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    s = torch.empty((rows, cols // gs) if gs else (rows,), dtype=torch.float32)
+    step = STREAM_CHUNK_ROWS
+    for i in range(0, rows, step):  # filled in place: no list of parts and a second table for the concatenation
+        q[i : i + step], s[i : i + step] = quantize_int8(src.dense(name, dtype, slice(i, i + step)), gs)
+    return q, s
+
+
+STREAM_CHUNK_ROWS = 2048  # small chunks: their temporaries are reused from the heap rather than piled up
+
+
+def quantize_streaming(model: nn.Module, src: DenseSource, qc: QuantConfig, dtype: torch.dtype,
+                       device: torch.device) -> set[str]:
+    """`int8`/`int4` on a model skeleton (weights not loaded yet): each decoder linear is read in `dtype`,
+    quantized and put in place one at a time, the embedding and lm_head a chunk of rows at a time, so no dense
+    model is ever made; gives quantize_model's numbers. Returns the tensor names used (the rest, norms, are
+    loaded dense after)."""
+    used: set[str] = set()
+    emb = "model.embed_tokens.weight"
+    if emb not in src:
+        raise ModelLoadError(f"missing tensor {emb}")
+    q8, s8 = _int8_rows(src, emb, dtype)
+    used.add(emb)
+    src.release(emb)
+    if "lm_head.weight" not in src:  # tied: one int8 table for both, in the lm_head's layout
+        model.lm_head = Int8Linear(q8.to(device), s8.to(device), None)
+        model.model.embed_tokens = Int8Embedding.tied(model.lm_head, dtype)
+    else:
+        model.model.embed_tokens = Int8Embedding(q8.to(device), s8.to(device), dtype)
+        model.lm_head = Int8Linear(*(t.to(device) for t in _int8_rows(src, "lm_head.weight", dtype)), None)
+        used.add("lm_head.weight")
+        src.release("lm_head.weight")
+    del q8, s8
+    release_free_memory()
+    for i in range(model.config.num_layers):
+        layer = model.model.layers[i]
+        for fused, parts in _parts(i).items():
+            owner = layer.self_attn if "self_attn" in fused else layer.mlp
+            attr = fused.rsplit(".", 1)[1]
+            meta = getattr(owner, attr)
+            missing = [p for p in parts if p not in src]
+            if missing:
+                raise ModelLoadError(f"missing tensor {missing[0]}")
+            names = list(parts)
+            bias = None
+            if meta.bias is not None:
+                bias_parts = [p.replace(".weight", ".bias") for p in parts]
+                bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
+                names += bias_parts
+            w = torch.cat([src.dense(p, dtype) for p in parts]).to(device)
+            if tuple(w.shape) != (meta.out_features, meta.in_features):
+                raise ModelLoadError(f"{parts}: shape {tuple(w.shape)} does not make "
+                                     f"({meta.out_features}, {meta.in_features})")
+            setattr(owner, attr, _quantized_weight(w, bias, qc, fused))
+            del w
+            for n in names:
+                used.add(n)
+                src.release(n)
+        release_free_memory()  # glibc keeps a layer's freed temporaries (up to 32 MB each) otherwise: the peak
+    return used
 
 
 def _unpermuted(t: torch.Tensor, heads: int | None) -> torch.Tensor:
@@ -304,8 +405,9 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     from inferd.loader import repack_cache
 
     cfg = model.config
+    prepack = qc.profile == "fast"  # else bf16 copies shared from the cache's mapping (see repack_cache)
     if cache_key is not None:
-        cached = repack_cache.load(cache_key, qc.dense_from_rows)
+        cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack)
         if cached is not None and "lm_head" in cached:
             log.info("packed layers from the repack cache (%s)", cache_key)
             return _from_cache(model, src, cached, dtype, device)
@@ -379,4 +481,10 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
         except OSError as exc:  # a full $INFERD_HOME: the cache is an optimisation only
             writer.abort()
             log.warning("could not write the repack cache (%s)", exc)
+        else:  # the layers just packed → the same ones mapped from the entry: this process shares them with
+            # every later one (page cache) instead of keeping a private copy
+            cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack) if cache_key else None
+            if cached is not None and "lm_head" in cached:
+                _from_cache(model, src, cached, dtype, device)
+                release_free_memory()
     return used

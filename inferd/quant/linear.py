@@ -150,10 +150,11 @@ class _PackedLinear(nn.Module):
 
     _dense_onednn: torch.Tensor | None = None
 
-    def _set_dense(self, dense: torch.Tensor | None) -> None:
-        """The bf16 copy for big steps: prepacked for oneDNN where possible (then it is not a buffer: the
-        packed copy replaces it), else a plain buffer."""
-        packed = onednn.prepack(dense) if dense is not None else None
+    def _set_dense(self, dense: torch.Tensor | None, prepack: bool = True) -> None:
+        """The bf16 copy for big steps: prepacked for oneDNN where possible and asked (then it is not a buffer:
+        the packed copy, private to this process, replaces it), else a plain buffer (one mapped from the repack
+        cache stays shared between processes)."""
+        packed = onednn.prepack(dense) if dense is not None and prepack else None
         self._dense_onednn = packed
         self.register_buffer("dense", dense if packed is None else None)
 
