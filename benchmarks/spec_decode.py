@@ -8,6 +8,7 @@ For each: single-stream tokens/s (one request at a time, greedy, chat template) 
 acceptance rate and mean accepted length per verification run, and whether outputs were identical.
 
     python benchmarks/spec_decode.py [--dtype bfloat16] [--quantization auto none] [--json out.json] [--n 50]
+                                     [--draft-model M]   # a draft model instead of prompt lookup
 """
 
 from __future__ import annotations
@@ -86,19 +87,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--draft-model", default=None, help="speculate with this draft model instead of prompt lookup")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = {"extraction": extraction_prompts(args.n), "chat": chat_prompts(args.n)}
     rows = []
-    print(f"# {machine_info()}, {datetime.date.today()}")
+    print(f"# {machine_info()}, {datetime.date.today()}, speculation: "
+          f"{'draft ' + args.draft_model if args.draft_model else 'ngram'}")
     print("| weights | workload | streams | tok/s without | tok/s with | ratio | acceptance | accepted/run | same output |")
     print("|---|---|---|---|---|---|---|---|---|")
     for q in args.quantization:
         base_llm = LLM(args.model, dtype=args.dtype, quantization=q, kv_cache_memory=0.5, max_model_len=2048,
                        max_num_seqs=max(args.concurrency))
         base = base_llm.engine
-        spec = LLMEngine(replace(base_llm.config, speculative=SpeculativeConfig(
-            "ngram", args.num_speculative_tokens)), loaded=base.lm)
+        method = SpeculativeConfig("draft", args.num_speculative_tokens, draft_model=args.draft_model) \
+            if args.draft_model else SpeculativeConfig("ngram", args.num_speculative_tokens)
+        spec = LLMEngine(replace(base_llm.config, speculative=method), loaded=base.lm)
         run(base, work["chat"][:2], 8, 1)  # warm-up both (kernels, allocator)
         run(spec, work["chat"][:2], 8, 1)
         for name, prompts in work.items():
@@ -106,7 +110,7 @@ def main() -> None:
                 a = run(base, prompts, args.max_tokens, c)
                 b = run(spec, prompts, args.max_tokens, c)
                 same = sum(x == y for x, y in zip(a["outputs"], b["outputs"]))
-                row = {"quantization": base.lm.quantization, "workload": name, "streams": c,
+                row = {"quantization": base.lm.quantization, "draft_model": args.draft_model, "workload": name, "streams": c,
                        "without_tok_s": a["tok_s"], "with_tok_s": b["tok_s"], "ratio": b["tok_s"] / a["tok_s"],
                        "acceptance": b["acceptance"], "mean_accepted_per_run": b["mean_accepted_per_run"],
                        "draft_tokens": b["draft_tokens"], "same_outputs": f"{same}/{len(prompts)}"}
