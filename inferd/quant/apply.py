@@ -405,9 +405,7 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     from inferd.loader import repack_cache
 
     cfg = model.config
-    # bf16 copies prepacked for oneDNN (private to the process, 1.04–1.25x faster big steps than plain copies,
-    # benchmarks/bf16_copy_prepack.py); where oneDNN cannot prepack they are used from the cache's mapping (shared)
-    prepack = qc.profile != "small"
+    prepack = qc.profile == "fast"  # else bf16 copies shared from the cache's mapping (see repack_cache)
     if cache_key is not None:
         cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack)
         if cached is not None and "lm_head" in cached:
