@@ -5,25 +5,42 @@ one step of 8 prefill chunks of 47 new tokens after a 16-token cached prefix, Sm
     INFERD_ISA=avx2_fma python benchmarks/prefill_attention_tiers.py
 """
 
+from __future__ import annotations
+
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, ".")
-from inferd.ops.attention import paged_attention, plan_prefill_kernel, write_kv
-from inferd.ops.kernels import get_kernels
-from tests.test_attention import _step
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(0)
-chunks = [(16, 47)] * 8
-q, k, v, cache, meta = _step(9, 3, 64, 16, chunks, 0, torch.float32, g)
-m0 = meta(); write_kv(cache, k, v, m0.slot_mapping)
-def run(c):
-    m = meta()
-    if c: plan_prefill_kernel(m)
-    t = time.perf_counter(); paged_attention(q, k, v, cache, m, 0.125); return time.perf_counter() - t
-for _ in range(3): run(True); run(False)
-a = min(run(True) for _ in range(30)); b = min(run(False) for _ in range(30))
-print(get_kernels().tier, f"C {a*1e3:.3f} ms  SDPA {b*1e3:.3f} ms  ratio {b/a:.2f}x")
+from inferd.ops.attention import paged_attention, plan_prefill_kernel, write_kv  # noqa: E402
+from inferd.ops.kernels import get_kernels  # noqa: E402
+from tests.test_attention import _step  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, cache, meta = _step(9, 3, 64, 16, [(16, 47)] * 8, 0, torch.float32, g)
+    write_kv(cache, k, v, meta().slot_mapping)
+
+    def run(c_kernel: bool) -> float:
+        m = meta()
+        if c_kernel:
+            plan_prefill_kernel(m)
+        t = time.perf_counter()
+        paged_attention(q, k, v, cache, m, 0.125)
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        run(True)
+        run(False)
+    c = min(run(True) for _ in range(30))
+    sdpa = min(run(False) for _ in range(30))
+    print(f"{get_kernels().tier}: C {c * 1e3:.3f} ms, SDPA {sdpa * 1e3:.3f} ms, {sdpa / c:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
