@@ -38,7 +38,7 @@ def test_window_pool_holds_only_the_window():
         if req.num_computed_tokens >= req.num_tokens:
             req.output_token_ids.append(7)
         kv.cache_full_blocks(req)
-    assert len(req.block_ids) == kv.blocks_needed(req.num_computed_tokens)  # the full group keeps everything
+    assert len(req.block_ids) == kv.full.blocks_needed(req.num_computed_tokens)  # the full group keeps everything
     kv.free_request(req)
     assert kv.full.num_free_blocks == 64 and kv.local.num_free_blocks == 16
 

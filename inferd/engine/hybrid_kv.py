@@ -45,16 +45,8 @@ class HybridKVCacheManager:
         return self.full.num_free_blocks
 
     @property
-    def num_used_blocks(self) -> int:
-        return self.full.num_used_blocks
-
-    @property
     def usage(self) -> float:
         return max(self.full.usage, self.local.usage)
-
-    @property
-    def high_water(self) -> int:
-        return self.full.high_water
 
     @property
     def hits(self) -> int:
@@ -63,9 +55,6 @@ class HybridKVCacheManager:
     @property
     def queries(self) -> int:
         return self.full.queries
-
-    def blocks_needed(self, num_tokens: int) -> int:
-        return self.full.blocks_needed(num_tokens)
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         chain = self.full.prefix_chain(req)
