@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--ngram-min", type=int, default=SpeculativeConfig.ngram_min)
+    ap.add_argument("--ngram-max", type=int, default=SpeculativeConfig.ngram_max)
     ap.add_argument("--draft-model", default=None, help="speculate with this draft model instead of prompt lookup")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -101,7 +103,7 @@ def main() -> None:
                        max_num_seqs=max(args.concurrency))
         base = base_llm.engine
         method = SpeculativeConfig("draft", args.num_speculative_tokens, draft_model=args.draft_model) \
-            if args.draft_model else SpeculativeConfig("ngram", args.num_speculative_tokens)
+            if args.draft_model else SpeculativeConfig("ngram", args.num_speculative_tokens, args.ngram_min, args.ngram_max)
         spec = LLMEngine(replace(base_llm.config, speculative=method), loaded=base.lm)
         run(base, work["chat"][:2], 8, 1)  # warm-up both (kernels, allocator)
         run(spec, work["chat"][:2], 8, 1)
