@@ -26,10 +26,6 @@ def layer_block_bytes(lm: LoadedModel, block_size: int) -> int:
     return 2 * block_size * c.num_kv_heads * c.head_dim * lm.dtype.itemsize
 
 
-def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
-    return lm.config.num_layers * layer_block_bytes(lm, block_size)
-
-
 @dataclass
 class KVPlan:
     block_size: int
