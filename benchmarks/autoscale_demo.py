@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port  # noqa: E402
+from serving import free_port, stop_server  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -128,11 +127,7 @@ def main() -> None:
     finally:
         stop_poll.set()
         load_on.clear()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
     def first(cond, after: float) -> float | None:

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import bench, free_port, wait_ready  # noqa: E402
+from serving import bench, free_port, stop_server, wait_ready  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -42,11 +41,7 @@ def server(label: str, extra: list[str], out: Path, env: dict[str, str]) -> Iter
         print(f"{label}: ready after {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 

@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port  # noqa: E402
+from serving import free_port, stop_server  # noqa: E402
 
 MODEL = "smollm2-135m"
 DECODE_POINTS = (1, 2, 4, 8)  # running sequences: the batch sizes a replica sees at these loads
@@ -123,11 +122,7 @@ def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path, via_ray:
                 time.sleep(0.5)
             res = asyncio.run(_calibrate_http(url, json.loads(wl_path.read_text())))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc, 60)
     path.write_text(json.dumps(res))
 
 
@@ -206,11 +201,7 @@ def ray_server(args: argparse.Namespace, out: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 
