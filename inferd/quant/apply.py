@@ -9,7 +9,7 @@ naming the types and the memory they cost).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,6 +95,22 @@ def _parts(i: int) -> dict[str, list[str]]:
     }
 
 
+def _decoder_linears(model: nn.Module, src: Container[str] | None = None,
+                     after_layer: Callable[[], None] | None = None) -> Iterator[tuple[str, list[str], nn.Module, str]]:
+    """(fused name, the tensors it is built from, owning module, attribute) of every decoder linear, layer by layer.
+    With `src`, a tensor the source lacks is a ModelLoadError; `after_layer` runs once each layer is done."""
+    for i in range(model.config.num_layers):
+        layer = model.model.layers[i]
+        for fused, parts in _parts(i).items():
+            if src is not None:
+                missing = [p for p in parts if p not in src]
+                if missing:
+                    raise ModelLoadError(f"missing tensor {missing[0]}")
+            yield fused, parts, layer.self_attn if "self_attn" in fused else layer.mlp, fused.rsplit(".", 1)[1]
+        if after_layer is not None:
+            after_layer()
+
+
 def _from_gguf(raws: list[RawTensor | None], dense: nn.Linear, qc: QuantConfig, name: str) -> nn.Module:
     bias = dense.bias.data if dense.bias is not None else None
     if all(r is not None for r in raws):
@@ -147,16 +163,10 @@ def quantize_model(model: nn.Module, qc: QuantConfig, raw: dict[str, RawTensor] 
     """In place: every decoder linear and the lm_head become packed layers; the embedding becomes int8."""
     if qc.method == "none":
         return
-    cfg = model.config
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    for i in range(cfg.num_layers):
-        layer = model.model.layers[i]
-        for fused, parts in _parts(i).items():
-            owner = layer.self_attn if "self_attn" in fused else layer.mlp
-            attr = fused.rsplit(".", 1)[1]
-            dense = getattr(owner, attr)
-            raws = [raw.get(p) for p in parts] if raw is not None else None
-            setattr(owner, attr, _quantized(dense, qc, raws, fused))
+    for fused, parts, owner, attr in _decoder_linears(model):
+        raws = [raw.get(p) for p in parts] if raw is not None else None
+        setattr(owner, attr, _quantized(getattr(owner, attr), qc, raws, fused))
     # The embedding table becomes int8 per row, and the lm_head uses int8 too: the output projection is the
     # most quantization-sensitive matrix (a 4-bit lm_head cost +8% perplexity on SmolLM2), and when the
     # embeddings are tied the lm_head shares the embedding's int8 table, so it costs no extra memory.
@@ -224,31 +234,24 @@ def quantize_streaming(model: nn.Module, src: DenseSource, qc: QuantConfig, dtyp
         src.release("lm_head.weight")
     del q8, s8
     release_free_memory()
-    for i in range(model.config.num_layers):
-        layer = model.model.layers[i]
-        for fused, parts in _parts(i).items():
-            owner = layer.self_attn if "self_attn" in fused else layer.mlp
-            attr = fused.rsplit(".", 1)[1]
-            meta = getattr(owner, attr)
-            missing = [p for p in parts if p not in src]
-            if missing:
-                raise ModelLoadError(f"missing tensor {missing[0]}")
-            names = list(parts)
-            bias = None
-            if meta.bias is not None:
-                bias_parts = [p.replace(".weight", ".bias") for p in parts]
-                bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
-                names += bias_parts
-            w = torch.cat([src.dense(p, dtype) for p in parts]).to(device)
-            if tuple(w.shape) != (meta.out_features, meta.in_features):
-                raise ModelLoadError(f"{parts}: shape {tuple(w.shape)} does not make "
-                                     f"({meta.out_features}, {meta.in_features})")
-            setattr(owner, attr, _quantized_weight(w, bias, qc, fused))
-            del w
-            for n in names:
-                used.add(n)
-                src.release(n)
-        release_free_memory()  # glibc keeps a layer's freed temporaries (up to 32 MB each) otherwise: the peak
+    # after each layer, hand glibc's freed temporaries (up to 32 MB each) back to the system: otherwise they pile up
+    for fused, parts, owner, attr in _decoder_linears(model, src, after_layer=release_free_memory):
+        meta = getattr(owner, attr)
+        names = list(parts)
+        bias = None
+        if meta.bias is not None:
+            bias_parts = [p.replace(".weight", ".bias") for p in parts]
+            bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
+            names += bias_parts
+        w = torch.cat([src.dense(p, dtype) for p in parts]).to(device)
+        if tuple(w.shape) != (meta.out_features, meta.in_features):
+            raise ModelLoadError(f"{parts}: shape {tuple(w.shape)} does not make "
+                                 f"({meta.out_features}, {meta.in_features})")
+        setattr(owner, attr, _quantized_weight(w, bias, qc, fused))
+        del w
+        for n in names:
+            used.add(n)
+            src.release(n)
     return used
 
 
@@ -374,17 +377,14 @@ def _from_cache(model: nn.Module, src: GGUFTensors, cached: dict[str, nn.Module]
                 device: torch.device) -> set[str]:
     """Puts cached packed layers in place (those the cache has; the rest load as without it)."""
     used: set[str] = set()
-    for i in range(model.config.num_layers):
-        layer = model.model.layers[i]
-        for fused, parts in _parts(i).items():
-            if fused not in cached:
-                continue
-            owner = layer.self_attn if "self_attn" in fused else layer.mlp
-            packed = cached[fused]
-            setattr(owner, fused.rsplit(".", 1)[1], packed)
-            used |= set(parts)
-            if packed.bias is not None:
-                used |= {p.replace(".weight", ".bias") for p in parts}
+    for fused, parts, owner, attr in _decoder_linears(model):
+        if fused not in cached:
+            continue
+        packed = cached[fused]
+        setattr(owner, attr, packed)
+        used |= set(parts)
+        if packed.bias is not None:
+            used |= {p.replace(".weight", ".bias") for p in parts}
     model.lm_head = cached["lm_head"]
     emb = "model.embed_tokens.weight"
     if "lm_head.weight" not in src:  # tied: the lm_head's table
@@ -404,7 +404,6 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
     is ever made). Returns the tensor names used; the rest (norms, unpackable linears) are loaded dense after."""
     from inferd.loader import repack_cache
 
-    cfg = model.config
     prepack = qc.profile == "fast"  # else bf16 copies shared from the cache's mapping (see repack_cache)
     if cache_key is not None:
         cached = repack_cache.load(cache_key, qc.dense_from_rows, prepack)
@@ -443,33 +442,26 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
             src.release("lm_head.weight")
         del q8, s8
     release_free_memory()  # the table's conversion temporaries, before the layers' packing piles on top
-    for i in range(cfg.num_layers):
-        layer = model.model.layers[i]
-        for fused, parts in _parts(i).items():
-            owner = layer.self_attn if "self_attn" in fused else layer.mlp
-            attr = fused.rsplit(".", 1)[1]
-            meta = getattr(owner, attr)
-            missing = [p for p in parts if p not in src]
-            if missing:
-                raise ModelLoadError(f"missing tensor {missing[0]}")
-            bias_parts = [p.replace(".weight", ".bias") for p in parts]
-            bias = None
-            if meta.bias is not None:
-                bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
-            copy: list[torch.Tensor] = []
-            layer_q = _packed_from_raws(src, parts, meta.out_features, meta.in_features, bias, qc, device,
-                                        copy if writer is not None else None)
-            if layer_q is None:
-                kept |= {src.type_name(p) for p in parts}
-                kept_bytes[0] += meta.out_features * meta.in_features * dtype.itemsize
-                kept_bytes[1] += sum(int(src.tensors[p].n_bytes) for p in parts)
-                continue
-            setattr(owner, attr, layer_q)
-            if writer is not None:
-                writer.add(fused, layer_q, copy[0] if copy else None)
-            for n in parts + (bias_parts if bias is not None else []):
-                used.add(n)
-                src.release(n)
+    for fused, parts, owner, attr in _decoder_linears(model, src):
+        meta = getattr(owner, attr)
+        bias_parts = [p.replace(".weight", ".bias") for p in parts]
+        bias = None
+        if meta.bias is not None:
+            bias = torch.cat([src.dense(b, dtype) for b in bias_parts]).to(device)
+        copy: list[torch.Tensor] = []
+        layer_q = _packed_from_raws(src, parts, meta.out_features, meta.in_features, bias, qc, device,
+                                    copy if writer is not None else None)
+        if layer_q is None:
+            kept |= {src.type_name(p) for p in parts}
+            kept_bytes[0] += meta.out_features * meta.in_features * dtype.itemsize
+            kept_bytes[1] += sum(int(src.tensors[p].n_bytes) for p in parts)
+            continue
+        setattr(owner, attr, layer_q)
+        if writer is not None:
+            writer.add(fused, layer_q, copy[0] if copy else None)
+        for n in parts + (bias_parts if bias is not None else []):
+            used.add(n)
+            src.release(n)
     if kept:
         log.warning("GGUF type(s) %s: no packed kernel here for those linears; kept dequantized as %s: %.1f MB in "
                     "memory for %.1f MB in the file", ",".join(sorted(kept)), str(dtype).removeprefix("torch."),
