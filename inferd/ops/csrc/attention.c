@@ -206,6 +206,24 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 // D × 16 so one FMA chain scores 16 keys for a query), shared by the tile's rows and the G query heads of
 // the KV head; online softmax per query. Replaces one SDPA call per chunk and the gather of its context.
 #define PF_QT 16
+#if defined(__AVX512F__) || (defined(VW) && VW == 8)
+// The work items (chunk, tile of PF_QT rows, KV head) of a call, as triples; NULL when out of memory.
+static int *prefill_items(const int32_t *q_lens, int C, int Hkv, int *n_items) {
+    int n = 0;
+    for (int c = 0; c < C; c++) n += (q_lens[c] + PF_QT - 1) / PF_QT * Hkv;
+    int *items = malloc(sizeof(int) * 3 * (size_t)(n ? n : 1));
+    if (!items) return NULL;
+    for (int c = 0, k = 0; c < C; c++)
+        for (int t = 0; t < (q_lens[c] + PF_QT - 1) / PF_QT; t++)
+            for (int kh = 0; kh < Hkv; kh++, k++) {
+                items[3 * k] = c;
+                items[3 * k + 1] = t;
+                items[3 * k + 2] = kh;
+            }
+    *n_items = n;
+    return items;
+}
+#endif
 // window > 0: sliding window, a row at position p sees keys p - window < j <= p; runs of keys no row of a tile sees
 // are skipped.
 int paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
@@ -215,17 +233,9 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
 #ifdef __AVX512F__
     if (Hkv <= 0 || H % Hkv || D % 16 || bs % 16 || D > MAX_D || H > MAX_H) return -1;
     const int G = H / Hkv, NV = D / 16, NQ = PF_QT * G;
-    int n_items = 0;
-    for (int c = 0; c < C; c++) n_items += (q_lens[c] + PF_QT - 1) / PF_QT * Hkv;
-    int *items = malloc(sizeof(int) * 3 * (size_t)(n_items ? n_items : 1));
+    int n_items;
+    int *items = prefill_items(q_lens, C, Hkv, &n_items);
     if (!items) return -2;
-    for (int c = 0, k = 0; c < C; c++)
-        for (int t = 0; t < (q_lens[c] + PF_QT - 1) / PF_QT; t++)
-            for (int kh = 0; kh < Hkv; kh++, k++) {
-                items[3 * k] = c;
-                items[3 * k + 1] = t;
-                items[3 * k + 2] = kh;
-            }
     const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)bs * tok_stride;
     int failed = 0;
 #pragma omp parallel
@@ -360,17 +370,9 @@ int paged_prefill_attention(const void *q, const void *k_cache, const void *v_ca
     // visibility as lane masks built by comparisons instead of AVX-512 mask registers)
     if (Hkv <= 0 || H % Hkv || D % 8 || bs % 8 || D > MAX_D || H > MAX_H) return -1;
     const int G = H / Hkv, NV = D / 8, NQ = PF_QT * G;
-    int n_items = 0;
-    for (int c = 0; c < C; c++) n_items += (q_lens[c] + PF_QT - 1) / PF_QT * Hkv;
-    int *items = malloc(sizeof(int) * 3 * (size_t)(n_items ? n_items : 1));
+    int n_items;
+    int *items = prefill_items(q_lens, C, Hkv, &n_items);
     if (!items) return -2;
-    for (int c = 0, k = 0; c < C; c++)
-        for (int t = 0; t < (q_lens[c] + PF_QT - 1) / PF_QT; t++)
-            for (int kh = 0; kh < Hkv; kh++, k++) {
-                items[3 * k] = c;
-                items[3 * k + 1] = t;
-                items[3 * k + 2] = kh;
-            }
     const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)bs * tok_stride;
     int failed = 0;
 #pragma omp parallel
