@@ -49,6 +49,18 @@ def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dty
     return list(lazy_zeros((num_layers, *shape), dtype, huge_pages).unbind(0))
 
 
+def decode_table(reqs: list[Request], table: str) -> torch.Tensor:
+    """One block-table row per decode row (`reqs`: the sequence of each row; a verifying sequence has several
+    rows), zero-padded; each sequence's table is converted once. Released entries (-1, hybrid KV) read as block 0:
+    they lie before every row's window and are never read."""
+    ids = {id(r): torch.tensor(getattr(r, table), dtype=torch.long).clamp(min=0) for r in reqs}
+    out = torch.zeros(len(reqs), max(len(t) for t in ids.values()), dtype=torch.long)
+    for i, r in enumerate(reqs):
+        t = ids[id(r)]
+        out[i, : len(t)] = t
+    return out
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # (T,)
@@ -140,12 +152,8 @@ class ModelRunner:
             plan_prefill_kernel(meta)
         meta.num_decode = len(decode_rows)
         if decode_rows:
-            nblk = max(len(r.block_ids) for r, _ in decode_rows)
-            table = torch.zeros(len(decode_rows), nblk, dtype=torch.long)
-            for i, (r, _) in enumerate(decode_rows):
-                table[i, : len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.long)
             dev = self.lm.device
-            meta.decode_block_tables = table.to(dev)
+            meta.decode_block_tables = decode_table([r for r, _ in decode_rows], "block_ids").to(dev)
             meta.decode_ctx_lens = torch.tensor([n for _, n in decode_rows], dtype=torch.int32, device=dev)
             meta.use_c_kernel = self.use_c_kernel
         if self.window_blocks:
@@ -182,11 +190,7 @@ class ModelRunner:
                              use_c_kernel=meta.use_c_kernel)
         by_id = dict(zip((r.request_id for r in out.requests), tables))
         if decode_reqs:
-            nblk = max(len(r.local_block_ids) for r in decode_reqs)
-            table = torch.zeros(len(decode_reqs), nblk, dtype=torch.long)
-            for i, r in enumerate(decode_reqs):
-                table[i, : len(r.local_block_ids)] = by_id[r.request_id]
-            local.decode_block_tables = table.to(self.lm.device)
+            local.decode_block_tables = decode_table(decode_reqs, "local_block_ids").to(self.lm.device)
         decoding = {r.request_id for r in decode_reqs}
         prefill_reqs = [r for r in out.requests if r.request_id not in decoding]
         for p, r in zip(meta.prefills, prefill_reqs):
