@@ -72,7 +72,7 @@ def test_full_queue_is_refused_at_once():
     t0 = time.monotonic()
     with pytest.raises(OverloadedError, match="2 requests waiting"):
         w.submit_future([4])
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2  # refused, not queued until a slot frees (that would block for good)
     gate.set()
     assert first.result(5)[0] == [10] and [f.result(5)[0] for f in queued] == [[20], [30]]
     w.stop()
@@ -107,14 +107,14 @@ def test_init_runs_on_the_worker_thread_and_its_error_raises():
 
 def test_a_lone_client_is_not_held_back_by_the_delay_but_company_is_batched():
     model = FakeModel()
-    w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=0.3))
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=1.0))
     t0 = time.perf_counter()
     assert w.run([1])[0] == [10]  # the first batch waits out the delay: nothing says it will stay alone
-    assert time.perf_counter() - t0 >= 0.3
+    assert time.perf_counter() - t0 >= 1.0
     for i in range(3):  # a client that sends one request at a time, after a batch without company
         t0 = time.perf_counter()
         assert w.run([i])[0] == [i * 10]
-        assert time.perf_counter() - t0 < 0.25
+        assert time.perf_counter() - t0 < 0.75  # well under the 1 s delay, with room for a busy host
     gate = threading.Event()
     w.run_batch = FakeModel(gate=gate)  # hold the worker so that company queues up behind a batch
     first = w.submit_future([0])

@@ -91,12 +91,16 @@ def test_closed_loop_against_fake_server(fake_server):
     s = summarize(results, duration)
     assert s["errors"] == 2 and s["successful"] == 8 and s["error_kinds"] == {"HTTP 500": 2}
     assert s["output_tokens"] == 8 * N_TOKENS
-    assert s["ttft_ms"]["p50"] == pytest.approx(TTFT_S * 1000, abs=40)
-    assert s["itl_ms"]["p50"] == pytest.approx(ITL_S * 1000, abs=15)
     ok = [r for r in results if r.ok]
     for r in ok:
+        # the server holds the first token for TTFT_S and each later one for ITL_S: the client cannot see them
+        # sooner, whatever the host's load (upper bounds would be timing assertions, which a busy CI host breaks)
+        assert r.ttft_s >= TTFT_S
+        assert r.e2e_s >= TTFT_S + (N_TOKENS - 1) * ITL_S
+        assert len(r.itl_s) == N_TOKENS - 1 and sum(r.itl_s) == pytest.approx(r.e2e_s - r.ttft_s, abs=1e-3)
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / (N_TOKENS - 1))
         assert r.server_cost_usd == 0.001
+    assert s["ttft_ms"]["p50"] == pytest.approx(np.percentile([r.ttft_s * 1000 for r in ok], 50))
     assert s["server_cost_usd"] == pytest.approx(0.008)
 
 
