@@ -53,6 +53,7 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
+        cfg = text_model_config(cfg)
         archs = cfg.get("architectures") or []
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
@@ -78,6 +79,45 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
 }
+
+
+# multimodal checkpoints whose text model inferd runs (the vision tower and projector are not loaded) → the text
+# model's class, the defaults its config class fills in (older config.json files store only what differs) and what
+# the multimodal class does differently (transformers' Gemma3ForConditionalGeneration applies no final soft-capping)
+MULTIMODAL_TEXT_MODELS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "sliding_window_pattern": 6, "final_logit_softcapping": None,
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1},
+        {"final_logit_softcapping": None}),
+}
+
+
+def is_multimodal(cfg: dict[str, Any]) -> bool:
+    return any(a in MULTIMODAL_TEXT_MODELS for a in cfg.get("architectures") or [])
+
+
+def text_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal checkpoint's config.json → the config of its text model, as a text-only config.json would
+    have it (defaults filled, the end-of-turn ids of the outer config kept); any other config unchanged."""
+    arch = next((a for a in cfg.get("architectures") or [] if a in MULTIMODAL_TEXT_MODELS), None)
+    if arch is None:
+        return cfg
+    text_arch, defaults, overrides = MULTIMODAL_TEXT_MODELS[arch]
+    text = {**defaults, **(cfg.get("text_config") or {}), **overrides, "architectures": [text_arch]}
+    if "_sliding_window_pattern" in text:
+        text.setdefault("sliding_window_pattern", text["_sliding_window_pattern"])
+    ids: list[int] = []
+    for src in (text, cfg):
+        eos = src.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    text["eos_token_id"] = list(dict.fromkeys(ids))
+    if "tie_word_embeddings" in cfg:
+        text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return text
 
 
 def _rope(cfg: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:

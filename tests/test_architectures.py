@@ -73,3 +73,28 @@ def test_sliding_window_config(arch_files):
         assert hf.layer_windows == (8,) * 3
     else:
         assert hf.layer_windows == ()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["transformers5-layout", "transformers4-layout"])
+def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path, legacy):
+    """A Gemma 3 image-text directory (Gemma3ForConditionalGeneration, e.g. gemma-3-4b-it as downloaded): inferd
+    loads the text model, skips the vision tower, and matches transformers' text-only forward; both tensor
+    layouts, and a config.json whose text_config relies on transformers' defaults."""
+    from inferd import LLM, SamplingParams
+    from inferd.engine.llm_engine import prompt_logits
+    from tests.tiny_archs import build_gemma3_multimodal
+
+    ref = build_gemma3_multimodal(tmp_path / "mm", legacy=legacy)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
+        greedy = ref.generate(torch.tensor([GEN_PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(GEN_PROMPT):].tolist()
+    llm = LLM(str(tmp_path / "mm"), dtype="float32", quantization="none", kv_cache_memory=0.01, block_size=4,
+              max_num_batched_tokens=16)
+    cfg = llm.engine.lm.config
+    assert cfg.architecture == "gemma3" and cfg.num_layers == 4 and cfg.layer_windows == (8, None, 8, None)
+    assert set(llm.tokenizer.eos_token_ids) >= {2, 5}  # the outer config's end-of-turn ids are kept
+    assert llm.tokenizer.chat_template is not None  # from the processor's chat_template.json
+    assert np.abs(prompt_logits(llm.engine, PROMPT).numpy() - want).max() < 1e-4
+    out = llm.generate([GEN_PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == greedy

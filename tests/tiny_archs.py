@@ -170,3 +170,49 @@ def write_gguf(name: str, hf_dir: Path, path: Path, *, arch: str | None = None, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def build_gemma3_multimodal(dirpath: Path, legacy: bool = False, seed: int = 0):
+    """A tiny Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration: a SigLIP vision tower, a projector and
+    the tiny Gemma 3 text model above), saved as transformers saves it; returns the transformers model.
+    `legacy` rewrites it as older checkpoints are: the text model's tensors under `model.language_model.` (the
+    layout of transformers 4.52–4.57) and a `text_config` holding only what differs from transformers' defaults."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size()
+    extra = dict(ARCHS["gemma3"][3])
+    period = extra.pop("sliding_window_pattern")
+    text = {**BASE, **extra, "num_hidden_layers": 4, "vocab_size": vocab,
+            "layer_types": ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(4)]}
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**text), vision_config=vision,
+                                    mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3,
+                                    eoi_token_index=vocab - 2, eos_token_id=[2, 5])
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "language_model" in pname:
+                scale, shift = (0.1, 0.0) if "norm" in pname else (0.2 if "embed" in pname else 0.15, 0.0)
+                p.copy_(torch.randn(p.shape, generator=g) * scale + shift)
+    model.save_pretrained(str(dirpath))
+    tok.save(str(dirpath / "tokenizer.json"))
+    (dirpath / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (dirpath / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>",
+                                                               "eos_token": "<|im_end|>"}))
+    if legacy:
+        path = dirpath / "model.safetensors"
+        tensors = load_file(str(path))
+        save_file({("model.language_model." + k[len("language_model.model."):]
+                    if k.startswith("language_model.model.") else
+                    "model." + k if not k.startswith("lm_head") else k): v for k, v in tensors.items()}, str(path))
+        full = json.loads((dirpath / "config.json").read_text())
+        defaults = transformers.Gemma3TextConfig().to_dict()
+        full["text_config"] = {k: v for k, v in full["text_config"].items() if defaults.get(k) != v}
+        (dirpath / "config.json").write_text(json.dumps(full))
+    return model

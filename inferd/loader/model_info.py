@@ -64,6 +64,7 @@ def _file_type_name(ft: object) -> str | None:
 
 
 def _hf_info(path: Path) -> ModelInfo:
+    from inferd.config import text_model_config
     from inferd.loader.safetensors import read_hf_config, safetensor_files
 
     cfg = read_hf_config(path)
@@ -94,7 +95,7 @@ def _hf_info(path: Path) -> ModelInfo:
         params = 0  # packed tensors: their element counts are not the model's parameters
     else:
         quant = "/".join(d for d, _ in dtypes.most_common()) or "?"
-    ctx = cfg.get("max_position_embeddings")
+    ctx = text_model_config(cfg).get("max_position_embeddings")
     return ModelInfo(str(archs[0]), params, quant, int(ctx) if ctx is not None else None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +53,50 @@ def load_safetensors(model_dir: str | Path, dtype: torch.dtype | None) -> dict[s
     return out
 
 
+# a multimodal checkpoint's text model under the names of a text-only one: the layout of the original checkpoints
+# (and of transformers ≥ 5 save_pretrained), then that of transformers 4.52–4.57
+TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                       ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def text_model_name(name: str) -> str | None:
+    """A multimodal checkpoint's tensor name → the text-only model's name, or None (vision tower, projector)."""
+    for prefix, to in TEXT_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            return to + name[len(prefix):]
+    return None
+
+
 class SafetensorsTensors:
     """The tensors of an HF directory read one at a time, for loading tensor by tensor like GGUFTensors. Each
     read opens its shard afresh: a handle kept open would leave every page read so far mapped into this process
     (the whole file resident by the end of a load); reopening costs a header parse per tensor. `norm_offset`
-    names are returned with 1 added (Gemma stores its norm weights as w - 1)."""
+    names are returned with 1 added (Gemma stores its norm weights as w - 1). With `multimodal`, only the text
+    model's tensors are seen, under text-only names (`skipped` counts the others' elements)."""
 
-    def __init__(self, model_dir: str | Path, norm_offset: tuple[str, ...] = (), tied: bool = False):
+    def __init__(self, model_dir: str | Path, norm_offset: tuple[str, ...] = (), tied: bool = False,
+                 multimodal: bool = False):
         from safetensors import SafetensorError, safe_open
 
         self.norm_offset = norm_offset
         self.files: dict[str, Path] = {}
+        self.stored: dict[str, str] = {}  # our name → the name in the file
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.skipped = 0
         for f in safetensor_files(model_dir):
             try:
                 with safe_open(str(f), "pt") as h:
-                    for name in h.keys():
+                    for stored in h.keys():
+                        shape = tuple(h.get_slice(stored).get_shape())
+                        name = text_model_name(stored) if multimodal else stored
+                        if name is None:
+                            self.skipped += math.prod(shape)
+                            continue
                         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                             continue
                         self.files[name] = f
-                        self.shapes[name] = tuple(h.get_slice(name).get_shape())
+                        self.stored[name] = stored
+                        self.shapes[name] = shape
             except (SafetensorError, OSError) as exc:
                 raise ModelLoadError(f"{f}: cannot read safetensors file ({exc})") from exc
 
@@ -91,7 +116,8 @@ class SafetensorsTensors:
         f = self.files[name]
         try:
             with safe_open(str(f), "pt") as h:
-                t = h.get_tensor(name) if rows is None else h.get_slice(name)[rows]
+                stored = self.stored[name]
+                t = h.get_tensor(stored) if rows is None else h.get_slice(stored)[rows]
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{f}: cannot read tensor {name} ({exc})") from exc
         if t.is_floating_point():

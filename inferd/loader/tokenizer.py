@@ -298,6 +298,8 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (model_dir / "chat_template.jinja").is_file():
             template = (model_dir / "chat_template.jinja").read_text()
+        if template is None and (model_dir / "chat_template.json").is_file():  # a multimodal processor's file
+            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
         eos = tok_id("eos_token")
         eos_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
         # tokenizer.json's post-processor already adds BOS when the model wants it

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from inferd.config import ModelConfig
+from inferd.config import ModelConfig, is_multimodal
 from inferd.errors import ModelLoadError
 from inferd.hardware import release_free_memory
 from inferd.loader import hub, repack_cache
@@ -87,7 +87,10 @@ def load_model(
             weights = load_safetensors(path, None)
         else:
             offset = NORM_SUFFIXES if cfg.architecture == "gemma3" else ()
-            src = SafetensorsTensors(path, offset, tied=cfg.tie_word_embeddings)
+            src = SafetensorsTensors(path, offset, tied=cfg.tie_word_embeddings, multimodal=is_multimodal(hf_cfg))
+            if src.skipped:
+                log.info("%s: a multimodal checkpoint; its text model is loaded, the vision tower and projector "
+                         "(%.1fM parameters) are not", path.name, src.skipped / 1e6)
         tok = Tokenizer.from_hf_dir(path, cfg.eos_token_ids)
     elif path.suffix == ".gguf" or path.is_file():
         f = read_gguf(path)
