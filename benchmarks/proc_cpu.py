@@ -36,8 +36,8 @@ def name_of(pid: int) -> str:
     except OSError:
         return "?"
     first = args[0].decode(errors="replace")
-    if first.startswith("ray::"):
-        return first.split()[0]  # ray::ProxyActor, ray::ServeReplica:inferd:InferdReplica, ...
+    if first.startswith("ray::"):  # ray::ProxyActor, ray::ServeReplica:inferd:InferdReplica; Ray appends the method
+        return first.split()[0].split(".")[0]  # running now (".handle_request_with_rejection"): not part of the name
     for a in args[:3]:
         s = a.decode(errors="replace")
         base = os.path.basename(s)
@@ -56,14 +56,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def snapshot(root: int) -> dict[str, float]:
-    """process title -> CPU seconds so far, summed over the tree's processes with that title."""
+def snapshot(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (process title, CPU seconds so far) over the tree."""
+    return {p: (name_of(p), cpu_seconds(p)) for p in tree(root)}
+
+
+def delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """process title -> CPU seconds used between the snapshots, summed over the processes with that title."""
     out: dict[str, float] = {}
-    for p in tree(root):
-        n = name_of(p)
-        out[n] = out.get(n, 0.0) + cpu_seconds(p)
+    for pid, (name, sec) in after.items():
+        name = before.get(pid, (name, 0.0))[0]
+        out[name] = out.get(name, 0.0) + sec - before.get(pid, (name, 0.0))[1]
     return out
-
-
-def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before.get(k, 0.0) for k in after}
