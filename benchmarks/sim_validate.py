@@ -108,7 +108,8 @@ def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path, via_ray:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(out / f"{path.stem}.log", "w") as log:
-        how = ["--replicas", "1", "--replica-cpus", str(threads)] if via_ray else ["--threads", str(threads)]
+        how = (["--replicas", "1", "--replica-cpus", str(threads), "--ray-ingress", "separate"] if via_ray  # the
+               else ["--threads", str(threads)])  # measured run's hops: proxy -> ingress -> replica
         proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL, "--port", str(port),
                                  *how], stdout=log, stderr=subprocess.STDOUT)
         try:
