@@ -7,11 +7,13 @@ output throughput (set by the open-loop arrivals below saturation), and gives th
     python benchmarks/sim_validate.py --out docs/sim_validate [--rate 0.6] [--duration 60] [--calibrate-procs 1]
 
 Calibration: a child process per `--calibrate-procs` (all at once), with `--replica-cpus` torch threads and
-OMP_NUM_THREADS as Ray gives a replica, run before and again after the measured run (the host's load drifts; the
-model takes the medians of both): SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
+OMP_NUM_THREADS as Ray gives a replica, run before the measured run and, with `--calibrate-after`, again after it
+(for a host whose load drifts; the model then takes the medians of both). About 3.5 min in all on a quiet host
+with the defaults, 1.5 min more with `--calibrate-after`: SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
 `base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
 480 tokens for the per-token prefill cost. `--calibrate-with ray` (default) measures one Ray Serve replica
-(`inferd serve --replicas 1`: the replica's service model as deployed, Ray's per-request cost included) and
+(`inferd serve --replicas 1 --ray-ingress separate`: the replica's service model as deployed, through the
+measured run's two hops, Ray's per-request cost included) and
 `serve` a single-process `inferd serve --threads N`, both through an HTTP client after WARMUP_S of warm-up;
 `offline` measures `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md the
 last two ran ~2x slower than the same engine in a Ray worker. With `--calibrate-procs 2` both calibrators share
@@ -284,6 +286,9 @@ def main() -> None:
     ap.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded", "round-robin"])
     ap.add_argument("--replica-cpus", type=int, default=1)
     ap.add_argument("--calibrate-procs", type=int, default=1)
+    ap.add_argument("--calibrate-after", action="store_true",
+                    help="calibrate again after the measured run and use the medians of both (for a host whose load "
+                         "drifts; adds ~1.5 min)")
     ap.add_argument("--calibrate-with", choices=["ray", "serve", "offline"], default="ray",
                     help="measure the service model through one Ray Serve replica (`inferd serve --replicas 1`), "
                          "a single-process `inferd serve`, or LLM.generate")
@@ -321,7 +326,8 @@ def main() -> None:
     with ray_server(args, out) as url:
         real = asyncio.run(drive(url, systems, reqs, args.output_len))
     load1 = os.getloadavg()
-    cals += calibration("after")
+    if args.calibrate_after:
+        cals += calibration("after")
     svc, pts, prefill = service_model(cals)
     print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
           f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token (TPOT points {pts}, 480-token prefill "
