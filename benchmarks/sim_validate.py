@@ -146,13 +146,20 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             await asyncio.gather(*(stream(f"warm-up {i}", 32) for i in range(4)))
         # interleaved passes, medians: the host's load swings 2x within seconds, a single pass per point is noise
         tpots: dict[int, list[float]] = {n: [] for n in DECODE_POINTS}
-        prefill = []
-        for _ in range(PASSES):
+        prefill: list[float] = []
+        short: list[tuple[int, float]] = []  # (prompt tokens, TTFT) of a fresh short prompt alone (the 1-stream pass)
+        long_: list[tuple[int, float]] = []  # ... and of a fresh long one: the line through both gives the fixed
+        for _ in range(PASSES):  # per-request latency (HTTP, routing hops) apart from the per-token prefill cost
+            rows1: list[dict] = []
             for n in DECODE_POINTS:
                 rows = await asyncio.gather(*(stream(words(12), 48) for _ in range(n)))
                 tpots[n] += [r["tpot_s"] for r in rows]
+                if n == 1:
+                    rows1 = rows
             r = await stream(words(160), 1)  # a fresh prompt: nothing from the prefix cache
             prefill.append(r["ttft_s"] * 480 / r["prompt_tokens"])  # scaled to 480 tokens
+            long_.append((r["prompt_tokens"], r["ttft_s"]))
+            short.append((rows1[0]["prompt_tokens"], rows1[0]["ttft_s"]))
         decode = [(n, statistics.median(v)) for n, v in tpots.items()]
         passes = {n: [round(x * 1e3, 1) for x in v] for n, v in tpots.items()}
         count = []
@@ -163,6 +170,8 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
                          .json()["count"])
     k = len(wl["systems"])
     return {"decode": decode, "tpot_ms_per_pass": passes, "prefill_480_s": statistics.median(prefill),
+            "ttft_short": [statistics.median(x[0] for x in short), statistics.median(x[1] for x in short)],
+            "ttft_long": [statistics.median(x[0] for x in long_), statistics.median(x[1] for x in long_)],
             "system_tokens": count[:k],
             "prompt_tokens": count[k:]}
 
@@ -177,9 +186,20 @@ def service_model(cals: list[dict]):
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     base = my - slope * mx
     prefill = statistics.median(c["prefill_480_s"] for c in cals)
-    per_tok = max(1e-6, (prefill - 2 * base) / 480)  # two steps: 256 + 224 tokens of the 256-token budget
+    # TTFT of a fresh prompt alone = overhead + steps x base + tokens x per_tok (steps of the 256-token budget):
+    # two prompt lengths give the fixed overhead and the per-token cost
+    per_tok = 0.0
+    if "ttft_short" in cals[0]:  # the HTTP calibrators (`offline` has no request path)
+        (n_s, t_s), (n_l, t_l) = ([statistics.median(c[k][i] for c in cals) for i in (0, 1)]
+                                  for k in ("ttft_short", "ttft_long"))
+        steps = lambda n: -(-int(n) // 256)  # noqa: E731
+        per_tok = (t_l - t_s - (steps(n_l) - steps(n_s)) * base) / max(n_l - n_s, 1)
+    if per_tok <= 0:  # noisy host: fall back to the proportional fit, no separate overhead
+        per_tok, overhead = max(1e-6, (prefill - 2 * base) / 480), 0.0
+    else:
+        overhead = max(0.0, t_s - steps(n_s) * base - n_s * per_tok)
     return ServiceModel(base_s=base, per_seq_s=max(0.0, slope), per_prefill_token_s=per_tok,
-                        cache_tokens=1 << 20), pts, prefill
+                        cache_tokens=1 << 20, request_overhead_s=overhead), pts, prefill
 
 
 # ---- the measured run ----------------------------------------------------------------------------------------
@@ -330,7 +350,8 @@ def main() -> None:
         cals += calibration("after")
     svc, pts, prefill = service_model(cals)
     print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
-          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token (TPOT points {pts}, 480-token prefill "
+          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token, {svc.request_overhead_s * 1e3:.1f} ms per request "
+          f"before its replica (TPOT points {pts}, 480-token prefill "
           f"{prefill * 1e3:.0f} ms; each calibration: {[c['decode'] for c in cals]})", file=sys.stderr)
     sim = simulated(svc, cals[0]["system_tokens"], cals[0]["prompt_tokens"], reqs, args)
     r, s = stats(real, args.warmup), stats(sim, args.warmup)
