@@ -263,6 +263,13 @@ def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
         assert health["replicas"] == 1 and ok.headers["x-inferd-replica"] == health["replica_ids"][0]
         assert _metric(httpx.get(url + "/metrics", timeout=10).text, "inferd_replicas") == 1
         test_client_disconnect_mid_stream_aborts_the_request_on_the_replica((url, proc))
+        # 16 ongoing + 16 queued: 48 long requests at once cannot all be taken; Serve's proxy answers 503 + Retry-After
+        body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(48) as pool:
+            rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(48)))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 16 and codes.count(503) >= 1, codes
+        assert next(r for r in rs if r.status_code == 503).headers["retry-after"] == "1"
 
 
 def _tree(pid: int) -> list[int]:
