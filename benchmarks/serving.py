@@ -55,14 +55,15 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, price: float) -> dict:
+def bench(base_url: str, model: str, conc: str, n: int, out: Path, label: str, price: float,
+          warmup: int = 2) -> dict:
     levels = []
     for c in conc.split(","):  # at least n prompts per level, and at least one per concurrent slot
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", base_url, "--model", model,
                    "--tokenizer", "smollm2-135m", "--concurrency", c, "--num-prompts", str(max(n, int(c))),
                    "--input-len", "33", "--output-len", "128", "--out", tmp, "--label", label,
-                   "--price-per-hour", str(price), "--no-plots"]
+                   "--price-per-hour", str(price), "--no-plots", "--warmup", str(warmup)]
             subprocess.run(cmd, check=True)
             levels += json.loads((Path(tmp) / "results.json").read_text())["levels"]
     from inferd.bench.report import plot, write_results

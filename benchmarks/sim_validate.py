@@ -7,11 +7,13 @@ output throughput (set by the open-loop arrivals below saturation), and gives th
     python benchmarks/sim_validate.py --out docs/sim_validate [--rate 0.6] [--duration 60] [--calibrate-procs 1]
 
 Calibration: a child process per `--calibrate-procs` (all at once), with `--replica-cpus` torch threads and
-OMP_NUM_THREADS as Ray gives a replica, run before and again after the measured run (the host's load drifts; the
-model takes the medians of both): SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
+OMP_NUM_THREADS as Ray gives a replica, run before the measured run and, with `--calibrate-after`, again after it
+(for a host whose load drifts; the model then takes the medians of both). About 3.5 min in all on a quiet host
+with the defaults, 1.5 min more with `--calibrate-after`: SmolLM2-135M decode steps at 1/2/4/8 running sequences (median TPOT) fitted to
 `base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
 480 tokens for the per-token prefill cost. `--calibrate-with ray` (default) measures one Ray Serve replica
-(`inferd serve --replicas 1`: the replica's service model as deployed, Ray's per-request cost included) and
+(`inferd serve --replicas 1 --ray-ingress separate`: the replica's service model as deployed, through the
+measured run's two hops, Ray's per-request cost included) and
 `serve` a single-process `inferd serve --threads N`, both through an HTTP client after WARMUP_S of warm-up;
 `offline` measures `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md the
 last two ran ~2x slower than the same engine in a Ray worker. With `--calibrate-procs 2` both calibrators share
@@ -108,7 +110,8 @@ def calibrate_serve(path: Path, threads: int, wl_path: Path, out: Path, via_ray:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(out / f"{path.stem}.log", "w") as log:
-        how = ["--replicas", "1", "--replica-cpus", str(threads)] if via_ray else ["--threads", str(threads)]
+        how = (["--replicas", "1", "--replica-cpus", str(threads), "--ray-ingress", "separate"] if via_ray  # the
+               else ["--threads", str(threads)])  # measured run's hops: proxy -> ingress -> replica
         proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL, "--port", str(port),
                                  *how], stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -143,13 +146,20 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             await asyncio.gather(*(stream(f"warm-up {i}", 32) for i in range(4)))
         # interleaved passes, medians: the host's load swings 2x within seconds, a single pass per point is noise
         tpots: dict[int, list[float]] = {n: [] for n in DECODE_POINTS}
-        prefill = []
-        for _ in range(PASSES):
+        prefill: list[float] = []
+        short: list[tuple[int, float]] = []  # (prompt tokens, TTFT) of a fresh short prompt alone (the 1-stream pass)
+        long_: list[tuple[int, float]] = []  # ... and of a fresh long one: the line through both gives the fixed
+        for _ in range(PASSES):  # per-request latency (HTTP, routing hops) apart from the per-token prefill cost
+            rows1: list[dict] = []
             for n in DECODE_POINTS:
                 rows = await asyncio.gather(*(stream(words(12), 48) for _ in range(n)))
                 tpots[n] += [r["tpot_s"] for r in rows]
+                if n == 1:
+                    rows1 = rows
             r = await stream(words(160), 1)  # a fresh prompt: nothing from the prefix cache
             prefill.append(r["ttft_s"] * 480 / r["prompt_tokens"])  # scaled to 480 tokens
+            long_.append((r["prompt_tokens"], r["ttft_s"]))
+            short.append((rows1[0]["prompt_tokens"], rows1[0]["ttft_s"]))
         decode = [(n, statistics.median(v)) for n, v in tpots.items()]
         passes = {n: [round(x * 1e3, 1) for x in v] for n, v in tpots.items()}
         count = []
@@ -160,6 +170,8 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
                          .json()["count"])
     k = len(wl["systems"])
     return {"decode": decode, "tpot_ms_per_pass": passes, "prefill_480_s": statistics.median(prefill),
+            "ttft_short": [statistics.median(x[0] for x in short), statistics.median(x[1] for x in short)],
+            "ttft_long": [statistics.median(x[0] for x in long_), statistics.median(x[1] for x in long_)],
             "system_tokens": count[:k],
             "prompt_tokens": count[k:]}
 
@@ -174,9 +186,20 @@ def service_model(cals: list[dict]):
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     base = my - slope * mx
     prefill = statistics.median(c["prefill_480_s"] for c in cals)
-    per_tok = max(1e-6, (prefill - 2 * base) / 480)  # two steps: 256 + 224 tokens of the 256-token budget
+    # TTFT of a fresh prompt alone = overhead + steps x base + tokens x per_tok (steps of the 256-token budget):
+    # two prompt lengths give the fixed overhead and the per-token cost
+    per_tok = 0.0
+    if "ttft_short" in cals[0]:  # the HTTP calibrators (`offline` has no request path)
+        (n_s, t_s), (n_l, t_l) = ([statistics.median(c[k][i] for c in cals) for i in (0, 1)]
+                                  for k in ("ttft_short", "ttft_long"))
+        steps = lambda n: -(-int(n) // 256)  # noqa: E731
+        per_tok = (t_l - t_s - (steps(n_l) - steps(n_s)) * base) / max(n_l - n_s, 1)
+    if per_tok <= 0:  # noisy host: fall back to the proportional fit, no separate overhead
+        per_tok, overhead = max(1e-6, (prefill - 2 * base) / 480), 0.0
+    else:
+        overhead = max(0.0, t_s - steps(n_s) * base - n_s * per_tok)
     return ServiceModel(base_s=base, per_seq_s=max(0.0, slope), per_prefill_token_s=per_tok,
-                        cache_tokens=1 << 20), pts, prefill
+                        cache_tokens=1 << 20, request_overhead_s=overhead), pts, prefill
 
 
 # ---- the measured run ----------------------------------------------------------------------------------------
@@ -283,6 +306,9 @@ def main() -> None:
     ap.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded", "round-robin"])
     ap.add_argument("--replica-cpus", type=int, default=1)
     ap.add_argument("--calibrate-procs", type=int, default=1)
+    ap.add_argument("--calibrate-after", action="store_true",
+                    help="calibrate again after the measured run and use the medians of both (for a host whose load "
+                         "drifts; adds ~1.5 min)")
     ap.add_argument("--calibrate-with", choices=["ray", "serve", "offline"], default="ray",
                     help="measure the service model through one Ray Serve replica (`inferd serve --replicas 1`), "
                          "a single-process `inferd serve`, or LLM.generate")
@@ -320,10 +346,12 @@ def main() -> None:
     with ray_server(args, out) as url:
         real = asyncio.run(drive(url, systems, reqs, args.output_len))
     load1 = os.getloadavg()
-    cals += calibration("after")
+    if args.calibrate_after:
+        cals += calibration("after")
     svc, pts, prefill = service_model(cals)
     print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
-          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token (TPOT points {pts}, 480-token prefill "
+          f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token, {svc.request_overhead_s * 1e3:.1f} ms per request "
+          f"before its replica (TPOT points {pts}, 480-token prefill "
           f"{prefill * 1e3:.0f} ms; each calibration: {[c['decode'] for c in cals]})", file=sys.stderr)
     sim = simulated(svc, cals[0]["system_tokens"], cals[0]["prompt_tokens"], reqs, args)
     r, s = stats(real, args.warmup), stats(sim, args.warmup)

@@ -30,7 +30,8 @@ SYSTEM = ("You are the support assistant of a small bakery. Answer in one short 
 
 
 @contextlib.contextmanager
-def ray_server(model: Path, *extra: str, timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+def ray_server(model: Path, *extra: str, timeout: float = 300,
+               wait_replicas: int = 2) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     log_path = f"/tmp/inferd-test-ray-{port}.log"
     logf = open(log_path, "w")
@@ -45,7 +46,7 @@ def ray_server(model: Path, *extra: str, timeout: float = 300) -> Iterator[tuple
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log_path).read_text()}")
             with contextlib.suppress(httpx.HTTPError, ValueError):
-                if httpx.get(url + "/health", timeout=2).json().get("replicas") == 2:
+                if httpx.get(url + "/health", timeout=2).json().get("replicas") == wait_replicas:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout}s:\n{Path(log_path).read_text()}")
@@ -217,7 +218,7 @@ def test_a_replica_killed_under_load_loses_nothing_silently_and_comes_back(clust
 
 
 def test_kuberay_entry_point_and_flags_make_the_serve_options():
-    from inferd.cluster.ray_serve import _args_from_config, replica_options
+    from inferd.cluster.ray_serve import _args_from_config, replica_options, single_hop
 
     args = _args_from_config({"argv": "--replicas 3 --routing round-robin --min-replicas 1 --max-replicas 6 "
                                       "--target-ongoing-requests 4 --max-ongoing-requests 12 --max-queue 30 "
@@ -233,3 +234,57 @@ def test_kuberay_entry_point_and_flags_make_the_serve_options():
     assert opts["request_router_config"].request_router_kwargs["policy"] == "round-robin"
     fixed = replica_options(_args_from_config({}))
     assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
+    # one hop only where nothing is routed: a fixed single replica, unless a separate ingress is asked for
+    assert single_hop(_args_from_config({})) and not single_hop(args)
+    assert not single_hop(_args_from_config({"argv": "--replicas 1 --ray-ingress separate"}))
+    assert not single_hop(_args_from_config({"argv": "--replicas 2"}))
+
+
+def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
+    """`--replicas 1`: the engine replica is Serve's ingress (proxy -> replica, no ingress deployment), with the same
+    API, error bodies, replica header, cluster /health and /metrics, and client-disconnect abort."""
+    from openai import OpenAI
+
+    with ray_server(tiny_hf, "--replicas", "1", wait_replicas=1) as (url, proc):
+        titles = {_title(p) for p in _tree(proc.pid)}
+        if titles != {"?"}:  # /proc readable (Linux): no ingress actor runs, the replica does
+            assert any("InferdReplica" in t for t in titles) and not any("InferdIngress" in t for t in titles)
+        client = OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+        assert [m.id for m in client.models.list().data] == [tiny_hf.name]
+        msgs = [{"role": "user", "content": "Tell me about bread."}]
+        full = client.chat.completions.create(model=tiny_hf.name, messages=msgs, max_tokens=12, temperature=0)
+        parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=tiny_hf.name, messages=msgs, max_tokens=12, temperature=0, stream=True) if c.choices]
+        assert full.usage.completion_tokens >= 1 and "".join(parts) == full.choices[0].message.content
+        bad = httpx.post(url + "/v1/chat/completions", json={"messages": "nope"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        health = httpx.get(url + "/health", timeout=10).json()
+        ok = httpx.post(url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}, timeout=30)
+        assert health["replicas"] == 1 and ok.headers["x-inferd-replica"] == health["replica_ids"][0]
+        assert _metric(httpx.get(url + "/metrics", timeout=10).text, "inferd_replicas") == 1
+        test_client_disconnect_mid_stream_aborts_the_request_on_the_replica((url, proc))
+        # 16 ongoing + 16 queued: 48 long requests at once cannot all be taken; Serve's proxy answers 503 + Retry-After
+        body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(48) as pool:
+            rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(48)))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 16 and codes.count(503) >= 1, codes
+        assert next(r for r in rs if r.status_code == 503).headers["retry-after"] == "1"
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(x) for x in (t / "children").read_text().split()]
+    return out
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "?"

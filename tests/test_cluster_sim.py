@@ -130,3 +130,19 @@ def test_serve_replica_flags_are_checked_before_ray_starts(capsys):
     err = capsys.readouterr().err
     assert "--replicas must be at least 1" in err and "together" in err and "--max-replicas" in err
     assert "--upscale-delay and --downscale-delay must be >= 0" in err
+
+
+def test_request_overhead_adds_to_ttft_and_delays_the_replica():
+    """A fixed per-request latency (HTTP and routing hops) comes before the replica's queue: a lone request's TTFT
+    grows by exactly that much, and two requests 1 ms apart still queue in arrival order."""
+    def ttfts(overhead: float) -> list[float]:
+        svc = ServiceModel(base_s=0.01, per_seq_s=0.0, per_prefill_token_s=0.001, request_overhead_s=overhead)
+        reqs = [SimRequest(i, 1.0 + i * 0.001, [(100 + i, 64)], 64, 4, 200 + i) for i in range(2)]
+        done: list[SimRequest] = []
+        simulate(1, None, RouterConfig(policy="round-robin"), svc, 10.0, 0.0, requests=reqs, on_finish=done.append)
+        return [q.first_token_s - q.arrival for q in sorted(done, key=lambda q: q.rid)]
+
+    base, slow = ttfts(0.0), ttfts(0.025)
+    assert base[0] == pytest.approx(0.01 + 0.064)  # one step: base + 64 prefill tokens
+    assert slow[0] == pytest.approx(base[0] + 0.025) and slow[1] == pytest.approx(base[1] + 0.025)
+    assert slow[1] > slow[0]  # the second still waits behind the first

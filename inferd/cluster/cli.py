@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refit the step time from (sequences:output tok/s) pairs of `inferd bench offline` "
                         "(default: the figures in docs/benchmarks.md)")
     p.add_argument("--prefill-tok-s", type=float, default=None, help="prefill speed of one replica, tokens/s")
+    p.add_argument("--request-overhead-ms", type=float, default=0.0, metavar="MS",
+                   help="fixed latency from a request's arrival to its replica's queue (HTTP and routing hops), "
+                        "added to every TTFT")
     p.add_argument("--slo-ttft-p99", type=float, default=None, metavar="S",
                    help="also find the replicas needed for TTFT p99 <= S seconds at each load (bisection)")
     p.add_argument("--slo-tpot-p99", type=float, default=None, metavar="S",
@@ -62,6 +65,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             svc = replace(svc, base_s=base, per_seq_s=per_seq)
         if args.prefill_tok_s:
             svc = replace(svc, per_prefill_token_s=1.0 / args.prefill_tok_s)
+        if args.request_overhead_ms < 0:
+            raise ValueError("--request-overhead-ms must be >= 0")
+        svc = replace(svc, request_overhead_s=args.request_overhead_ms / 1000)
         routers = {p: RouterConfig(policy=p, imbalance_abs=args.imbalance_abs, imbalance_rel=args.imbalance_rel,
                                    seed=args.seed) for p in args.policy}
     except ValueError as exc:

@@ -41,6 +41,10 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="CPUs Ray reserves per replica (ray_actor_options num_cpus); also its torch threads "
                         "unless --threads is given")
     g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    g.add_argument("--ray-ingress", choices=["auto", "separate"], default="auto",
+                   help="auto: a fixed single replica is its own HTTP ingress (Serve's proxy calls the engine "
+                        "directly, one hop); separate: always a separate ingress deployment in front of the replicas "
+                        "(two hops; what prefix routing over several replicas needs)")
 
 
 def uses_ray(args: argparse.Namespace) -> bool:

@@ -11,6 +11,12 @@ driven in-process by `asgi_bridge.call_asgi`; the ingress relays its status, hea
 request router that calls `Router.choose` with Ray's per-replica ongoing-request counts; `max_ongoing_requests` caps
 a replica and `max_queued_requests` (--max-queue) turns overload into 503 + Retry-After at the ingress.
 
+One replica (a fixed `--replicas 1`) needs no routing, so the ingress hop goes: the engine replica *is* the ingress
+deployment (`InferdEngineIngress`, `@serve.ingress` with the inferd app built at replica start), and the proxy calls
+it directly. That is one handle hop per request and per stream message instead of two (benchmarks/ray_overhead.py
+measures both). Prefix routing over several replicas needs the request body, which Serve's proxy does not hand its
+request router (the replica pulls the body from the proxy after it was chosen), so there the ingress stays.
+
 Failures: a call that fails before the ingress has sent the client anything (the replica died, or was unreachable)
 is retried on another replica; a stream that already started ends with an error event and [DONE]. Ray Serve
 restarts dead replicas. Replicas push their Prometheus text to a small `MetricsHub` actor once a second; the
@@ -158,7 +164,7 @@ class InferdReplica:
         _load_models(ns, state)  # synchronously: the replica is healthy only once its models serve
         if state.slots and all(s.status == "failed" for s in state.slots):
             raise RuntimeError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
-        self.state, self.app = state, build_app(state)
+        self.state, self.http_app = state, build_app(state)  # not `app`: the Serve ingress wrapper owns that name
         self.key = serve.get_replica_context().replica_id.unique_id
         self._hub = hub
         self._stop = threading.Event()
@@ -180,7 +186,7 @@ class InferdReplica:
             self._stop.wait(1.0)
 
     async def handle(self, req: dict[str, Any]):
-        async for msg in call_asgi(self.app, req["method"], req["path"], req["query"], req["headers"], req["body"],
+        async for msg in call_asgi(self.http_app, req["method"], req["path"], req["query"], req["headers"], req["body"],
                                    extra_headers=[(REPLICA_HEADER, self.key)]):
             yield msg
 
@@ -192,6 +198,69 @@ class InferdReplica:
         state = getattr(self, "state", None)
         for llm in state.engines() if state is not None else []:
             llm.shutdown()
+
+
+# ---- cluster views (both layouts) ----------------------------------------------------------------------------
+async def cluster_health(hub: Any) -> tuple[int, dict[str, Any]]:
+    ids = sorted(await hub.fresh.remote(METRICS_MAX_AGE_S))
+    return (200 if ids else 503), {"status": "ok" if ids else "loading", "replicas": len(ids), "replica_ids": ids}
+
+
+async def cluster_metrics(hub: Any, counts: dict[str, int]) -> str:
+    texts = await hub.fresh.remote(METRICS_MAX_AGE_S)
+    ingress = ["# HELP inferd_ingress_events Ingress events: retried (a replica failed before any output), "
+               "stream_failed (a started stream ended with an error event), overloaded (503), failed (no "
+               "replica after the retries)", "# TYPE inferd_ingress_events counter"]
+    ingress += [f'inferd_ingress_events_total{{event="{k}"}} {v}' for k, v in counts.items()]
+    return merge_prometheus(list(texts.values())) + "\n".join(ingress) + "\n"
+
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class InferdEngineIngress(InferdReplica):
+    """One replica that is also the HTTP ingress (a fixed single replica): Serve's proxy calls the inferd app in
+    this process directly. /health, /ready and /metrics answer as the separate ingress does (from the metrics hub);
+    every other path goes to the inferd app, whose responses carry the replica header."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return _AsgiOf(self._asgi)  # an object with an async __call__: uvicorn takes a bound method for ASGI 2
+
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":  # the inferd app starts with the replica (its models are loaded in __init__)
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope.get("path", "")
+        if kind == "http" and path in ("/health", "/ready", "/metrics"):
+            if path == "/metrics":
+                response: Response = PlainTextResponse(await cluster_metrics(self._hub, {}), media_type=METRICS_TYPE)
+            else:
+                code, body = await cluster_health(self._hub)
+                response = JSONResponse(body, status_code=code)
+            await response(scope, receive, send)
+            return
+        header = (REPLICA_HEADER.encode(), self.key.encode())
+
+        async def send_tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.http_app(scope, receive, send_tagged)
+
+
+class _AsgiOf:
+    def __init__(self, fn: Any):
+        self._fn = fn
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._fn(scope, receive, send)
 
 
 # ---- ingress ------------------------------------------------------------------------------------------------
@@ -219,19 +288,12 @@ class InferdIngress:
 
     @ingress_app.get("/metrics")
     async def metrics(self) -> Response:
-        texts = await self._hub.fresh.remote(METRICS_MAX_AGE_S)
-        ingress = ["# HELP inferd_ingress_events Ingress events: retried (a replica failed before any output), "
-                   "stream_failed (a started stream ended with an error event), overloaded (503), failed (no "
-                   "replica after the retries)", "# TYPE inferd_ingress_events counter"]
-        ingress += [f'inferd_ingress_events_total{{event="{k}"}} {v}' for k, v in self.counts.items()]
-        return PlainTextResponse(merge_prometheus(list(texts.values())) + "\n".join(ingress) + "\n",
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(await cluster_metrics(self._hub, self.counts), media_type=METRICS_TYPE)
 
     @ingress_app.get("/health")
     async def health(self) -> Response:
-        ids = sorted(await self._hub.fresh.remote(METRICS_MAX_AGE_S))
-        return JSONResponse({"status": "ok" if ids else "loading", "replicas": len(ids), "replica_ids": ids},
-                            status_code=200 if ids else 503)
+        code, body = await cluster_health(self._hub)
+        return JSONResponse(body, status_code=code)
 
     @ingress_app.get("/ready")
     async def ready(self) -> Response:
@@ -317,11 +379,19 @@ def replica_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def single_hop(args: argparse.Namespace) -> bool:
+    """A fixed single replica: nothing to route, so the engine replica is the ingress (one hop, not two)."""
+    return args.ray_ingress == "auto" and args.min_replicas is None and (args.replicas or 1) == 1
+
+
 def build_application(args: argparse.Namespace) -> Any:
     """The Serve application for these `inferd serve` flags (also the KubeRay entry point, via app_builder)."""
     opts = replica_options(args)
     params = {k: v for k, v in vars(args).items() if k != "func"}
     hub = metrics_hub()
+    if single_hop(args):  # the proxy calls the one engine replica directly; Serve's 503 + Retry-After on overload
+        opts["backpressure_config"] = {"status_code": 503, "retry_after_s": 1}
+        return serve.deployment(name="InferdReplica", **opts)(serve.ingress()(InferdEngineIngress)).bind(params, hub)
     replica = serve.deployment(name="InferdReplica", **opts)(InferdReplica).bind(params, hub)
     ingress = serve.deployment(name="InferdIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)(InferdIngress)

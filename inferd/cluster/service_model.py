@@ -2,6 +2,9 @@
 
     step_s = base_s + per_seq_s * running_sequences + per_prefill_token_s * prefill_tokens
 
+plus a fixed `request_overhead_s` between a request's arrival and its replica's queue (the server's HTTP and
+routing hops: through Ray Serve, the proxy and the ingress), which every TTFT includes.
+
 The defaults are fitted to this repository's measurements of SmolLM2-135M Q4_1 with default flags on the 2-vCPU
 Intel Xeon (Sapphire Rapids class) host of docs/benchmarks.md ("Serving through HTTP", 2026-11-26), not re-measured
 (the hosts these sessions share are too loaded for a service-time fit): `inferd bench offline --input-len 63 --output-len 128`
@@ -47,6 +50,7 @@ class ServiceModel:
     max_num_seqs: int = 64
     cache_tokens: int = 65536  # KV tokens a replica keeps for prefix reuse (LRU)
     block_size: int = 16  # only full blocks are reused
+    request_overhead_s: float = 0.0  # from arrival to the replica's queue: HTTP and routing hops (adds to TTFT)
 
     def step_s(self, running: int, prefill_tokens: int) -> float:
         return self.base_s + self.per_seq_s * running + self.per_prefill_token_s * prefill_tokens

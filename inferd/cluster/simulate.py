@@ -22,7 +22,7 @@ from inferd.cluster.router import Router, RouterConfig
 from inferd.cluster.service_model import ServiceModel
 from inferd.cluster.workload import SimRequest, WorkloadConfig, conversations, next_request
 
-_ARRIVAL, _WAKE = 0, 1
+_ARRIVAL, _WAKE, _DELIVER = 0, 1, 2
 
 
 class SimReplica:
@@ -191,7 +191,10 @@ def simulate(replicas: int, workload: WorkloadConfig | None, router: RouterConfi
     while events:
         t, _, kind, payload = heapq.heappop(events)
         last_t = t
-        if kind == _ARRIVAL:
+        if kind == _ARRIVAL and svc.request_overhead_s > 0:  # the hops first; TTFT still counts from the arrival
+            push(t + svc.request_overhead_s, _DELIVER, payload)
+            continue
+        if kind in (_ARRIVAL, _DELIVER):
             req = payload  # type: ignore[assignment]
             r = rt.choose(req.prefix_hashes, loads)
             req.replica = r
