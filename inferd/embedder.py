@@ -17,6 +17,7 @@ import os
 import pickle
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 from inferd.errors import InvalidRequestError, ModelLoadError
-from inferd.hardware import pick_device, pick_dtype
+from inferd.hardware import pick_device, pick_dtype, release_free_memory
 from inferd.loader import hub
+from inferd.loader.materialize import skip_init
 from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.models.bert import BertConfig, BertEncoder
 from inferd.ops.kernels import get_kernels
@@ -173,9 +175,9 @@ class Embedder:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.quantization = resolve_quantization(quantization, self.device)
-        with torch.device("meta"):
-            enc = BertEncoder(self.config)
-        self.model = enc.to_empty(device=self.device)
+        # skip_init, not the meta device: the meta device's first op costs seconds of lazy torch imports
+        with skip_init(), (torch.device(self.device) if self.device.type != "cpu" else nullcontext()):
+            self.model = BertEncoder(self.config)
         self.model.load_weights(load_safetensors(path, torch.float32))
         self.model.eval().requires_grad_(False)
         tok = Tokenizer.from_hf_dir(path)
@@ -190,6 +192,8 @@ class Embedder:
                     for n, m in self.model.named_modules() if n in plan}
         self.model = self.model.to(self.dtype)
         swap_linears(self.model, plan, fp32)
+        del fp32
+        release_free_memory()  # the fp32 weights and the quantization temporaries
         self.max_batch_tokens = max_batch_tokens
         self.cache = LRUCache(cache_size)
         self.dim = self.config.hidden_size
