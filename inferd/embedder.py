@@ -190,8 +190,10 @@ class Embedder:
         self.model = self._skeleton()
         if key is None or not module_cache.load(self.model, key):
             self.model = self._build(self._skeleton())
-            if key is not None:
-                module_cache.save(self.model, key)
+            if key is not None and module_cache.save(self.model, key):
+                mapped = self._skeleton()  # this process, too, uses the shared mapping, not its private copies
+                if module_cache.load(mapped, key):
+                    self.model = mapped
         self.model.eval().requires_grad_(False)
         release_free_memory()  # the fp32 weights and the quantization temporaries (or the skeleton's)
         self.max_batch_tokens = max_batch_tokens

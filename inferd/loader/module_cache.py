@@ -59,8 +59,9 @@ def _transposed(t: torch.Tensor) -> bool:
     return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
 
 
-def save(model: nn.Module, key: str) -> None:
-    """Write every parameter and buffer of `model` (and which modules are swapped-in layers) as one entry."""
+def save(model: nn.Module, key: str) -> bool:
+    """Write every parameter and buffer of `model` (and which modules are swapped-in layers) as one entry. False
+    when it cannot be written (the caller goes on with the model it has)."""
     header: dict = {}
     layers: dict[str, dict] = {}
     transposed: list[str] = []
@@ -100,6 +101,8 @@ def save(model: nn.Module, key: str) -> None:
         os.replace(tmp, path)  # atomic: a concurrent reader sees no entry or the whole one
     except OSError as exc:  # a read-only or full $INFERD_HOME: the cache is an optimisation only
         log.warning("cannot write the model cache entry %s: %s", path, exc)
+        return False
+    return True
 
 
 def load(model: nn.Module, key: str) -> bool:
