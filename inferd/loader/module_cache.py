@@ -102,6 +102,7 @@ def save(model: nn.Module, key: str) -> bool:
     except OSError as exc:  # a read-only or full $INFERD_HOME: the cache is an optimisation only
         log.warning("cannot write the model cache entry %s: %s", path, exc)
         return False
+    log.info("model written to the cache (%s)", key)
     return True
 
 
