@@ -49,10 +49,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trees", nargs="+", help="NAME=PATH of each source tree")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: arguments for inferd serve")
-    args = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    serve_args = argv[cut + 1 :]  # after --: arguments for inferd serve
     trees = dict(t.split("=", 1) for t in args.trees)
-    serve_args = [a for a in args.serve_args if a != "--"]
     mib = 1 << 20
     for r in range(args.rounds):
         for name, tree in trees.items():
