@@ -34,7 +34,7 @@ def home(tmp_path, monkeypatch):
 
 def _load(path, **kw) -> tuple[int, Embedder]:
     before = module_cache.LOADS
-    e = Embedder(str(path), cache_size=0, **kw)
+    e = Embedder(str(path), cache_size=0, device="cpu", **kw)  # the cache is for the CPU
     return module_cache.LOADS - before, e
 
 
@@ -103,7 +103,7 @@ def _serve_log(args: list[str], env: dict[str, str]) -> str:
 
 def test_serve_logs_its_start_up_phases_and_maps_the_encoder_on_the_second_start(tmp_path, tiny_hf, tiny_bert):
     env = {"INFERD_HOME": str(tmp_path / "home"), "INFERD_REPACK_CACHE": "1", "PYTHONUNBUFFERED": "1"}
-    args = ["--model", str(tiny_hf), "--model", str(tiny_bert), "--kv-cache-memory", "0.02"]
+    args = ["--model", str(tiny_hf), "--model", str(tiny_bert), "--kv-cache-memory", "0.02", "--device", "cpu"]
     first = _serve_log(args, env)
     second = _serve_log(args, env)
     assert "model written to the cache" in first and "model written to the cache" not in second
