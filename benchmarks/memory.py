@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,9 +53,20 @@ def proc_status(pid: int, key: str) -> int:
 class Server:
     def __init__(self, cmd: list[str], ready_path: str, port: int):
         self.port, self.ready = port, f"http://127.0.0.1:{port}{ready_path}"
+        self.log = tempfile.TemporaryFile("w+")
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.ready_s = self._wait()
+
+    def phases(self) -> dict[str, float]:
+        """inferd's start-up phase log lines: seconds after launch of each phase, and each model's load time."""
+        self.log.seek(0)
+        text = self.log.read()
+        out = {m.group(1): float(m.group(2))
+               for m in re.finditer(r"start-up: (.+?) at ([0-9.]+) s after launch", text)}
+        out.update({f"load {m.group(1)}": float(m.group(2))
+                    for m in re.finditer(r"model ready: (\S+) \(loaded in ([0-9.]+) s\)", text)})
+        return out
 
     def _wait(self, timeout: float = 300) -> float:
         while time.perf_counter() - self.t0 < timeout:
@@ -96,7 +109,7 @@ def load(port: int, model: str, streams: int = 16, requests: int = 32, max_token
 
 
 def inferd_cmd(args: argparse.Namespace, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "INFO", "serve", "--port", str(port),
            "--memory-profile", args.memory_profile]
     for m in args.model or []:
         cmd += ["--model", m]
@@ -122,6 +135,8 @@ def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True, 
             res["load_s"] = round(load(port, model), 1)
             res["rss_after_load_mib"] = s.mib("VmRSS")
             res["peak_rss_mib"] = s.mib("VmHWM")
+        if s.phases():  # read last: the loader thread logs "every model ready" as /ready turns 200
+            res[f"phases_{start}"] = s.phases()
         s.stop()
     if two:  # two processes on one model: PSS splits shared pages between them
         ports = [free_port(), free_port()]

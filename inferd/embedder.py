@@ -17,6 +17,7 @@ import os
 import pickle
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 
 from inferd.errors import InvalidRequestError, ModelLoadError
-from inferd.hardware import pick_device, pick_dtype
-from inferd.loader import hub
+from inferd.hardware import pick_device, pick_dtype, release_free_memory
+from inferd.loader import hub, module_cache
+from inferd.loader.materialize import skip_init
 from inferd.loader.safetensors import load_safetensors, read_hf_config
+from inferd.models import bert as bert_module
 from inferd.models.bert import BertConfig, BertEncoder
 from inferd.ops.kernels import get_kernels
 from inferd.quant.w8a8 import calibrate_absmax, swap_linears
@@ -173,27 +176,48 @@ class Embedder:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.quantization = resolve_quantization(quantization, self.device)
-        with torch.device("meta"):
-            enc = BertEncoder(self.config)
-        self.model = enc.to_empty(device=self.device)
-        self.model.load_weights(load_safetensors(path, torch.float32))
-        self.model.eval().requires_grad_(False)
         tok = Tokenizer.from_hf_dir(path)
         self.tokenizer = tok.hf
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.pooling = _pooling_config(path, self.config.max_position_embeddings)
-        plan, fp32 = {}, {}
-        if self.quantization == "int8":
-            plan = w8a8_plan(self.model, self.tokenize(calibration_texts()), _stats_cache_file(path))
-            fp32 = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-                    for n, m in self.model.named_modules() if n in plan}
-        self.model = self.model.to(self.dtype)
-        swap_linears(self.model, plan, fp32)
+        key = None
+        if module_cache.enabled(self.device):  # the built model (dtype, W8A8 layers) mapped from $INFERD_HOME
+            stats = _stats_cache_file(path).name if self.quantization == "int8" else None
+            key = module_cache.cache_key(path, {"dtype": str(self.dtype), "quantization": self.quantization,
+                                                "calibration": stats},
+                                         (Path(__file__), Path(str(bert_module.__file__))))
+        self.model = self._skeleton()
+        if key is None or not module_cache.load(self.model, key):
+            self.model = self._build(self._skeleton())
+            if key is not None and module_cache.save(self.model, key):
+                mapped = self._skeleton()  # this process, too, uses the shared mapping, not its private copies
+                if module_cache.load(mapped, key):
+                    self.model = mapped
+        self.model.eval().requires_grad_(False)
+        release_free_memory()  # the fp32 weights and the quantization temporaries (or the skeleton's)
         self.max_batch_tokens = max_batch_tokens
         self.cache = LRUCache(cache_size)
         self.dim = self.config.hidden_size
         self._lock = threading.Lock()  # one forward at a time (torch uses every core already)
+
+    def _skeleton(self) -> BertEncoder:
+        # skip_init, not the meta device: the meta device's first op costs seconds of lazy torch imports
+        with skip_init(), (torch.device(self.device) if self.device.type != "cpu" else nullcontext()):
+            return BertEncoder(self.config)
+
+    def _build(self, model: BertEncoder) -> BertEncoder:
+        """The model from its files: fp32 weights, W8A8 linears calibrated in fp32, the rest in the compute dtype."""
+        model.load_weights(load_safetensors(self.path, torch.float32))
+        model.eval().requires_grad_(False)
+        plan, fp32 = {}, {}
+        if self.quantization == "int8":
+            plan = w8a8_plan(model, self.tokenize(calibration_texts()), _stats_cache_file(self.path))
+            fp32 = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+                    for n, m in model.named_modules() if n in plan}
+        model = model.to(self.dtype)
+        swap_linears(model, plan, fp32)
+        return model
 
     # ---- tokenization ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:

@@ -16,6 +16,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
        10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
           "I32": np.int32, "I64": np.int64}
 
@@ -89,6 +90,17 @@ class GGUFIndex:
         self._pos += n
         return s
 
+    def _strings(self, n: int) -> list[str]:
+        buf, pos, u64, out = self._buf, self._pos, _U64.unpack_from, []
+        append = out.append
+        for _ in range(n):
+            (k,) = u64(buf, pos)
+            pos += 8
+            append(str(buf[pos : pos + k], "utf-8", "replace"))
+            pos += k
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int) -> Any:
         if vtype == _STRING:
             return self._str()
@@ -99,6 +111,8 @@ class GGUFIndex:
                 arr = np.frombuffer(self._buf, dtype=dt, count=n, offset=self._pos)
                 self._pos += n * dt.itemsize
                 return arr.tolist()
+            if itype == _STRING:  # vocabularies and merges: ~100k strings, read in one tight loop
+                return self._strings(n)
             return [self._value(itype) for _ in range(n)]
         fmt = _SCALARS.get(vtype)
         if fmt is None:

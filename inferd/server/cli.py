@@ -81,6 +81,21 @@ def plan_slots(args: argparse.Namespace) -> list[ModelSlot]:
     return slots
 
 
+def since_launch() -> float | None:
+    """Seconds since this process started (Linux: /proc), for the start-up phase log lines; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _phase(what: str) -> None:
+    at = since_launch()
+    log.info("start-up: %s at %s s after launch (CPU %.2f s)", what, "?" if at is None else f"{at:.2f}",
+             time.process_time())
+
+
 def _load_models(args: argparse.Namespace, state: ServerState) -> None:
     """Load every slot in turn (background thread). A model that fails is marked failed with its error; the
     others still load."""
@@ -89,7 +104,9 @@ def _load_models(args: argparse.Namespace, state: ServerState) -> None:
     from inferd.server.serving_embeddings import load_embedder
 
     time.sleep(float(os.environ.get(LOAD_DELAY_ENV) or 0))
+    _phase("loading models")
     for slot in state.slots:
+        t0 = time.perf_counter()
         try:
             if slot.kind in ("tensor", "audio"):
                 extra_models.load(slot, args, state)
@@ -103,11 +120,13 @@ def _load_models(args: argparse.Namespace, state: ServerState) -> None:
                                     on_step=lambda eng, _dt, n=slot.name: state.metrics.on_step(n, eng),
                                     on_output=lambda ro, n=slot.name: state.metrics.on_output(n, ro))
             slot.status = "ready"  # last: a request that sees "ready" finds the engine set
-            log.info("model ready: %s", slot.name)
+            log.info("model ready: %s (loaded in %.2f s)", slot.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - reported by /health and to requests for this model
             slot.error = str(exc) or type(exc).__name__
             slot.status = "failed"
             log.error("failed to load %s: %s", slot.spec, slot.error)
+    if state.all_ready:
+        _phase("every model ready")
 
 
 def _is_encoder(spec: str) -> bool:
@@ -134,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from inferd.server.app import build_app
     from inferd.server.metrics import Metrics
 
+    _phase("imports done")
     set_threads(args)
     state = ServerState(slots=plan_slots(args), metrics=Metrics(args.price_per_hour), api_key=args.api_key,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)),
