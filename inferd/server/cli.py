@@ -16,7 +16,7 @@ from pathlib import Path
 from inferd.cli_args import add_engine_args, engine_config, set_threads
 from inferd.cluster.ray_args import add_ray_args, uses_ray
 from inferd.errors import InferdError
-from inferd.server import extra_models
+from inferd.server import extra_models, http_protocol
 from inferd.server.state import ModelSlot, ServerState, default_model_name
 
 log = logging.getLogger("inferd.serve")
@@ -167,8 +167,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif state.all_ready:
             log.info("models ready: %s", ", ".join(state.names()))
 
+    # uvicorn builds each request's access-log arguments even when the level drops the line: off unless shown
+    level = logging.getLevelName(args.log_level.upper())  # an int for a known level ("trace" is uvicorn's own)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, access_log=not isinstance(level, int) or level <= logging.INFO,
+                            http=http_protocol.protocol_class())
     server = DrainingServer(config, state, args.shutdown_timeout)
     print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
     server.run()
