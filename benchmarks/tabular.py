@@ -10,7 +10,7 @@ all in the same run, on the same XGBoost model (examples/fraud/fraud.py's data, 
 servers run side by side and take turns in `--rounds` rounds per concurrency level, so a shared host's changing
 load hits all of them; each line also gives the server process's CPU time per request.
 
-    python benchmarks/tabular.py [--requests 3000] [--rounds 4] [--delay-ms 1 0] [--json out.json]
+    python benchmarks/tabular.py [--requests 3000] [--rounds 4] [--delay-ms 1 [0 ...]] [--other-tree DIR] [--json out.json]
 
 The load generator is aiohttp in this process; the servers are separate processes on 127.0.0.1.
 """
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per (server, concurrency)")
     ap.add_argument("--rounds", type=int, default=4, help="the requests are sent in this many rounds, the servers "
                                                           "taking turns, so drift in a shared host's load hits all")
-    ap.add_argument("--delay-ms", type=float, nargs="+", default=[1.0, 0.0],
+    ap.add_argument("--delay-ms", type=float, nargs="+", default=[1.0],
                     help="--max-queue-delay-ms of the batching server (one server per value)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--other-tree", default=None, help="also serve with batching on (the first --delay-ms) from "

@@ -101,7 +101,7 @@ class BatchingWorker:
         self.stats = BatchStats()
         self._stopping = False
         self._alone = False  # the last batch was one job with nothing queued behind it
-        # entries are lists of jobs (an event loop's pass, see _hold) or None (stop); the bound is on jobs
+        # entries are lists of jobs (an event loop's pass, see _hand_over) or None (stop); the bound is on jobs
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
         self._waiting = 0  # jobs submitted and not yet taken by the worker
