@@ -1,7 +1,8 @@
 """Fraud scoring over the Open Inference Protocol: p50/p99 latency and requests/s for single-transaction
 requests at 1, 16 and 64 concurrent clients on loopback, for
 
-  - inferd with dynamic batching on (--max-batch-size 64, --max-queue-delay-ms DELAY),
+  - inferd with dynamic batching on (--max-batch-size 64, --max-queue-delay-ms DELAY; one server per --delay-ms
+    value: 1 ms waits for company, 0 runs what has queued at once, Triton's default),
   - inferd with batching off (--max-batch-size 1),
   - a plain FastAPI endpoint that parses the same request and calls the model once per request (the baseline),
 
@@ -9,7 +10,7 @@ all in the same run, on the same XGBoost model (examples/fraud/fraud.py's data, 
 servers run side by side and take turns in `--rounds` rounds per concurrency level, so a shared host's changing
 load hits all of them; each line also gives the server process's CPU time per request.
 
-    python benchmarks/tabular.py [--requests 3000] [--rounds 4] [--delay-ms 1] [--json out.json]
+    python benchmarks/tabular.py [--requests 3000] [--rounds 4] [--delay-ms 1 [0 ...]] [--other-tree DIR] [--json out.json]
 
 The load generator is aiohttp in this process; the servers are separate processes on 127.0.0.1.
 """
@@ -84,10 +85,13 @@ def train(d: Path) -> tuple[Path, np.ndarray]:
     return d / "fraud.json", x
 
 
-def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`env` may set PYTHONPATH to another source tree; the server then also runs there (`-m` puts the working
+    directory first on sys.path)."""
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ})
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            cwd=(env or {}).get("PYTHONPATH"))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -137,8 +141,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per (server, concurrency)")
     ap.add_argument("--rounds", type=int, default=4, help="the requests are sent in this many rounds, the servers "
                                                           "taking turns, so drift in a shared host's load hits all")
-    ap.add_argument("--delay-ms", type=float, default=1.0, help="--max-queue-delay-ms of the batching server")
+    ap.add_argument("--delay-ms", type=float, nargs="+", default=[1.0],
+                    help="--max-queue-delay-ms of the batching server (one server per value)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--other-tree", default=None, help="also serve with batching on (the first --delay-ms) from "
+                    "this inferd source tree, e.g. a `git worktree` of an older commit: a same-run A/B of the code")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from inferd.hardware import machine_info
@@ -147,12 +154,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="inferd-tabular-"))
     model, rows = train(tmp)
     py = sys.executable
-    servers = {
-        "inferd, batching on": [py, "-m", "inferd.cli", "serve", "--model", str(model), "--max-batch-size", "64",
-                                "--max-queue-delay-ms", str(args.delay_ms)],
-        "inferd, batching off": [py, "-m", "inferd.cli", "serve", "--model", str(model), "--max-batch-size", "1"],
-        "plain FastAPI, model per request": [py, "-c", BASELINE, str(model)],
-    }
+    serve = [py, "-m", "inferd.cli", "serve", "--model", str(model)]
+    servers = {f"inferd, batching on, delay {d:g} ms": serve + ["--max-batch-size", "64", "--max-queue-delay-ms", str(d)]
+               for d in args.delay_ms}
+    envs: dict[str, dict[str, str]] = {}
+    if args.other_tree:
+        name = f"other tree, batching on, delay {args.delay_ms[0]:g} ms"
+        servers[name] = serve + ["--max-batch-size", "64", "--max-queue-delay-ms", str(args.delay_ms[0])]
+        envs[name] = {"PYTHONPATH": str(Path(args.other_tree).resolve())}
+        print(f"other tree: {args.other_tree}")
+    servers["inferd, batching off"] = serve + ["--max-batch-size", "1"]
+    servers["plain FastAPI, model per request"] = [py, "-c", BASELINE, str(model)]
     print(f"machine: {machine_info()}; load average {os.getloadavg()[0]:.1f} (shared CPU)")
     procs: dict[str, tuple[subprocess.Popen, str]] = {}
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
@@ -161,7 +173,7 @@ def main() -> None:
         for name, cmd in servers.items():  # all up at once; idle while another is measured
             port = free_port()
             full = cmd + (["--port", str(port)] if cmd[1] == "-m" else [str(port)])
-            procs[name] = (start(full, port, tmp / f"{len(procs)}.log"),
+            procs[name] = (start(full, port, tmp / f"{len(procs)}.log", envs.get(name)),
                            f"http://127.0.0.1:{port}/v2/models/fraud.json/infer")
         for c in args.concurrency:
             acc = {name: ([], 0.0, 0.0) for name in servers}  # latencies, wall s, server CPU s
@@ -178,16 +190,17 @@ def main() -> None:
                 r = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
                      "rps": len(lat) / wall, "server_cpu_ms_per_req": 1e3 * cpu / (len(lat) + 50)}
                 results[name][c] = r
-                print(f"{name:34s} c={c:3d}  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                print(f"{name:36s} c={c:3d}  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                       f"{r['rps']:8.0f} req/s  server CPU {r['server_cpu_ms_per_req']:.3f} ms/req", flush=True)
     finally:
         for proc, _ in procs.values():
             proc.kill()
             proc.wait()
     base = results["plain FastAPI, model per request"]
-    on = results["inferd, batching on"]
-    print("ratio inferd (batching on) / plain FastAPI req/s: " +
-          ", ".join(f"c={c}: {on[c]['rps'] / base[c]['rps']:.2f}x" for c in args.concurrency))
+    for name, r in results.items():
+        if name != "plain FastAPI, model per request":
+            print(f"ratio {name} / plain FastAPI req/s: " +
+                  ", ".join(f"c={c}: {r[c]['rps'] / base[c]['rps']:.2f}x" for c in args.concurrency))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_info(), "results": results}, indent=2))

@@ -125,3 +125,45 @@ def test_a_lone_client_is_not_held_back_by_the_delay_but_company_is_batched():
     assert w.run_batch.calls == [[0], [1, 2, 3]]
     assert not w._alone  # the batch found company: the next one waits for more again
     w.stop()
+
+
+def test_jobs_of_one_loop_pass_reach_the_worker_together():
+    """The jobs submitted in one pass of the event loop go to the worker thread as one queue entry (one wake-up
+    of the worker, not one per request) and make one batch."""
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=0.0))
+    first = w.submit_future([0])
+    time.sleep(0.05)  # the worker holds the first job
+
+    async def go():
+        futs = [asyncio.ensure_future(w.submit([i])) for i in range(1, 7)]
+        await asyncio.sleep(0.05)
+        assert w._queue.qsize() == 1 and w.waiting == 6
+        gate.set()
+        return await asyncio.gather(*futs)
+
+    assert [r for r, _ in asyncio.run(go())] == [[i * 10] for i in range(1, 7)]
+    assert first.result(5)[0] == [0] and model.calls == [[0], list(range(1, 7))] and w.waiting == 0
+    w.stop()
+
+
+def test_async_submits_over_the_queue_bound_are_refused_at_once():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    w = BatchingWorker("m", model, BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue=3))
+    first = w.submit_future([0])
+    time.sleep(0.05)  # the worker holds the first job; three more may wait
+
+    async def go():
+        futs = [asyncio.ensure_future(w.submit([i])) for i in range(1, 5)]
+        await asyncio.sleep(0)
+        assert w.waiting == 3
+        gate.set()
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    out = asyncio.run(go())
+    assert [r[0] for r in out[:3]] == [[10], [20], [30]]
+    assert isinstance(out[3], OverloadedError) and "3 requests waiting" in str(out[3])
+    assert first.result(5)[0] == [0] and w.waiting == 0
+    w.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferd.engine.llm_engine import LLMEngine
@@ -19,6 +21,7 @@ class Metrics:
     def __init__(self, price_per_hour: float = 0.0):
         self.registry = CollectorRegistry()
         self.price_per_hour = price_per_hour
+        self._compute_series: dict[str, tuple[Any, Any, Any]] = {}  # observe_compute's labelled children per model
         r, lbl = self.registry, ["model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", lbl, buckets=_LAT_BUCKETS,
                               registry=r)
@@ -104,10 +107,14 @@ class Metrics:
     def observe_compute(self, name: str, compute_s: float, e2e_s: float | None = None) -> float:
         """Compute seconds (and so cost) of one request of a batched model (encoder, tabular, audio); its cost."""
         cost = self.cost_usd(compute_s)
-        self.compute.labels(name).inc(compute_s)
-        self.cost.labels(name).inc(cost)
+        series = self._compute_series.get(name)
+        if series is None:  # labels() hashes and locks on every call: look the children up once per model
+            series = self._compute_series[name] = (self.compute.labels(name), self.cost.labels(name),
+                                                   self.e2e.labels(name))
+        series[0].inc(compute_s)
+        series[1].inc(cost)
         if e2e_s is not None:
-            self.e2e.labels(name).observe(e2e_s)
+            series[2].observe(e2e_s)
         return cost
 
     def on_step(self, name: str, engine: LLMEngine) -> None:

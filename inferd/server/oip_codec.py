@@ -15,13 +15,13 @@ Raw bytes are the tensor in row-major order, little-endian; BOOL one byte per el
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from inferd.errors import InvalidRequestError
 from inferd.tabular.models import DATATYPES, TensorModel
@@ -49,7 +49,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
         n = int(header_length)
         head, rest = raw[:n], raw[n:]
     try:
-        return json.loads(head.tobytes() if header_length is not None else body), rest
+        return orjson.loads(head if header_length is not None else body), rest
     except ValueError:
         raise InvalidRequestError("request body is not valid JSON" + (" (the header part of a binary request)"
                                                                        if header_length is not None else "")) from None
@@ -168,7 +168,7 @@ def encode_response(head: dict[str, Any], outputs: list[tuple[str, np.ndarray, s
             flat = arr.reshape(-1).tolist()
             o["data"] = [x.decode() if isinstance(x, bytes) else x for x in flat] if dt == "BYTES" else flat
         outs.append(o)
-    header = json.dumps({**head, "outputs": outs}, separators=(",", ":")).encode()
+    header = orjson.dumps({**head, "outputs": outs})
     if not tails:
         return header, {"content-type": "application/json"}
     return header + b"".join(tails), {"content-type": "application/octet-stream",

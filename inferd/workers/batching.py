@@ -9,6 +9,10 @@ loop) and hands each job its own slice of the results with its share of the batc
 count). A full queue refuses new work at once with OverloadedError (503 + Retry-After), never a hang. An error
 in `run_batch` goes to every job of that batch; the worker keeps serving.
 
+Async submitters on one event loop are handed to the worker thread together: the jobs submitted during one
+pass of the loop go into the thread's queue as one entry when that pass ends, so the worker wakes (and takes
+the GIL) once per pass, not once per request.
+
 The delay is a maximum: after a batch that had no company (one job, nothing else queued) the next batch takes
 what is queued and runs without waiting, so a lone client is not held back by `max_queue_delay_s` on every
 request; as soon as a batch finds two or more jobs, batches wait again.
@@ -22,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from inferd.errors import OverloadedError
@@ -51,6 +55,10 @@ class _Job:
     future: Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     afuture: asyncio.Future | None = None
+    size: int = field(init=False)  # len(items), taken in the submitting thread: a bad `items` fails its caller
+
+    def __post_init__(self) -> None:
+        self.size = len(self.items)
 
     def start(self) -> bool:
         """False when the caller has given up on it (cancelled): not worth computing."""
@@ -93,7 +101,11 @@ class BatchingWorker:
         self.stats = BatchStats()
         self._stopping = False
         self._alone = False  # the last batch was one job with nothing queued behind it
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.config.max_queue)
+        # entries are lists of jobs (an event loop's pass, see _hand_over) or None (stop); the bound is on jobs
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._count_lock = threading.Lock()
+        self._waiting = 0  # jobs submitted and not yet taken by the worker
+        self._held: dict[asyncio.AbstractEventLoop, list[_Job]] = {}  # jobs of a loop's current pass
         self._init, self._init_error = init, None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"inferd-batch-{name}")
@@ -108,21 +120,34 @@ class BatchingWorker:
         self._put(job)
         return job.future  # type: ignore[return-value]
 
-    def _put(self, job: _Job) -> None:
+    def _admit(self) -> None:
+        """Count one more waiting job, or refuse it (OverloadedError → 503) at once."""
         if not self._thread.is_alive():
             raise OverloadedError(f"the worker of model {self.name!r} has stopped")
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise OverloadedError(f"model {self.name!r} has {self.config.max_queue} requests waiting; retry "
-                                  "later") from None
+        with self._count_lock:
+            if self._waiting >= self.config.max_queue:
+                raise OverloadedError(f"model {self.name!r} has {self.config.max_queue} requests waiting; retry "
+                                      "later")
+            self._waiting += 1
+
+    def _put(self, job: _Job) -> None:
+        self._admit()
+        self._queue.put([job])
 
     async def submit(self, items: Sequence[Any]) -> tuple[Any, float]:
         """(this job's results, its compute seconds)."""
         loop = asyncio.get_running_loop()
         job = _Job(items, loop=loop, afuture=loop.create_future())
-        self._put(job)
+        self._admit()
+        held = self._held.get(loop)
+        if held is None:  # the pass's first job: hand the pass's jobs over once the loop has run the rest of it
+            held = self._held[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        held.append(job)
         return await job.afuture  # type: ignore[misc]
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(self._held.pop(loop))
 
     def run(self, items: Sequence[Any]) -> tuple[Any, float]:
         """Blocking submit, for callers outside an event loop."""
@@ -130,33 +155,48 @@ class BatchingWorker:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self._waiting
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
 
     # ---- worker thread ---------------------------------------------------------------------------------
-    def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
-        """Jobs for one batch, and a job taken that did not fit (it starts the next batch)."""
-        jobs, n = [first], len(first.items)
+    def _take(self, block: bool, timeout: float | None = None) -> list[_Job] | None:
+        """The next queue entry (None: stop), counted off the waiting jobs; queue.Empty when there is none."""
+        entry = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
+        if entry is None:
+            return None
+        with self._count_lock:
+            self._waiting -= len(entry)
+        return entry
+
+    def _gather(self, first: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        """Jobs for one batch, and jobs taken that did not fit (they start the next batch)."""
+        jobs: list[_Job] = []
+        n, cap = 0, self.config.max_batch_size
         deadline = time.monotonic() + (0.0 if self._alone else self.config.max_queue_delay_s)
-        while n < self.config.max_batch_size:
+        entry = first
+        while True:
+            for i, job in enumerate(entry):
+                if jobs and n + job.size > cap:
+                    self._alone = False
+                    return jobs, entry[i:]
+                jobs.append(job)
+                n += job.size
+            if n >= cap:
+                break
             left = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                taken = self._take(left > 0, left if left > 0 else None)
             except queue.Empty:
                 break
-            if job is None:  # stop() was called: finish this batch, then exit
+            if taken is None:  # stop() was called: finish this batch, then exit
                 self._stopping = True
                 break
-            if n + len(job.items) > self.config.max_batch_size:
-                self._alone = False
-                return jobs, job
-            jobs.append(job)
-            n += len(job.items)
+            entry = taken
         self._alone = len(jobs) == 1
-        return jobs, None
+        return jobs, []
 
     def _loop(self) -> None:
         try:
@@ -167,19 +207,14 @@ class BatchingWorker:
             return
         finally:
             self._ready.set()
-        carry: _Job | None = None
+        carry: list[_Job] = []
         while True:
-            if self._stopping and carry is None:
+            if self._stopping and not carry:
                 return
-            first = carry if carry is not None else self._queue.get()
+            first = carry or self._take(True)
             if first is None:
                 return
-            try:
-                jobs, carry = self._gather(first)
-            except BaseException as exc:  # noqa: BLE001 - a job whose items misbehave fails alone
-                self._finish([first], [None], exc)
-                carry = None
-                continue
+            jobs, carry = self._gather(first)
             jobs = [j for j in jobs if j.start()]
             if not jobs:
                 continue
@@ -190,13 +225,13 @@ class BatchingWorker:
                 self._finish(jobs, [None] * len(jobs), exc)
                 continue
             dt = time.perf_counter() - t0
-            total = sum(len(j.items) for j in jobs) or 1
+            total = sum(j.size for j in jobs) or 1
             self.stats.batches += 1
             self.stats.items += total
             self.stats.compute_s += dt
             out, i = [], 0
             for j in jobs:
-                k = len(j.items)
+                k = j.size
                 out.append((results[i : i + k], dt * k / total))
                 i += k
             self._finish(jobs, out, None)
