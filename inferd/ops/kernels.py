@@ -72,8 +72,8 @@ SIGNATURES: dict[str, str] = {
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
     "encoder_attention": "pppiiipfi",
-    "quantize_rows_asym": "piiiipppp",
-    "dequant_rows": "piiippppppii",
+    "quantize_rows_asym": "piiiippppipp",
+    "dequant_rows": "piiippppppiiipp",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }
