@@ -135,11 +135,13 @@ int quantize_rows_asym(const void *x, int M, int K, int group, int is_bf16, cons
             lo = vf_hmin(vlo);
             hi = vf_hmax(vhi);
 #endif
+            // two loops, not one: gcc 12 for aarch64 (Debian 12's) crashes vectorising the fused one (an ICE in
+            // vect_transform_reduction), which left ARM64 without C kernels
+            for (int k = k0; k < group; k++)
+                buf[k] = LOADF(x, off + k) * (iv ? iv[k] : 1.f);
             for (int k = k0; k < group; k++) {
-                const float v = LOADF(x, off + k) * (iv ? iv[k] : 1.f);
-                buf[k] = v;
-                lo = fminf(lo, v);
-                hi = fmaxf(hi, v);
+                lo = fminf(lo, buf[k]);
+                hi = fmaxf(hi, buf[k]);
             }
             const float s = (hi - lo) / 255.f;
             const float is = s > 0.f ? 1.f / s : 0.f;
