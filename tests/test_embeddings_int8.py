@@ -4,6 +4,7 @@ the default int8 recipe against sentence-transformers fp32."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from inferd import Embedder, embedder
-from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
+from inferd.hardware import cpu_flags
+from inferd.ops.kernels import get_kernels, is_x86, runnable_tiers, use_tier
 from inferd.quant.w8a8 import W8A8Linear, dequantize_rows, quantize_rows
 from tests.conftest import needs_minilm
 
@@ -202,3 +204,48 @@ def test_encoder_attention_kernel_vs_sdpa(tier):
                 got = encoder_attention(qkv.to(dtype), spans)
                 assert got.dtype == dtype and got.shape == (start, 4 * d)
                 torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+
+
+_NO_VNNI_PROBE = """
+import json, torch
+from inferd.embedder import resolve_quantization
+from inferd.quant.w8a8 import W8A8Linear, int8_gemm_exact, weight_qmax
+g = torch.Generator().manual_seed(0)
+lin = torch.nn.Linear(384, 96)
+x = torch.randn(40, 384, generator=g) * 3
+q = W8A8Linear(lin.weight, lin.bias, act_absmax=x.abs().amax(0))
+with torch.no_grad():
+    want = lin(x)
+    err = float((q(x) - want).norm() / want.norm())
+print(json.dumps({"exact": int8_gemm_exact(), "qmax": weight_qmax(), "err": err,
+                  "auto": resolve_quantization("auto", torch.device("cpu"))}))
+"""
+
+
+@pytest.mark.skipif(not is_x86() or "avx2" not in cpu_flags(), reason="needs an x86 CPU with AVX2 to cap oneDNN to")
+def test_int8_gemm_without_vnni_stays_exact():
+    """oneDNN's int8 GEMM without VNNI (capped to AVX2 here, as on an AVX2-only CPU) saturates int16 pair sums at
+    full-range weights: the probe must see it, W8A8Linear must then use ±63 weights (exact again) and `auto` must
+    keep the fp32 model (the int8 path is no faster there)."""
+    r = subprocess.run([sys.executable, "-c", _NO_VNNI_PROBE], capture_output=True, text=True,
+                       env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["exact"] is False and out["qmax"] == 63, out
+    assert out["err"] < 0.02, out  # saturated sums gave a relative error of order 1
+    assert out["auto"] == "none", out
+
+
+def test_fp32_encoder_linears_prepacked_for_onednn(tiny_bert):
+    """An fp32 encoder on CPU runs its linears through oneDNN prepacked weights (not MKL's sgemm), same vectors."""
+    texts = ["hello there", "the app crashes on start", ""]
+    with use_tier("torch"):  # the plain reference: no C kernels, no prepacking
+        plain = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
+        want = plain.embed(texts)
+    assert plain.packed_linears == 0
+    if get_kernels().lib is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("no C kernels or no oneDNN: nothing is prepacked")
+    e = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
+    assert e.packed_linears == 4 * e.config.num_layers
+    assert {type(layer.out).__name__ for layer in e.model.layers} == {"PackedLinear"}
+    np.testing.assert_allclose(e.embed(texts), want, atol=1e-5, rtol=1e-5)
