@@ -20,5 +20,5 @@ for tier in avx512_bf16_vnni avx512 avx2_fma; do
   esac
   echo "== tier $tier ${cap[*]:-} (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   env INFERD_ISA=$tier "${cap[@]}" PYTHONPATH=. "$PEER" benchmarks/embeddings_interleaved.py --model "$M" \
-      --num-texts "$N" 2>&1 | grep -v "^Loading weights"
+      --num-texts "$N" 2>&1 | grep -v "Loading weights"
 done

@@ -121,7 +121,8 @@ def pack_fp32_linears(model: BertEncoder) -> int:
         for name in ("qkv", "attn_out", "inter", "out"):
             lin = getattr(layer, name)
             if type(lin) is nn.Linear and lin.weight.dtype == torch.float32:
-                packed = PackedLinear.from_linear(lin)
+                act = ("gelu_tanh" if layer.gelu_tanh else "gelu") if name == "inter" else None  # GELU fused
+                packed = PackedLinear.from_linear(lin, act)
                 if packed is not None:
                     setattr(layer, name, packed)
                     n += 1

@@ -248,4 +248,5 @@ def test_fp32_encoder_linears_prepacked_for_onednn(tiny_bert):
     e = Embedder(str(tiny_bert), dtype="float32", cache_size=0, quantization="none")
     assert e.packed_linears == 4 * e.config.num_layers
     assert {type(layer.out).__name__ for layer in e.model.layers} == {"PackedLinear"}
+    assert {layer.inter.act for layer in e.model.layers} == {"gelu"}  # fused as oneDNN post-op
     np.testing.assert_allclose(e.embed(texts), want, atol=1e-5, rtol=1e-5)
