@@ -205,44 +205,45 @@ int dequant_rows(const int32_t *acc, int G, int M, int N, const float *sx, const
         return -1;
 #pragma omp parallel for schedule(static)
     for (int mb = 0; mb < M; mb += DQ_ROWS) {
-      const int rows = M - mb < DQ_ROWS ? M - mb : DQ_ROWS;
-      float obuf[nkeep ? DQ_ROWS * N : 1];
-      if (nkeep)
-          outlier_tile(xo + (int64_t)mb * nkeep, wo, nkeep, N, rows, obuf);
-      for (int m = mb; m < mb + rows; m++) {
-        float *yf = is_bf16 ? NULL : (float *)y + (int64_t)m * N;
-        uint16_t *yb = is_bf16 ? (uint16_t *)y + (int64_t)m * N : NULL;
-        const float *ob = obuf + (int64_t)(m - mb) * N;
-        int n0 = 0;
+        const int rows = M - mb < DQ_ROWS ? M - mb : DQ_ROWS;
+        float obuf[nkeep ? DQ_ROWS * N : 1];
+        if (nkeep)
+            outlier_tile(xo + (int64_t)mb * nkeep, wo, nkeep, N, rows, obuf);
+        for (int m = mb; m < mb + rows; m++) {
+            float *yf = is_bf16 ? NULL : (float *)y + (int64_t)m * N;
+            uint16_t *yb = is_bf16 ? (uint16_t *)y + (int64_t)m * N : NULL;
+            const float *ob = obuf + (int64_t)(m - mb) * N;
+            int n0 = 0;
 #ifdef VW
-        for (; n0 + VW <= N; n0 += VW) {
-            vf v = vf_zero();
-            for (int g = 0; g < G; g++) {
-                const int64_t r = (int64_t)g * M + m;
-                const vi a = vi_sub(vi_load(acc + r * N + n0), vi_mul(vi_set1(zx[r]), vi_load(wsum + (int64_t)g * N + n0)));
-                v = vf_fma(vf_set1(sx[r]), vi_to_f(a), v);
+            for (; n0 + VW <= N; n0 += VW) {
+                vf v = vf_zero();
+                for (int g = 0; g < G; g++) {
+                    const int64_t r = (int64_t)g * M + m;
+                    const vi a = vi_sub(vi_load(acc + r * N + n0),
+                                        vi_mul(vi_set1(zx[r]), vi_load(wsum + (int64_t)g * N + n0)));
+                    v = vf_fma(vf_set1(sx[r]), vi_to_f(a), v);
+                }
+                v = vf_mul(v, vf_load(sw, n0, 0));
+                if (nkeep)
+                    v = vf_add(v, vf_load(ob, n0, 0));
+                if (bias)
+                    v = vf_add(v, vf_load(bias, n0, 0));
+                vf_store(y, (int64_t)m * N + n0, vf_gelu(v, act), is_bf16);
             }
-            v = vf_mul(v, vf_load(sw, n0, 0));
-            if (nkeep)
-                v = vf_add(v, vf_load(ob, n0, 0));
-            if (bias)
-                v = vf_add(v, vf_load(bias, n0, 0));
-            vf_store(y, (int64_t)m * N + n0, vf_gelu(v, act), is_bf16);
-        }
 #endif
-        for (int n = n0; n < N; n++) {
-            float v = 0.f;
-            for (int g = 0; g < G; g++) {
-                const int64_t r = (int64_t)g * M + m;
-                v += sx[r] * (float)(acc[r * N + n] - zx[r] * wsum[(int64_t)g * N + n]);
+            for (int n = n0; n < N; n++) {
+                float v = 0.f;
+                for (int g = 0; g < G; g++) {
+                    const int64_t r = (int64_t)g * M + m;
+                    v += sx[r] * (float)(acc[r * N + n] - zx[r] * wsum[(int64_t)g * N + n]);
+                }
+                v = gelu_act(v * sw[n] + (nkeep ? ob[n] : 0.f) + (bias ? bias[n] : 0.f), act);
+                if (is_bf16)
+                    yb[n] = f32_to_bf16(v);
+                else
+                    yf[n] = v;
             }
-            v = gelu_act(v * sw[n] + (nkeep ? ob[n] : 0.f) + (bias ? bias[n] : 0.f), act);
-            if (is_bf16)
-                yb[n] = f32_to_bf16(v);
-            else
-                yf[n] = v;
         }
-      }
     }
     return 0;
 }
