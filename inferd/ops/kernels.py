@@ -72,23 +72,38 @@ SIGNATURES: dict[str, str] = {
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
     "encoder_attention": "pppiiipfi",
-    "quantize_rows_asym": "piiiipppp",
-    "dequant_rows": "piiippppppii",
+    "quantize_rows_asym": "piiiippppipp",
+    "dequant_rows": "piiippppppiiipp",
     "decode_layers": "pip",
     "inferd_info": "pi",
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_int64, "f": ctypes.c_float}
 
 
-def _is_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+def is_x86(machine: str | None = None) -> bool:
+    """Whether `machine` (platform.machine() style; default this one) is x86: only there are SIMD tiers built."""
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def tiers_for(machine: str, flags: set[str]) -> list[str]:
+    """The tiers a CPU of architecture `machine` with CPU `flags` can run, best first (`torch` always). Not x86
+    (ARM64, ...): only `scalar` (portable C, no intrinsics) and `torch`."""
+    x86 = is_x86(machine)
+    return [t for t in TIERS if t in ("scalar", "torch") or (x86 and TIER_FLAGS[t] <= flags)]
 
 
 def supported_tiers() -> list[str]:
     """The tiers this CPU can run, best first (`torch` always)."""
-    flags = cpu_flags()
-    x86 = _is_x86()
-    return [t for t in TIERS if t in ("scalar", "torch") or (x86 and TIER_FLAGS[t] <= flags)]
+    return tiers_for(platform.machine(), cpu_flags())
+
+
+def compile_command(tier: str, cc: str, out: Path) -> list[str]:
+    """The compiler call that builds the kernel library of `tier` into `out`: every csrc/*.c, BASE_CFLAGS + the
+    tier's -m flags (none for `scalar`, the build on ARM64 and other non-x86 machines)."""
+    if tier not in TIER_CFLAGS:
+        raise ValueError(f"tier {tier!r} has no C build (choose one of {', '.join(TIER_CFLAGS)})")
+    sources = sorted(CSRC.glob("*.c"))
+    return [cc, *BASE_CFLAGS, *TIER_CFLAGS[tier], *map(str, sources), "-o", str(out), "-lm"]
 
 
 def runnable_tiers() -> list[str]:
@@ -133,8 +148,7 @@ def _build(tier: str) -> ctypes.CDLL | None:
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / so.name
-            proc = subprocess.run([cc, *cflags, *map(str, sources), "-o", str(out), "-lm"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(compile_command(tier, cc, out), capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("building the %s C kernels failed, using pure torch:\n%s", tier, proc.stderr[-2000:])
                 return None

@@ -26,9 +26,10 @@ int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y,
 int encoder_attention(const void *qkv, const int32_t *starts, const int32_t *lens, int B, int H, int D, void *out,
                       float scale, int is_bf16);
 int quantize_rows_asym(const void *x, int M, int K, int group, int is_bf16, const float *inv, int8_t *xq,
-                       float *sx, int32_t *zx);
+                       float *sx, int32_t *zx, int nkeep, const int32_t *keep, float *xo);
 int dequant_rows(const int32_t *acc, int G, int M, int N, const float *sx, const int32_t *zx, const int32_t *wsum,
-                 const float *sw, const float *bias, void *y, int is_bf16, int act);
+                 const float *sw, const float *bias, void *y, int is_bf16, int act, int nkeep, const float *xo,
+                 const float *wo);
 int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const uint16_t *sb, void *y, int N, int K,
                int is_bf16, int bits, int sub);
 
