@@ -22,7 +22,7 @@ def always_propose(monkeypatch):
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
-    return LLM(str(tiny_hf), dtype="float32", kv_cache_memory=kw.pop("kv_cache_memory", 0.05),
+    return LLM(str(tiny_hf), dtype=kw.pop("dtype", "float32"), kv_cache_memory=kw.pop("kv_cache_memory", 0.05),
                speculative=SpeculativeConfig("ngram", 4, 1, 3) if spec else None, **kw)
 
 
@@ -263,20 +263,30 @@ def test_draft_model_needs_the_same_vocabulary(tiny_hf, tiny_llm):
         DraftModelProposer(tiny_llm.engine.lm, tiny_llm.engine.lm.config.vocab_size + 1, 8, 16)
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", ["int4", "int8", "bf16"])
 def test_verification_rows_run_in_the_fused_decoder(tiny_hf, tiny_llm, method, always_propose):
     """A verifying sequence's k + 1 rows are decode rows (each sees the cache up to its own position), so a step
-    of decodes and verifications is one fused C call, and the tokens equal the layer-by-layer path's."""
+    of decodes and verifications is one fused C call, and the tokens equal the plain path's: the layer-by-layer one
+    for the packed formats; for dense bf16 (the multi-row gemm_bf16, whose rows equal one-row calls bit for bit)
+    the fused one-row-per-sequence decode."""
     from inferd.ops import cpu_kernels
+    from inferd.ops.fused_decode import DENSE_ROWS
     from inferd.ops.kernels import get_kernels
 
-    if not cpu_kernels.has_quant_gemm():
-        pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: no fused decoder")
+    if method == "bf16":
+        if not get_kernels().dense_gemm:
+            pytest.skip(f"kernel tier {get_kernels().tier} has no bf16 GEMM: no fused bf16 decoder")
+        kw: dict = {"dtype": "bfloat16"}
+    else:
+        if not cpu_kernels.has_quant_gemm():
+            pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: no fused decoder")
+        kw = {"dtype": "float32", "quantization": method}
     ps = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 6, seed=7)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    plain = LLM(str(tiny_hf), dtype="float32", quantization=method, kv_cache_memory=0.05, device="cpu")
-    plain.engine.lm.model._fused = None
-    spec = _llm(tiny_hf, True, quantization=method, device="cpu")
+    plain = LLM(str(tiny_hf), kv_cache_memory=0.05, device="cpu", **kw)
+    if method != "bf16":
+        plain.engine.lm.model._fused = None
+    spec = _llm(tiny_hf, True, device="cpu", **kw)
     rows_seen: list[tuple[int, int]] = []  # (rows, sequences) of each step the fused decoder ran
     runner = spec.engine.runner
     execute = runner.execute
@@ -293,7 +303,9 @@ def test_verification_rows_run_in_the_fused_decoder(tiny_hf, tiny_llm, method, a
         return out
 
     runner.execute = counting
-    for group in (ps[:1], ps):
+    # bf16: at most max_rows // 5 sequences of 1 + 4 rows, so every decode step fits the fused decoder
+    fit = DENSE_ROWS[get_kernels().bf16_dot] // 5 if method == "bf16" else len(ps)
+    for group in (ps[:1], ps[:fit]):
         assert _ids(spec.generate(group, params)) == _ids(plain.generate(group, params))
     assert any(rows > seqs for rows, seqs in rows_seen)  # verification rows went through the fused call
     assert spec.engine.spec_accepted_tokens > 0
