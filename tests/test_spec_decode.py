@@ -89,8 +89,31 @@ def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
     plans = [pol.plan({"x": 4, "y": 4}, num_decoding=200, mixed_anyway=True) for _ in range(pol.explore_every)]
     assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"x": 1, "y": 1}
     a0 = pol.alpha("y")
-    pol.record("y", 0, 0)  # not tried: drifts back toward the prior, so it is tried again later
+    pol.record("y", 0, 0)  # not tried: drifts back toward the workload's rate, so it is tried again later
     assert pol.alpha("y") > a0
+
+
+def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
+    """A weak draft model: once its runs across sequences are measured, a new sequence starts from that rate, not
+    the optimistic prior, and a proposal whose draft pass costs more than its expected gain is not made; an
+    untried sequence drifts back only to the workload's rate."""
+    pol = SpecPolicy(4)
+    for t in (1, 2, 4, 8):
+        pol.time_model.observe(t, False, 0.010)  # flat: the verification rows themselves are nearly free
+    draft_pass = 0.005  # half a target step
+    assert pol.plan({"first": 4}, 1, False, draft_pass)  # nothing measured: the prior says try
+    rng = random.Random(1)
+    for i in range(80):  # each proposed token lands with chance 0.25
+        run = 0
+        while run < 4 and rng.random() < 0.25:
+            run += 1
+        pol.record(f"old{i}", 4, run)
+    assert 0.1 < pol.alpha("new") < 0.4
+    assert pol.plan({"new": 4}, 1, False, draft_pass) == {}  # the draft pass is not worth 0.25 tokens
+    assert pol.plan({"new": 4}, 1, False, 0.0) == {"new": 1}  # free proposals (prompt lookup) still are
+    for _ in range(100):
+        pol.record("new", 0, 0)
+    assert pol.alpha("new") <= pol.workload_alpha + 1e-9
 
 
 def test_bad_speculative_settings():

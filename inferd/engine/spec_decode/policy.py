@@ -2,8 +2,9 @@
 
 Two measured models decide it:
 - acceptance: per sequence, an exponentially weighted estimate α of the chance that a proposed token is accepted
-  (so the j-th proposal of a run lands with chance ≈ α^j); between proposals it relaxes toward the prior, so a
-  sequence whose proposals failed is tried again later;
+  (so the j-th proposal of a run lands with chance ≈ α^j); a new sequence starts from the workload's rate (the
+  same estimate over all sequences' runs), and between proposals α relaxes toward it, so a sequence whose
+  proposals failed is tried again later, but a proposer that fails everywhere is not;
 - step time: measured from the engine's own steps as a function of their tokens, separately for decode steps
   (one row per sequence, or 1 + its proposals when verifying: all decode rows, the fused path on the CPU) and for
   mixed ones (with prefill chunks: the multi-token path); see StepTimeModel.
@@ -93,25 +94,39 @@ class SpecPolicy:
         # a model fitted only from steps without verification cannot tell what verification costs: every
         # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
         self.explore_every, self.idle_steps = explore_every, 0
-        self.prior, self.decay, self.relax = prior_alpha, decay, relax
+        self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
+        # the same over every sequence's runs, slower to move: where a new sequence starts and where an untried one
+        # drifts back to, so a proposer that keeps failing (a weak draft model, prompt lookup on free-form chat)
+        # is not retried at the optimistic prior again and again
+        # (accepted, tested) positions, exponentially weighted per run: their ratio, not a mean of per-run ratios
+        # (runs that stop at their first rejection make those biased low); starts as two tested at the prior
+        self._workload = (2 * prior_alpha, 2.0)
+        self.workload_decay = 0.95
         self.time_model = StepTimeModel()
 
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
     def alpha(self, request_id: str) -> float:
-        return self.acceptance.get(request_id, self.prior)
+        return self.acceptance.get(request_id, self.workload_alpha)
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
         """After verification: `accepted` of `proposed` landed (a run stops at the first rejection)."""
         a = self.alpha(request_id)
-        if proposed == 0:  # not tried this step: drift back toward the prior so it is tried again
-            self.acceptance[request_id] = a + self.relax * (self.prior - a)
+        if proposed == 0:  # not tried this step: drift back toward the workload's rate so it is tried again
+            self.acceptance[request_id] = a + self.relax * (self.workload_alpha - a)
             return
         # observed per-token acceptance for a run: accepted tokens over the positions actually tested
         tested = accepted + (1 if accepted < proposed else 0)
         self.acceptance[request_id] = self.decay * a + (1 - self.decay) * (accepted / tested)
+        w, (acc, tst) = self.workload_decay, self._workload
+        self._workload = (w * acc + accepted, w * tst + tested)
+
+    @property
+    def workload_alpha(self) -> float:
+        acc, tested = self._workload
+        return acc / tested
 
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
              pass_seconds: float = 0.0) -> dict[str, int]:
