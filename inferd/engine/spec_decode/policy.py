@@ -11,7 +11,9 @@ Two measured models decide it:
 For a step with O sequences about to decode, drafts are taken in order of their acceptance chance while the
 expected tokens per second, (O + Σ accepted) / t(O + drafts), keeps rising. Large batches (where a step's time
 grows with its tokens) therefore switch speculation off by themselves, as does a low acceptance rate. So that the time model keeps seeing what
-verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal each once.
+verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal once: of
+the sequence likeliest to accept it, so the probe adds one row (probing every sequence of a large batch at once
+could push the step past the fused kernels' row limit: the most expensive step there is, to learn what it saves).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class SpecPolicy:
         # proposal that lands with less than this chance is not verified
         self.min_chance = min_chance
         # a model fitted only from steps without verification cannot tell what verification costs: every
-        # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
+        # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
         self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
@@ -158,7 +160,7 @@ class SpecPolicy:
             self.idle_steps += 1
             if self.idle_steps >= self.explore_every:
                 self.idle_steps = 0
-                return dict.fromkeys(available, 1)
+                return {max(available, key=self.alpha): 1}
         else:
             self.idle_steps = 0
         plan: dict[str, int] = {}
