@@ -115,6 +115,11 @@ def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
     for _ in range(100):
         pol.record("new", 0, 0)
     assert pol.alpha("new") <= pol.workload_alpha + 1e-9
+    for i in range(60):  # now nothing lands at all: below min_chance, yet still probed now and then (the
+        pol.record(f"none{i}", 4, 0)  # workload may change), one proposal every explore_every idle steps
+    assert pol.workload_alpha < pol.min_chance
+    plans = [pol.plan({"new": 4}, 1, False, draft_pass) for _ in range(pol.explore_every)]
+    assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"new": 1}
 
 
 def test_bad_speculative_settings():

@@ -156,7 +156,7 @@ class SpecPolicy:
             rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest)
             if rate > best_rate:
                 best_rate, best_n = rate, n
-        if best_n == 0 and cand:
+        if best_n == 0 and available:  # also below min_chance: a rate that is never re-measured could never rise
             self.idle_steps += 1
             if self.idle_steps >= self.explore_every:
                 self.idle_steps = 0
