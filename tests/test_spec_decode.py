@@ -18,7 +18,7 @@ from inferd.errors import InvalidRequestError
 @pytest.fixture
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
-    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0: dict(available))
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None: dict(available))
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
@@ -120,6 +120,16 @@ def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
     assert pol.workload_alpha < pol.min_chance
     plans = [pol.plan({"new": 4}, 1, False, draft_pass) for _ in range(pol.explore_every)]
     assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"new": 1}
+    # a draft that must first catch its cache up with a long sequence (a whole prompt) costs that too: of two
+    # equally likely sequences only the caught-up one drafts, and a probe that costs 4 steps waits 4x longer
+    good = SpecPolicy(4)
+    for t in (1, 2, 4, 8):
+        good.time_model.observe(t, False, 0.010)
+    catch_up = {"near": 0.0, "far": 0.040}
+    assert good.plan({"near": 4, "far": 4}, 2, False, 0.001, catch_up).keys() == {"near"}
+    assert good.plan({"far": 4}, 1, False, 0.001, catch_up) == {}
+    plans = [good.plan({"far": 4}, 1, False, 0.001, catch_up) for _ in range(4 * good.explore_every + 4)]
+    assert plans.index({"far": 1}) >= 4 * good.explore_every - 1
 
 
 def test_bad_speculative_settings():

@@ -131,11 +131,13 @@ class SpecPolicy:
         return acc / tested
 
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
-             pass_seconds: float = 0.0) -> dict[str, int]:
+             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
         `num_decoding`: sequences that will sample a token; `mixed_anyway`: the step has prefill work regardless
         (so verification rows add no fixed cost); `pass_seconds`: what making one more proposal per sequence
-        costs (a draft model's forward pass; 0 for prompt lookup)."""
+        costs (a draft model's forward pass; 0 for prompt lookup); `first_seconds`: what a sequence's first
+        proposal costs on top (a draft model catching its cache up with the sequence)."""
+        first = first_seconds or {}
         cand = []  # (acceptance chance of this draft, request id)
         for rid, n_avail in available.items():
             a = self.alpha(rid)
@@ -148,19 +150,25 @@ class SpecPolicy:
         cand.sort(key=lambda x: -x[0])
         tm = self.time_model
         best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
-        best_n, gain, depth, longest = 0, 0.0, {}, 0
+        best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
             gain += p
             depth[rid] = depth.get(rid, 0) + 1
             longest = max(longest, depth[rid])
-            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest)
+            catch_up += first.get(rid, 0.0) if depth[rid] == 1 else 0.0
+            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest
+                                            + catch_up)
             if rate > best_rate:
                 best_rate, best_n = rate, n
         if best_n == 0 and available:  # also below min_chance: a rate that is never re-measured could never rise
             self.idle_steps += 1
-            if self.idle_steps >= self.explore_every:
+            # the cheapest probe (least catching up), then the likeliest to land; probes cost at most about
+            # 1 / explore_every of the time: an expensive one (a long catch-up) waits proportionally longer
+            rid = min(available, key=lambda r: (first.get(r, 0.0), -self.alpha(r)))
+            cost = first.get(rid, 0.0) + pass_seconds
+            if self.idle_steps >= self.explore_every * max(1.0, cost / tm.predict(num_decoding, mixed_anyway)):
                 self.idle_steps = 0
-                return {max(available, key=self.alpha): 1}
+                return {rid: 1}
         else:
             self.idle_steps = 0
         plan: dict[str, int] = {}
