@@ -36,6 +36,7 @@ class StepTimeModel:
         self.window = window
         # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
         self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
+        self._medians: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}  # per bucket
         self._points: dict[bool, list[tuple[float, float]]] = {}
         self.prior = 0.05  # seconds, for a step before anything was measured
 
@@ -45,7 +46,10 @@ class StepTimeModel:
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
-        table.setdefault(b, collections.deque(maxlen=self.window)).append((tokens, seconds))
+        q = table.setdefault(b, collections.deque(maxlen=self.window))
+        q.append((tokens, seconds))
+        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost)
+        self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
         self._points.pop(mixed, None)
 
     def points(self, mixed: bool) -> list[tuple[float, float]]:
@@ -54,9 +58,7 @@ class StepTimeModel:
         once per candidate proposal)."""
         pts = self._points.get(mixed)
         if pts is None:
-            pts = self._points[mixed] = sorted(
-                (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
-                for q in self.buckets[mixed].values())
+            pts = self._points[mixed] = sorted(self._medians[mixed].values())
         return pts
 
     @staticmethod
