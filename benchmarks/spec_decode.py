@@ -82,8 +82,9 @@ def run(engine: LLMEngine, prompts: list[str], max_tokens: int, concurrency: int
 def alternating(base: LLMEngine, spec: LLMEngine, prompts: list[str], max_tokens: int, concurrency: int,
                 rounds: int) -> tuple[dict, dict]:
     """The prompts in `rounds` slices, each run without then with speculation, so a load change on a shared host
-    hits both arms alike; tokens, seconds and speculation counters summed over the slices."""
-    size = -(-len(prompts) // rounds)
+    hits both arms alike; tokens, seconds and speculation counters summed over the slices. A slice holds at least
+    `concurrency` prompts (so 16 streams means 16: use --n ≥ rounds × concurrency to alternate there too)."""
+    size = max(-(-len(prompts) // rounds), concurrency)
     parts: tuple[list[dict], list[dict]] = ([], [])
     for i in range(0, len(prompts), size):
         parts[0].append(run(base, prompts[i : i + size], max_tokens, concurrency))
