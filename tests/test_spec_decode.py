@@ -116,20 +116,21 @@ def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
         pol.record("new", 0, 0)
     assert pol.alpha("new") <= pol.workload_alpha + 1e-9
     for i in range(60):  # now nothing lands at all: below min_chance, yet still probed now and then (the
-        pol.record(f"none{i}", 4, 0)  # workload may change), one proposal every explore_every idle steps
+        pol.record(f"none{i}", 4, 0)  # workload may change): one draft pass (half a step) every 0.5 / 0.02 steps
     assert pol.workload_alpha < pol.min_chance
-    plans = [pol.plan({"new": 4}, 1, False, draft_pass) for _ in range(pol.explore_every)]
-    assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"new": 1}
+    plans = [pol.plan({"new": 4}, 1, False, draft_pass) for _ in range(25)]
+    assert plans[:-1] == [{}] * 24 and plans[-1] == {"new": 1}
     # a draft that must first catch its cache up with a long sequence (a whole prompt) costs that too: of two
-    # equally likely sequences only the caught-up one drafts, and a probe that costs 4 steps waits 4x longer
+    # equally likely sequences only the caught-up one drafts, and a probe that costs 4 steps waits until probes
+    # cost at most probe_share of the time (4.1 / 0.02 = 205 steps)
     good = SpecPolicy(4)
     for t in (1, 2, 4, 8):
         good.time_model.observe(t, False, 0.010)
     catch_up = {"near": 0.0, "far": 0.040}
     assert good.plan({"near": 4, "far": 4}, 2, False, 0.001, catch_up).keys() == {"near"}
     assert good.plan({"far": 4}, 1, False, 0.001, catch_up) == {}
-    plans = [good.plan({"far": 4}, 1, False, 0.001, catch_up) for _ in range(4 * good.explore_every + 4)]
-    assert plans.index({"far": 1}) >= 4 * good.explore_every - 1
+    plans = [good.plan({"far": 4}, 1, False, 0.001, catch_up) for _ in range(210)]
+    assert 200 <= plans.index({"far": 1}) <= 205
 
 
 def test_bad_speculative_settings():

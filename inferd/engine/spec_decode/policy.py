@@ -98,6 +98,7 @@ class SpecPolicy:
         # a model fitted only from steps without verification cannot tell what verification costs: every
         # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
+        self.probe_share = 0.02  # the most of the time probes may cost (see plan)
         self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
         # the same over every sequence's runs, slower to move: where a new sequence starts and where an untried one
@@ -164,11 +165,13 @@ class SpecPolicy:
                 best_rate, best_n = rate, n
         if best_n == 0 and available:  # also below min_chance: a rate that is never re-measured could never rise
             self.idle_steps += 1
-            # the cheapest probe (least catching up), then the likeliest to land; probes cost at most about
-            # 1 / explore_every of the time: an expensive one (a long catch-up) waits proportionally longer
+            # the cheapest probe (least catching up), then the likeliest to land. Probes cost at most probe_share
+            # of the time: an expensive one waits longer (a draft's long catch-up; or one more row that takes the
+            # step off the fused path, as a 17th row of bf16 does: measured in the step-time model)
             rid = min(available, key=lambda r: (first.get(r, 0.0), -self.alpha(r)))
-            cost = first.get(rid, 0.0) + pass_seconds
-            if self.idle_steps >= self.explore_every * max(1.0, cost / tm.predict(num_decoding, mixed_anyway)):
+            t_now = tm.predict(num_decoding, mixed_anyway)
+            extra = max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) + first.get(rid, 0.0) + pass_seconds
+            if self.idle_steps >= max(self.explore_every, extra / (self.probe_share * t_now)):
                 self.idle_steps = 0
                 return {rid: 1}
         else:
