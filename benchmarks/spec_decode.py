@@ -9,6 +9,7 @@ acceptance rate and mean accepted length per verification run, and whether outpu
 
     python benchmarks/spec_decode.py [--dtype bfloat16] [--quantization auto none] [--json out.json] [--n 50]
                                      [--draft-model M]   # a draft model instead of prompt lookup
+                                     [--workloads extraction chat] [--rounds R]  # R alternating slices
 """
 
 from __future__ import annotations
@@ -74,8 +75,28 @@ def run(engine: LLMEngine, prompts: list[str], max_tokens: int, concurrency: int
     n_tok = sum(len(v) for v in outs.values())
     drafts, acc, runs = (engine.spec_draft_tokens - d0, engine.spec_accepted_tokens - a0, engine.spec_drafts - r0)
     return {"tok_s": n_tok / dt, "tokens": n_tok, "seconds": dt, "outputs": [outs[str(i)] for i in range(len(ids))],
-            "draft_tokens": drafts, "accepted": acc, "acceptance": acc / drafts if drafts else None,
+            "draft_tokens": drafts, "accepted": acc, "runs": runs, "acceptance": acc / drafts if drafts else None,
             "mean_accepted_per_run": acc / runs if runs else None}
+
+
+def alternating(base: LLMEngine, spec: LLMEngine, prompts: list[str], max_tokens: int, concurrency: int,
+                rounds: int) -> tuple[dict, dict]:
+    """The prompts in `rounds` slices, each run without then with speculation, so a load change on a shared host
+    hits both arms alike; tokens, seconds and speculation counters summed over the slices. A slice holds at least
+    `concurrency` prompts (so 16 streams means 16: use --n ≥ rounds × concurrency to alternate there too)."""
+    size = max(-(-len(prompts) // rounds), concurrency)
+    parts: tuple[list[dict], list[dict]] = ([], [])
+    for i in range(0, len(prompts), size):
+        parts[0].append(run(base, prompts[i : i + size], max_tokens, concurrency))
+        parts[1].append(run(spec, prompts[i : i + size], max_tokens, concurrency))
+    out = []
+    for arm in parts:
+        tok, sec = sum(p["tokens"] for p in arm), sum(p["seconds"] for p in arm)
+        drafts, acc, runs = (sum(p[k] for p in arm) for k in ("draft_tokens", "accepted", "runs"))
+        out.append({"tok_s": tok / sec, "tokens": tok, "seconds": sec, "outputs": [o for p in arm for o in p["outputs"]],
+                    "draft_tokens": drafts, "accepted": acc, "runs": runs,
+                    "acceptance": acc / drafts if drafts else None, "mean_accepted_per_run": acc / runs if runs else None})
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -90,9 +111,13 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=SpeculativeConfig.ngram_min)
     ap.add_argument("--ngram-max", type=int, default=SpeculativeConfig.ngram_max)
     ap.add_argument("--draft-model", default=None, help="speculate with this draft model instead of prompt lookup")
+    ap.add_argument("--workloads", nargs="+", choices=["extraction", "chat"], default=["extraction", "chat"])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate without/with over this many slices of the prompts (a shared, loaded host)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = {"extraction": extraction_prompts(args.n), "chat": chat_prompts(args.n)}
+    work = {k: work[k] for k in args.workloads}
     rows = []
     print(f"# {machine_info()}, {datetime.date.today()}, speculation: "
           f"{'draft ' + args.draft_model if args.draft_model else 'ngram'}")
@@ -105,12 +130,11 @@ def main() -> None:
         method = SpeculativeConfig("draft", args.num_speculative_tokens, draft_model=args.draft_model) \
             if args.draft_model else SpeculativeConfig("ngram", args.num_speculative_tokens, args.ngram_min, args.ngram_max)
         spec = LLMEngine(replace(base_llm.config, speculative=method), loaded=base.lm)
-        run(base, work["chat"][:2], 8, 1)  # warm-up both (kernels, allocator)
-        run(spec, work["chat"][:2], 8, 1)
+        run(base, chat_prompts(2), 8, 1)  # warm-up both (kernels, allocator)
+        run(spec, chat_prompts(2), 8, 1)
         for name, prompts in work.items():
             for c in args.concurrency:
-                a = run(base, prompts, args.max_tokens, c)
-                b = run(spec, prompts, args.max_tokens, c)
+                a, b = alternating(base, spec, prompts, args.max_tokens, c, args.rounds)
                 same = sum(x == y for x, y in zip(a["outputs"], b["outputs"]))
                 row = {"quantization": base.lm.quantization, "draft_model": args.draft_model, "workload": name, "streams": c,
                        "without_tok_s": a["tok_s"], "with_tok_s": b["tok_s"], "ratio": b["tok_s"] / a["tok_s"],

@@ -147,6 +147,32 @@ def test_bf16_gemv_matches_torch():
     assert cpu_kernels.gemv_bf16(w[:, :100].contiguous(), x[:100].contiguous()) is None  # K % 32 != 0
 
 
+@pytest.mark.parametrize("tier", ["avx512_bf16_vnni", "avx512", "avx2_fma"])
+def test_multirow_bf16_gemm_matches_reference_and_single_rows(tier):
+    """gemm_bf16 for 1..11 rows (tiles of 4 weight rows × up to 5 x rows on AVX-512, 2 on AVX2; N not a multiple of
+    8): fp32 output equals an fp64 matmul of the same bf16 values up to summation order, and every row, fp32 or bf16
+    out, equals the one-row call bit for bit (the fused decoder's verification rows equal plain decode rows)."""
+    if tier not in runnable_tiers():
+        pytest.skip(f"this CPU cannot run kernel tier {tier}")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(203, 96, generator=g).bfloat16()
+    with use_tier(tier) as k:
+        assert k.dense_gemm
+
+        def gemm(x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+            y = torch.empty(x.shape[0], w.shape[0], dtype=out)
+            assert k.lib.gemm_bf16(x.data_ptr(), x.shape[0], w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1],
+                                   int(out == torch.float32)) == 0
+            return y
+
+        for rows in range(1, 12):
+            x = (4 * torch.randn(rows, 96, generator=g)).bfloat16()
+            y = gemm(x, torch.float32)
+            assert (y.double() - x.double() @ w.double().t()).abs().max() < 1e-3  # a bf16 step at |y| ~ 50: 0.25
+            for out in (torch.float32, torch.bfloat16):
+                assert torch.equal(gemm(x, out), torch.cat([gemm(x[i : i + 1].clone(), out) for i in range(rows)]))
+
+
 
 
 @needs_c

@@ -18,11 +18,11 @@ from inferd.errors import InvalidRequestError
 @pytest.fixture
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
-    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0: dict(available))
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None: dict(available))
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
-    return LLM(str(tiny_hf), dtype="float32", kv_cache_memory=kw.pop("kv_cache_memory", 0.05),
+    return LLM(str(tiny_hf), dtype=kw.pop("dtype", "float32"), kv_cache_memory=kw.pop("kv_cache_memory", 0.05),
                speculative=SpeculativeConfig("ngram", 4, 1, 3) if spec else None, **kw)
 
 
@@ -85,12 +85,52 @@ def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
     for _ in range(10):
         pol.record("y", 4, 0)  # always rejected: alpha → ~0
     assert "y" not in pol.plan({"x": 4, "y": 4}, num_decoding=2, mixed_anyway=False)
-    # verifying nothing for explore_every steps in a row: one proposal each, once, to keep measuring
+    # verifying nothing for explore_every steps in a row: one proposal, once, to keep measuring; of the sequence
+    # likeliest to accept it, so the probe is one row however large the batch
     plans = [pol.plan({"x": 4, "y": 4}, num_decoding=200, mixed_anyway=True) for _ in range(pol.explore_every)]
-    assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"x": 1, "y": 1}
+    assert plans[:-1] == [{}] * (pol.explore_every - 1) and plans[-1] == {"x": 1}
     a0 = pol.alpha("y")
-    pol.record("y", 0, 0)  # not tried: drifts back toward the prior, so it is tried again later
+    pol.record("y", 0, 0)  # not tried: drifts back toward the workload's rate, so it is tried again later
     assert pol.alpha("y") > a0
+
+
+def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
+    """A weak draft model: once its runs across sequences are measured, a new sequence starts from that rate, not
+    the optimistic prior, and a proposal whose draft pass costs more than its expected gain is not made; an
+    untried sequence drifts back only to the workload's rate."""
+    pol = SpecPolicy(4)
+    for t in (1, 2, 4, 8):
+        pol.time_model.observe(t, False, 0.010)  # flat: the verification rows themselves are nearly free
+    draft_pass = 0.005  # half a target step
+    assert pol.plan({"first": 4}, 1, False, draft_pass)  # nothing measured: the prior says try
+    rng = random.Random(1)
+    for i in range(80):  # each proposed token lands with chance 0.25
+        run = 0
+        while run < 4 and rng.random() < 0.25:
+            run += 1
+        pol.record(f"old{i}", 4, run)
+    assert 0.1 < pol.alpha("new") < 0.4
+    assert pol.plan({"new": 4}, 1, False, draft_pass) == {}  # the draft pass is not worth 0.25 tokens
+    assert pol.plan({"new": 4}, 1, False, 0.0) == {"new": 1}  # free proposals (prompt lookup) still are
+    for _ in range(100):
+        pol.record("new", 0, 0)
+    assert pol.alpha("new") <= pol.workload_alpha + 1e-9
+    for i in range(60):  # now nothing lands at all: below min_chance, yet still probed now and then (the
+        pol.record(f"none{i}", 4, 0)  # workload may change): one draft pass (half a step) every 0.5 / 0.02 steps
+    assert pol.workload_alpha < pol.min_chance
+    plans = [pol.plan({"new": 4}, 1, False, draft_pass) for _ in range(25)]
+    assert plans[:-1] == [{}] * 24 and plans[-1] == {"new": 1}
+    # a draft that must first catch its cache up with a long sequence (a whole prompt) costs that too: of two
+    # equally likely sequences only the caught-up one drafts, and a probe that costs 4 steps waits until probes
+    # cost at most probe_share of the time (4.1 / 0.02 = 205 steps)
+    good = SpecPolicy(4)
+    for t in (1, 2, 4, 8):
+        good.time_model.observe(t, False, 0.010)
+    catch_up = {"near": 0.0, "far": 0.040}
+    assert good.plan({"near": 4, "far": 4}, 2, False, 0.001, catch_up).keys() == {"near"}
+    assert good.plan({"far": 4}, 1, False, 0.001, catch_up) == {}
+    plans = [good.plan({"far": 4}, 1, False, 0.001, catch_up) for _ in range(210)]
+    assert 200 <= plans.index({"far": 1}) <= 205
 
 
 def test_bad_speculative_settings():
@@ -263,20 +303,30 @@ def test_draft_model_needs_the_same_vocabulary(tiny_hf, tiny_llm):
         DraftModelProposer(tiny_llm.engine.lm, tiny_llm.engine.lm.config.vocab_size + 1, 8, 16)
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", ["int4", "int8", "bf16"])
 def test_verification_rows_run_in_the_fused_decoder(tiny_hf, tiny_llm, method, always_propose):
     """A verifying sequence's k + 1 rows are decode rows (each sees the cache up to its own position), so a step
-    of decodes and verifications is one fused C call, and the tokens equal the layer-by-layer path's."""
+    of decodes and verifications is one fused C call, and the tokens equal the plain path's: the layer-by-layer one
+    for the packed formats; for dense bf16 (the multi-row gemm_bf16, whose rows equal one-row calls bit for bit)
+    the fused one-row-per-sequence decode."""
     from inferd.ops import cpu_kernels
+    from inferd.ops.fused_decode import DENSE_ROWS
     from inferd.ops.kernels import get_kernels
 
-    if not cpu_kernels.has_quant_gemm():
-        pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: no fused decoder")
+    if method == "bf16":
+        if not get_kernels().dense_gemm:
+            pytest.skip(f"kernel tier {get_kernels().tier} has no bf16 GEMM: no fused bf16 decoder")
+        kw: dict = {"dtype": "bfloat16"}
+    else:
+        if not cpu_kernels.has_quant_gemm():
+            pytest.skip(f"kernel tier {get_kernels().tier} has no quantized GEMMs: no fused decoder")
+        kw = {"dtype": "float32", "quantization": method}
     ps = _repetitive_prompts(tiny_llm.tokenizer.vocab_size, 6, seed=7)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    plain = LLM(str(tiny_hf), dtype="float32", quantization=method, kv_cache_memory=0.05, device="cpu")
-    plain.engine.lm.model._fused = None
-    spec = _llm(tiny_hf, True, quantization=method, device="cpu")
+    plain = LLM(str(tiny_hf), kv_cache_memory=0.05, device="cpu", **kw)
+    if method != "bf16":
+        plain.engine.lm.model._fused = None
+    spec = _llm(tiny_hf, True, device="cpu", **kw)
     rows_seen: list[tuple[int, int]] = []  # (rows, sequences) of each step the fused decoder ran
     runner = spec.engine.runner
     execute = runner.execute
@@ -293,7 +343,9 @@ def test_verification_rows_run_in_the_fused_decoder(tiny_hf, tiny_llm, method, a
         return out
 
     runner.execute = counting
-    for group in (ps[:1], ps):
+    # bf16: at most max_rows // 5 sequences of 1 + 4 rows, so every decode step fits the fused decoder
+    fit = DENSE_ROWS[get_kernels().bf16_dot] // 5 if method == "bf16" else len(ps)
+    for group in (ps[:1], ps[:fit]):
         assert _ids(spec.generate(group, params)) == _ids(plain.generate(group, params))
     assert any(rows > seqs for rows, seqs in rows_seen)  # verification rows went through the fused call
     assert spec.engine.spec_accepted_tokens > 0

@@ -284,7 +284,7 @@ class LLMEngine:
             plan = policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed)
         else:  # a draft model: decide how many first, then draft only those
             plan = policy.plan({rid: k for rid, (_, k) in wanted.items()}, len(decoding), mixed,
-                               proposer.pass_seconds)
+                               proposer.pass_seconds, proposer.first_pass_seconds(wanted))
             proposals = proposer.propose_batch({rid: (wanted[rid][0], k) for rid, k in plan.items()})
         for req in decoding:
             k = plan.get(req.request_id, 0)

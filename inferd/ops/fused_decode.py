@@ -10,7 +10,8 @@ tables (Gemma's local layers have their own base) and the sliding window.
 
 Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows (on the
 kernel tier of ops/kernels.py): 4-bit `q4rows16`, 4/5/6-bit `qkrows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
-dense layers in bf16 models (one row), no biases.
+dense layers in bf16 models (up to DENSE_ROWS rows: `gemm_bf16` loads each weight vector once for all of a tile's
+rows, so the k + 1 rows of a verification cost little more than one), no biases.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from inferd.ops.c_structs import LayerDesc, LinDesc, StepDesc
 from inferd.ops.kernels import get_kernels
 
 MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
+# bf16 dense layers: most rows per fused step, by kernel tier. gemm_bf16 (3072×576, weights in cache, 2-core Zen 4)
+# stays under torch's oneDNN GEMM up to 16 rows with vdpbf16ps (5 rows: 36 µs against 1 row's 20), up to ~8 rows
+# widening bf16 to fp32; above that the step runs the layers in Python on torch's GEMMs.
+DENSE_ROWS = {True: 16, False: 8}  # keyed by Kernels.bf16_dot
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # the MLP activation → step_desc.act_kind
 
 
@@ -55,7 +60,8 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
     if isinstance(mod, Linear) and dtype == torch.bfloat16 and mod.weight.dtype == torch.bfloat16 \
             and mod.weight.is_contiguous() \
             and mod.in_features % 32 == 0 and get_kernels().dense_gemm:
-        return LinDesc(0, mod.out_features, mod.in_features, mod.weight.data_ptr(), None, None), 1
+        return LinDesc(0, mod.out_features, mod.in_features, mod.weight.data_ptr(), None, None), \
+            DENSE_ROWS[get_kernels().bf16_dot]
     return None
 
 

@@ -37,12 +37,27 @@ class DraftModelProposer:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(draft, num_blocks, block_size)
         self.mirrors: dict[str, Request] = {}  # request id → the draft cache's view of that sequence
-        self.pass_seconds = 0.0  # measured time of one drafting pass (exponential average)
+        self.pass_seconds = 0.0  # measured time of one drafting pass after the first (exponential average)
+        # measured time per catch-up token of the first pass beyond one per sequence: the first pass catches each
+        # sequence's draft cache up (a whole prompt for a sequence never drafted before), which makes an occasional
+        # draft for a long sequence expensive
+        self.token_seconds = 0.0
 
     def forget(self, request_id: str) -> None:
         m = self.mirrors.pop(request_id, None)
         if m is not None:
             self.kv.free_request(m)
+
+    def first_pass_seconds(self, wanted: dict[str, tuple[list[int], int]]) -> dict[str, float]:
+        """request id → the estimated extra time of its catch-up in the first drafting pass (its tokens not yet in
+        the draft cache beyond the one a pass takes anyway, at the measured time per token); the policy adds it to
+        what the sequence's first proposal costs."""
+        out = {}
+        for rid, (tokens, _) in wanted.items():
+            m = self.mirrors.get(rid)
+            behind = len(tokens) - (min(m.num_computed_tokens, len(tokens) - 1) if m else 0)
+            out[rid] = (behind - 1) * self.token_seconds
+        return out
 
     def _mirror(self, request_id: str, tokens: list[int]) -> Request:
         """The mirror with its cache's tokens trimmed to the longest prefix shared with `tokens`."""
@@ -75,15 +90,19 @@ class DraftModelProposer:
                 continue  # the draft cache is full: this sequence does not speculate this step
             active.append((rid, m, k))
         out: dict[str, list[int]] = {rid: [] for rid, _, _ in active}
-        passes = 0
+        passes, t_first, first_tokens = 0, 0.0, 0
         while active:
             sched = SchedulerOutput({m.request_id: m.num_tokens - m.num_computed_tokens for _, m, _ in active},
                                     [m for _, m, _ in active])
             # decodes (one new token past the prompt) must come first in a batch
             sched.requests.sort(key=lambda m: not (sched.num_tokens[m.request_id] == 1
                                                    and m.num_computed_tokens >= m.num_prompt_tokens))
+            if passes == 0:
+                t_first, first_tokens = time.perf_counter(), sum(sched.num_tokens.values())
             batch = self.runner.prepare(sched)
             logits = self.runner.execute(batch)
+            if passes == 0:
+                t_first = time.perf_counter() - t_first
             passes += 1
             order = {m.request_id: i for i, m in enumerate(sched.requests)}
             nxt = logits[:, : self.lm.config.vocab_size].argmax(dim=-1).tolist()
@@ -97,6 +116,12 @@ class DraftModelProposer:
                     still.append((rid, m, k))
             active = still
         if passes:
-            dt = (time.perf_counter() - t0) / passes
-            self.pass_seconds = dt if not self.pass_seconds else 0.8 * self.pass_seconds + 0.2 * dt
+            ema = lambda old, new: new if not old else 0.8 * old + 0.2 * new  # noqa: E731
+            extra = first_tokens - len(out)  # catch-up tokens beyond one per sequence
+            if passes > 1:  # single-token passes: the pass cost
+                self.pass_seconds = ema(self.pass_seconds, (time.perf_counter() - t0 - t_first) / (passes - 1))
+            elif extra < 8:  # a first pass with little catching up is a single-token pass too
+                self.pass_seconds = ema(self.pass_seconds, t_first)
+            if extra >= 8 and self.pass_seconds:
+                self.token_seconds = ema(self.token_seconds, max(t_first - self.pass_seconds, 0.0) / extra)
         return out

@@ -2,15 +2,18 @@
 
 Two measured models decide it:
 - acceptance: per sequence, an exponentially weighted estimate α of the chance that a proposed token is accepted
-  (so the j-th proposal of a run lands with chance ≈ α^j); between proposals it relaxes toward the prior, so a
-  sequence whose proposals failed is tried again later;
+  (so the j-th proposal of a run lands with chance ≈ α^j); a new sequence starts from the workload's rate (the
+  same estimate over all sequences' runs), and between proposals α relaxes toward it, so a sequence whose
+  proposals failed is tried again later, but a proposer that fails everywhere is not;
 - step time: measured from the engine's own steps as a function of their tokens, separately for decode steps
   (one row per sequence, or 1 + its proposals when verifying: all decode rows, the fused path on the CPU) and for
   mixed ones (with prefill chunks: the multi-token path); see StepTimeModel.
 For a step with O sequences about to decode, drafts are taken in order of their acceptance chance while the
 expected tokens per second, (O + Σ accepted) / t(O + drafts), keeps rising. Large batches (where a step's time
 grows with its tokens) therefore switch speculation off by themselves, as does a low acceptance rate. So that the time model keeps seeing what
-verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal each once.
+verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal once: of
+the sequence likeliest to accept it, so the probe adds one row (probing every sequence of a large batch at once
+could push the step past the fused kernels' row limit: the most expensive step there is, to learn what it saves).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class StepTimeModel:
         self.window = window
         # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
         self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
+        self._medians: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}  # per bucket
         self._points: dict[bool, list[tuple[float, float]]] = {}
         self.prior = 0.05  # seconds, for a step before anything was measured
 
@@ -42,7 +46,10 @@ class StepTimeModel:
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
-        table.setdefault(b, collections.deque(maxlen=self.window)).append((tokens, seconds))
+        q = table.setdefault(b, collections.deque(maxlen=self.window))
+        q.append((tokens, seconds))
+        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost)
+        self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
         self._points.pop(mixed, None)
 
     def points(self, mixed: bool) -> list[tuple[float, float]]:
@@ -51,9 +58,7 @@ class StepTimeModel:
         once per candidate proposal)."""
         pts = self._points.get(mixed)
         if pts is None:
-            pts = self._points[mixed] = sorted(
-                (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
-                for q in self.buckets[mixed].values())
+            pts = self._points[mixed] = sorted(self._medians[mixed].values())
         return pts
 
     @staticmethod
@@ -91,34 +96,51 @@ class SpecPolicy:
         # proposal that lands with less than this chance is not verified
         self.min_chance = min_chance
         # a model fitted only from steps without verification cannot tell what verification costs: every
-        # `explore_every`-th step that would verify nothing verifies one proposal per sequence anyway
+        # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
-        self.prior, self.decay, self.relax = prior_alpha, decay, relax
+        self.probe_share = 0.02  # the most of the time probes may cost (see plan)
+        self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
+        # the same over every sequence's runs, slower to move: where a new sequence starts and where an untried one
+        # drifts back to, so a proposer that keeps failing (a weak draft model, prompt lookup on free-form chat)
+        # is not retried at the optimistic prior again and again
+        # (accepted, tested) positions, exponentially weighted per run: their ratio, not a mean of per-run ratios
+        # (runs that stop at their first rejection make those biased low); starts as two tested at the prior
+        self._workload = (2 * prior_alpha, 2.0)
+        self.workload_decay = 0.95
         self.time_model = StepTimeModel()
 
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
     def alpha(self, request_id: str) -> float:
-        return self.acceptance.get(request_id, self.prior)
+        return self.acceptance.get(request_id, self.workload_alpha)
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
         """After verification: `accepted` of `proposed` landed (a run stops at the first rejection)."""
         a = self.alpha(request_id)
-        if proposed == 0:  # not tried this step: drift back toward the prior so it is tried again
-            self.acceptance[request_id] = a + self.relax * (self.prior - a)
+        if proposed == 0:  # not tried this step: drift back toward the workload's rate so it is tried again
+            self.acceptance[request_id] = a + self.relax * (self.workload_alpha - a)
             return
         # observed per-token acceptance for a run: accepted tokens over the positions actually tested
         tested = accepted + (1 if accepted < proposed else 0)
         self.acceptance[request_id] = self.decay * a + (1 - self.decay) * (accepted / tested)
+        w, (acc, tst) = self.workload_decay, self._workload
+        self._workload = (w * acc + accepted, w * tst + tested)
+
+    @property
+    def workload_alpha(self) -> float:
+        acc, tested = self._workload
+        return acc / tested
 
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
-             pass_seconds: float = 0.0) -> dict[str, int]:
+             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
         `num_decoding`: sequences that will sample a token; `mixed_anyway`: the step has prefill work regardless
         (so verification rows add no fixed cost); `pass_seconds`: what making one more proposal per sequence
-        costs (a draft model's forward pass; 0 for prompt lookup)."""
+        costs (a draft model's forward pass; 0 for prompt lookup); `first_seconds`: what a sequence's first
+        proposal costs on top (a draft model catching its cache up with the sequence)."""
+        first = first_seconds or {}
         cand = []  # (acceptance chance of this draft, request id)
         for rid, n_avail in available.items():
             a = self.alpha(rid)
@@ -131,19 +153,27 @@ class SpecPolicy:
         cand.sort(key=lambda x: -x[0])
         tm = self.time_model
         best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
-        best_n, gain, depth, longest = 0, 0.0, {}, 0
+        best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
             gain += p
             depth[rid] = depth.get(rid, 0) + 1
             longest = max(longest, depth[rid])
-            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest)
+            catch_up += first.get(rid, 0.0) if depth[rid] == 1 else 0.0
+            rate = (num_decoding + gain) / (tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest
+                                            + catch_up)
             if rate > best_rate:
                 best_rate, best_n = rate, n
-        if best_n == 0 and cand:
+        if best_n == 0 and available:  # also below min_chance: a rate that is never re-measured could never rise
             self.idle_steps += 1
-            if self.idle_steps >= self.explore_every:
+            # the cheapest probe (least catching up), then the likeliest to land. Probes cost at most probe_share
+            # of the time: an expensive one waits longer (a draft's long catch-up; or one more row that takes the
+            # step off the fused path, as a 17th row of bf16 does: measured in the step-time model)
+            rid = min(available, key=lambda r: (first.get(r, 0.0), -self.alpha(r)))
+            t_now = tm.predict(num_decoding, mixed_anyway)
+            extra = max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) + first.get(rid, 0.0) + pass_seconds
+            if self.idle_steps >= max(self.explore_every, extra / (self.probe_share * t_now)):
                 self.idle_steps = 0
-                return dict.fromkeys(available, 1)
+                return {rid: 1}
         else:
             self.idle_steps = 0
         plan: dict[str, int] = {}

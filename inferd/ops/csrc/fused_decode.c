@@ -4,7 +4,7 @@
 static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
     switch (l->kind) {
     case 0:
-        return M == 1 && is_bf16 ? gemv_bf16((const uint16_t *)l->w, (const uint16_t *)x, (uint16_t *)y, l->N, l->K) : -1;
+        return is_bf16 ? gemm_bf16((const uint16_t *)x, M, (const uint16_t *)l->w, y, l->N, l->K, 0) : -1;
     case 1:
         return q4_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
     case 2:

@@ -39,7 +39,7 @@ int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const 
 // [RMSNorm], add + RMSNorm, gate_up, silu·mul or gelu·mul, down, [RMSNorm] — the same kernels the Python path calls
 // one by one, without ~100 Python-level calls per layer. Bracketed steps run when the layer has them (Gemma 3).
 typedef struct {
-    int kind;  // 0: bf16 dense (gemv_bf16, one row), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm),
+    int kind;  // 0: bf16 dense (gemm_bf16, up to fused_decode.py's DENSE_ROWS rows), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm),
                // 10·bits + (sub == 16) for qk_gemm (40 ... 61), + 100 for qk_gemm_ks (a2: sb)
     int N, K;
     const void *w, *a1, *a2;  // weights; kind 1 and qk: dm; kind 2: fp16 scales
