@@ -33,24 +33,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proc_cpu  # noqa: E402
-from serving import bench, free_port, stop_server, wait_ready  # noqa: E402
-
-
-def engine_ttft(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's engine-side TTFT histogram (vllm:time_to_first_token_seconds: arrival at the
-    engine to the first token), from /metrics (through Ray: summed over the replicas' pushed metrics)."""
-    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
-    total = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        for suffix in total:
-            name = "vllm:time_to_first_token_seconds" + suffix
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total[suffix] += float(line.rsplit(" ", 1)[1])
-    return total["_sum"], total["_count"]
+from serving import bench, engine_ttft, free_port, stop_server, wait_ready  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -127,3 +127,16 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def engine_ttft(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's engine-side TTFT histogram (vllm:time_to_first_token_seconds: arrival at the
+    engine to the first token), from /metrics (through Ray: summed over the replicas' pushed metrics)."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    total = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        for suffix in total:
+            name = "vllm:time_to_first_token_seconds" + suffix
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total[suffix] += float(line.rsplit(" ", 1)[1])
+    return total["_sum"], total["_count"]

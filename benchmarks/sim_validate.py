@@ -39,11 +39,13 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port, stop_server  # noqa: E402
+from serving import engine_ttft, free_port, stop_server  # noqa: E402
 
 MODEL = "smollm2-135m"
 DECODE_POINTS = (1, 2, 4, 8)  # running sequences: the batch sizes a replica sees at these loads
 PASSES = 5
+OUTSIDE_REQUESTS = 8  # lone short requests timed for the latency outside the engine
+METRICS_SETTLE_S = 2.5  # Ray replicas push their metrics once a second
 WARMUP_S = 30.0
 WORDS = ("bread oven flour yeast crust dough butter sugar salt water morning evening order cake sourdough rye "
          "window street market price fresh warm slice loaf table coffee milk honey basket recipe baker").split()
@@ -160,6 +162,16 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             prefill.append(r["ttft_s"] * 480 / r["prompt_tokens"])  # scaled to 480 tokens
             long_.append((r["prompt_tokens"], r["ttft_s"]))
             short.append((rows1[0]["prompt_tokens"], rows1[0]["ttft_s"]))
+        # the fixed latency outside the engine (HTTP, routing hops): lone short requests' client TTFT minus the
+        # engine's own (arrival at the engine to the first token, its /metrics histogram; through Ray the replicas
+        # push it once a second, hence the pauses)
+        await asyncio.sleep(METRICS_SETTLE_S)
+        before = await asyncio.to_thread(engine_ttft, url)
+        lone = [(await stream(words(12), 1))["ttft_s"] for _ in range(OUTSIDE_REQUESTS)]
+        await asyncio.sleep(METRICS_SETTLE_S)
+        after = await asyncio.to_thread(engine_ttft, url)
+        seen = after[1] - before[1]
+        outside = (statistics.fmean(lone) - (after[0] - before[0]) / seen) if seen == len(lone) else None
         decode = [(n, statistics.median(v)) for n, v in tpots.items()]
         passes = {n: [round(x * 1e3, 1) for x in v] for n, v in tpots.items()}
         count = []
@@ -172,6 +184,7 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
     return {"decode": decode, "tpot_ms_per_pass": passes, "prefill_480_s": statistics.median(prefill),
             "ttft_short": [statistics.median(x[0] for x in short), statistics.median(x[1] for x in short)],
             "ttft_long": [statistics.median(x[0] for x in long_), statistics.median(x[1] for x in long_)],
+            "outside_engine_s": outside,
             "system_tokens": count[:k],
             "prompt_tokens": count[k:]}
 
@@ -198,6 +211,9 @@ def service_model(cals: list[dict]):
         per_tok, overhead = max(1e-6, (prefill - 2 * base) / 480), 0.0
     else:
         overhead = max(0.0, t_s - steps(n_s) * base - n_s * per_tok)
+    outside = [c["outside_engine_s"] for c in cals if c.get("outside_engine_s") is not None]
+    if outside:  # measured directly (client TTFT minus the engine's): better than the two-point line's intercept
+        overhead = max(0.0, statistics.median(outside))
     return ServiceModel(base_s=base, per_seq_s=max(0.0, slope), per_prefill_token_s=per_tok,
                         cache_tokens=1 << 20, request_overhead_s=overhead), pts, prefill
 

@@ -115,10 +115,6 @@ class LlamaForCausalLM(nn.Module):
     def make_rotary(self, max_positions: int, device: torch.device | None = None) -> None:
         """(Re)builds the rotary tables for `max_positions` positions (on `device` when given)."""
         cfg = self.config
-        old = getattr(self, "rotary", None)
-        if (old is not None and old.cos.shape[0] == max_positions and not old.cos.is_meta
-                and (device is None or old.cos.device == torch.device(device))):
-            return  # built already (a CPU skeleton builds it in __init__): the tables would be the same
         self.rotary = Rotary(cfg.rope_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         if device is not None:
             self.rotary.to(device)
