@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -88,14 +86,12 @@ def save(model: nn.Module, key: str) -> bool:
                      if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
             layers[mod_name] = {"cls": cls, "attrs": attrs, "tensors": kinds}
     meta = {"layers": layers, "transposed": transposed}
-    hb = json.dumps({"__metadata__": {"inferd": json.dumps(meta)}, **header}).encode()
-    hb += b" " * (-len(hb) % 8)
     path = _entry(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)) + hb)
+            f.write(repack_cache.entry_header(header, meta))
             for raw in blobs:
                 f.write(memoryview(raw.numpy()))
         os.replace(tmp, path)  # atomic: a concurrent reader sees no entry or the whole one
@@ -115,20 +111,11 @@ def load(model: nn.Module, key: str) -> bool:
     if not path.is_file():
         return False
     try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        (n,) = struct.unpack_from("<Q", mm, 0)
-        header = json.loads(bytes(mm[8 : 8 + n]))
-        meta = json.loads(header.pop("__metadata__")["inferd"])
-        base, transposed = 8 + n, set(meta["transposed"])
+        mm, header, meta, base = repack_cache.map_entry(path)
+        transposed = set(meta["transposed"])
 
         def tensor(name: str) -> torch.Tensor:
-            h = header.pop(name)
-            dt = _DTYPES[h["dtype"]]
-            a, b = h["data_offsets"]
-            count = (b - a) // dt.itemsize
-            t = (torch.frombuffer(mm, dtype=dt, count=count, offset=base + a) if count
-                 else torch.empty(0, dtype=dt)).view(h["shape"])
+            t = repack_cache.mapped_tensor(mm, header.pop(name), base)
             return t.t() if name in transposed else t
 
         for mod_name, spec in meta["layers"].items():

@@ -118,11 +118,9 @@ class CacheWriter:
 
     def finish(self) -> None:
         self.data.close()
-        hb = json.dumps({"__metadata__": {"inferd": json.dumps(self.meta)}, **self.header}).encode()
-        hb += b" " * (-len(hb) % 8)
         out = self.path.with_suffix(f".tmp{os.getpid()}")
         with open(out, "wb") as f, open(self.tmp, "rb") as data:
-            f.write(struct.pack("<Q", len(hb)) + hb)
+            f.write(entry_header(self.header, self.meta))
             while chunk := data.read(1 << 24):
                 f.write(chunk)
         os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
@@ -133,6 +131,34 @@ class CacheWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def entry_header(header: dict, meta: dict) -> bytes:
+    """The start of an entry file: safetensors' length-prefixed JSON header (tensor records + inferd's metadata),
+    padded so that the data that follows is 8-byte aligned."""
+    hb = json.dumps({"__metadata__": {"inferd": json.dumps(meta)}, **header}).encode()
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
+def map_entry(path: Path) -> tuple[mmap.mmap, dict, dict, int]:
+    """An entry file mapped copy-on-write: (the mapping, its tensor records, inferd's metadata, where data starts)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (n,) = struct.unpack_from("<Q", mm, 0)
+    header = json.loads(bytes(mm[8 : 8 + n]))
+    meta = json.loads(header.pop("__metadata__")["inferd"])
+    return mm, header, meta, 8 + n
+
+
+def mapped_tensor(mm: mmap.mmap, record: dict, base: int) -> torch.Tensor:
+    """One tensor of a mapped entry, a view of the mapping (a fresh empty tensor when it has no elements)."""
+    dt = _DTYPES[record["dtype"]]
+    a, b = record["data_offsets"]
+    count = (b - a) // dt.itemsize
+    if count == 0:
+        return torch.empty(record["shape"], dtype=dt)
+    return torch.frombuffer(mm, dtype=dt, count=count, offset=base + a).view(record["shape"])
+
+
 def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.Module] | None:
     """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read).
     `prepack`: bf16 copies prepacked for oneDNN (private, faster big steps); else used from the mapping
@@ -141,12 +167,7 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
     if not path.is_file():
         return None
     try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        (n,) = struct.unpack_from("<Q", mm, 0)
-        header = json.loads(bytes(mm[8 : 8 + n]))
-        meta = json.loads(header.pop("__metadata__")["inferd"])
-        base = 8 + n
+        mm, header, meta, base = map_entry(path)
 
         def drop(k: str) -> None:  # pages of a tensor no longer used (a copy was made): out of our RSS
             a, b = header[k]["data_offsets"]
@@ -156,13 +177,7 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
                 mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
         def tensor(k: str) -> torch.Tensor:
-            h = header[k]
-            dt = _DTYPES[h["dtype"]]
-            a, b = h["data_offsets"]
-            count = (b - a) // dt.itemsize
-            if count == 0:
-                return torch.empty(h["shape"], dtype=dt)
-            return torch.frombuffer(mm, dtype=dt, count=count, offset=base + a).view(h["shape"])
+            return mapped_tensor(mm, header[k], base)
 
         out: dict[str, nn.Module] = {}
         for name, m in meta.items():
