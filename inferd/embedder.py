@@ -34,7 +34,7 @@ from inferd.models import bert as bert_module
 from inferd.models.bert import BertConfig, BertEncoder
 from inferd.ops.kernels import get_kernels
 from inferd.ops.onednn import PackedLinear
-from inferd.quant.w8a8 import calibrate_absmax, int8_gemm_exact, swap_linears
+from inferd.quant.w8a8 import calibrate_absmax, int8_gemm_exact, swap_linears, weight_qmax
 
 log = logging.getLogger(__name__)
 QUANTIZATIONS = ("auto", "none", "int8")
@@ -213,7 +213,8 @@ class Embedder:
         if module_cache.enabled(self.device):  # the built model (dtype, W8A8 layers) mapped from $INFERD_HOME
             stats = _stats_cache_file(path).name if self.quantization == "int8" else None
             key = module_cache.cache_key(path, {"dtype": str(self.dtype), "quantization": self.quantization,
-                                                "calibration": stats, "outlier_channels": OUTLIER_CHANNELS},
+                                                "calibration": stats, "outlier_channels": OUTLIER_CHANNELS,
+                                                "weight_qmax": weight_qmax() if self.quantization == "int8" else None},
                                          (Path(__file__), Path(str(bert_module.__file__))))
         self.model = self._skeleton()
         if key is None or not module_cache.load(self.model, key):

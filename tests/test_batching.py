@@ -17,8 +17,10 @@ class FakeModel:
     def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
         self.calls: list[list[int]] = []
         self.delay, self.gate = delay, gate
+        self.started = threading.Event()  # a batch has reached the model (and waits on the gate, if any)
 
     def __call__(self, items: list[int]) -> list[int]:
+        self.started.set()
         if self.gate is not None:
             self.gate.wait(5)
         self.calls.append(list(items))
@@ -67,7 +69,7 @@ def test_full_queue_is_refused_at_once():
     gate = threading.Event()
     w = BatchingWorker("m", FakeModel(gate=gate), BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue=2))
     first = w.submit_future([1])
-    time.sleep(0.05)  # the worker holds the first job (blocked on the gate); two more fill the queue
+    assert w.run_batch.started.wait(5)  # the worker holds the first job (blocked on the gate); two more fill the queue
     queued = [w.submit_future([2]), w.submit_future([3])]
     t0 = time.monotonic()
     with pytest.raises(OverloadedError, match="2 requests waiting"):
@@ -118,7 +120,7 @@ def test_a_lone_client_is_not_held_back_by_the_delay_but_company_is_batched():
     gate = threading.Event()
     w.run_batch = FakeModel(gate=gate)  # hold the worker so that company queues up behind a batch
     first = w.submit_future([0])
-    time.sleep(0.05)
+    assert w.run_batch.started.wait(5)
     futs = [w.submit_future([i]) for i in range(1, 4)]
     gate.set()
     assert [f.result(5)[0] for f in [first, *futs]] == [[i * 10] for i in range(4)]
@@ -134,7 +136,7 @@ def test_jobs_of_one_loop_pass_reach_the_worker_together():
     model = FakeModel(gate=gate)
     w = BatchingWorker("m", model, BatchConfig(max_batch_size=16, max_queue_delay_s=0.0))
     first = w.submit_future([0])
-    time.sleep(0.05)  # the worker holds the first job
+    assert model.started.wait(5)  # the worker holds the first job
 
     async def go():
         futs = [asyncio.ensure_future(w.submit([i])) for i in range(1, 7)]
@@ -153,7 +155,7 @@ def test_async_submits_over_the_queue_bound_are_refused_at_once():
     model = FakeModel(gate=gate)
     w = BatchingWorker("m", model, BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue=3))
     first = w.submit_future([0])
-    time.sleep(0.05)  # the worker holds the first job; three more may wait
+    assert model.started.wait(5)  # the worker holds the first job; three more may wait
 
     async def go():
         futs = [asyncio.ensure_future(w.submit([i])) for i in range(1, 5)]
@@ -167,3 +169,17 @@ def test_async_submits_over_the_queue_bound_are_refused_at_once():
     assert isinstance(out[3], OverloadedError) and "3 requests waiting" in str(out[3])
     assert first.result(5)[0] == [0] and w.waiting == 0
     w.stop()
+
+
+def test_jobs_handed_over_after_stop_are_refused_not_left_waiting():
+    w = BatchingWorker("m", FakeModel(), BatchConfig(max_batch_size=4, max_queue_delay_s=0))
+
+    async def go():
+        fut = asyncio.ensure_future(w.submit([1]))  # held for the end of this loop pass
+        await asyncio.sleep(0)  # the job is admitted and held; the hand-over is scheduled
+        w.stop()  # before the pass ends: the worker takes nothing more
+        return await asyncio.wait_for(fut, 5)
+
+    with pytest.raises(OverloadedError, match="stopped"):
+        asyncio.run(go())
+    assert w.waiting == 0

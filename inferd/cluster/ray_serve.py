@@ -391,6 +391,7 @@ def build_application(args: argparse.Namespace) -> Any:
     hub = metrics_hub()
     if single_hop(args):  # the proxy calls the one engine replica directly; Serve's 503 + Retry-After on overload
         opts["backpressure_config"] = {"status_code": 503, "retry_after_s": 1}
+        opts.pop("request_router_config")  # one replica: nothing for inferd's router to choose, Serve's default
         return serve.deployment(name="InferdReplica", **opts)(serve.ingress()(InferdEngineIngress)).bind(params, hub)
     replica = serve.deployment(name="InferdReplica", **opts)(InferdReplica).bind(params, hub)
     ingress = serve.deployment(name="InferdIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},

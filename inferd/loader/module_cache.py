@@ -11,6 +11,7 @@ sources that decide the layout. Only the CPU uses it; `INFERD_REPACK_CACHE=0` tu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -87,9 +88,9 @@ def save(model: nn.Module, key: str) -> bool:
             layers[mod_name] = {"cls": cls, "attrs": attrs, "tensors": kinds}
     meta = {"layers": layers, "transposed": transposed}
     path = _entry(key)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(repack_cache.entry_header(header, meta))
             for raw in blobs:
@@ -97,6 +98,8 @@ def save(model: nn.Module, key: str) -> bool:
         os.replace(tmp, path)  # atomic: a concurrent reader sees no entry or the whole one
     except OSError as exc:  # a read-only or full $INFERD_HOME: the cache is an optimisation only
         log.warning("cannot write the model cache entry %s: %s", path, exc)
+        with contextlib.suppress(OSError):  # no partial entry left behind (a full disk)
+            tmp.unlink(missing_ok=True)
         return False
     log.info("model written to the cache (%s)", key)
     return True

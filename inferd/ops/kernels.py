@@ -137,11 +137,11 @@ def _build(tier: str) -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found: using the slower pure-torch kernels")
         return None
-    sources = sorted(CSRC.glob("*.c"))
-    headers = sorted(CSRC.glob("*.h"))
-    cflags = BASE_CFLAGS + TIER_CFLAGS[tier]
-    digest = hashlib.sha256(" ".join(cflags).encode() + cc.encode())
-    for f in sources + headers:
+    # the library's name covers the exact command (compiler, flags, source names; not where this checkout lives)
+    # and every source and header's bytes
+    command = " ".join(compile_command(tier, cc, Path("lib.so"))).replace(str(CSRC), "csrc")
+    digest = hashlib.sha256(command.encode())
+    for f in sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.h")):
         digest.update(f.name.encode() + f.read_bytes())
     so = _cache_dir() / f"inferd_kernels-{tier}-{digest.hexdigest()[:16]}.so"
     if not so.is_file():

@@ -99,7 +99,8 @@ class BatchingWorker:
         self.config = config or BatchConfig()
         self.concat = concat or (lambda parts: [x for p in parts for x in p])
         self.stats = BatchStats()
-        self._stopping = False
+        self._stopping = False  # the worker has taken stop()'s sentinel
+        self._closed = False  # stop() has been called: nothing more goes into the queue
         self._alone = False  # the last batch was one job with nothing queued behind it
         # entries are lists of jobs (an event loop's pass, see _hand_over) or None (stop); the bound is on jobs
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
@@ -132,7 +133,21 @@ class BatchingWorker:
 
     def _put(self, job: _Job) -> None:
         self._admit()
-        self._queue.put([job])
+        self._enqueue([job])
+
+    def _enqueue(self, jobs: list[_Job]) -> None:
+        """Into the worker's queue, or refused when stop() has been called (the worker would never take them)."""
+        with self._count_lock:
+            if not self._closed:
+                self._queue.put(jobs)
+                return
+            self._waiting -= len(jobs)
+        exc = OverloadedError(f"the worker of model {self.name!r} has stopped")
+        for job in jobs:
+            if job.future is not None:
+                job.future.set_exception(exc)
+            elif not job.afuture.cancelled():  # type: ignore[union-attr]  # on its loop: _hand_over runs there
+                job.afuture.set_exception(exc)  # type: ignore[union-attr]
 
     async def submit(self, items: Sequence[Any]) -> tuple[Any, float]:
         """(this job's results, its compute seconds)."""
@@ -147,7 +162,7 @@ class BatchingWorker:
         return await job.afuture  # type: ignore[misc]
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue.put(self._held.pop(loop))
+        self._enqueue(self._held.pop(loop))
 
     def run(self, items: Sequence[Any]) -> tuple[Any, float]:
         """Blocking submit, for callers outside an event loop."""
@@ -158,7 +173,9 @@ class BatchingWorker:
         return self._waiting
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with self._count_lock:  # after this, _enqueue refuses: every job queued before it is taken and answered
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=5)
 
     # ---- worker thread ---------------------------------------------------------------------------------
