@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import free_port, proc_status  # noqa: E402
+from serving import stop_server  # noqa: E402
+
+READY_TIMEOUT_S = 300.0  # launch to /ready, however loaded the host
 
 
 def cpu_s(pid: int) -> float:
@@ -34,9 +36,13 @@ def start(tree: str, serve_args: list[str]) -> tuple[subprocess.Popen, float, fl
     proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *serve_args],
                             env={**os.environ, "PYTHONPATH": tree}, cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = t0 + READY_TIMEOUT_S
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server from {tree} exited with {proc.returncode}")
+        if time.perf_counter() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"server from {tree} not ready after {READY_TIMEOUT_S:.0f} s")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return proc, time.perf_counter() - t0, cpu_s(proc.pid)
@@ -69,9 +75,7 @@ def main() -> None:
                               "second_adds_x": round(uss / rss, 2), "load_avg": round(os.getloadavg()[0], 1)}),
                   flush=True)
             for p in (a, b):
-                p.send_signal(signal.SIGTERM)
-            for p in (a, b):
-                p.wait(60)
+                stop_server(p, 60)
 
 
 if __name__ == "__main__":
