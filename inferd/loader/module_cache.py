@@ -83,9 +83,7 @@ def save(model: nn.Module, key: str) -> bool:
                 blobs.append(raw)
                 off += raw.numel()
         if cls in _LAYERS:
-            attrs = {k: v for k, v in vars(m).items()
-                     if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
-            layers[mod_name] = {"cls": cls, "attrs": attrs, "tensors": kinds}
+            layers[mod_name] = {"cls": cls, "attrs": repack_cache.layer_attrs(m), "tensors": kinds}
     meta = {"layers": layers, "transposed": transposed}
     path = _entry(key)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -122,17 +120,9 @@ def load(model: nn.Module, key: str) -> bool:
             return t.t() if name in transposed else t
 
         for mod_name, spec in meta["layers"].items():
-            cls = _LAYERS[spec["cls"]]
-            layer = cls.__new__(cls)
-            nn.Module.__init__(layer)
-            for k, v in spec["attrs"].items():
-                setattr(layer, k, v)
-            for t_name, kind in spec["tensors"].items():
-                t = None if kind == "none" else tensor(f"{mod_name}.{t_name}")
-                if kind == "p":
-                    layer._parameters[t_name] = nn.Parameter(t, requires_grad=False)
-                else:
-                    layer.register_buffer(t_name, t, persistent=False)
+            layer = repack_cache.rebuild_layer(_LAYERS[spec["cls"]], spec["attrs"], {
+                t_name: (kind, None if kind == "none" else tensor(f"{mod_name}.{t_name}"))
+                for t_name, kind in spec["tensors"].items()}, persistent=False)
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
         for mod_name, m in model.named_modules():

@@ -101,8 +101,6 @@ class CacheWriter:
 
     def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
         """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
-        attrs = {k: v for k, v in vars(m).items()
-                 if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
         kinds = {}
         for kind, store in (("b", m._buffers), ("p", m._parameters)):
             for t_name, t in store.items():
@@ -114,7 +112,7 @@ class CacheWriter:
         copy = dense if dense is not None else m._buffers.get("dense")
         if copy is not None:
             self._put(f"{name}/@dense", copy)
-        self.meta[name] = {"cls": type(m).__name__, "attrs": attrs, "tensors": kinds}
+        self.meta[name] = {"cls": type(m).__name__, "attrs": layer_attrs(m), "tensors": kinds}
 
     def finish(self) -> None:
         self.data.close()
@@ -129,6 +127,28 @@ class CacheWriter:
     def abort(self) -> None:
         self.data.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def layer_attrs(m: nn.Module) -> dict:
+    """A layer's plain attributes (numbers, strings, None): with its tensors, what rebuild_layer needs."""
+    return {k: v for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def rebuild_layer(cls: type[nn.Module], attrs: dict, tensors: dict[str, tuple[str, torch.Tensor | None]],
+                  persistent: bool = True) -> nn.Module:
+    """A layer of `cls` around existing tensors, without running its constructor: `attrs` set as attributes,
+    `tensors` name → (kind, tensor): "p" a parameter, "b" a buffer, "none" a buffer that is None."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    for k, v in attrs.items():
+        setattr(layer, k, v)
+    for t_name, (kind, t) in tensors.items():
+        if kind == "p":
+            layer._parameters[t_name] = nn.Parameter(t, requires_grad=False)
+        else:
+            layer.register_buffer(t_name, t, persistent=persistent)
+    return layer
 
 
 def entry_header(header: dict, meta: dict) -> bytes:
@@ -181,18 +201,9 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
 
         out: dict[str, nn.Module] = {}
         for name, m in meta.items():
-            cls = _CLASSES[m["cls"]]
-            layer = cls.__new__(cls)
-            nn.Module.__init__(layer)
-            for k, v in m["attrs"].items():
-                setattr(layer, k, v)
-            for t_name, kind in m["tensors"].items():
-                if kind == "p":
-                    layer._parameters[t_name] = nn.Parameter(tensor(f"{name}/{t_name}"), requires_grad=False)
-                elif kind == "b":
-                    layer.register_buffer(t_name, tensor(f"{name}/{t_name}"))
-                else:
-                    layer.register_buffer(t_name, None)
+            layer = rebuild_layer(_CLASSES[m["cls"]], m["attrs"], {
+                t_name: (kind, None if kind == "none" else tensor(f"{name}/{t_name}"))
+                for t_name, kind in m["tensors"].items()})
             key_dense = f"{name}/@dense"
             has_dense = bool(dense_from_rows) and key_dense in header
             layer._set_dense(tensor(key_dense) if has_dense else None, prepack)
