@@ -47,20 +47,16 @@ typedef __m512i vi;
 static inline void store_i8(int8_t *q, vf v) { _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v))); }
 #else
 #define vf_min _mm256_min_ps
-static inline float vf_hmin(vf v) {
-    float t[8];
-    _mm256_storeu_ps(t, v);
-    float m = t[0];
-    for (int i = 1; i < 8; i++) m = fminf(m, t[i]);
-    return m;
-}
-static inline float vf_hmax(vf v) {
-    float t[8];
-    _mm256_storeu_ps(t, v);
-    float m = t[0];
-    for (int i = 1; i < 8; i++) m = fmaxf(m, t[i]);
-    return m;
-}
+// horizontal min / max of the 8 lanes, in the shape of common.h's vf_hsum
+#define V8_HREDUCE(name, op)                                                      \
+    static inline float name(vf v) {                                              \
+        __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));    \
+        s = op(s, _mm_movehl_ps(s, s));                                           \
+        s = op(s, _mm_movehdup_ps(s));                                            \
+        return _mm_cvtss_f32(s);                                                  \
+    }
+V8_HREDUCE(vf_hmin, _mm_min_ps)
+V8_HREDUCE(vf_hmax, _mm_max_ps)
 #define vf_rint(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 typedef __m256i vi;
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
