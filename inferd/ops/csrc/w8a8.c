@@ -4,7 +4,6 @@
 // one pass over the input and one over the output, instead of the ~8 elementwise torch ops they replace.
 #include "kernels.h"
 
-#define W8A8_MAXN 4096  // output width the epilogue's outlier buffer takes (DQ_ROWS × N floats on the stack)
 #define DQ_ROWS 8
 
 // Erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), plain arithmetic so the loop vectorises.
@@ -197,18 +196,24 @@ static void outlier_tile(const float *xo, const float *wo, int nkeep, int N, int
 int dequant_rows(const int32_t *acc, int G, int M, int N, const float *sx, const int32_t *zx, const int32_t *wsum,
                  const float *sw, const float *bias, void *y, int is_bf16, int act, int nkeep, const float *xo,
                  const float *wo) {
-    if (G <= 0 || M <= 0 || N <= 0 || nkeep < 0 || (nkeep && (!xo || !wo || N > W8A8_MAXN)))
+    if (G <= 0 || M <= 0 || N <= 0 || nkeep < 0 || (nkeep && (!xo || !wo)))
         return -1;
-#pragma omp parallel for schedule(static)
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
     for (int mb = 0; mb < M; mb += DQ_ROWS) {
         const int rows = M - mb < DQ_ROWS ? M - mb : DQ_ROWS;
-        float obuf[nkeep ? DQ_ROWS * N : 1];
+        // the block's outlier product, rows × N floats on the heap (any N; a stack array would overflow)
+        float *obuf = nkeep ? malloc(sizeof(float) * (size_t)rows * (size_t)N) : NULL;
+        if (nkeep && !obuf) {
+            failed = 1;
+            continue;
+        }
         if (nkeep)
             outlier_tile(xo + (int64_t)mb * nkeep, wo, nkeep, N, rows, obuf);
         for (int m = mb; m < mb + rows; m++) {
             float *yf = is_bf16 ? NULL : (float *)y + (int64_t)m * N;
             uint16_t *yb = is_bf16 ? (uint16_t *)y + (int64_t)m * N : NULL;
-            const float *ob = obuf + (int64_t)(m - mb) * N;
+            const float *ob = nkeep ? obuf + (int64_t)(m - mb) * N : NULL;
             int n0 = 0;
 #ifdef VW
             for (; n0 + VW <= N; n0 += VW) {
@@ -240,6 +245,7 @@ int dequant_rows(const int32_t *acc, int G, int M, int N, const float *sx, const
                     yf[n] = v;
             }
         }
+        free(obuf);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
