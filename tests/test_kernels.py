@@ -119,7 +119,7 @@ def test_quant_gemms_bit_identical_across_tiers():
 def test_decode_attention_matches_sdpa():
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32)):
+        for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32), (32, 8, 64)):  # the last: Llama 3.2 1B (a specialised body)
             cache = torch.randn(2, 40, 16, hkv, D, generator=g).to(dtype)
             B = 5
             tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(B)])

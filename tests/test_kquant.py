@@ -95,6 +95,22 @@ def test_qk_layout_round_trips():
         assert torch.equal(q, q2) and torch.equal(d, d2) and torch.equal(m, m2)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
+def test_embedding_rows_equal_the_dequantized_table(type_name):
+    """A tied table's embedding lookup (QKLinear.dequantized_rows: only the asked rows unpacked, in the qkrows16
+    layout straight from each buffer's row lane) equals the whole table dequantized, for every 4/5/6-bit type,
+    K-quant scales or not, on every tier: rows of one block, repeated ids, the first and the last row."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((48, 512)) * 0.05).astype(np.float32)
+    rt = RawTensor(type_name, _raw(w, type_name), *w.shape)
+    ids = torch.tensor([0, 5, 17, 47, 17, 16, 31, 2])
+    for tier in runnable_tiers():
+        with use_tier(tier):
+            layer = packed_from_blocks([rt], None, QuantConfig("gguf", 32, 0), torch.device("cpu"))
+            assert isinstance(layer, QKLinear), (tier, type(layer))
+            assert torch.equal(layer.dequantized_rows(ids), layer.dequantized()[ids]), (tier, layer.layout)
+
+
 def test_mixed_q8_and_k_layer_kept_dequantized():
     rng = np.random.default_rng(3)
     ws = [(rng.standard_normal((16, 256)) * 0.05).astype(np.float32) for _ in range(2)]

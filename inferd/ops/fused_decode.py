@@ -31,6 +31,20 @@ MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
 # widening bf16 to fp32; above that the step runs the layers in Python on torch's GEMMs.
 DENSE_ROWS = {True: 16, False: 8}  # keyed by Kernels.bf16_dot
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # the MLP activation → step_desc.act_kind
+# decode_layers' phases, in the order of csrc/fused_decode.c's DP_* (what `profile` reports)
+PROFILE_PHASES = ("norms", "qkv", "rotary", "kv_write", "attention", "o", "gate_up", "act", "down")
+
+
+def profile(on: bool, cpu_time: bool = False) -> dict[str, float]:
+    """Turn decode_layers' per-phase clock on (clearing it) or off; returns the seconds summed per phase since it
+    was last turned on (over layers and steps). cpu_time: the calling thread's CPU time instead of the wall
+    clock (at one thread, what a step costs whatever else the host runs). Empty without the C library."""
+    lib = get_kernels().lib
+    if lib is None or not hasattr(lib, "decode_profile"):
+        return {}
+    out = (ctypes.c_int64 * len(PROFILE_PHASES))()
+    lib.decode_profile(2 if on and cpu_time else int(on), out, len(out))
+    return {name: ns / 1e9 for name, ns in zip(PROFILE_PHASES, out)}
 
 
 def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:

@@ -75,6 +75,7 @@ SIGNATURES: dict[str, str] = {
     "quantize_rows_asym": "piiiippppipp",
     "dequant_rows": "piiippppppiiipp",
     "decode_layers": "pip",
+    "decode_profile": "ipi",
     "inferd_info": "pi",
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_int64, "f": ctypes.c_float}

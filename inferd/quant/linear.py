@@ -464,9 +464,30 @@ class QKLinear(_PackedLinear):
         if self.layout != "qkrows16":
             q, d, m = self.unpacked(ids)
             return dequantize_qk(q, d, m, self.sub)
-        blocks, where = torch.unique(ids // 16, return_inverse=True)
-        q, d, m = self.unpacked(blocks)
-        return dequantize_qk(q, d, m, self.sub)[where * 16 + ids % 16]
+        # every qkrows16 buffer is (row block, ..., row of the block) with the row innermost: index the block and
+        # the row first, so only the asked rows are unpacked (not the 16 rows of each block: 16x the work)
+        n, k, sub, ns, g = self.out_features, self.in_features, self.sub, 32 // self.sub, self.in_features // 32
+        R, rb, r = ids.shape[0], ids // 16, ids % 16
+        sel = torch.arange(R)
+        b = self.packed.view(n // 16, g, -1)[rb]  # (R, g, 256 + 64 · (bits - 4))
+        nib = b[..., :256].reshape(R, g, 4, 16, 4)[sel, :, :, r]  # (R, g, chunk, byte)
+        q = torch.stack([nib & 15, nib >> 4], dim=3).reshape(R, k)  # k = 32 group + 8 chunk + 4 hi + byte
+        for p in range(self.bits - 4):  # high bit planes: (R, g, byte) → bit t of byte is k = 32 group + 4 t + byte
+            plane = b[..., 256 + 64 * p : 320 + 64 * p].reshape(R, g, 16, 4)[sel, :, r]
+            bit = (plane.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+            q = q | (bit.reshape(R, k) << (4 + p))
+        if self.kmode:
+            assert self.scm is not None and self.sb is not None
+            scm = self.scm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
+            sb = self.sb.view(n // 16, k // 256, 2, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
+            rep = 256 // sub
+            d = sb[..., 0].repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
+            m = sb[..., 1].repeat_interleave(rep, dim=1) * scm[:, :, 1].reshape(R, g * ns)
+        else:
+            assert self.dm is not None
+            dm = self.dm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()
+            d, m = dm[:, :, 0].reshape(R, g * ns), dm[:, :, 1].reshape(R, g * ns)
+        return dequantize_qk(q, d, m, sub)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """As the lm_head: float32 output from fp32 activations, never through the bf16 copy (sampling must not

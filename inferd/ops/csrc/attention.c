@@ -185,6 +185,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     DISPATCH(3, 3, 64, 1)  // SmolLM2-135M
     DISPATCH(3, 3, 64, 0)
     DISPATCH(1, 4, 256, 1)  // Gemma 3 270M
+    DISPATCH(8, 4, 64, 1)   // Llama 3.2 1B
 #pragma omp parallel for schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         if (D % ATTN_VW == 0)

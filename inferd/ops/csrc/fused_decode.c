@@ -1,5 +1,33 @@
 // The decoder stack of a Llama-family or Gemma 3 model for decode rows, in one call (see ops/fused_decode.py).
 #include "kernels.h"
+#include <time.h>
+
+// Per-phase wall time of decode_layers, summed over layers and calls while profiling is on (decode_profile):
+// benchmarks/decode_step_profile.py reads it to split a step into GEMMs, attention and the small row-wise ops.
+enum { DP_NORM, DP_QKV, DP_ROPE, DP_KV, DP_ATTN, DP_O, DP_GATE_UP, DP_ACT, DP_DOWN, DP_N };
+static int prof_on;  // 0 off, 1 wall clock, 2 the calling thread's CPU time (robust on a shared host at 1 thread)
+static int64_t prof_ns[DP_N];
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(prof_on == 2 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+// close the running phase: add the time since *t to `phase` and restart the clock
+#define PHASE(phase)                                 \
+    if (prof_on) {                                   \
+        const int64_t t1_ = now_ns();                \
+        prof_ns[phase] += t1_ - t0_;                 \
+        t0_ = t1_;                                   \
+    }
+
+// on: 1 (wall clock) or 2 (thread CPU time) start, clearing the sums; 0 stop. out: the DP_N sums in ns (NULL: none). Returns DP_N.
+int decode_profile(int on, int64_t *out, int n) {
+    for (int i = 0; i < n && i < DP_N && out; i++) out[i] = prof_ns[i];
+    if (on) memset(prof_ns, 0, sizeof(prof_ns));
+    prof_on = on;
+    return DP_N;
+}
 
 static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
     switch (l->kind) {
@@ -23,6 +51,7 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
     const int M = s->M, E = s->is_bf16 ? 2 : 4;
     const int qdim = s->H * s->D, kvdim = s->Hkv * s->D, qkvdim = qdim + 2 * kvdim;
     char *qkv = (char *)s->qkv;
+    int64_t t0_ = prof_on ? now_ns() : 0;
     for (int i = 0; i < n_layers; i++) {
         const layer_desc *L = layers + i;
         if (i == 0 && s->first) {
@@ -31,7 +60,9 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
         } else {
             add_rms_norm(s->x, s->residual, L->in_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
         }
+        PHASE(DP_NORM)
         if (linear_run(&L->qkv, s->h, qkv, M, s->is_bf16)) return -1;
+        PHASE(DP_QKV)
         const float *cos_t = L->cos ? L->cos : s->cos, *sin_t = L->sin ? L->sin : s->sin;
         for (int m = 0; m < M && L->q_norm; m++) {  // per head, in place, before the rotation
             char *row = qkv + (size_t)m * qkvdim * E;
@@ -42,6 +73,7 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
         rope_inplace(qkv, M, s->H, s->D, qkvdim, s->rot_dim, cos_t, sin_t, s->positions, s->is_bf16);
         rope_inplace(qkv + (size_t)qdim * E, M, s->Hkv, s->D, qkvdim, s->rot_dim, cos_t, sin_t, s->positions,
                      s->is_bf16);
+        PHASE(DP_ROPE)
         const int own_pool = L->window && s->local_slots;  // a window layer of a hybrid KV cache
         const int64_t *slots = own_pool ? s->local_slots : s->slots;
         for (int m = 0; m < M; m++) {
@@ -51,20 +83,28 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
             memcpy((char *)L->v_cache + (size_t)slots[m] * kvdim * E, row + (size_t)(qdim + kvdim) * E,
                    (size_t)kvdim * E);
         }
+        PHASE(DP_KV)
         if (paged_decode_attention(s->q, L->k_cache, L->v_cache, own_pool ? s->local_block_tables : s->block_tables,
                                    s->ctx_lens, s->attn, M, s->H, s->Hkv, s->D, s->bs,
                                    own_pool ? s->local_max_blocks : s->max_blocks, s->scale, s->is_bf16, L->window))
             return -1;
+        PHASE(DP_ATTN)
         if (linear_run(&L->o, s->attn, s->x, M, s->is_bf16)) return -1;
+        PHASE(DP_O)
         if (L->attn_out_norm) rms_norm(s->x, L->attn_out_norm, s->x, M, s->hidden, s->hidden, s->eps, s->is_bf16);
         add_rms_norm(s->x, s->residual, L->post_norm, s->h, M, s->hidden, s->eps, s->is_bf16);
+        PHASE(DP_NORM)
         if (linear_run(&L->gate_up, s->h, s->gu, M, s->is_bf16)) return -1;
+        PHASE(DP_GATE_UP)
         if (s->act_kind == 1)
             gelu_tanh_mul(s->gu, s->act, M, s->inter, s->is_bf16);
         else
             silu_mul(s->gu, s->act, M, s->inter, s->is_bf16);
+        PHASE(DP_ACT)
         if (linear_run(&L->down, s->act, s->x, M, s->is_bf16)) return -1;
+        PHASE(DP_DOWN)
         if (L->mlp_out_norm) rms_norm(s->x, L->mlp_out_norm, s->x, M, s->hidden, s->hidden, s->eps, s->is_bf16);
+        PHASE(DP_NORM)
     }
     return 0;
 }

@@ -71,5 +71,6 @@ typedef struct {
 } step_desc;
 
 int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s);
+int decode_profile(int on, int64_t *out, int n);
 int inferd_info(int64_t *out, int n);
 #endif
