@@ -46,6 +46,20 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                         "directly, one hop); separate: always a separate ingress deployment in front of the replicas "
                         "(two hops; what prefix routing over several replicas needs)")
 
+    g.add_argument("--ray-http", choices=["auto", "direct", "proxy"], default="auto",
+                   help="who answers HTTP on --host:--port: direct (Ray Serve's direct ingress: the ingress replica "
+                        "runs the HTTP server itself, no proxy hop; needs a Ray that inferd starts), proxy (Serve's "
+                        "HTTP proxy, which forwards to the ingress replica); auto: direct for a local Ray, proxy with "
+                        "--ray-address")
+
+
+def free_tcp_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 def uses_ray(args: argparse.Namespace) -> bool:
     return args.replicas is not None or args.ray_address is not None or args.min_replicas is not None
@@ -66,6 +80,9 @@ def check_ray_args(args: argparse.Namespace) -> None:
         raise InferdError("--upscale-delay and --downscale-delay must be >= 0, --autoscale-look-back positive")
     if args.target_ongoing_requests <= 0 or args.max_ongoing_requests < 1:
         raise InferdError("--target-ongoing-requests must be positive and --max-ongoing-requests at least 1")
+    if getattr(args, "ray_http", "auto") == "direct" and args.ray_address:
+        raise InferdError("--ray-http direct needs a local Ray (inferd sets the replicas' environment); with "
+                          "--ray-address use --ray-http proxy")
     if args.replica_cpus <= 0:
         raise InferdError("--replica-cpus must be positive")
     try:
@@ -89,7 +106,7 @@ def local_ray_env() -> None:
 
 # Ray Serve's own switch for its fast request path (Ray >= 2.50): user code and the request router on the replica's
 # event loop instead of extra threads/loops, handle calls and stream items over gRPC instead of the object store,
-# buffered access logs. Each streamed token crosses two handle hops (proxy -> ingress -> replica), so on a small CPU
-# host this is most of Serve's overhead (benchmarks/ray_overhead.py). Direct ingress (replicas serving HTTP on their
-# own ports) stays off: clients keep the one --host:--port of the proxy.
+# buffered access logs. Each streamed token crosses a handle hop per Ray process on its path, so on a small CPU host
+# this is most of Serve's overhead (benchmarks/ray_overhead.py). Direct ingress (the ingress replica serving HTTP
+# itself) is off here and switched on with its port settings by `ray_serve.direct_ingress_env` (--ray-http).
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
