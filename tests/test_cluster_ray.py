@@ -264,6 +264,9 @@ def test_direct_http_flags_env_and_a_taken_port(monkeypatch):
     assert proxy != port and os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert (int(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
             int(os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])) == (port, port + 1)
+    # a restarted replica takes the port back at once, and stops without a load balancer's drain
+    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -274,7 +277,7 @@ def test_direct_http_flags_env_and_a_taken_port(monkeypatch):
 def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
     """`--replicas 1`: the engine replica is Serve's ingress and, with Serve's direct ingress, answers HTTP on --port
     itself (no proxy, no ingress deployment), with the same API, error bodies, replica header, cluster /health and
-    /metrics, client-disconnect abort, and 503 + Retry-After when full."""
+    /metrics, client-disconnect abort, and 503 + Retry-After when full; killed, it comes back on the same port."""
     from openai import OpenAI
 
     with ray_server(tiny_hf, "--replicas", "1", wait_replicas=1) as (url, proc):
@@ -305,6 +308,18 @@ def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
         codes = [r.status_code for r in rs]
         assert set(codes) <= {200, 503} and codes.count(200) >= 16 and codes.count(503) >= 1, codes
         assert next(r for r in rs if r.status_code == 503).headers["retry-after"] == "1"
+        if titles != {"?"}:  # the replica (the HTTP server itself) killed: Ray restarts it on the same port
+            port = int(url.rsplit(":", 1)[1])
+            old = _listener_pid(port, _tree(proc.pid))
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/v1/models", timeout=5).status_code == 200 and \
+                            _listener_pid(port, _tree(proc.pid)) not in (None, old):
+                        break
+                assert time.monotonic() < deadline, "the killed replica did not come back on its port"
+                time.sleep(0.5)
 
 
 def _tree(pid: int) -> list[int]:

@@ -444,8 +444,10 @@ def direct_ingress_env(host: str, port: int) -> int:
             s.bind((host, port))
         except OSError as exc:
             raise InferdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range's end is exclusive
+                       "RAY_SERVE_PORT_QUARANTINE_S": "0",
                        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"})
     return free_tcp_port(host)
 
