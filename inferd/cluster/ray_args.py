@@ -45,7 +45,6 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="auto: a fixed single replica is its own HTTP ingress (Serve's proxy calls the engine "
                         "directly, one hop); separate: always a separate ingress deployment in front of the replicas "
                         "(two hops; what prefix routing over several replicas needs)")
-
     g.add_argument("--ray-http", choices=["auto", "direct", "proxy"], default="auto",
                    help="who answers HTTP on --host:--port: direct (Ray Serve's direct ingress: the ingress replica "
                         "runs the HTTP server itself, no proxy hop; needs a Ray that inferd starts), proxy (Serve's "

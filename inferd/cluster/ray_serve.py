@@ -18,8 +18,9 @@ a replica and `max_queued_requests` (--max-queue) turns overload into 503 + Retr
 One replica (a fixed `--replicas 1`) needs no routing, so the ingress hop goes: the engine replica *is* the ingress
 deployment (`InferdEngineIngress`, `@serve.ingress` with the inferd app built at replica start). With direct ingress
 its own HTTP server answers the client (no Ray hop on the request path); behind the proxy it is one handle hop per
-request and per stream message instead of two (benchmarks/ray_overhead.py measures the layouts). Prefix routing over several replicas needs the request body, which Serve's proxy does not hand its
-request router (the replica pulls the body from the proxy after it was chosen), so there the ingress stays.
+request and per stream message instead of two (benchmarks/ray_overhead.py measures the layouts). Prefix routing
+over several replicas needs the request body, which Serve's proxy does not hand its request router (the replica
+pulls the body from the proxy after it was chosen), so there the ingress stays.
 
 Failures: a call that fails before the ingress has sent the client anything (the replica died, or was unreachable)
 is retried on another replica; a stream that already started ends with an error event and [DONE]. Ray Serve
