@@ -42,9 +42,10 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                         "unless --threads is given")
     g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
     g.add_argument("--ray-ingress", choices=["auto", "separate"], default="auto",
-                   help="auto: a fixed single replica is its own HTTP ingress (Serve's proxy calls the engine "
-                        "directly, one hop); separate: always a separate ingress deployment in front of the replicas "
-                        "(two hops; what prefix routing over several replicas needs)")
+                   help="auto: a fixed single replica is its own HTTP ingress (with --ray-http direct it serves "
+                        "HTTP itself, no hop; behind Serve's proxy, one hop); separate: always a separate ingress "
+                        "deployment in front of the replicas (one hop more; what prefix routing over several "
+                        "replicas needs)")
     g.add_argument("--ray-http", choices=["auto", "direct", "proxy"], default="auto",
                    help="who answers HTTP on --host:--port: direct (Ray Serve's direct ingress: the ingress replica "
                         "runs the HTTP server itself, no proxy hop; needs a Ray that inferd starts), proxy (Serve's "
