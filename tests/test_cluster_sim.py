@@ -173,3 +173,5 @@ def test_simulate_cli_rejects_bad_step_jitter(capsys):
 
     assert main(["simulate", "--replicas", "2", "--duration", "5", "--step-jitter", "1,-2"]) == 1
     assert "--step-jitter factors must be positive" in capsys.readouterr().err
+    assert main(["simulate", "--replicas", "2", "--duration", "5", "--step-jitter", "1,x"]) == 1
+    assert "--step-jitter needs comma-separated numbers, got '1,x'" in capsys.readouterr().err

@@ -72,7 +72,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ValueError("--request-overhead-ms must be >= 0")
         svc = replace(svc, request_overhead_s=args.request_overhead_ms / 1000)
         if args.step_jitter:
-            factors = tuple(float(x) for x in args.step_jitter.split(","))
+            try:
+                factors = tuple(float(x) for x in args.step_jitter.split(","))
+            except ValueError:
+                raise ValueError(f"--step-jitter needs comma-separated numbers, got {args.step_jitter!r}") from None
             if not all(f > 0 for f in factors):
                 raise ValueError("--step-jitter factors must be positive")
             svc = replace(svc, step_jitter=factors)
