@@ -61,7 +61,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16, help="per level and round (at least the concurrency)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both servers")
-    ap.add_argument("--layouts", default="auto,separate", help="Ray layouts to measure (--ray-ingress values)")
+    ap.add_argument("--layouts", default="auto,separate",
+                    help="Ray layouts to measure: --ray-ingress values, each optionally with :direct or :proxy "
+                         "(--ray-http; default auto, which is direct for the local Ray)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         systems = [("direct", *stack.enter_context(server("direct", threads, out, env)))]
         for lay in layouts:
-            extra = [*threads, "--replicas", "1", "--replica-cpus", str(args.threads), "--ray-ingress", lay]
+            ingress, _, http = lay.partition(":")  # "auto:proxy": the layout with Serve's HTTP proxy in front
+            extra = [*threads, "--replicas", "1", "--replica-cpus", str(args.threads), "--ray-ingress", ingress,
+                     *(["--ray-http", http] if http else [])]
             systems.append((f"ray-{lay}", *stack.enter_context(server(f"ray-{lay}", extra, out, env))))
         for r in range(args.rounds):
             for c in args.concurrency.split(","):

@@ -4,7 +4,13 @@ machine and fed to the simulator (`inferd.cluster.simulate.simulate`, the same r
 calibrated on this machine around the run; the table compares TTFT / TPOT p50 and p99, prefix-cache hit rate and
 output throughput (set by the open-loop arrivals below saturation), and gives the simulator's relative error.
 
-    python benchmarks/sim_validate.py --out docs/sim_validate [--rate 0.6] [--duration 60] [--calibrate-procs 1]
+    python benchmarks/sim_validate.py --out docs/sim_validate [--rate 2.0] [--duration 80] [--calibrate-procs 1]
+
+Defaults: ~160 requests (~140 after the warm-up), so a p99 rests on the slowest one or two of them, not on the
+single slowest of 36 (the earlier 0.6/s over 60 s); the table gives each measured percentile's 90% bootstrap
+interval (chance alone; for a p99 it is still optimistic). The simulator gets the calibration's step-time spread
+(`ServiceModel.step_jitter`: each calibration request's TPOT over the median at its batch size), and the table
+also shows it without (every step exactly the fitted time), so what the spread explains of the tail is visible.
 
 Calibration: a child process per `--calibrate-procs` (all at once), with `--replica-cpus` torch threads and
 OMP_NUM_THREADS as Ray gives a replica, run before the measured run and, with `--calibrate-after`, again after it
@@ -13,7 +19,7 @@ with the defaults, 1.5 min more with `--calibrate-after`: SmolLM2-135M decode st
 `base + per_seq x running` (least squares, as `service_model.fit_decode`), and the TTFT of fresh prompts scaled to
 480 tokens for the per-token prefill cost. `--calibrate-with ray` (default) measures one Ray Serve replica
 (`inferd serve --replicas 1 --ray-ingress separate`: the replica's service model as deployed, through the
-measured run's two hops, Ray's per-request cost included) and
+measured run's path (the ingress deployment, then the replica), Ray's per-request cost included) and
 `serve` a single-process `inferd serve --threads N`, both through an HTTP client after WARMUP_S of warm-up;
 `offline` measures `LLM.generate` (the `inferd bench offline` path). On the loaded host of docs/benchmarks.md the
 last two ran ~2x slower than the same engine in a Ray worker. With `--calibrate-procs 2` both calibrators share
@@ -46,7 +52,7 @@ DECODE_POINTS = (1, 2, 4, 8)  # running sequences: the batch sizes a replica see
 PASSES = 5
 OUTSIDE_REQUESTS = 8  # lone short requests timed for the latency outside the engine
 METRICS_SETTLE_S = 2.5  # Ray replicas push their metrics once a second
-WARMUP_S = 30.0
+WARMUP_S = 20.0
 WORDS = ("bread oven flour yeast crust dough butter sugar salt water morning evening order cake sourdough rye "
          "window street market price fresh warm slice loaf table coffee milk honey basket recipe baker").split()
 
@@ -97,7 +103,7 @@ def calibrate(path: Path, threads: int, wl_path: Path) -> None:
                            SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
         prefill.append(out.metrics.ttft_s)  # a fresh prompt: nothing from the prefix cache
     res: dict = {"decode": [(n, statistics.median(v)) for n, v in tpots.items()],
-                 "prefill_480_s": statistics.median(prefill)}
+                 "prefill_480_s": statistics.median(prefill), "jitter": jitter_factors(tpots)}
     wl = json.loads(wl_path.read_text())  # the workload's token counts, with the server's own chat template
     res["system_tokens"] = [len(tok.encode_chat([{"role": "system", "content": s}], add_generation_prompt=False))
                             for s in wl["systems"]]
@@ -182,6 +188,7 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
                          .json()["count"])
     k = len(wl["systems"])
     return {"decode": decode, "tpot_ms_per_pass": passes, "prefill_480_s": statistics.median(prefill),
+            "jitter": jitter_factors(tpots),
             "ttft_short": [statistics.median(x[0] for x in short), statistics.median(x[1] for x in short)],
             "ttft_long": [statistics.median(x[0] for x in long_), statistics.median(x[1] for x in long_)],
             "outside_engine_s": outside,
@@ -189,7 +196,13 @@ async def _calibrate_http(url: str, wl: dict) -> dict:
             "prompt_tokens": count[k:]}
 
 
-def service_model(cals: list[dict]):
+def jitter_factors(tpots: dict[int, list[float]]) -> list[float]:
+    """The host's step-time variability as the simulator takes it (ServiceModel.step_jitter): every calibration
+    request's TPOT over the median TPOT of its batch size (a ~48-step window each), pooled over the batch sizes."""
+    return [round(x / statistics.median(v), 4) for v in tpots.values() if v for x in v]
+
+
+def service_model(cals: list[dict], jitter: bool = True):
     """ServiceModel from the calibrators' figures (medians over the processes)."""
     from inferd.cluster.service_model import ServiceModel
 
@@ -214,8 +227,9 @@ def service_model(cals: list[dict]):
     outside = [c["outside_engine_s"] for c in cals if c.get("outside_engine_s") is not None]
     if outside:  # measured directly (client TTFT minus the engine's): better than the two-point line's intercept
         overhead = max(0.0, statistics.median(outside))
+    factors = tuple(sorted(f for c in cals for f in c.get("jitter", []))) if jitter else ()
     return ServiceModel(base_s=base, per_seq_s=max(0.0, slope), per_prefill_token_s=per_tok,
-                        cache_tokens=1 << 20, request_overhead_s=overhead), pts, prefill
+                        cache_tokens=1 << 20, request_overhead_s=overhead, step_jitter=factors), pts, prefill
 
 
 # ---- the measured run ----------------------------------------------------------------------------------------
@@ -279,17 +293,40 @@ async def drive(url: str, systems: list[str], reqs: list[dict], output_len: int)
 
 
 # ---- comparison ---------------------------------------------------------------------------------------------
-def stats(rows: list[dict], warmup: float) -> dict:
+def stats(rows: list[dict], warmup: float, ci: bool = False) -> dict:
+    """Percentiles of the requests that arrived after the warm-up; with `ci`, also each percentile's 90% bootstrap
+    interval (2,000 resamples, seeded): how far a p99 of this many requests can move by chance alone."""
     from inferd.cluster.simulate import quantile
 
     kept = [r for r in rows if r["arrival"] >= warmup]
     ttft = sorted(r["ttft_s"] for r in kept if r["ttft_s"] is not None)
     tpot = sorted(r["tpot_s"] for r in kept if r["tpot_s"] is not None)
     span = max(r["finish_s"] for r in rows) - min(r["arrival"] for r in rows)
-    return {"requests": len(kept), "ttft_p50_ms": quantile(ttft, 0.5) * 1e3, "ttft_p99_ms": quantile(ttft, 0.99) * 1e3,
-            "tpot_p50_ms": quantile(tpot, 0.5) * 1e3, "tpot_p99_ms": quantile(tpot, 0.99) * 1e3,
-            "hit_rate": sum(r["cached_tokens"] for r in kept) / max(1, sum(r["prompt_tokens"] for r in kept)),
-            "out_tok_s": sum(r["completion_tokens"] for r in rows) / span}
+    res = {"requests": len(kept), "ttft_p50_ms": quantile(ttft, 0.5) * 1e3, "ttft_p99_ms": quantile(ttft, 0.99) * 1e3,
+           "tpot_p50_ms": quantile(tpot, 0.5) * 1e3, "tpot_p99_ms": quantile(tpot, 0.99) * 1e3,
+           "hit_rate": sum(r["cached_tokens"] for r in kept) / max(1, sum(r["prompt_tokens"] for r in kept)),
+           "out_tok_s": sum(r["completion_tokens"] for r in rows) / span}
+    if ci:
+        rng = random.Random(0)
+        for name, xs in (("ttft", ttft), ("tpot", tpot)):
+            for q, tag in ((0.5, "p50"), (0.99, "p99")):
+                boot = sorted(quantile(sorted(rng.choices(xs, k=len(xs))), q) * 1e3 for _ in range(2000))
+                res[f"{name}_{tag}_ms_ci90"] = (boot[100], boot[1899])
+    return res
+
+
+def window_ratios(real: list[dict], sim: list[dict], warmup: float, window_s: float = 10.0) -> list[float]:
+    """Per window of arrivals, the median of measured/simulated TPOT over its requests (matched by arrival): how the
+    host's speed drifted during the measured run against its calibration. Slow windows that the calibration did not
+    see are what a time-independent service model cannot reproduce (they made the p99 tails of the loaded runs)."""
+    by_arrival = {round(q["arrival"], 6): q for q in sim}
+    out, t, end = [], warmup, max(r["arrival"] for r in real)
+    while t <= end:
+        rows = [r for r in real if t <= r["arrival"] < t + window_s and r["tpot_s"]]
+        if rows:
+            out.append(statistics.median(r["tpot_s"] / by_arrival[round(r["arrival"], 6)]["tpot_s"] for r in rows))
+        t += window_s
+    return out
 
 
 def simulated(svc, systems_tokens: list[int], prompt_tokens: list[int], reqs: list[dict], args) -> list[dict]:
@@ -312,8 +349,8 @@ def simulated(svc, systems_tokens: list[int], prompt_tokens: list[int], reqs: li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/sim_validate")
-    ap.add_argument("--rate", type=float, default=0.6, help="requests/s (Poisson)")
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
+    ap.add_argument("--duration", type=float, default=80.0, help="seconds of arrivals")
     ap.add_argument("--warmup", type=float, default=10.0, help="arrivals before this are left out of the percentiles")
     ap.add_argument("--system-prompts", type=int, default=3)
     ap.add_argument("--system-words", type=int, default=220, help="words per system prompt (~1.1 tokens each)")
@@ -365,27 +402,40 @@ def main() -> None:
     if args.calibrate_after:
         cals += calibration("after")
     svc, pts, prefill = service_model(cals)
+    fixed, _, _ = service_model(cals, jitter=False)
+    spread = svc.step_jitter
     print(f"service model: {svc.base_s * 1e3:.2f} ms + {svc.per_seq_s * 1e3:.3f} ms/seq + "
           f"{svc.per_prefill_token_s * 1e3:.4f} ms/prefill token, {svc.request_overhead_s * 1e3:.1f} ms per request "
           f"before its replica (TPOT points {pts}, 480-token prefill "
-          f"{prefill * 1e3:.0f} ms; each calibration: {[c['decode'] for c in cals]})", file=sys.stderr)
+          f"{prefill * 1e3:.0f} ms; each calibration: {[c['decode'] for c in cals]}); step jitter: "
+          f"{len(spread)} factors, p10/p50/p90/max "
+          f"{'/'.join(f'{spread[int(q * (len(spread) - 1))]:.2f}' for q in (0.1, 0.5, 0.9, 1.0)) if spread else '-'}",
+          file=sys.stderr)
     sim = simulated(svc, cals[0]["system_tokens"], cals[0]["prompt_tokens"], reqs, args)
-    r, s = stats(real, args.warmup), stats(sim, args.warmup)
+    sim0 = simulated(fixed, cals[0]["system_tokens"], cals[0]["prompt_tokens"], reqs, args)
+    r, s, s0 = stats(real, args.warmup, ci=True), stats(sim, args.warmup), stats(sim0, args.warmup)
     keys = [("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
             ("tpot_p99_ms", "TPOT p99 ms"), ("hit_rate", "prefix hit rate"), ("out_tok_s", "output tok/s")]
-    lines = ["| metric | measured (2 Ray replicas) | simulated | error |", "|---|---|---|---|"]
+    lines = ["| metric | measured (2 Ray replicas) | its 90% bootstrap interval | simulated | error | "
+             "simulated, no step jitter | error |", "|---|---|---|---|---|---|---|"]
     for k, name in keys:
         fmt = "{:.2f}" if k == "hit_rate" else "{:.1f}"
-        lines.append(f"| {name} | {fmt.format(r[k])} | {fmt.format(s[k])} | {(s[k] / r[k] - 1) * 100:+.0f}% |")
+        lo_hi = r.get(k + "_ci90")
+        ci = f"{lo_hi[0]:.1f}–{lo_hi[1]:.1f}" if lo_hi else "-"
+        lines.append(f"| {name} | {fmt.format(r[k])} | {ci} | {fmt.format(s[k])} | {(s[k] / r[k] - 1) * 100:+.0f}% | "
+                     f"{fmt.format(s0[k])} | {(s0[k] / r[k] - 1) * 100:+.0f}% |")
     table = "\n".join(lines)
+    drift = window_ratios(real, sim, args.warmup)
     replicas = sorted({x["replica"] for x in real})
     summary = {"args": {k: v for k, v in vars(args).items() if not k.endswith("_json")},
                "service_model": svc.__dict__, "tpot_points": pts, "calibrations": cals, "prefill_480_s": prefill,
-               "measured": r, "simulated": s, "replicas_seen": replicas, "loadavg_before": load0,
+               "measured": r, "simulated": s, "simulated_no_jitter": s0, "tpot_ratio_by_window": drift, "replicas_seen": replicas, "loadavg_before": load0,
                "loadavg_after": load1, "real": real, "sim": sim}
     (out / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{len(reqs)} requests ({r['requests']} after the {args.warmup:.0f} s warm-up) at {args.rate}/s; "
-          f"replicas seen {len(replicas)}; load average {load0[0]:.1f} -> {load1[0]:.1f}\n{table}")
+          f"replicas seen {len(replicas)}; load average {load0[0]:.1f} -> {load1[0]:.1f}\n{table}\n"
+          f"host drift: measured/simulated TPOT per 10 s window of arrivals (median of its requests): "
+          f"{' '.join(f'{x:.2f}' for x in drift)} (a steady host that the calibration describes gives ~1 throughout)")
 
 
 if __name__ == "__main__":

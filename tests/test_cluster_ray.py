@@ -240,15 +240,53 @@ def test_kuberay_entry_point_and_flags_make_the_serve_options():
     assert not single_hop(_args_from_config({"argv": "--replicas 2"}))
 
 
+def test_direct_http_flags_env_and_a_taken_port(monkeypatch):
+    """--ray-http: direct for a local Ray, proxy when joining one; direct's environment gives the ingress replica
+    exactly --port (Serve's port range is end-exclusive) and moves Serve's proxy to another free port; a taken
+    --port is a one-line error before Ray starts."""
+    import socket
+
+    from inferd.cluster.ray_serve import _args_from_config, direct_http, direct_ingress_env
+    from inferd.errors import InferdError
+
+    assert direct_http(_args_from_config({})) and direct_http(_args_from_config({"argv": "--replicas 2"}))
+    assert not direct_http(_args_from_config({"argv": "--ray-http proxy"}))
+    assert not direct_http(_args_from_config({"argv": "--ray-address auto"}))
+    with pytest.raises(InferdError, match="--ray-http direct needs a local Ray"):
+        from inferd.cluster.ray_args import check_ray_args
+        check_ray_args(_args_from_config({"argv": "--ray-address auto --ray-http direct"}))
+    for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_PORT_QUARANTINE_S",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.delenv(k, raising=False)
+    port = free_port()
+    proxy = direct_ingress_env("127.0.0.1", port)
+    assert proxy != port and os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (int(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+            int(os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])) == (port, port + 1)
+    # a restarted replica takes the port back at once, and stops without a load balancer's drain
+    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(InferdError, match="cannot listen on 127.0.0.1:"):
+            direct_ingress_env("127.0.0.1", taken.getsockname()[1])
+
+
 def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
-    """`--replicas 1`: the engine replica is Serve's ingress (proxy -> replica, no ingress deployment), with the same
-    API, error bodies, replica header, cluster /health and /metrics, and client-disconnect abort."""
+    """`--replicas 1`: the engine replica is Serve's ingress and, with Serve's direct ingress, answers HTTP on --port
+    itself (no proxy, no ingress deployment), with the same API, error bodies, replica header, cluster /health and
+    /metrics, client-disconnect abort, and 503 + Retry-After when full; killed, it comes back on the same port."""
     from openai import OpenAI
 
     with ray_server(tiny_hf, "--replicas", "1", wait_replicas=1) as (url, proc):
         titles = {_title(p) for p in _tree(proc.pid)}
         if titles != {"?"}:  # /proc readable (Linux): no ingress actor runs, the replica does
             assert any("InferdReplica" in t for t in titles) and not any("InferdIngress" in t for t in titles)
+            # direct ingress: the engine replica's own process listens on --port (no proxy hop at all)
+            listener = _listener_pid(int(url.rsplit(":", 1)[1]), _tree(proc.pid))
+            assert listener is not None and "InferdReplica" in _title(listener), listener
         client = OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
         assert [m.id for m in client.models.list().data] == [tiny_hf.name]
         msgs = [{"role": "user", "content": "Tell me about bread."}]
@@ -263,13 +301,25 @@ def test_one_replica_is_its_own_ingress_one_hop(tiny_hf):
         assert health["replicas"] == 1 and ok.headers["x-inferd-replica"] == health["replica_ids"][0]
         assert _metric(httpx.get(url + "/metrics", timeout=10).text, "inferd_replicas") == 1
         test_client_disconnect_mid_stream_aborts_the_request_on_the_replica((url, proc))
-        # 16 ongoing + 16 queued: 48 long requests at once cannot all be taken; Serve's proxy answers 503 + Retry-After
+        # 16 ongoing + 16 queued: 48 long requests at once cannot all be taken; Serve answers 503 + Retry-After
         body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 64, "ignore_eos": True}
         with cf.ThreadPoolExecutor(48) as pool:
             rs = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=180), range(48)))
         codes = [r.status_code for r in rs]
         assert set(codes) <= {200, 503} and codes.count(200) >= 16 and codes.count(503) >= 1, codes
         assert next(r for r in rs if r.status_code == 503).headers["retry-after"] == "1"
+        if titles != {"?"}:  # the replica (the HTTP server itself) killed: Ray restarts it on the same port
+            port = int(url.rsplit(":", 1)[1])
+            old = _listener_pid(port, _tree(proc.pid))
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/v1/models", timeout=5).status_code == 200 and \
+                            _listener_pid(port, _tree(proc.pid)) not in (None, old):
+                        break
+                assert time.monotonic() < deadline, "the killed replica did not come back on its port"
+                time.sleep(0.5)
 
 
 def _tree(pid: int) -> list[int]:
@@ -281,6 +331,22 @@ def _tree(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 todo += [int(x) for x in (t / "children").read_text().split()]
     return out
+
+
+def _listener_pid(port: int, pids: list[int]) -> int | None:
+    """The process (among pids) holding the socket that listens on 127.0.0.1:port, from /proc/net/tcp."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":  # 127.0.0.1:port, LISTEN
+            inodes.add(f"socket:[{f[9]}]")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return pid
+    return None
 
 
 def _title(pid: int) -> str:

@@ -146,3 +146,32 @@ def test_request_overhead_adds_to_ttft_and_delays_the_replica():
     assert base[0] == pytest.approx(0.01 + 0.064)  # one step: base + 64 prefill tokens
     assert slow[0] == pytest.approx(base[0] + 0.025) and slow[1] == pytest.approx(base[1] + 0.025)
     assert slow[1] > slow[0]  # the second still waits behind the first
+
+
+def test_step_jitter_draws_measured_factors_seeded_and_none_keeps_it_exact():
+    """--step-jitter: each segment's step time is scaled by one of the given factors (seeded, so a run repeats); a
+    lone one-step request's TTFT is exactly step_s times a factor from the list; without factors nothing moves."""
+    factors = (0.5, 1.0, 3.0)
+
+    def ttfts(jitter: tuple[float, ...], seed: int) -> list[float]:
+        svc = ServiceModel(base_s=0.01, per_seq_s=0.0, per_prefill_token_s=0.001, step_jitter=jitter)
+        reqs = [SimRequest(i, 1.0 + i, [(100 + i, 64)], 64, 2, 200 + i) for i in range(40)]  # each alone
+        done: list[SimRequest] = []
+        simulate(1, None, RouterConfig(policy="round-robin", seed=seed), svc, 60.0, 0.0, requests=reqs,
+                 on_finish=done.append)
+        return [q.first_token_s - q.arrival for q in sorted(done, key=lambda q: q.rid)]
+
+    exact = ttfts((), 0)
+    assert exact == pytest.approx([0.074] * 40)
+    got = ttfts(factors, 1)
+    assert {round(t / 0.074, 6) for t in got} == set(factors)  # 40 draws: every factor appears
+    assert ttfts(factors, 1) == got and ttfts(factors, 2) != got
+
+
+def test_simulate_cli_rejects_bad_step_jitter(capsys):
+    from inferd.cli import main
+
+    assert main(["simulate", "--replicas", "2", "--duration", "5", "--step-jitter", "1,-2"]) == 1
+    assert "--step-jitter factors must be positive" in capsys.readouterr().err
+    assert main(["simulate", "--replicas", "2", "--duration", "5", "--step-jitter", "1,x"]) == 1
+    assert "--step-jitter needs comma-separated numbers, got '1,x'" in capsys.readouterr().err

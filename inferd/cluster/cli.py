@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-overhead-ms", type=float, default=0.0, metavar="MS",
                    help="fixed latency from a request's arrival to its replica's queue (HTTP and routing hops), "
                         "added to every TTFT")
+    p.add_argument("--step-jitter", default=None, metavar="F,F,...",
+                   help="measured step-time variability: multiplicative factors, one drawn (seeded) per prefill "
+                        "step or decode stretch (benchmarks/sim_validate.py prints a calibration's)")
     p.add_argument("--slo-ttft-p99", type=float, default=None, metavar="S",
                    help="also find the replicas needed for TTFT p99 <= S seconds at each load (bisection)")
     p.add_argument("--slo-tpot-p99", type=float, default=None, metavar="S",
@@ -68,6 +71,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.request_overhead_ms < 0:
             raise ValueError("--request-overhead-ms must be >= 0")
         svc = replace(svc, request_overhead_s=args.request_overhead_ms / 1000)
+        if args.step_jitter:
+            try:
+                factors = tuple(float(x) for x in args.step_jitter.split(","))
+            except ValueError:
+                raise ValueError(f"--step-jitter needs comma-separated numbers, got {args.step_jitter!r}") from None
+            if not all(f > 0 for f in factors):
+                raise ValueError("--step-jitter factors must be positive")
+            svc = replace(svc, step_jitter=factors)
         routers = {p: RouterConfig(policy=p, imbalance_abs=args.imbalance_abs, imbalance_rel=args.imbalance_rel,
                                    seed=args.seed) for p in args.policy}
     except ValueError as exc:

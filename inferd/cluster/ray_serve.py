@@ -1,9 +1,13 @@
 """`inferd serve --replicas N`: the single-process inferd app, one engine per Ray Serve replica, behind an
 OpenAI-compatible ingress that routes with `inferd.cluster.router` (the policy `inferd simulate` simulates).
 
-    client ─► Ray Serve HTTP proxy ─► InferdIngress (FastAPI) ─► deployment handle ─► InferdReplica × N
-                                        prefix hashes of the body      InferdRequestRouter      the `inferd serve` app
-                                        /metrics merged over replicas  picks the replica        (asgi_bridge)
+    client ─► InferdIngress (FastAPI) ─► deployment handle ─► InferdReplica × N
+              prefix hashes of the body      InferdRequestRouter      the `inferd serve` app
+              /metrics merged over replicas  picks the replica        (asgi_bridge)
+
+The ingress replica answers HTTP on --host:--port itself (Ray Serve's direct ingress, `direct_ingress_env`, the
+default for a local Ray); with `--ray-http proxy` (the default when joining a cluster) Serve's HTTP proxy is in
+front of it, one more handle hop.
 
 Each replica runs the same FastAPI app as single-process `inferd serve` (routes, validation, error bodies, SSE),
 driven in-process by `asgi_bridge.call_asgi`; the ingress relays its status, headers and body chunks as they come
@@ -12,10 +16,11 @@ request router that calls `Router.choose` with Ray's per-replica ongoing-request
 a replica and `max_queued_requests` (--max-queue) turns overload into 503 + Retry-After at the ingress.
 
 One replica (a fixed `--replicas 1`) needs no routing, so the ingress hop goes: the engine replica *is* the ingress
-deployment (`InferdEngineIngress`, `@serve.ingress` with the inferd app built at replica start), and the proxy calls
-it directly. That is one handle hop per request and per stream message instead of two (benchmarks/ray_overhead.py
-measures both). Prefix routing over several replicas needs the request body, which Serve's proxy does not hand its
-request router (the replica pulls the body from the proxy after it was chosen), so there the ingress stays.
+deployment (`InferdEngineIngress`, `@serve.ingress` with the inferd app built at replica start). With direct ingress
+its own HTTP server answers the client (no Ray hop on the request path); behind the proxy it is one handle hop per
+request and per stream message instead of two (benchmarks/ray_overhead.py measures the layouts). Prefix routing
+over several replicas needs the request body, which Serve's proxy does not hand its request router (the replica
+pulls the body from the proxy after it was chosen), so there the ingress stays.
 
 Failures: a call that fails before the ingress has sent the client anything (the replica died, or was unreachable)
 is retried on another replica; a stream that already started ends with an error event and [DONE]. Ray Serve
@@ -33,6 +38,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -417,11 +423,44 @@ def _args_from_config(config: dict[str, Any]) -> argparse.Namespace:
     return args
 
 
+def direct_http(args: argparse.Namespace) -> bool:
+    """The app's ingress replica serves --host:--port itself (Ray Serve's direct ingress), not Serve's proxy."""
+    return args.ray_http == "direct" or (args.ray_http == "auto" and not args.ray_address)
+
+
+def direct_ingress_env(host: str, port: int) -> int:
+    """Environment for Ray Serve's direct ingress on a local Ray (set before ray.init): the ingress deployment's
+    replica runs its own HTTP server on exactly --port (the port range is that one port, which is why the ingress
+    deployment has one replica), a restarted replica may take the port back at once (no quarantine) and stops
+    without the 30 s drain meant for an external load balancer's deregistration (there is none: the replica owns
+    the port). Serve's proxy still starts (Serve keeps one on the head node) on a free loopback port of its own,
+    returned. --port must be free now: a clear error instead of a replica that cannot bind."""
+    import socket
+
+    from inferd.cluster.ray_args import free_tcp_port
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise InferdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range's end is exclusive
+                       "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"})
+    return free_tcp_port(host)
+
+
 def serve_on_ray(args: argparse.Namespace) -> int:
     """Start (or join) Ray, run the app with the HTTP proxy on --host:--port, block until SIGINT/SIGTERM."""
     from inferd.cluster.ray_args import check_ray_args
 
     check_ray_args(args)
+    proxy_port = args.port
+    if direct_http(args):  # before ray.init: the local Ray's processes inherit the environment
+        proxy_port = direct_ingress_env(args.host, args.port)
     try:
         if args.ray_address:
             ray.init(address=args.ray_address, namespace=HUB_NAMESPACE, log_to_driver=False)
@@ -435,7 +474,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": proxy_port})
         print(f"inferd: starting {args.replicas or args.min_replicas} replica(s) on Ray Serve "
               f"(routing {args.routing})...", file=sys.stderr, flush=True)
         serve.run(build_application(args), name=APP_NAME, route_prefix="/", blocking=False)

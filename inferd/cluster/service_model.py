@@ -2,7 +2,8 @@
 
     step_s = base_s + per_seq_s * running_sequences + per_prefill_token_s * prefill_tokens
 
-plus a fixed `request_overhead_s` between a request's arrival and its replica's queue (the server's HTTP and
+times a factor drawn from `step_jitter` when one is given (a host's measured variability), plus a fixed
+`request_overhead_s` between a request's arrival and its replica's queue (the server's HTTP and
 routing hops: through Ray Serve, the proxy and the ingress), which every TTFT includes.
 
 The defaults are fitted to this repository's measurements of SmolLM2-135M Q4_1 with default flags on the 2-vCPU
@@ -51,6 +52,10 @@ class ServiceModel:
     cache_tokens: int = 65536  # KV tokens a replica keeps for prefix reuse (LRU)
     block_size: int = 16  # only full blocks are reused
     request_overhead_s: float = 0.0  # from arrival to the replica's queue: HTTP and routing hops (adds to TTFT)
+    # measured step-time variability: multiplicative factors (around 1), one drawn per scheduled segment (a prefill
+    # step or a stretch of identical decode steps) from a seeded RNG; empty = every step exactly step_s. Taken from
+    # a calibration's spread (benchmarks/sim_validate.py: each request's TPOT over its median at that batch size)
+    step_jitter: tuple[float, ...] = ()
 
     def step_s(self, running: int, prefill_tokens: int) -> float:
         return self.base_s + self.per_seq_s * running + self.per_prefill_token_s * prefill_tokens

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ _ARRIVAL, _WAKE, _DELIVER = 0, 1, 2
 
 
 class SimReplica:
-    def __init__(self, idx: int, svc: ServiceModel):
+    def __init__(self, idx: int, svc: ServiceModel, seed: int = 0):
         self.idx, self.svc = idx, svc
+        self.rng = random.Random(seed * 1_000_003 + idx)  # the step-time jitter's draws (svc.step_jitter)
         self.cache: OrderedDict[int, int] = OrderedDict()  # segment chain key -> its tokens (LRU)
         self.cache_used = 0
         self.waiting: deque[SimRequest] = deque()
@@ -93,6 +95,8 @@ class SimReplica:
         else:
             self.busy = False
             return None
+        if svc.step_jitter:
+            dt *= self.rng.choice(svc.step_jitter)
         self.busy, self.seg_t0, self.seg_steps, self.seg_dt, self.seg_chunks = True, now, steps, dt, chunks
         self.version += 1
         return now + steps * dt
@@ -162,7 +166,7 @@ def simulate(replicas: int, workload: WorkloadConfig | None, router: RouterConfi
     if replicas < 1:
         raise ValueError("the cluster needs at least one replica")
     svc = service or ServiceModel()
-    reps = [SimReplica(i, svc) for i in range(replicas)]
+    reps = [SimReplica(i, svc, router.seed) for i in range(replicas)]
     loads = [0] * replicas
     rt = Router(router)
     events: list[tuple[float, int, int, object]] = []
