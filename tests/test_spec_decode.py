@@ -19,6 +19,7 @@ from inferd.errors import InvalidRequestError
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
     monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None: dict(available))
+    monkeypatch.setattr(SpecPolicy, "skip_step", lambda self, *args, **kw: False)
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
@@ -92,6 +93,46 @@ def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
     a0 = pol.alpha("y")
     pol.record("y", 0, 0)  # not tried: drifts back toward the workload's rate, so it is tried again later
     assert pol.alpha("y") > a0
+
+
+def test_policy_never_verifies_into_an_unmeasured_larger_step_and_stops_at_a_row_cliff():
+    """A fused kernel that takes at most 16 rows: 17 rows cost half a step more. Nothing in the measurements up to
+    16 rows foresees that, so a plan may go one row past the largest measured step, never further; once that row
+    is measured the batch at the limit stops speculating (nothing proposed, the step counted as skipped), and
+    re-probes one row only every reprobe_every such steps."""
+    def step_time(tokens: int) -> float:
+        return 0.016 + 0.0001 * tokens if tokens <= 16 else 0.024 + 0.0005 * tokens
+
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 4)  # proposals always land: only the step time can stop verification
+    for t in (1, 2, 3):  # a single-stream warm-up
+        pol.time_model.observe(t, False, step_time(t))
+    avail = {f"s{i}": 4 for i in range(16)}
+    assert pol.plan(avail, 16, False) == {}  # 16 rows never measured: no verification there yet
+    assert not pol.time_model.within_reach(16, False) and pol.time_model.within_reach(4, False)
+    grown, steps = [], 0
+    while steps < 200:
+        if pol.skip_step(16, False, 64, 16):  # the step runs its 16 rows anyway, and is measured
+            pol.time_model.observe(16, False, step_time(16))
+            steps += 1
+            continue
+        plan = pol.plan(avail, 16, False)
+        rows = 16 + sum(plan.values())
+        assert rows <= pol.time_model.largest[False] + 1  # at most one row past what was measured
+        grown.append(rows)
+        pol.time_model.observe(rows, False, step_time(rows))
+        for rid, k in plan.items():
+            pol.record(rid, k, k)
+        steps += 1
+    assert grown.count(17) >= 1  # the cliff was measured once, on one extra row
+    assert max(grown) == 17  # and never more rows there
+    # after that: no step verifies, nearly all are skipped without proposing, re-probes are rare
+    assert pol.skipped_steps >= 190
+    assert grown[5:].count(17) <= 1 + 200 // pol.reprobe_every
+    # fewer sequences than the limit: the spare rows are within what was measured and verification pays again
+    assert pol.could_pay(12, False, 48, 12)
+    assert 0 < sum(pol.plan({f"s{i}": 4 for i in range(12)}, 12, False).values()) <= 5
 
 
 def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():

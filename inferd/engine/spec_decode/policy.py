@@ -14,6 +14,13 @@ grows with its tokens) therefore switch speculation off by themselves, as does a
 verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal once: of
 the sequence likeliest to accept it, so the probe adds one row (probing every sequence of a large batch at once
 could push the step past the fused kernels' row limit: the most expensive step there is, to learn what it saves).
+
+Step sizes never measured are not trusted: a plan grows a step at most one row past the largest decode step measured
+(the cost past a kernel's row limit, e.g. the fused bf16 decoder's 16, is a cliff no extrapolation foresees), so
+each larger size is measured on one extra row before more rows go there. And when even proposals that always land
+could not raise tokens/s at the measured step times (a batch at the fused row limit, where one more row costs
+half a step), the step does not speculate at all: nothing is proposed, and only every `reprobe_every`-th such step
+probes one row, so a stale measurement can be corrected.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class StepTimeModel:
         self._medians: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}  # per bucket
         self._points: dict[bool, list[tuple[float, float]]] = {}
         self.prior = 0.05  # seconds, for a step before anything was measured
+        self.largest = {False: 0, True: 0}  # the most tokens of a measured step, per kind
 
     @staticmethod
     def _bucket(tokens: int) -> int:
@@ -48,6 +56,7 @@ class StepTimeModel:
         table, b = self.buckets[mixed], self._bucket(tokens)
         q = table.setdefault(b, collections.deque(maxlen=self.window))
         q.append((tokens, seconds))
+        self.largest[mixed] = max(self.largest[mixed], tokens)
         # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost)
         self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
         self._points.pop(mixed, None)
@@ -77,6 +86,15 @@ class StepTimeModel:
                 return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
         return pts[-1][1]
 
+    def within_reach(self, tokens: int, mixed: bool) -> bool:
+        """Whether predict(tokens, mixed) rests on measurements: interpolated, or at most one row past the
+        largest decode step measured (mixed steps, priced on their own curve once measured at that size, carry
+        prefill chunks already on the multi-token path)."""
+        mixed_pts = self.points(True)
+        if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
+            return tokens <= self.largest[True] + 1
+        return tokens <= self.largest[False] + 1
+
     def predict(self, tokens: int, mixed: bool) -> float:
         mixed_pts = self.points(True)
         if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
@@ -99,6 +117,9 @@ class SpecPolicy:
         # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
         self.probe_share = 0.02  # the most of the time probes may cost (see plan)
+        # a step where verification cannot pay even at full acceptance (see could_pay) probes this rarely
+        self.reprobe_every, self.hopeless_steps = 256, 0
+        self.skipped_steps = 0  # steps that did not speculate because nothing could pay (a counter, for tests)
         self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
         # the same over every sequence's runs, slower to move: where a new sequence starts and where an untried one
@@ -133,6 +154,39 @@ class SpecPolicy:
         acc, tested = self._workload
         return acc / tested
 
+    def could_pay(self, num_decoding: int, mixed_anyway: bool, max_rows: int, num_seqs: int,
+                  pass_seconds: float = 0.0, first_seconds: float = 0.0) -> bool:
+        """Whether verifying up to `max_rows` proposals of `num_seqs` sequences could raise the step's tokens/s if
+        every proposal landed, at the measured (or one-row-past-measured) step times; `first_seconds`: the
+        cheapest first-proposal cost (a draft model's catch-up)."""
+        tm = self.time_model
+        base = num_decoding / tm.predict(num_decoding, mixed_anyway)
+        for n in range(1, max_rows + 1):
+            if not tm.within_reach(num_decoding + n, mixed_anyway):
+                break
+            longest = -(-n // max(num_seqs, 1))
+            t = tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest + first_seconds
+            if (num_decoding + n) / t > base:
+                return True
+        return False
+
+    def skip_step(self, num_decoding: int, mixed_anyway: bool, max_rows: int, num_seqs: int,
+                  pass_seconds: float = 0.0, first_seconds: float = 0.0) -> bool:
+        """True: the coming step does not speculate (nothing is proposed), because not even proposals that all land
+        could pay; every `reprobe_every`-th such step is let through to plan (and its probe), so the measurement
+        that priced verification out is taken again now and then."""
+        if max_rows <= 0 or self.could_pay(num_decoding, mixed_anyway, max_rows, num_seqs, pass_seconds,
+                                           first_seconds):
+            self.hopeless_steps = 0
+            return False
+        self.hopeless_steps += 1
+        if self.hopeless_steps >= self.reprobe_every:
+            self.hopeless_steps = 0
+            self.idle_steps = 1 << 30  # the plan that follows probes one row, whatever the probe costs
+            return False
+        self.skipped_steps += 1
+        return True
+
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
              pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
@@ -155,6 +209,8 @@ class SpecPolicy:
         best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
         best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
+            if not tm.within_reach(num_decoding + n, mixed_anyway):  # never past one row beyond what was measured
+                break
             gain += p
             depth[rid] = depth.get(rid, 0) + 1
             longest = max(longest, depth[rid])
