@@ -135,6 +135,29 @@ def test_policy_never_verifies_into_an_unmeasured_larger_step_and_stops_at_a_row
     assert 0 < sum(pol.plan({f"s{i}": 4 for i in range(12)}, 12, False).values()) <= 5
 
 
+def test_step_time_model_sees_each_small_step_size():
+    """The bf16 GEMM's row tiles make a step's cost move in steps at a few rows (16 rows: one more pass over the
+    weights than 15). The model keeps each small size apart, so 14 decoding sequences get one verification row
+    (15 rows, as cheap as 14), not two (16 rows, costing more than the second proposal is likely to give)."""
+    def step_time(rows: int) -> float:
+        return 0.010 + 0.003 * -(-rows // 5)
+
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 3)  # 3 of 4 tested positions land: alpha 0.75
+    for rows in range(1, 18):
+        pol.time_model.observe(rows, False, step_time(rows))
+    assert pol.time_model.predict(15, False) == pytest.approx(step_time(15))
+    assert pol.time_model.predict(16, False) == pytest.approx(step_time(16))
+    assert sum(pol.plan({f"s{i}": 4 for i in range(14)}, 14, False).values()) == 1
+    # the old power-of-two buckets pooled 9..16 rows into one median: 16 rows looked as cheap as 14
+    coarse = SpecPolicy(4)
+    coarse._workload, coarse.time_model = pol._workload, StepTimeModel(exact_upto=0)
+    for rows in range(1, 18):
+        coarse.time_model.observe(rows, False, step_time(rows))
+    assert sum(coarse.plan({f"s{i}": 4 for i in range(14)}, 14, False).values()) >= 2
+
+
 def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
     """A weak draft model: once its runs across sequences are measured, a new sequence starts from that rate, not
     the optimistic prior, and a proposal whose draft pass costs more than its expected gain is not made; an

@@ -25,6 +25,7 @@ probes one row, so a stale measurement can be corrected.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import statistics
 
@@ -33,24 +34,27 @@ class StepTimeModel:
     """Measured step time as a function of the step's tokens, kept separately for decode steps (decode and
     verification rows only: the fused decode path) and mixed steps (with prefill chunks).
 
-    The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a
-    step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
+    The latest steps are kept per bucket of tokens (each size its own up to `exact_upto` tokens, then powers of
+    two), their medians interpolated between buckets; a step's cost is nearly flat while the weights' memory
+    traffic dominates (a few rows) and grows once compute does, which one straight line fits badly, and at a few
+    rows it moves in steps a coarse bucket hides (the bf16 GEMM's 5-row tiles: 16 rows take a fourth pass over the
+    weights, ~20% more than 15). Where mixed steps of that size were never measured, the
     pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
     point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
     """
 
-    def __init__(self, window: int = 15):
-        self.window = window
+    def __init__(self, window: int = 15, exact_upto: int = 32):
+        self.window, self.exact_upto = window, exact_upto
         # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
         self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
         self._medians: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}  # per bucket
         self._points: dict[bool, list[tuple[float, float]]] = {}
+        self._xs: dict[bool, list[float]] = {}  # the points' tokens, for bisect
         self.prior = 0.05  # seconds, for a step before anything was measured
         self.largest = {False: 0, True: 0}  # the most tokens of a measured step, per kind
 
-    @staticmethod
-    def _bucket(tokens: int) -> int:
-        return 1 << max(tokens - 1, 0).bit_length()
+    def _bucket(self, tokens: int) -> int:
+        return tokens if tokens <= self.exact_upto else 1 << max(tokens - 1, 0).bit_length()
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
@@ -68,10 +72,11 @@ class StepTimeModel:
         pts = self._points.get(mixed)
         if pts is None:
             pts = self._points[mixed] = sorted(self._medians[mixed].values())
+            self._xs[mixed] = [x for x, _ in pts]
         return pts
 
-    @staticmethod
-    def _curve(tokens: int, pts: list[tuple[float, float]]) -> float | None:
+    def _curve(self, tokens: int, mixed: bool) -> float | None:
+        pts = self.points(mixed)
         if not pts:
             return None
         if tokens <= pts[0][0]:
@@ -81,10 +86,9 @@ class StepTimeModel:
                 return pts[0][1]
             (x0, y0), (x1, y1) = pts[-2], pts[-1]
             return y1 + max(y1 - y0, 0.0) / max(x1 - x0, 1e-9) * (tokens - x1)
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if x0 <= tokens <= x1:
-                return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
-        return pts[-1][1]
+        i = bisect.bisect_left(self._xs[mixed], tokens)  # pts[i - 1][0] < tokens <= pts[i][0]
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
 
     def within_reach(self, tokens: int, mixed: bool) -> bool:
         """Whether predict(tokens, mixed) rests on measurements: interpolated, or at most one row past the
@@ -98,11 +102,11 @@ class StepTimeModel:
     def predict(self, tokens: int, mixed: bool) -> float:
         mixed_pts = self.points(True)
         if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
-            t = self._curve(tokens, mixed_pts)
+            t = self._curve(tokens, True)
         else:
-            t = self._curve(tokens, self.points(False))
+            t = self._curve(tokens, False)
             if t is None:
-                t = self._curve(tokens, mixed_pts)
+                t = self._curve(tokens, True)
         return self.prior if t is None else t
 
 
