@@ -121,6 +121,9 @@ class SpecPolicy:
         # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
         self.probe_share = 0.02  # the most of the time probes may cost (see plan)
+        # a plan must promise this much more tokens/s than not verifying: the time model's medians carry noise (a
+        # step size seen a few times on a shared machine), and a marginal verification mistaken is a loss
+        self.margin = 0.02
         # a step where verification cannot pay even at full acceptance (see could_pay) probes this rarely
         self.reprobe_every, self.hopeless_steps = 256, 0
         self.skipped_steps = 0  # steps that did not speculate because nothing could pay (a counter, for tests)
@@ -210,7 +213,7 @@ class SpecPolicy:
                 cand.append((p, rid))
         cand.sort(key=lambda x: -x[0])
         tm = self.time_model
-        best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
+        best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway) * (1 + self.margin)
         best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
             if not tm.within_reach(num_decoding + n, mixed_anyway):  # never past one row beyond what was measured
