@@ -136,8 +136,8 @@ def test_policy_never_verifies_into_an_unmeasured_larger_step_and_stops_at_a_row
 
 
 def test_step_time_model_sees_each_small_step_size():
-    """The bf16 GEMM's row tiles make a step's cost move in steps at a few rows (16 rows: one more pass over the
-    weights than 15). The model keeps each small size apart, so 14 decoding sequences get one verification row
+    """The bf16 GEMM's row chunks (at most 5 rows per pass over a weight block) make a step's cost move in steps at
+    a few rows (16 rows: four passes against 15's three). The model keeps each small size apart, so 14 decoding sequences get one verification row
     (15 rows, as cheap as 14), not two (16 rows, costing more than the second proposal is likely to give)."""
     def step_time(rows: int) -> float:
         return 0.010 + 0.003 * -(-rows // 5)

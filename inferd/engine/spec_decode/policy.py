@@ -37,8 +37,8 @@ class StepTimeModel:
     The latest steps are kept per bucket of tokens (each size its own up to `exact_upto` tokens, then powers of
     two), their medians interpolated between buckets; a step's cost is nearly flat while the weights' memory
     traffic dominates (a few rows) and grows once compute does, which one straight line fits badly, and at a few
-    rows it moves in steps a coarse bucket hides (the bf16 GEMM's 5-row tiles: 16 rows take a fourth pass over the
-    weights, ~20% more than 15). Where mixed steps of that size were never measured, the
+    rows it moves in steps a coarse bucket hides (the bf16 GEMM splits the rows into chunks of at most 5 per pass
+    over each weight block: 16 rows are four passes against 15's three, a step ~14% slower in one measurement). Where mixed steps of that size were never measured, the
     pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
     point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
     """
