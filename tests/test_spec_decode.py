@@ -18,7 +18,7 @@ from inferd.errors import InvalidRequestError
 @pytest.fixture
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
-    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None: dict(available))
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None, critical=None: dict(available))
     monkeypatch.setattr(SpecPolicy, "skip_step", lambda self, *args, **kw: False)
 
 
@@ -156,6 +156,27 @@ def test_step_time_model_sees_each_small_step_size():
     for rows in range(1, 18):
         coarse.time_model.observe(rows, False, step_time(rows))
     assert sum(coarse.plan({f"s{i}": 4 for i in range(14)}, 14, False).values()) >= 2
+
+
+def test_closed_batch_values_tokens_off_its_critical_path_at_a_rows_cost():
+    """Nothing waiting: the batch lasts as long as its sequences with the most tokens left. A token accepted for
+    another one spares a later row, not a step: valued at the step time's slope per row against the average time
+    per sequence, so at best it pays for the row it costs, and is not verified however cheap rows are."""
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 4)  # alpha ~1: every proposal lands
+    for rows in range(1, 10):
+        pol.time_model.observe(rows, False, 0.010 + 0.001 * rows)  # a row costs 1 ms, a sequence 3.5 ms on average
+    avail = {"long": 1, "short": 1}
+    assert pol.plan(avail, 4, False) == avail  # tokens all count (a request waiting, or no budgets known)
+    assert pol.plan(avail, 4, False, critical={"long"}) == {"long": 1}
+    assert pol.plan(avail, 4, False, critical={"long", "short"}) == avail
+    flat = SpecPolicy(4)
+    flat._workload = pol._workload
+    for rows in range(1, 10):
+        flat.time_model.observe(rows, False, 0.010 + 0.00002 * rows)  # rows nearly free
+    assert flat.plan(avail, 4, False, critical={"long"}) == {"long": 1}
+    assert flat.plan(avail, 4, False) == avail
 
 
 def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():

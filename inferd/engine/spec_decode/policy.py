@@ -195,24 +195,35 @@ class SpecPolicy:
         return True
 
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
-             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None) -> dict[str, int]:
+             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None,
+             critical: set[str] | None = None) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
         `num_decoding`: sequences that will sample a token; `mixed_anyway`: the step has prefill work regardless
         (so verification rows add no fixed cost); `pass_seconds`: what making one more proposal per sequence
         costs (a draft model's forward pass; 0 for prompt lookup); `first_seconds`: what a sequence's first
-        proposal costs on top (a draft model catching its cache up with the sequence)."""
+        proposal costs on top (a draft model catching its cache up with the sequence).
+        `critical`: when no request waits for a slot (a closed batch), the sequences with the most tokens left to
+        go (by their budgets): the batch lasts as long as they do. A token accepted for another sequence does not
+        shorten the batch, it only spares that sequence one row of a later step, so it is valued at what a row
+        costs (the measured step time's slope) against what a step's tokens cost on average (None: every
+        sequence's tokens count in full, as when finishing one lets a waiting request in)."""
         first = first_seconds or {}
-        cand = []  # (acceptance chance of this draft, request id)
+        tm = self.time_model
+        w_other = 1.0
+        if critical is not None and num_decoding > 0:
+            t_now = tm.predict(num_decoding, mixed_anyway)
+            w_other = min(max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) / (t_now / num_decoding), 1.0)
+        cand = []  # (expected value of this draft: its acceptance chance, weighted; request id)
         for rid, n_avail in available.items():
             a = self.alpha(rid)
+            w = w_other if critical is not None and rid not in critical else 1.0
             p = 1.0
             for _ in range(min(n_avail, self.max_tokens)):
                 p *= a
                 if p < self.min_chance:
                     break
-                cand.append((p, rid))
+                cand.append((p * w, rid))
         cand.sort(key=lambda x: -x[0])
-        tm = self.time_model
         best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway) * (1 + self.margin)
         best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
