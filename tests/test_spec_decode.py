@@ -179,6 +179,30 @@ def test_closed_batch_values_tokens_off_its_critical_path_at_a_rows_cost():
     assert flat.plan(avail, 4, False) == avail
 
 
+def test_one_stalled_step_does_not_price_a_step_size_out():
+    """A shared machine stalls a step now and then (only ever adding time). A size measured once, stalled, would
+    make verification look hopeless for good: below 3 steps the fastest stands in for the median; a re-probe that
+    finds no proposal to verify stays due until one is made."""
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 3)
+    for _ in range(5):
+        pol.time_model.observe(1, False, 0.010)
+    pol.time_model.observe(2, False, 0.080)  # the first 2-row step, stalled by another process
+    assert pol.skip_step(1, False, 4, 1)  # one stalled sample: verification looks hopeless for now
+    pol.time_model.observe(2, False, 0.0105)  # re-measured
+    assert not pol.skip_step(1, False, 4, 1) and pol.plan({"a": 4}, 1, False)
+    pol.time_model.observe(2, False, 0.080)
+    pol.time_model.observe(2, False, 0.080)
+    assert pol.skip_step(1, False, 4, 1)  # stalled most of the time: the median says so
+    for _ in range(pol.reprobe_every + 5):
+        pol.skip_step(1, False, 4, 1)
+    assert not pol.skip_step(1, False, 4, 1)  # due
+    assert pol.plan({}, 1, False) == {}  # no proposal this step
+    assert not pol.skip_step(1, False, 4, 1) and pol.plan({"a": 4}, 1, False) == {"a": 1}  # still due: probed
+    assert pol.skip_step(1, False, 4, 1)
+
+
 def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():
     """A weak draft model: once its runs across sequences are measured, a new sequence starts from that rate, not
     the optimistic prior, and a proposal whose draft pass costs more than its expected gain is not made; an

@@ -61,8 +61,13 @@ class StepTimeModel:
         q = table.setdefault(b, collections.deque(maxlen=self.window))
         q.append((tokens, seconds))
         self.largest[mixed] = max(self.largest[mixed], tokens)
-        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost)
-        self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost). Under 3
+        # steps a median is no defence against a step stalled by another process (stalls only ever add time): the
+        # fastest of them stands in until then, so one stalled probe does not price a step size out for good
+        if len(q) >= 3:
+            self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+        else:
+            self._medians[mixed][b] = min(q, key=lambda ts: ts[1])
         self._points.pop(mixed, None)
 
     def points(self, mixed: bool) -> list[tuple[float, float]]:
@@ -187,8 +192,7 @@ class SpecPolicy:
             self.hopeless_steps = 0
             return False
         self.hopeless_steps += 1
-        if self.hopeless_steps >= self.reprobe_every:
-            self.hopeless_steps = 0
+        if self.hopeless_steps >= self.reprobe_every:  # due until a probe is made (a step may have no proposal)
             self.idle_steps = 1 << 30  # the plan that follows probes one row, whatever the probe costs
             return False
         self.skipped_steps += 1
@@ -246,10 +250,12 @@ class SpecPolicy:
             t_now = tm.predict(num_decoding, mixed_anyway)
             extra = max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) + first.get(rid, 0.0) + pass_seconds
             if self.idle_steps >= max(self.explore_every, extra / (self.probe_share * t_now)):
-                self.idle_steps = 0
+                self.idle_steps = self.hopeless_steps = 0
                 return {rid: 1}
         else:
             self.idle_steps = 0
+            if best_n:
+                self.hopeless_steps = 0
         plan: dict[str, int] = {}
         for _, rid in cand[:best_n]:
             plan[rid] = plan.get(rid, 0) + 1
