@@ -18,7 +18,8 @@ from inferd.errors import InvalidRequestError
 @pytest.fixture
 def always_propose(monkeypatch):
     """Verify every available proposal, so the tests exercise verification whatever the timings say."""
-    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None: dict(available))
+    monkeypatch.setattr(SpecPolicy, "plan", lambda self, available, n, mixed, pass_s=0.0, first=None, critical=None: dict(available))
+    monkeypatch.setattr(SpecPolicy, "skip_step", lambda self, *args, **kw: False)
 
 
 def _llm(tiny_hf, spec: bool, **kw) -> LLM:
@@ -92,6 +93,114 @@ def test_step_time_model_fits_and_policy_switches_off_when_it_would_not_pay():
     a0 = pol.alpha("y")
     pol.record("y", 0, 0)  # not tried: drifts back toward the workload's rate, so it is tried again later
     assert pol.alpha("y") > a0
+
+
+def test_policy_never_verifies_into_an_unmeasured_larger_step_and_stops_at_a_row_cliff():
+    """A fused kernel that takes at most 16 rows: 17 rows cost half a step more. Nothing in the measurements up to
+    16 rows foresees that, so a plan may go one row past the largest measured step, never further; once that row
+    is measured the batch at the limit stops speculating (nothing proposed, the step counted as skipped), and
+    re-probes one row only every reprobe_every such steps."""
+    def step_time(tokens: int) -> float:
+        return 0.016 + 0.0001 * tokens if tokens <= 16 else 0.024 + 0.0005 * tokens
+
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 4)  # proposals always land: only the step time can stop verification
+    for t in (1, 2, 3):  # a single-stream warm-up
+        pol.time_model.observe(t, False, step_time(t))
+    avail = {f"s{i}": 4 for i in range(16)}
+    assert pol.plan(avail, 16, False) == {}  # 16 rows never measured: no verification there yet
+    assert not pol.time_model.within_reach(16, False) and pol.time_model.within_reach(4, False)
+    grown, steps = [], 0
+    while steps < 200:
+        if pol.skip_step(16, False, 64, 16):  # the step runs its 16 rows anyway, and is measured
+            pol.time_model.observe(16, False, step_time(16))
+            steps += 1
+            continue
+        plan = pol.plan(avail, 16, False)
+        rows = 16 + sum(plan.values())
+        assert rows <= pol.time_model.largest[False] + 1  # at most one row past what was measured
+        grown.append(rows)
+        pol.time_model.observe(rows, False, step_time(rows))
+        for rid, k in plan.items():
+            pol.record(rid, k, k)
+        steps += 1
+    assert grown.count(17) >= 1  # the cliff was measured once, on one extra row
+    assert max(grown) == 17  # and never more rows there
+    # after that: no step verifies, nearly all are skipped without proposing, re-probes are rare
+    assert pol.skipped_steps >= 190
+    assert grown[5:].count(17) <= 1 + 200 // pol.reprobe_every
+    # fewer sequences than the limit: the spare rows are within what was measured and verification pays again
+    assert pol.could_pay(12, False, 48, 12)
+    assert 0 < sum(pol.plan({f"s{i}": 4 for i in range(12)}, 12, False).values()) <= 5
+
+
+def test_step_time_model_sees_each_small_step_size():
+    """The bf16 GEMM's row chunks (at most 5 rows per pass over a weight block) make a step's cost move in steps at
+    a few rows (16 rows: four passes against 15's three). The model keeps each small size apart, so 14 decoding sequences get one verification row
+    (15 rows, as cheap as 14), not two (16 rows, costing more than the second proposal is likely to give)."""
+    def step_time(rows: int) -> float:
+        return 0.010 + 0.003 * -(-rows // 5)
+
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 3)  # 3 of 4 tested positions land: alpha 0.75
+    for rows in range(1, 18):
+        pol.time_model.observe(rows, False, step_time(rows))
+    assert pol.time_model.predict(15, False) == pytest.approx(step_time(15))
+    assert pol.time_model.predict(16, False) == pytest.approx(step_time(16))
+    assert sum(pol.plan({f"s{i}": 4 for i in range(14)}, 14, False).values()) == 1
+    # the old power-of-two buckets pooled 9..16 rows into one median: 16 rows looked as cheap as 14
+    coarse = SpecPolicy(4)
+    coarse._workload, coarse.time_model = pol._workload, StepTimeModel(exact_upto=0)
+    for rows in range(1, 18):
+        coarse.time_model.observe(rows, False, step_time(rows))
+    assert sum(coarse.plan({f"s{i}": 4 for i in range(14)}, 14, False).values()) >= 2
+
+
+def test_closed_batch_values_tokens_off_its_critical_path_at_a_rows_cost():
+    """Nothing waiting: the batch lasts as long as its sequences with the most tokens left. A token accepted for
+    another one spares a later row, not a step: valued at the step time's slope per row against the average time
+    per sequence, so at best it pays for the row it costs, and is not verified however cheap rows are."""
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 4)  # alpha ~1: every proposal lands
+    for rows in range(1, 10):
+        pol.time_model.observe(rows, False, 0.010 + 0.001 * rows)  # a row costs 1 ms, a sequence 3.5 ms on average
+    avail = {"long": 1, "short": 1}
+    assert pol.plan(avail, 4, False) == avail  # tokens all count (a request waiting, or no budgets known)
+    assert pol.plan(avail, 4, False, critical={"long"}) == {"long": 1}
+    assert pol.plan(avail, 4, False, critical={"long", "short"}) == avail
+    flat = SpecPolicy(4)
+    flat._workload = pol._workload
+    for rows in range(1, 10):
+        flat.time_model.observe(rows, False, 0.010 + 0.00002 * rows)  # rows nearly free
+    assert flat.plan(avail, 4, False, critical={"long"}) == {"long": 1}
+    assert flat.plan(avail, 4, False) == avail
+
+
+def test_one_stalled_step_does_not_price_a_step_size_out():
+    """A shared machine stalls a step now and then (only ever adding time). A size measured once, stalled, would
+    make verification look hopeless for good: below 3 steps the fastest stands in for the median; a re-probe that
+    finds no proposal to verify stays due until one is made."""
+    pol = SpecPolicy(4)
+    for _ in range(20):
+        pol.record("warm", 4, 3)
+    for _ in range(5):
+        pol.time_model.observe(1, False, 0.010)
+    pol.time_model.observe(2, False, 0.080)  # the first 2-row step, stalled by another process
+    assert pol.skip_step(1, False, 4, 1)  # one stalled sample: verification looks hopeless for now
+    pol.time_model.observe(2, False, 0.0105)  # re-measured
+    assert not pol.skip_step(1, False, 4, 1) and pol.plan({"a": 4}, 1, False)
+    pol.time_model.observe(2, False, 0.080)
+    pol.time_model.observe(2, False, 0.080)
+    assert pol.skip_step(1, False, 4, 1)  # stalled most of the time: the median says so
+    for _ in range(pol.reprobe_every + 5):
+        pol.skip_step(1, False, 4, 1)
+    assert not pol.skip_step(1, False, 4, 1)  # due
+    assert pol.plan({}, 1, False) == {}  # no proposal this step
+    assert not pol.skip_step(1, False, 4, 1) and pol.plan({"a": 4}, 1, False) == {"a": 1}  # still due: probed
+    assert pol.skip_step(1, False, 4, 1)
 
 
 def test_a_proposer_that_fails_everywhere_is_priced_by_its_measured_rate():

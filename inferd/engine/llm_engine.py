@@ -279,12 +279,17 @@ class LLMEngine:
             k = min(policy.max_tokens, r.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens - 1)
             if k > 0:
                 wanted[r.request_id] = (r.all_token_ids, k)
-        if proposer.cheap:  # prompt lookup: propose, then verify what pays
+        first_pass = None if proposer.cheap else proposer.first_pass_seconds(wanted)
+        if policy.skip_step(len(decoding), mixed, sum(k for _, k in wanted.values()), len(wanted),
+                            proposer.pass_seconds, min(first_pass.values(), default=0.0) if first_pass else 0.0):
+            plan, proposals = {}, {}  # not even proposals that all land could pay: propose nothing
+        elif proposer.cheap:  # prompt lookup: propose, then verify what pays
             proposals = proposer.propose_batch(wanted)
-            plan = policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed)
+            plan = policy.plan({rid: len(p) for rid, p in proposals.items()}, len(decoding), mixed,
+                               critical=self._critical(decoding, mixed))
         else:  # a draft model: decide how many first, then draft only those
             plan = policy.plan({rid: k for rid, (_, k) in wanted.items()}, len(decoding), mixed,
-                               proposer.pass_seconds, proposer.first_pass_seconds(wanted))
+                               proposer.pass_seconds, first_pass, self._critical(decoding, mixed))
             proposals = proposer.propose_batch({rid: (wanted[rid][0], k) for rid, k in plan.items()})
         for req in decoding:
             k = plan.get(req.request_id, 0)
@@ -292,6 +297,15 @@ class LLMEngine:
             k = len(req.spec_token_ids)
             if not k:
                 self.spec_policy.record(req.request_id, 0, 0)
+
+    def _critical(self, decoding: list[Request], mixed: bool) -> set[str] | None:
+        """With nothing waiting for a slot or prefilling (a closed batch of several sequences): the sequences with
+        the most tokens left in their budgets, whose length the batch lasts (see SpecPolicy.plan); else None."""
+        if mixed or len(decoding) < 2:
+            return None
+        left = {r.request_id: r.max_tokens - len(r.output_token_ids) for r in decoding}
+        most = max(left.values())
+        return {rid for rid, n in left.items() if n == most}
 
     def _count_spec(self, req: Request, proposed: int, accepted: int) -> None:
         self.spec_policy.record(req.request_id, proposed, accepted)

@@ -14,10 +14,18 @@ grows with its tokens) therefore switch speculation off by themselves, as does a
 verification costs, a policy that has verified nothing for `explore_every` steps verifies one proposal once: of
 the sequence likeliest to accept it, so the probe adds one row (probing every sequence of a large batch at once
 could push the step past the fused kernels' row limit: the most expensive step there is, to learn what it saves).
+
+Step sizes never measured are not trusted: a plan grows a step at most one row past the largest decode step measured
+(the cost past a kernel's row limit, e.g. the fused bf16 decoder's 16, is a cliff no extrapolation foresees), so
+each larger size is measured on one extra row before more rows go there. And when even proposals that always land
+could not raise tokens/s at the measured step times (a batch at the fused row limit, where one more row costs
+half a step), the step does not speculate at all: nothing is proposed, and only every `reprobe_every`-th such step
+probes one row, so a stale measurement can be corrected.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import statistics
 
@@ -26,30 +34,40 @@ class StepTimeModel:
     """Measured step time as a function of the step's tokens, kept separately for decode steps (decode and
     verification rows only: the fused decode path) and mixed steps (with prefill chunks).
 
-    The latest steps are kept per power-of-two bucket of tokens, their medians interpolated between buckets; a
-    step's cost is nearly flat while the weights' memory traffic dominates (a few rows) and grows once compute does, which one straight line fits badly. Where mixed steps of that size were never measured, the
+    The latest steps are kept per bucket of tokens (each size its own up to `exact_upto` tokens, then powers of
+    two), their medians interpolated between buckets; a step's cost is nearly flat while the weights' memory
+    traffic dominates (a few rows) and grows once compute does, which one straight line fits badly, and at a few
+    rows it moves in steps a coarse bucket hides (the bf16 GEMM splits the rows into chunks of at most 5 per pass
+    over each weight block: 16 rows are four passes against 15's three, a step ~14% slower in one measurement). Where mixed steps of that size were never measured, the
     pure-decode curve stands in, and past the largest measured size the last segment's slope (flat from a single
     point): optimistic where nothing is known, so verification gets tried, measured, and then judged.
     """
 
-    def __init__(self, window: int = 15):
-        self.window = window
+    def __init__(self, window: int = 15, exact_upto: int = 32):
+        self.window, self.exact_upto = window, exact_upto
         # mixed? → {bucket: the latest (tokens, seconds) of steps that fell in that bucket}
         self.buckets: dict[bool, dict[int, collections.deque]] = {False: {}, True: {}}
         self._medians: dict[bool, dict[int, tuple[float, float]]] = {False: {}, True: {}}  # per bucket
         self._points: dict[bool, list[tuple[float, float]]] = {}
+        self._xs: dict[bool, list[float]] = {}  # the points' tokens, for bisect
         self.prior = 0.05  # seconds, for a step before anything was measured
+        self.largest = {False: 0, True: 0}  # the most tokens of a measured step, per kind
 
-    @staticmethod
-    def _bucket(tokens: int) -> int:
-        return 1 << max(tokens - 1, 0).bit_length()
+    def _bucket(self, tokens: int) -> int:
+        return tokens if tokens <= self.exact_upto else 1 << max(tokens - 1, 0).bit_length()
 
     def observe(self, tokens: int, mixed: bool, seconds: float) -> None:
         table, b = self.buckets[mixed], self._bucket(tokens)
         q = table.setdefault(b, collections.deque(maxlen=self.window))
         q.append((tokens, seconds))
-        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost)
-        self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+        self.largest[mixed] = max(self.largest[mixed], tokens)
+        # only this bucket's medians change: recomputed here, once per step (the engine's per-step cost). Under 3
+        # steps a median is no defence against a step stalled by another process (stalls only ever add time): the
+        # fastest of them stands in until then, so one stalled probe does not price a step size out for good
+        if len(q) >= 3:
+            self._medians[mixed][b] = (statistics.median(t for t, _ in q), statistics.median(s for _, s in q))
+        else:
+            self._medians[mixed][b] = min(q, key=lambda ts: ts[1])
         self._points.pop(mixed, None)
 
     def points(self, mixed: bool) -> list[tuple[float, float]]:
@@ -59,10 +77,11 @@ class StepTimeModel:
         pts = self._points.get(mixed)
         if pts is None:
             pts = self._points[mixed] = sorted(self._medians[mixed].values())
+            self._xs[mixed] = [x for x, _ in pts]
         return pts
 
-    @staticmethod
-    def _curve(tokens: int, pts: list[tuple[float, float]]) -> float | None:
+    def _curve(self, tokens: int, mixed: bool) -> float | None:
+        pts = self.points(mixed)
         if not pts:
             return None
         if tokens <= pts[0][0]:
@@ -72,19 +91,27 @@ class StepTimeModel:
                 return pts[0][1]
             (x0, y0), (x1, y1) = pts[-2], pts[-1]
             return y1 + max(y1 - y0, 0.0) / max(x1 - x0, 1e-9) * (tokens - x1)
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if x0 <= tokens <= x1:
-                return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
-        return pts[-1][1]
+        i = bisect.bisect_left(self._xs[mixed], tokens)  # pts[i - 1][0] < tokens <= pts[i][0]
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return y0 + (tokens - x0) / max(x1 - x0, 1e-9) * (y1 - y0)
+
+    def within_reach(self, tokens: int, mixed: bool) -> bool:
+        """Whether predict(tokens, mixed) rests on measurements: interpolated, or at most one row past the
+        largest decode step measured (mixed steps, priced on their own curve once measured at that size, carry
+        prefill chunks already on the multi-token path)."""
+        mixed_pts = self.points(True)
+        if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
+            return tokens <= self.largest[True] + 1
+        return tokens <= self.largest[False] + 1
 
     def predict(self, tokens: int, mixed: bool) -> float:
         mixed_pts = self.points(True)
         if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
-            t = self._curve(tokens, mixed_pts)
+            t = self._curve(tokens, True)
         else:
-            t = self._curve(tokens, self.points(False))
+            t = self._curve(tokens, False)
             if t is None:
-                t = self._curve(tokens, mixed_pts)
+                t = self._curve(tokens, True)
         return self.prior if t is None else t
 
 
@@ -99,6 +126,12 @@ class SpecPolicy:
         # `explore_every`-th step that would verify nothing verifies one proposal anyway (one row: see above)
         self.explore_every, self.idle_steps = explore_every, 0
         self.probe_share = 0.02  # the most of the time probes may cost (see plan)
+        # a plan must promise this much more tokens/s than not verifying: the time model's medians carry noise (a
+        # step size seen a few times on a shared machine), and a marginal verification mistaken is a loss
+        self.margin = 0.02
+        # a step where verification cannot pay even at full acceptance (see could_pay) probes this rarely
+        self.reprobe_every, self.hopeless_steps = 256, 0
+        self.skipped_steps = 0  # steps that did not speculate because nothing could pay (a counter, for tests)
         self.decay, self.relax = decay, relax
         self.acceptance: dict[str, float] = {}  # request id → estimated chance a proposed token is accepted
         # the same over every sequence's runs, slower to move: where a new sequence starts and where an untried one
@@ -133,28 +166,73 @@ class SpecPolicy:
         acc, tested = self._workload
         return acc / tested
 
+    def could_pay(self, num_decoding: int, mixed_anyway: bool, max_rows: int, num_seqs: int,
+                  pass_seconds: float = 0.0, first_seconds: float = 0.0) -> bool:
+        """Whether verifying up to `max_rows` proposals of `num_seqs` sequences could raise the step's tokens/s if
+        every proposal landed, at the measured (or one-row-past-measured) step times; `first_seconds`: the
+        cheapest first-proposal cost (a draft model's catch-up)."""
+        tm = self.time_model
+        base = num_decoding / tm.predict(num_decoding, mixed_anyway)
+        for n in range(1, max_rows + 1):
+            if not tm.within_reach(num_decoding + n, mixed_anyway):
+                break
+            longest = -(-n // max(num_seqs, 1))
+            t = tm.predict(num_decoding + n, mixed_anyway) + pass_seconds * longest + first_seconds
+            if (num_decoding + n) / t > base:
+                return True
+        return False
+
+    def skip_step(self, num_decoding: int, mixed_anyway: bool, max_rows: int, num_seqs: int,
+                  pass_seconds: float = 0.0, first_seconds: float = 0.0) -> bool:
+        """True: the coming step does not speculate (nothing is proposed), because not even proposals that all land
+        could pay; every `reprobe_every`-th such step is let through to plan (and its probe), so the measurement
+        that priced verification out is taken again now and then."""
+        if max_rows <= 0 or self.could_pay(num_decoding, mixed_anyway, max_rows, num_seqs, pass_seconds,
+                                           first_seconds):
+            self.hopeless_steps = 0
+            return False
+        self.hopeless_steps += 1
+        if self.hopeless_steps >= self.reprobe_every:  # due until a probe is made (a step may have no proposal)
+            self.idle_steps = 1 << 30  # the plan that follows probes one row, whatever the probe costs
+            return False
+        self.skipped_steps += 1
+        return True
+
     def plan(self, available: dict[str, int], num_decoding: int, mixed_anyway: bool,
-             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None) -> dict[str, int]:
+             pass_seconds: float = 0.0, first_seconds: dict[str, float] | None = None,
+             critical: set[str] | None = None) -> dict[str, int]:
         """How many of its available proposals each sequence sends into the coming step (absent: none).
         `num_decoding`: sequences that will sample a token; `mixed_anyway`: the step has prefill work regardless
         (so verification rows add no fixed cost); `pass_seconds`: what making one more proposal per sequence
         costs (a draft model's forward pass; 0 for prompt lookup); `first_seconds`: what a sequence's first
-        proposal costs on top (a draft model catching its cache up with the sequence)."""
+        proposal costs on top (a draft model catching its cache up with the sequence).
+        `critical`: when no request waits for a slot (a closed batch), the sequences with the most tokens left to
+        go (by their budgets): the batch lasts as long as they do. A token accepted for another sequence does not
+        shorten the batch, it only spares that sequence one row of a later step, so it is valued at what a row
+        costs (the measured step time's slope) against what a step's tokens cost on average (None: every
+        sequence's tokens count in full, as when finishing one lets a waiting request in)."""
         first = first_seconds or {}
-        cand = []  # (acceptance chance of this draft, request id)
+        tm = self.time_model
+        w_other = 1.0
+        if critical is not None and num_decoding > 0:
+            t_now = tm.predict(num_decoding, mixed_anyway)
+            w_other = min(max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) / (t_now / num_decoding), 1.0)
+        cand = []  # (expected value of this draft: its acceptance chance, weighted; request id)
         for rid, n_avail in available.items():
             a = self.alpha(rid)
+            w = w_other if critical is not None and rid not in critical else 1.0
             p = 1.0
             for _ in range(min(n_avail, self.max_tokens)):
                 p *= a
                 if p < self.min_chance:
                     break
-                cand.append((p, rid))
+                cand.append((p * w, rid))
         cand.sort(key=lambda x: -x[0])
-        tm = self.time_model
-        best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway)
+        best_rate = num_decoding / tm.predict(num_decoding, mixed_anyway) * (1 + self.margin)
         best_n, gain, depth, longest, catch_up = 0, 0.0, {}, 0, 0.0
         for n, (p, rid) in enumerate(cand, 1):
+            if not tm.within_reach(num_decoding + n, mixed_anyway):  # never past one row beyond what was measured
+                break
             gain += p
             depth[rid] = depth.get(rid, 0) + 1
             longest = max(longest, depth[rid])
@@ -172,10 +250,12 @@ class SpecPolicy:
             t_now = tm.predict(num_decoding, mixed_anyway)
             extra = max(tm.predict(num_decoding + 1, mixed_anyway) - t_now, 0.0) + first.get(rid, 0.0) + pass_seconds
             if self.idle_steps >= max(self.explore_every, extra / (self.probe_share * t_now)):
-                self.idle_steps = 0
+                self.idle_steps = self.hopeless_steps = 0
                 return {rid: 1}
         else:
             self.idle_steps = 0
+            if best_n:
+                self.hopeless_steps = 0
         plan: dict[str, int] = {}
         for _, rid in cand[:best_n]:
             plan[rid] = plan.get(rid, 0) + 1
