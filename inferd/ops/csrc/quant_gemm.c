@@ -143,6 +143,135 @@ static int q4_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
     return 0;
 }
 
+// The 4-bit bodies of q4_gemm and of qk_gemm / qk_gemm_ks at 4 bits with a scale and min per 32 (Q4_K): the same
+// nibble layout (q4rows16) and the same per-group (d, m) vectors (qk_scales512 with one sub-group reads both).
+// Register tiles of MR activation rows × NB row blocks (16 · NB outputs): each unpacked weight vector feeds MR
+// rows and each broadcast activation word NB row blocks, every accumulator stays in a register, and the MR · NB
+// int32 sums of a group are independent vpdpbusd chains. The integer sums are exact and the float steps those of
+// one row at a time (acc += Σ·(d·dx), then acc += m·sx), so every row is bit-identical to a one-row call (and to
+// the AVX2 body). Scales come from `sc` ((G, NB, [d, m], 16) fp32, made once per row-block group when several
+// tiles share it) or, with sc NULL, are converted in the tile.
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, __m512 *dv, __m512 *mv);
+
+#define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR and NB constant after inlining
+                       // they are registers)
+
+static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const qact *a, int64_t m0,
+                                                         int K, const uint8_t *w, const uint16_t *dm,
+                                                         const int8_t *scm, const uint16_t *sb, const float *sc,
+                                                         int64_t rb, void *y, int N, int is_bf16) {
+    const int G = K / 32;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 acc[Q4_TILE_MAX][4];
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i s[Q4_TILE_MAX][4];
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+            _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) s[r][b] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {  // chunk c: low nibbles ↔ activations 8c..8c+3,
+            __m512i lo[4], hi[4];                                // high nibbles ↔ 8c+4..8c+7
+            _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) {
+                const __m512i wc = _mm512_loadu_si512((const __m512i *)(w + ((rb + b) * G + g) * 256 + 64 * c));
+                lo[b] = _mm512_and_si512(wc, mask);
+                hi[b] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+                const int32_t *xg = (const int32_t *)(a->xq + (m0 + r) * K + g * 32);
+                const __m512i xl = _mm512_set1_epi32(xg[2 * c]), xh = _mm512_set1_epi32(xg[2 * c + 1]);
+                _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) {
+                    s[r][b] = _mm512_dpbusd_epi32(s[r][b], lo[b], xl);
+                    s[r][b] = _mm512_dpbusd_epi32(s[r][b], hi[b], xh);
+                }
+            }
+        }
+        __m512 d[4], mv[4];
+        _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) {
+            if (sc) {
+                d[b] = _mm512_loadu_ps(sc + ((int64_t)g * NB + b) * 32);
+                mv[b] = _mm512_loadu_ps(sc + ((int64_t)g * NB + b) * 32 + 16);
+            } else {
+                qk_scales512(dm, scm, sb, rb + b, G, g, 1, &d[b], &mv[b]);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+            const __m512 dxv = _mm512_set1_ps(a->dx[(m0 + r) * G + g]), sxv = _mm512_set1_ps(a->sx[(m0 + r) * G + g]);
+            _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) {
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][b]), _mm512_mul_ps(d[b], dxv), acc[r][b]);
+                acc[r][b] = _mm512_fmadd_ps(mv[b], sxv, acc[r][b]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++)
+            vf_store(y, (m0 + r) * N + (rb + b) * 16, acc[r][b], is_bf16);
+}
+
+#ifndef Q4_MR
+#define Q4_MR 4  // activation rows per register tile: 2 · MR · NB accumulators of the 32 zmm registers
+#endif
+#define Q4_NB 2  // row blocks per tile
+
+// One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
+static inline __attribute__((always_inline)) void q4_rows(const int NB, const qact *a, int M, int K,
+                                                         const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                                                         const uint16_t *sb, const float *sc, int64_t rb, void *y,
+                                                         int N, int is_bf16) {
+    int64_t m0 = 0;
+    for (; m0 + Q4_MR <= M; m0 += Q4_MR) q4_tile(Q4_MR, NB, a, m0, K, w, dm, scm, sb, sc, rb, y, N, is_bf16);
+    switch (M - m0) {
+#if Q4_MR > 4
+        case 4: q4_tile(4, NB, a, m0, K, w, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+#endif
+        case 3: q4_tile(3, NB, a, m0, K, w, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, a, m0, K, w, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, a, m0, K, w, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        default: break;
+    }
+}
+
+// y (M, N) = x (M, K) · Wᵀ for 4-bit weights (see q4_tile). Threads take groups of Q4_NB row blocks; within one,
+// the rows pass in tiles while its weights (NB · K/2 bytes) stay in L1/L2, so DRAM reads each weight once. With
+// more than one tile, the group's scales are converted to fp32 once (a per-thread buffer) instead of per tile.
+static int q4_gemm_tiled(const qact *a, int M, const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                         const uint16_t *sb, void *y, int N, int K, int is_bf16) {
+    const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32;
+    int failed = 0;
+#pragma omp parallel for schedule(static)
+    for (int gr = 0; gr < ngr; gr++) {
+        static __thread float *buf = NULL;  // (G, NB, [d, m], 16)
+        static __thread int cap = 0;
+        const int64_t rb = (int64_t)gr * Q4_NB;
+        const int nb = nrb - rb < Q4_NB ? (int)(nrb - rb) : Q4_NB;
+        const float *sc = NULL;
+        if (M > Q4_MR) {
+            if (cap < G * Q4_NB * 32) {
+                free(buf);
+                buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)G * Q4_NB * 32);
+                cap = buf ? G * Q4_NB * 32 : 0;
+            }
+            if (buf) {
+                for (int g = 0; g < G; g++)
+                    for (int b = 0; b < nb; b++) {
+                        __m512 d, mv;
+                        qk_scales512(dm, scm, sb, rb + b, G, g, 1, &d, &mv);
+                        _mm512_storeu_ps(buf + ((int64_t)g * nb + b) * 32, d);
+                        _mm512_storeu_ps(buf + ((int64_t)g * nb + b) * 32 + 16, mv);
+                    }
+                sc = buf;
+            }
+        }
+        if (nb == Q4_NB)
+            q4_rows(Q4_NB, a, M, K, w, dm, scm, sb, sc, rb, y, N, is_bf16);
+        else if (nb == 1)
+            q4_rows(1, a, M, K, w, dm, scm, sb, sc, rb, y, N, is_bf16);
+        else
+            failed = 1;  // unreachable while Q4_NB is 2
+    }
+    return failed ? -1 : 0;
+}
+
 // ---- int8 weights with a scale per group of 32 (llama.cpp's Q8_0), row-interleaved for AVX512-VNNI ----
 // Layout: w[N/16][K/4][16][4] bytes holding q + 128 (unsigned): one 64-byte load = 4 consecutive k of 16 rows,
 // so a vpdpbusd lane is a row and no horizontal sums are needed; d: fp16 [N/16][K/32][16]. Activations are
@@ -515,7 +644,7 @@ int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y,
     qact a;
     if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_vnni(&a, M, w, dm, y, N, K, is_bf16);
+    return q4_gemm_tiled(&a, M, w, dm, NULL, NULL, y, N, K, is_bf16);
 #else
     return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16);
 #endif
@@ -571,6 +700,7 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
 #if defined(HAVE_VNNI)
+    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, M, w, dm, scm, sb, y, N, K, is_bf16);
     return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #else
     return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
