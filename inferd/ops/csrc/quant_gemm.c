@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
-    const int G = K / 32;
+    const int G = K / 32, SPLIT = NS == 1 && MR <= 2;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 acc[Q4_TILE_MAX][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
@@ -126,9 +126,11 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         __m512i s[Q4_TILE_MAX][2][2];
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
-                _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) s[r][b][h] = _mm512_setzero_si512();
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++) s[r][b][h] = _mm512_setzero_si512();
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {  // vectors 2c, 2c+1 ↔ activation words 2c, 2c+1
-            const int h = NS == 2 && c >= 2;                    // sub-group of 16: vectors 0-3, then 4-7
+            // sub-group of 16: vectors 0-3, then 4-7; one sub-group and few rows: two chains (c even, odd) per output
+            // vector, so the vpdpbusd latency is hidden with few independent sums
+            const int h = NS == 2 ? c >= 2 : (SPLIT && (c & 1));
             __m512i lo[2], hi[2];
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
                 if (MODE == 2) {
@@ -166,7 +168,8 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
             const __m512 dxv = _mm512_set1_ps(a->dx[i]);
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
                 if (NS == 1) {
-                    acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][b][0]), _mm512_mul_ps(d[b][0], dxv), acc[r][b]);
+                    const __m512i si = SPLIT ? _mm512_add_epi32(s[r][b][0], s[r][b][1]) : s[r][b][0];
+                    acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d[b][0], dxv), acc[r][b]);
                     acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
                 } else {
                     __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][b][0]), d[b][0]);
