@@ -101,8 +101,8 @@ typedef struct {
 // row blocks (16 · NB outputs): each weight vector feeds MR rows and each broadcast activation word NB row blocks,
 // every accumulator stays in a register across the whole K, and the int32 sums of a group are MR · NB · NS
 // independent vpdpbusd chains. Weights come either as q4rows16 nibbles unpacked in the tile (4 bits) or from `uw`,
-// the group's weights unpacked once to bytes ((G, NB, 8, 64), shared by every tile); scales from `sc` ((G, NB,
-// [d, m], NS, 16) fp32, converted once when several tiles share them) or converted in the tile. The integer sums are
+// (BUF) the weights unpacked once to bytes ((G, NB, 8, 64), shared by every tile) with their scales from `sc`
+// ((G, NB, [d, m], NS, 16) fp32, converted once); without BUF the scales are converted in the tile. The integer sums are
 // exact and the float steps those of qk_gemm_vnni for one row, in the same order, so every row is bit-identical to a
 // one-row call (and to the AVX2 body).
 static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
@@ -112,7 +112,7 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
 #define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
                        // they are registers)
 
-static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int MODE,
+static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
                                                          const qact *a,
                                                          const float *sx16, int64_t m0, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
                 _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++) s[r][b][h] = _mm512_setzero_si512();
-        if (MODE < 2 && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
+        if (!BUF && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
                 _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
                     _mm_prefetch((const char *)(w + ((rb + b) * G + g + Q4_PREFETCH) * 256 + 64 * c), _MM_HINT_T0);
@@ -138,7 +138,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
             const int h = NS == 2 ? c >= 2 : (SPLIT && (c & 1));
             __m512i lo[2], hi[2];
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
-                if (MODE == 2) {
+                if (BUF) {
                     lo[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c) * 64));
                     hi[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c + 1) * 64));
                 } else {
@@ -158,7 +158,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         }
         __m512 d[2][2], mv[2][2];
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
-            if (MODE >= 1) {
+            if (BUF) {
                 const float *sp = sc + ((int64_t)g * NB + b) * 32 * NS;
                 _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) {
                     d[b][h] = _mm512_load_ps(sp + 16 * h);
@@ -197,21 +197,21 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
 #define Q4_NB 2  // row blocks per tile
 
 // One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
-static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int MODE, const qact *a,
+static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const qact *a,
                                                          const float *sx16, int M, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR)
-        q4_tile(Q4_MR, NB, NS, MODE, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+        q4_tile(Q4_MR, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
     switch (M - m0) {
 #if Q4_MR > 4
-        case 4: q4_tile(4, NB, NS, MODE, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 4: q4_tile(4, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
 #endif
-        case 3: q4_tile(3, NB, NS, MODE, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 2: q4_tile(2, NB, NS, MODE, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 1: q4_tile(1, NB, NS, MODE, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 3: q4_tile(3, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         default: break;
     }
 }
@@ -220,9 +220,9 @@ static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v);
 
 // y (M, N) = x (M, K) · Wᵀ (see q4_tile) for `bits`-bit weights in the qkrows16 layout (q4rows16 at 4 bits) with
 // ns sub-groups per 32. Threads take groups of Q4_NB row blocks; within one, the rows pass in tiles while its
-// weights stay in L1/L2, so DRAM reads each weight once. With more than one tile (or more than 4 bits), the
-// group's scales are converted to fp32 once, and weights of more than 4 bits unpacked to bytes once, into
-// per-thread buffers.
+// weights stay in L1/L2, so DRAM reads each weight once. Weights of more than 4 bits or with sub-groups of 16 are
+// unpacked to bytes and their scales converted to fp32 once per row-block group, into per-thread buffers (at 4 bits
+// with one sub-group, unpacking and converting in each tile measured faster).
 static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                          const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
@@ -236,7 +236,7 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
         const int nb = nrb - rb < Q4_NB ? (int)(nrb - rb) : Q4_NB;
         const float *sc = NULL;
         const uint8_t *uw = NULL;
-        if (M > Q4_MR || bits > 4 || ns > 1) {
+        if (bits > 4 || ns > 1) {  // (at 4 bits converting the scales in the tile measured faster)
             if (scap < G * Q4_NB * 64) {
                 free(scb);
                 scb = (float *)aligned_alloc(64, sizeof(float) * (size_t)G * Q4_NB * 64);
@@ -275,19 +275,16 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
                 }
             uw = uwb;
         }
-#define Q4_ROWS(NB, NS, MODE) q4_rows(NB, NS, MODE, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
-        // MODE: 0 everything converted in the tile (4 bits, one tile), 1 scales from sc, 2 weights from uw too
-        const int mode = uw ? 2 : sc ? 1 : 0;
+#define Q4_ROWS(NB, NS, BUF) q4_rows(NB, NS, BUF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
+        // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
         if (nb == 2) {
-            if (mode == 0) Q4_ROWS(2, 1, 0);
-            else if (mode == 1) Q4_ROWS(2, 1, 1);
-            else if (ns == 1) Q4_ROWS(2, 1, 2);
-            else Q4_ROWS(2, 2, 2);
+            if (!uw) Q4_ROWS(2, 1, 0);
+            else if (ns == 1) Q4_ROWS(2, 1, 1);
+            else Q4_ROWS(2, 2, 1);
         } else {
-            if (mode == 0) Q4_ROWS(1, 1, 0);
-            else if (mode == 1) Q4_ROWS(1, 1, 1);
-            else if (ns == 1) Q4_ROWS(1, 1, 2);
-            else Q4_ROWS(1, 2, 2);
+            if (!uw) Q4_ROWS(1, 1, 0);
+            else if (ns == 1) Q4_ROWS(1, 1, 1);
+            else Q4_ROWS(1, 2, 1);
         }
 #undef Q4_ROWS
     }
