@@ -26,8 +26,11 @@ import torch
 from inferd.ops import kernels as kmod
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+          "head": (49152, 2048),  # the tied head of the 1B files (Q6_K in all three)
           "l2": (256, 2048)}  # l2: weights that stay in L2 (the kernel's compute rate without DRAM)
 TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
+LAYER_SHAPES = ("qkv", "o", "gate_up", "down")
+LAYERS = 16
 
 
 def build_old(ref: str, tier: str, tmp: Path) -> ctypes.CDLL:
@@ -100,7 +103,7 @@ def main() -> None:
     ap.add_argument("--old", default="d24d462", help="the commit to compare with ('' for none)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 64])
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=3, help="alternating old/new rounds (the median is shown)")
     ap.add_argument("--min-s", type=float, default=0.05, help="seconds of calls per timing")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -118,6 +121,7 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, tier {kern.tier}, "
           f"OMP threads {os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, {args.clock} clock, load {load:.2f} (at start)")
     g = torch.Generator().manual_seed(0)
+    secs: dict[tuple[str, str, str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"new": kern.lib}
         if args.old:
@@ -137,10 +141,21 @@ def main() -> None:
                         for name, lib in libs.items():
                             times[name].append(time_one(lib, typ, x, ops, extra, y, args.min_s, clock))
                     gops = {name: 2 * m * n * k / statistics.median(t) / 1e9 for name, t in times.items()}
+                    for name, t in times.items():
+                        secs[(name, typ, shape, m)] = statistics.median(t)
                     row = f"| {typ} | {shape} {n}×{k} | {m} | " + " | ".join(f"{v:.0f}" for v in gops.values())
                     if "old" in gops:
                         row += f" | {gops['new'] / gops['old']:.2f}x"
                     print(row + " |", flush=True)
+    # the GEMM time of one decode step of the 1B (16 layers of one type, the Q6_K head) where it was all measured
+    for typ in args.types:
+        for m in args.rows:
+            for name in libs:
+                parts = [secs.get((name, typ, sh, m)) for sh in LAYER_SHAPES]
+                head = secs.get((name, "Q6_K", "head", m))
+                if None not in parts and head is not None:
+                    print(f"# {name}: {typ} layers + Q6_K head, {m} rows: {(LAYERS * sum(parts) + head) * 1e3:.1f} ms "
+                          f"of GEMMs per step ({args.clock} time)")
     print(f"# load {os.getloadavg()[0]:.2f} (at end)")
 
 
