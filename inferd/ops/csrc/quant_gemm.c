@@ -96,51 +96,204 @@ typedef struct {
 // |x|max/127); y = Σ_g dx_g (d_g Σ q·xq + m_g Σ xq). No horizontal sums: 16 outputs per accumulator.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
-// y (M, N) = x (M, K) · Wᵀ for any M (decode and prefill: the same numerics everywhere). Each thread takes row blocks; for each, the rows of x pass over its weights in
-// chunks of Q4_MCHUNK (the block's weights stay in L1 between chunks), so DRAM reads each weight once.
-static int q4_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
-    const int G = K / 32;
-    const int8_t *xqp = a->xq;
-    const float *dx = a->dx, *sx = a->sx;
-#pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
-        const __m512i mask = _mm512_set1_epi8(0x0F);
-        const uint8_t *wb = w + (int64_t)rb * G * 256;
-        const uint16_t *db = dm + (int64_t)rb * G * 32;
-        for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
-            const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
-            __m512 acc[Q4_MCHUNK];
-            for (int m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
-            for (int g = 0; g < G; g++) {
-                const __m512i *wp = (const __m512i *)(wb + (int64_t)g * 256);
-                const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 1);
-                const __m512i w2 = _mm512_loadu_si512(wp + 2), w3 = _mm512_loadu_si512(wp + 3);
-                const __m512i l0 = _mm512_and_si512(w0, mask), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask);
-                const __m512i l1 = _mm512_and_si512(w1, mask), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);
-                const __m512i l2 = _mm512_and_si512(w2, mask), h2 = _mm512_and_si512(_mm512_srli_epi16(w2, 4), mask);
-                const __m512i l3 = _mm512_and_si512(w3, mask), h3 = _mm512_and_si512(_mm512_srli_epi16(w3, 4), mask);
-                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32)));
-                const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(db + g * 32 + 16)));
-                for (int m = 0; m < mc; m++) {
-                    const int64_t row = m0 + m;
-                    const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
-                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_set1_epi32(xg[0]));
-                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l1, _mm512_set1_epi32(xg[2]));
-                    s0 = _mm512_dpbusd_epi32(s0, h0, _mm512_set1_epi32(xg[1]));
-                    s1 = _mm512_dpbusd_epi32(s1, h1, _mm512_set1_epi32(xg[3]));
-                    s0 = _mm512_dpbusd_epi32(s0, l2, _mm512_set1_epi32(xg[4]));
-                    s1 = _mm512_dpbusd_epi32(s1, l3, _mm512_set1_epi32(xg[6]));
-                    s0 = _mm512_dpbusd_epi32(s0, h2, _mm512_set1_epi32(xg[5]));
-                    s1 = _mm512_dpbusd_epi32(s1, h3, _mm512_set1_epi32(xg[7]));
-                    const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                    acc[m] = _mm512_fmadd_ps(sf, _mm512_mul_ps(d, _mm512_set1_ps(dx[row * G + g])), acc[m]);
-                    acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[row * G + g]), acc[m]);
+// The bodies of q4_gemm and qk_gemm / qk_gemm_ks at 4 bits with a scale and min per 32 (Q4_0, Q4_1, Q4_K), and of
+// qk_gemm at 5/6 bits or per 16 (Q5_K, Q6_K) for more than Q4_MR rows. Register tiles of MR activation rows × NB
+// row blocks (16 · NB outputs): each weight vector feeds MR rows and each broadcast activation word NB row blocks,
+// every accumulator stays in a register across the whole K, and the int32 sums of a group are MR · NB · NS
+// independent vpdpbusd chains. Weights come either as q4rows16 nibbles unpacked in the tile (4 bits) or from `uw`,
+// (BUF) the weights unpacked once to bytes ((G, NB, 8, 64), shared by every tile) with their scales from `sc`
+// ((G, NB, [d, m], NS, 16) fp32, converted once); without BUF the scales are converted in the tile. The integer sums are
+// exact and the float steps those of qk_gemm_vnni for one row, in the same order, so every row is bit-identical to a
+// one-row call (and to the AVX2 body).
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, __m512 *dv, __m512 *mv);
+
+#define Q4_PREFETCH 8  // groups ahead (measured on the 1B's gate_up at 1 row: as fast as one stream without it)
+#define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
+                       // they are registers)
+
+static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
+                                                         const qact *a,
+                                                         const float *sx16, int64_t m0, int K, const uint8_t *w,
+                                                         const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
+                                                         const uint16_t *sb, const float *sc, int64_t rb, void *y,
+                                                         int N, int is_bf16) {
+    const int G = K / 32, SPLIT = NS == 1 && MR <= 2;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 acc[Q4_TILE_MAX][2];
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i s[Q4_TILE_MAX][2][2];
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+            _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++) s[r][b][h] = _mm512_setzero_si512();
+        if (!BUF && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
+            _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+                    _mm_prefetch((const char *)(w + ((rb + b) * G + g + Q4_PREFETCH) * 256 + 64 * c), _MM_HINT_T0);
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {  // vectors 2c, 2c+1 ↔ activation words 2c, 2c+1
+            // sub-group of 16: vectors 0-3, then 4-7; one sub-group and few rows: two chains (c even, odd) per output
+            // vector, so the vpdpbusd latency is hidden with few independent sums
+            const int h = NS == 2 ? c >= 2 : (SPLIT && (c & 1));
+            __m512i lo[2], hi[2];
+            _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
+                if (BUF) {
+                    lo[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c) * 64));
+                    hi[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c + 1) * 64));
+                } else {
+                    const __m512i wc = _mm512_loadu_si512((const __m512i *)(w + ((rb + b) * G + g) * 256 + 64 * c));
+                    lo[b] = _mm512_and_si512(wc, mask);
+                    hi[b] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
                 }
             }
-            for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+                const int32_t *xg = (const int32_t *)(a->xq + (m0 + r) * K + g * 32);
+                const __m512i xl = _mm512_set1_epi32(xg[2 * c]), xh = _mm512_set1_epi32(xg[2 * c + 1]);
+                _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
+                    s[r][b][h] = _mm512_dpbusd_epi32(s[r][b][h], lo[b], xl);
+                    s[r][b][h] = _mm512_dpbusd_epi32(s[r][b][h], hi[b], xh);
+                }
+            }
+        }
+        __m512 d[2][2], mv[2][2];
+        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
+            if (BUF) {
+                const float *sp = sc + ((int64_t)g * NB + b) * 32 * NS;
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) {
+                    d[b][h] = _mm512_load_ps(sp + 16 * h);
+                    mv[b][h] = _mm512_load_ps(sp + 16 * (NS + h));
+                }
+            } else {
+                qk_scales512(dm, scm, sb, rb + b, G, g, NS, d[b], mv[b]);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+            const int64_t i = (m0 + r) * G + g;
+            const __m512 dxv = _mm512_set1_ps(a->dx[i]);
+            _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
+                if (NS == 1) {
+                    const __m512i si = SPLIT ? _mm512_add_epi32(s[r][b][0], s[r][b][1]) : s[r][b][0];
+                    acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d[b][0], dxv), acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
+                } else {
+                    __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][b][0]), d[b][0]);
+                    t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][b][1]), d[b][1], t);
+                    acc[r][b] = _mm512_fmadd_ps(t, dxv, acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(sx16[2 * i]), acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(mv[b][1], _mm512_set1_ps(sx16[2 * i + 1]), acc[r][b]);
+                }
+            }
         }
     }
-    return 0;
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
+            vf_store(y, (m0 + r) * N + (rb + b) * 16, acc[r][b], is_bf16);
+}
+
+#ifndef Q4_MR
+#define Q4_MR 4  // activation rows per register tile: MR · NB · (1 + NS) of the 32 zmm registers
+#endif
+#define Q4_NB 2  // row blocks per tile
+
+// One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
+static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const qact *a,
+                                                         const float *sx16, int M, int K, const uint8_t *w,
+                                                         const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
+                                                         const uint16_t *sb, const float *sc, int64_t rb, void *y,
+                                                         int N, int is_bf16) {
+    int64_t m0 = 0;
+    for (; m0 + Q4_MR <= M; m0 += Q4_MR)
+        q4_tile(Q4_MR, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+    switch (M - m0) {
+#if Q4_MR > 4
+        case 4: q4_tile(4, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+#endif
+        case 3: q4_tile(3, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        default: break;
+    }
+}
+
+static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v);
+
+// y (M, N) = x (M, K) · Wᵀ (see q4_tile) for `bits`-bit weights in the qkrows16 layout (q4rows16 at 4 bits) with
+// ns sub-groups per 32. Threads take groups of Q4_NB row blocks; within one, the rows pass in tiles while its
+// weights stay in L1/L2, so DRAM reads each weight once. Weights of more than 4 bits or with sub-groups of 16 are
+// unpacked to bytes and their scales converted to fp32 once per row-block group, into per-thread buffers (at 4 bits
+// with one sub-group, unpacking and converting in each tile measured faster).
+static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
+    const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
+    int failed = 0;
+#pragma omp parallel for schedule(static)
+    for (int gr = 0; gr < ngr; gr++) {
+        static __thread float *scb = NULL;  // (G, NB, [d, m], ns, 16)
+        static __thread uint8_t *uwb = NULL;  // (G, NB, 8, 64)
+        static __thread int scap = 0, ucap = 0;
+        const int64_t rb = (int64_t)gr * Q4_NB;
+        const int nb = nrb - rb < Q4_NB ? (int)(nrb - rb) : Q4_NB;
+        const float *sc = NULL;
+        const uint8_t *uw = NULL;
+        if (bits > 4 || ns > 1) {  // (at 4 bits converting the scales in the tile measured faster)
+            if (scap < G * Q4_NB * 64) {
+                free(scb);
+                scb = (float *)aligned_alloc(64, sizeof(float) * (size_t)G * Q4_NB * 64);
+                scap = scb ? G * Q4_NB * 64 : 0;
+            }
+            if (!scb) {
+                failed = 1;
+                continue;
+            }
+            for (int g = 0; g < G; g++)
+                for (int b = 0; b < nb; b++) {
+                    __m512 d[2], mv[2];
+                    qk_scales512(dm, scm, sb, rb + b, G, g, ns, d, mv);
+                    for (int h = 0; h < ns; h++) {
+                        _mm512_store_ps(scb + ((int64_t)g * nb + b) * 32 * ns + 16 * h, d[h]);
+                        _mm512_store_ps(scb + ((int64_t)g * nb + b) * 32 * ns + 16 * (ns + h), mv[h]);
+                    }
+                }
+            sc = scb;
+        }
+        if (bits > 4 || ns > 1) {
+            if (ucap < G * Q4_NB * 512) {
+                free(uwb);
+                uwb = (uint8_t *)aligned_alloc(64, (size_t)G * Q4_NB * 512);
+                ucap = uwb ? G * Q4_NB * 512 : 0;
+            }
+            if (!uwb) {
+                failed = 1;
+                continue;
+            }
+            for (int g = 0; g < G; g++)
+                for (int b = 0; b < nb; b++) {
+                    __m512i v[8];
+                    qk_unpack512(w + ((rb + b) * G + g) * gb, bits, v);
+                    for (int t = 0; t < 8; t++) _mm512_store_si512((__m512i *)(uwb + (((int64_t)g * nb + b) * 8 + t) * 64), v[t]);
+                }
+            uw = uwb;
+        }
+#define Q4_ROWS(NB, NS, BUF) q4_rows(NB, NS, BUF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
+        // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
+        if (!uw && M <= 2) {  // 1-2 rows are bound by DRAM: one row block after the other, one sequential stream
+            for (int b = 0; b < nb; b++) {  // (measured faster than pairs read side by side at 1-2 rows)
+                const int64_t rb1 = rb + b;
+                q4_rows(1, 1, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+            }
+        } else if (nb == 2) {
+            if (!uw) Q4_ROWS(2, 1, 0);
+            else if (ns == 1) Q4_ROWS(2, 1, 1);
+            else Q4_ROWS(2, 2, 1);
+        } else {
+            if (!uw) Q4_ROWS(1, 1, 0);
+            else if (ns == 1) Q4_ROWS(1, 1, 1);
+            else Q4_ROWS(1, 2, 1);
+        }
+#undef Q4_ROWS
+    }
+    return failed ? -1 : 0;
 }
 
 // ---- int8 weights with a scale per group of 32 (llama.cpp's Q8_0), row-interleaved for AVX512-VNNI ----
@@ -222,6 +375,29 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
     }
 }
 
+// The 8 weight vectors of one group of a qkrows16 row block as bytes q < 2^bits: vector t holds k = 4t..4t+3 of the
+// 16 rows (the nibbles, then bit t of each plane byte → bit 4 + p of vector t).
+static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v) {
+    const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
+    for (int c = 0; c < 4; c++) {
+        const __m512i wc = _mm512_loadu_si512((const __m512i *)(wp + 64 * c));
+        v[2 * c] = _mm512_and_si512(wc, mask);
+        v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
+    }
+    if (bits >= 5) {
+        const __m512i p0 = _mm512_loadu_si512((const __m512i *)(wp + 256));
+        for (int t = 0; t < 8; t++)
+            v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(p0, 4 - t)
+                                                                 : _mm512_srli_epi16(p0, t - 4), b4));
+    }
+    if (bits == 6) {
+        const __m512i p1 = _mm512_loadu_si512((const __m512i *)(wp + 320));
+        for (int t = 0; t < 8; t++)
+            v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
+                                                                 : _mm512_srli_epi16(p1, t - 5), b5));
+    }
+}
+
 static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
@@ -297,6 +473,7 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
     }
     return 0;
 }
+
 #endif
 
 #if !defined(HAVE_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -515,7 +692,7 @@ int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y,
     qact a;
     if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_vnni(&a, M, w, dm, y, N, K, is_bf16);
+    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1);
 #else
     return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16);
 #endif
@@ -571,6 +748,8 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
 #if defined(HAVE_VNNI)
+    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1);
+    if (M > Q4_MR) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub);
     return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #else
     return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
