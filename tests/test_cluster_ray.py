@@ -158,8 +158,9 @@ def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
 
 def _one(url: str, i: int, started: dict[str, int], lock: threading.Lock) -> str:
     """'ok', or 'error: ...' for a clear failure (an HTTP error body or a stream error event); raises on a hang."""
-    body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}], "max_tokens": 96,
-            "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}
+    stream = i % 2 == 0  # streams are longer, so the victim's are surely mid-flight when it is killed
+    body = {"messages": [{"role": "user", "content": f"request {i} " + "word " * (i % 7)}],
+            "max_tokens": 192 if stream else 96, "temperature": 0, "ignore_eos": True, "stream": stream}
     with httpx.Client(timeout=120) as c:
         if not body["stream"]:
             r = c.post(url + "/v1/chat/completions", json=body)
@@ -167,9 +168,14 @@ def _one(url: str, i: int, started: dict[str, int], lock: threading.Lock) -> str
         with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 return f"error: {r.status_code}"
-            with lock:
-                started[r.headers["x-inferd-replica"]] = started.get(r.headers["x-inferd-replica"], 0) + 1
-            events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+            events = []
+            for ln in r.iter_lines():
+                if not ln.startswith("data: "):
+                    continue
+                if not events:  # counted once tokens flow (a stream still in prefill would be retried, not cut)
+                    with lock:
+                        started[r.headers["x-inferd-replica"]] = started.get(r.headers["x-inferd-replica"], 0) + 1
+                events.append(ln[6:])
         errors = [json.loads(e)["error"]["message"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
         assert events and events[-1] == "[DONE]", events[-3:]
         return f"error: {errors[0]}" if errors else "ok"
