@@ -179,6 +179,49 @@ def mapped_tensor(mm: mmap.mmap, record: dict, base: int) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=dt, count=count, offset=base + a).view(record["shape"])
 
 
+def _pages(mm: mmap.mmap, base: int, record: dict) -> tuple[mmap.mmap, int, int]:
+    """The whole pages inside one tensor's bytes in a mapped entry: (mapping, start, length)."""
+    a, b = record["data_offsets"]
+    start = -(-(base + a) // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (base + b) // mmap.PAGESIZE * mmap.PAGESIZE
+    return mm, start, max(0, end - start)
+
+
+def _advise_dontneed(pages: tuple[mmap.mmap, int, int]) -> int:
+    """MADV_DONTNEED on pages of an entry's mapping: they leave this process's RSS and stay in the page cache (the
+    mapping is private and never written, so the next access maps the file's bytes again, a minor fault while the
+    kernel keeps them cached). Returns the bytes advised (0 where the OS has no madvise)."""
+    mm, start, length = pages
+    if length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    mm.madvise(mmap.MADV_DONTNEED, start, length)
+    return length
+
+
+def release_dense_pages(model: nn.Module) -> int:
+    """Take the pages of the bf16 copies used from the repack cache's mapping out of this process's RSS (the
+    `balanced` profile calls it when the engine has been idle, see LLMEngine.release_idle_memory): big steps
+    fault them back from the page cache. Only copies mapped from an entry are touched (never private memory,
+    whose contents MADV_DONTNEED would discard). Returns the bytes released."""
+    return sum(_advise_dontneed(m._dense_pages) for m in model.modules() if getattr(m, "_dense_pages", None))
+
+
+def mapped_rss(path: Path, pid: int | str = "self") -> int:
+    """Bytes of a process's RSS that are pages of the file at `path` (from /proc/PID/smaps; 0 elsewhere)."""
+    total, inside, target = 0, False, str(Path(path).resolve())
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    inside = len(head) == 6 and head[5].strip() == target
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
 def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.Module] | None:
     """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read).
     `prepack`: bf16 copies prepacked for oneDNN (private, faster big steps); else used from the mapping
@@ -190,11 +233,7 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
         mm, header, meta, base = map_entry(path)
 
         def drop(k: str) -> None:  # pages of a tensor no longer used (a copy was made): out of our RSS
-            a, b = header[k]["data_offsets"]
-            start = -(-(base + a) // mmap.PAGESIZE) * mmap.PAGESIZE
-            end = (base + b) // mmap.PAGESIZE * mmap.PAGESIZE
-            if end > start and hasattr(mmap, "MADV_DONTNEED"):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            _advise_dontneed(_pages(mm, base, header[k]))
 
         def tensor(k: str) -> torch.Tensor:
             return mapped_tensor(mm, header[k], base)
@@ -209,6 +248,8 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
             layer._set_dense(tensor(key_dense) if has_dense else None, prepack)
             if has_dense and layer._buffers.get("dense") is None:  # prepacked for oneDNN: the source is not kept
                 drop(key_dense)
+            elif has_dense:  # used from the mapping: its pages can leave our RSS when idle (release_dense_pages)
+                layer._dense_pages = _pages(mm, base, header[key_dense])
             out[name] = layer
         return out
     except Exception as exc:  # noqa: BLE001 - a stale or foreign entry: repack instead
