@@ -12,7 +12,7 @@ import pytest
 
 from inferd import LLM, SamplingParams
 from inferd.engine.async_engine import AsyncLLM
-from inferd.loader.repack_cache import mapped_rss
+from inferd.loader.repack_cache import DENSE_ALIGN, map_entry, mapped_rss
 from tests.tiny_models import write_gguf, write_hf
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -30,7 +30,7 @@ def home(tmp_path, monkeypatch):
 def _llm(tmp_path, profile: str = "balanced") -> LLM:
     gguf = write_gguf(tmp_path / "m.gguf", write_hf(tmp_path / "m"), quant="Q4_0")
     return LLM(str(gguf), quantization="gguf", dtype="float32", kv_cache_memory=0.02, quant_dense_rows=4,
-               memory_profile=profile)
+               enable_prefix_caching=False, memory_profile=profile)
 
 
 def _copy_pages(llm: LLM) -> int:
@@ -49,10 +49,21 @@ def test_release_takes_the_mapped_copies_out_of_rss_and_a_big_step_maps_them_bac
     assert released == pages and llm.engine.copy_releases == 1
     idle = mapped_rss(entry)
     assert touched - idle >= pages  # the copies' pages left the RSS; the packed layers' stay
+    llm.generate([[5, 6]], GREEDY)  # steps of < 4 rows: packed kernels only
+    assert mapped_rss(entry) <= idle  # mapping the packed pages back did not map copy pages with them
 
     again = llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids
     assert again == ref  # the copies read back from the file: same weights, same greedy output
     assert mapped_rss(entry) - idle >= pages  # the big step mapped them again
+
+
+def test_the_copies_sit_in_their_own_aligned_section_of_the_entry(tmp_path, home):
+    _llm(tmp_path)
+    (entry,) = (home / "repack").glob("*.safetensors")
+    _, header, _, base = map_entry(entry)
+    dense = [base + r["data_offsets"][0] for k, r in header.items() if k.endswith("/@dense")]
+    packed_end = max(base + r["data_offsets"][1] for k, r in header.items() if not k.endswith("/@dense"))
+    assert dense and min(dense) % DENSE_ALIGN == 0 and min(dense) >= packed_end
 
 
 def test_the_server_engine_releases_when_it_goes_idle(tmp_path, home):

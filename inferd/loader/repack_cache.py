@@ -29,7 +29,8 @@ from torch import nn
 from inferd.quant import linear as qlinear
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data
+DENSE_ALIGN = 2 << 20  # a huge page / the largest page-cache folio on x86-64 and arm64 (4 KiB pages)
 _SAMPLE = 1 << 16
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
            "I32": torch.int32, "I64": torch.int64, "I16": torch.int16}
@@ -87,10 +88,14 @@ class CacheWriter:
         self.path = _entry(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_suffix(f".data{os.getpid()}")
+        self.tmp_dense = self.path.with_suffix(f".dense{os.getpid()}")
         self.data = open(self.tmp, "wb")
+        self.dense = open(self.tmp_dense, "wb")
         self.header: dict = {}
+        self.dense_header: dict = {}  # offsets within the dense section, moved behind the packed data on finish
         self.meta: dict[str, dict] = {}
         self.off = 0
+        self.dense_off = 0
 
     def _put(self, key: str, t: torch.Tensor) -> None:
         raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
@@ -98,6 +103,13 @@ class CacheWriter:
                             "data_offsets": [self.off, self.off + raw.nbytes]}
         self.data.write(memoryview(raw))
         self.off += raw.nbytes
+
+    def _put_dense(self, key: str, t: torch.Tensor) -> None:
+        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        self.dense_header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self.dense_off, self.dense_off + raw.nbytes]}
+        self.dense.write(memoryview(raw))
+        self.dense_off += raw.nbytes
 
     def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
         """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
@@ -111,22 +123,49 @@ class CacheWriter:
                     self._put(f"{name}/{t_name}", t)
         copy = dense if dense is not None else m._buffers.get("dense")
         if copy is not None:
-            self._put(f"{name}/@dense", copy)
+            self._put_dense(f"{name}/@dense", copy)
         self.meta[name] = {"cls": type(m).__name__, "attrs": layer_attrs(m), "tensors": kinds}
+
+    def _layout(self) -> tuple[bytes, int]:
+        """The header with the bf16 copies placed after the packed data, starting on a DENSE_ALIGN boundary of
+        the file, and the padding before them. Apart, the two never share a (huge) page or a page-cache folio,
+        so releasing the copies' pages when idle leaves the packed layers' mapped, and mapping a packed page
+        back never maps copy pages with it."""
+        pad = 0
+        for _ in range(4):  # the header's length depends on the offsets it holds: settles in one or two rounds
+            start = self.off + pad
+            header = dict(self.header)
+            for k, rec in self.dense_header.items():
+                a, b = rec["data_offsets"]
+                header[k] = {**rec, "data_offsets": [start + a, start + b]}
+            hb = entry_header(header, self.meta)
+            want = -(len(hb) + self.off) % DENSE_ALIGN if self.dense_header else 0
+            if want == pad:
+                return hb, pad
+            pad = want
+        raise RuntimeError("repack cache header layout did not settle")
 
     def finish(self) -> None:
         self.data.close()
+        self.dense.close()
         out = self.path.with_suffix(f".tmp{os.getpid()}")
-        with open(out, "wb") as f, open(self.tmp, "rb") as data:
-            f.write(entry_header(self.header, self.meta))
-            while chunk := data.read(1 << 24):
-                f.write(chunk)
+        hb, pad = self._layout()
+        with open(out, "wb") as f:
+            f.write(hb)
+            for part, gap in ((self.tmp, pad), (self.tmp_dense, 0)):
+                with open(part, "rb") as data:
+                    while chunk := data.read(1 << 24):
+                        f.write(chunk)
+                f.write(b"\0" * gap)
         os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
         self.tmp.unlink()
+        self.tmp_dense.unlink()
 
     def abort(self) -> None:
         self.data.close()
+        self.dense.close()
         self.tmp.unlink(missing_ok=True)
+        self.tmp_dense.unlink(missing_ok=True)
 
 
 def layer_attrs(m: nn.Module) -> dict:
