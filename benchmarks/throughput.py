@@ -3,6 +3,7 @@ aggregate decode at 1/4/16/64 concurrent sequences (128-token prompts, 128 outpu
 
     python benchmarks/throughput.py [--dtype bfloat16 float32] [--concurrency 1 4 16 64] [--json out.json]
         [--model NAME_OR_PATH] [--device auto|cpu|cuda] [--quantization none int8 int4]
+        [--memory-profile balanced small]   (one run per profile, e.g. an A/B of the bf16 copies)
 
 Achieved bandwidth = weight bytes read per step × steps / s (each decode step streams every weight once).
 """
