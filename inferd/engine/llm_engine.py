@@ -89,7 +89,7 @@ class LLMEngine:
         mapped = any(getattr(m, "_dense_pages", None) for m in self.lm.model.modules())
         log.info("memory (%s profile, %s): weights %.0f MB, of which bf16 copies %.0f MB%s; KV max %.0f MB "
                  "(%d tokens, backed as used)", config.memory_profile, self.lm.quantization, self.weight_bytes / 1e6,
-                 dense_copies / 1e6, " (mapped, out of RSS when idle)" if mapped else "", kp.max_bytes / 1e6,
+                 dense_copies / 1e6, " (mapped, released while serve is idle)" if mapped else "", kp.max_bytes / 1e6,
                  num_blocks * cc.block_size)
 
     @property
