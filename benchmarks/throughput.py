@@ -3,6 +3,7 @@ aggregate decode at 1/4/16/64 concurrent sequences (128-token prompts, 128 outpu
 
     python benchmarks/throughput.py [--dtype bfloat16 float32] [--concurrency 1 4 16 64] [--json out.json]
         [--model NAME_OR_PATH] [--device auto|cpu|cuda] [--quantization none int8 int4]
+        [--memory-profile balanced small]   (one run per profile, e.g. an A/B of the bf16 copies)
 
 Achieved bandwidth = weight bytes read per step × steps / s (each decode step streams every weight once).
 """
@@ -35,14 +36,14 @@ def prompts() -> tuple[list[int], list[int]]:
 
 
 def bench_dtype(dtype: str, concurrency: list[int], reps: int, model: str = "smollm2-135m", device: str = "auto",
-                quantization: str = "none", enforce_eager: bool = False) -> dict:
+                quantization: str = "none", enforce_eager: bool = False, memory_profile: str = "balanced") -> dict:
     llm = LLM(model, dtype=dtype, device=device, quantization=quantization, max_num_seqs=max(concurrency),
-              enforce_eager=enforce_eager,
+              enforce_eager=enforce_eager, memory_profile=memory_profile,
               max_num_batched_tokens=512, kv_cache_memory=1.0, max_model_len=2048, enable_prefix_caching=False)
     p128, p512 = prompts()
     wb = module_bytes(llm.engine.lm.model)
     llm.generate([p128], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-    res: dict = {"dtype": dtype, "quantization": quantization, "device": str(llm.engine.lm.device),
+    res: dict = {"dtype": dtype, "quantization": quantization, "memory_profile": memory_profile, "device": str(llm.engine.lm.device),
                  "cuda_graphs": llm.engine.runner.graphs is not None,
                  "weight_mb": wb / 1e6}
     # prefill: one 512-token prompt, one output token
@@ -82,16 +83,17 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quantization", nargs="+", default=["none"])
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    ap.add_argument("--memory-profile", nargs="+", default=["balanced"], help="one run per profile, in order")
     args = ap.parse_args()
     print(f"# {datetime.date.today()}  {machine_info()}")
     if torch.cuda.is_available() and args.device != "cpu":
         print(f"# GPU: {torch.cuda.get_device_name()}")
     all_res = []
-    for dt, qm in [(dt, qm) for dt in args.dtype for qm in args.quantization]:
-        r = bench_dtype(dt, args.concurrency, args.reps, args.model, args.device, qm, args.enforce_eager)
+    for dt, qm, mp in [(dt, qm, mp) for dt in args.dtype for qm in args.quantization for mp in args.memory_profile]:
+        r = bench_dtype(dt, args.concurrency, args.reps, args.model, args.device, qm, args.enforce_eager, mp)
         all_res.append(r)
         graphs = ", CUDA graphs" if r["cuda_graphs"] else ""
-        print(f"\n## {dt}, quantization {qm}, {r['device']}{graphs}: weights {r['weight_mb']:.0f} MB, "
+        print(f"\n## {dt}, quantization {qm}, profile {mp}, {r['device']}{graphs}: weights {r['weight_mb']:.0f} MB, "
               f"prefill (512-token prompt) {r['prefill_tok_s']:.0f} tok/s")
         print("| seqs | aggregate tok/s (wall) | decode tok/s | per-stream tok/s | TTFT p50 ms | weight GB/s |")
         print("|---|---|---|---|---|---|")

@@ -165,16 +165,21 @@ class AsyncLLM:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        busy = False
         while not self._stop:
             try:
                 self._run_commands()
                 if not self.engine.has_unfinished_requests():
+                    if busy:  # just went idle: memory only big steps need leaves the RSS until the next one
+                        busy = False
+                        self.engine.release_idle_memory()
                     if self.on_step is not None:  # gauges reflect aborts even when no step follows
                         self.on_step(self.engine, 0.0)
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
                 t0 = time.perf_counter()
+                busy = True
                 outputs = self.engine.step()
                 if self.on_step is not None:
                     self.on_step(self.engine, time.perf_counter() - t0)

@@ -27,6 +27,7 @@ from inferd.engine.spec_decode import DraftModelProposer, NgramProposer, SpecPol
 from inferd.engine.spec_decode.verify import accept, sampler_rows
 from inferd.errors import InvalidRequestError
 from inferd.hardware import available_memory_bytes, pick_device, pick_dtype
+from inferd.loader.repack_cache import release_dense_pages
 from inferd.models.registry import LoadedModel, load_model, weight_bytes
 from inferd.quant.apply import QuantConfig
 from inferd.sampling_params import SamplingParams
@@ -78,14 +79,18 @@ class LLMEngine:
         self.jump_forward = True  # append grammar-forced tokens without sampling them (they then run as a chunk)
         self.num_steps = 0
         self.total_compute_s = 0.0
+        self.copy_releases = 0  # times release_idle_memory took mapped bf16 copies out of RSS
+        self.copy_bytes_released = 0
         self.weight_bytes, dense_copies = weight_bytes(self.lm.model)
         kp = self.kv_plan
         window_note = "" if kp.window is None else (
             f"; sliding-window layers ({kp.window_layers}, window {kp.window}): own pool of {kp.window_blocks} blocks")
         log.info("engine ready: %d KV blocks of %d tokens%s", num_blocks, cc.block_size, window_note)
-        log.info("memory (%s profile, %s): weights %.0f MB, of which bf16 copies %.0f MB; KV max %.0f MB "
+        mapped = any(getattr(m, "_dense_pages", None) for m in self.lm.model.modules())
+        log.info("memory (%s profile, %s): weights %.0f MB, of which bf16 copies %.0f MB%s; KV max %.0f MB "
                  "(%d tokens, backed as used)", config.memory_profile, self.lm.quantization, self.weight_bytes / 1e6,
-                 dense_copies / 1e6, kp.max_bytes / 1e6, num_blocks * cc.block_size)
+                 dense_copies / 1e6, " (mapped, released while serve is idle)" if mapped else "", kp.max_bytes / 1e6,
+                 num_blocks * cc.block_size)
 
     @property
     def model_name(self) -> str:
@@ -164,6 +169,17 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output.groups)
+
+    def release_idle_memory(self) -> int:
+        """Called when the engine goes idle (AsyncLLM: the last request finished): the bf16 copies used from the
+        repack cache's mapping (`balanced`; `fast` prepacks private ones and keeps them) leave this process's
+        RSS; they stay in the page cache and the next big step maps them again (~230 minor faults for SmolLM2's
+        212 MB, docs/benchmarks.md). Returns the bytes released."""
+        n = release_dense_pages(self.lm.model)
+        if n:
+            self.copy_releases += 1
+            self.copy_bytes_released += n
+        return n
 
     @property
     def groups(self) -> dict[str, RequestGroup]:

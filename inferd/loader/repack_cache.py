@@ -29,7 +29,8 @@ from torch import nn
 from inferd.quant import linear as qlinear
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data
+DENSE_ALIGN = 2 << 20  # a huge page / the largest page-cache folio on x86-64 and arm64 (4 KiB pages)
 _SAMPLE = 1 << 16
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
            "I32": torch.int32, "I64": torch.int64, "I16": torch.int16}
@@ -87,10 +88,14 @@ class CacheWriter:
         self.path = _entry(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_suffix(f".data{os.getpid()}")
+        self.tmp_dense = self.path.with_suffix(f".dense{os.getpid()}")
         self.data = open(self.tmp, "wb")
+        self.dense = open(self.tmp_dense, "wb")
         self.header: dict = {}
+        self.dense_header: dict = {}  # offsets within the dense section, moved behind the packed data on finish
         self.meta: dict[str, dict] = {}
         self.off = 0
+        self.dense_off = 0
 
     def _put(self, key: str, t: torch.Tensor) -> None:
         raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
@@ -98,6 +103,13 @@ class CacheWriter:
                             "data_offsets": [self.off, self.off + raw.nbytes]}
         self.data.write(memoryview(raw))
         self.off += raw.nbytes
+
+    def _put_dense(self, key: str, t: torch.Tensor) -> None:
+        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        self.dense_header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self.dense_off, self.dense_off + raw.nbytes]}
+        self.dense.write(memoryview(raw))
+        self.dense_off += raw.nbytes
 
     def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
         """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
@@ -111,22 +123,49 @@ class CacheWriter:
                     self._put(f"{name}/{t_name}", t)
         copy = dense if dense is not None else m._buffers.get("dense")
         if copy is not None:
-            self._put(f"{name}/@dense", copy)
+            self._put_dense(f"{name}/@dense", copy)
         self.meta[name] = {"cls": type(m).__name__, "attrs": layer_attrs(m), "tensors": kinds}
+
+    def _layout(self) -> tuple[bytes, int]:
+        """The header with the bf16 copies placed after the packed data, starting on a DENSE_ALIGN boundary of
+        the file, and the padding before them. Apart, the two never share a (huge) page or a page-cache folio,
+        so releasing the copies' pages when idle leaves the packed layers' mapped, and mapping a packed page
+        back never maps copy pages with it."""
+        pad = 0
+        for _ in range(4):  # the header's length depends on the offsets it holds: settles in one or two rounds
+            start = self.off + pad
+            header = dict(self.header)
+            for k, rec in self.dense_header.items():
+                a, b = rec["data_offsets"]
+                header[k] = {**rec, "data_offsets": [start + a, start + b]}
+            hb = entry_header(header, self.meta)
+            want = -(len(hb) + self.off) % DENSE_ALIGN if self.dense_header else 0
+            if want == pad:
+                return hb, pad
+            pad = want
+        raise RuntimeError("repack cache header layout did not settle")
 
     def finish(self) -> None:
         self.data.close()
+        self.dense.close()
         out = self.path.with_suffix(f".tmp{os.getpid()}")
-        with open(out, "wb") as f, open(self.tmp, "rb") as data:
-            f.write(entry_header(self.header, self.meta))
-            while chunk := data.read(1 << 24):
-                f.write(chunk)
+        hb, pad = self._layout()
+        with open(out, "wb") as f:
+            f.write(hb)
+            for part, gap in ((self.tmp, pad), (self.tmp_dense, 0)):
+                with open(part, "rb") as data:
+                    while chunk := data.read(1 << 24):
+                        f.write(chunk)
+                f.write(b"\0" * gap)
         os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
         self.tmp.unlink()
+        self.tmp_dense.unlink()
 
     def abort(self) -> None:
         self.data.close()
+        self.dense.close()
         self.tmp.unlink(missing_ok=True)
+        self.tmp_dense.unlink(missing_ok=True)
 
 
 def layer_attrs(m: nn.Module) -> dict:
@@ -179,6 +218,49 @@ def mapped_tensor(mm: mmap.mmap, record: dict, base: int) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=dt, count=count, offset=base + a).view(record["shape"])
 
 
+def _pages(mm: mmap.mmap, base: int, record: dict) -> tuple[mmap.mmap, int, int]:
+    """The whole pages inside one tensor's bytes in a mapped entry: (mapping, start, length)."""
+    a, b = record["data_offsets"]
+    start = -(-(base + a) // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (base + b) // mmap.PAGESIZE * mmap.PAGESIZE
+    return mm, start, max(0, end - start)
+
+
+def _advise_dontneed(pages: tuple[mmap.mmap, int, int]) -> int:
+    """MADV_DONTNEED on pages of an entry's mapping: they leave this process's RSS and stay in the page cache (the
+    mapping is private and never written, so the next access maps the file's bytes again, a minor fault while the
+    kernel keeps them cached). Returns the bytes advised (0 where the OS has no madvise)."""
+    mm, start, length = pages
+    if length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    mm.madvise(mmap.MADV_DONTNEED, start, length)
+    return length
+
+
+def release_dense_pages(model: nn.Module) -> int:
+    """Take the pages of the bf16 copies used from the repack cache's mapping out of this process's RSS (the
+    `balanced` profile calls it when the engine has been idle, see LLMEngine.release_idle_memory): big steps
+    fault them back from the page cache. Only copies mapped from an entry are touched (never private memory,
+    whose contents MADV_DONTNEED would discard). Returns the bytes released."""
+    return sum(_advise_dontneed(m._dense_pages) for m in model.modules() if getattr(m, "_dense_pages", None))
+
+
+def mapped_rss(path: Path, pid: int | str = "self") -> int:
+    """Bytes of a process's RSS that are pages of the file at `path` (from /proc/PID/smaps; 0 elsewhere)."""
+    total, inside, target = 0, False, str(Path(path).resolve())
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    inside = len(head) == 6 and head[5].strip() == target
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
 def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.Module] | None:
     """The cached layers around tensors mapped from the file, or None (no entry, or one this code cannot read).
     `prepack`: bf16 copies prepacked for oneDNN (private, faster big steps); else used from the mapping
@@ -190,11 +272,7 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
         mm, header, meta, base = map_entry(path)
 
         def drop(k: str) -> None:  # pages of a tensor no longer used (a copy was made): out of our RSS
-            a, b = header[k]["data_offsets"]
-            start = -(-(base + a) // mmap.PAGESIZE) * mmap.PAGESIZE
-            end = (base + b) // mmap.PAGESIZE * mmap.PAGESIZE
-            if end > start and hasattr(mmap, "MADV_DONTNEED"):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            _advise_dontneed(_pages(mm, base, header[k]))
 
         def tensor(k: str) -> torch.Tensor:
             return mapped_tensor(mm, header[k], base)
@@ -209,6 +287,8 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
             layer._set_dense(tensor(key_dense) if has_dense else None, prepack)
             if has_dense and layer._buffers.get("dense") is None:  # prepacked for oneDNN: the source is not kept
                 drop(key_dense)
+            elif has_dense:  # used from the mapping: its pages can leave our RSS when idle (release_dense_pages)
+                layer._dense_pages = _pages(mm, base, header[key_dense])
             out[name] = layer
         return out
     except Exception as exc:  # noqa: BLE001 - a stale or foreign entry: repack instead

@@ -149,6 +149,7 @@ class _PackedLinear(nn.Module):
     layout: str
 
     _dense_onednn: torch.Tensor | None = None
+    _dense_pages: tuple | None = None  # (mapping, start, length) when `dense` is a view of the repack cache's file
 
     def _set_dense(self, dense: torch.Tensor | None, prepack: bool = True) -> None:
         """The bf16 copy for big steps: prepacked for oneDNN where possible and asked (then it is not a buffer:
