@@ -309,6 +309,8 @@ def stats(rows: list[dict], warmup: float, ci: bool = False) -> dict:
     if ci:
         rng = random.Random(0)
         for name, xs in (("ttft", ttft), ("tpot", tpot)):
+            if not xs:
+                continue
             for q, tag in ((0.5, "p50"), (0.99, "p99")):
                 boot = sorted(quantile(sorted(rng.choices(xs, k=len(xs))), q) * 1e3 for _ in range(2000))
                 res[f"{name}_{tag}_ms_ci90"] = (boot[100], boot[1899])
@@ -322,7 +324,8 @@ def window_ratios(real: list[dict], sim: list[dict], warmup: float, window_s: fl
     by_arrival = {round(q["arrival"], 6): q for q in sim}
     out, t, end = [], warmup, max(r["arrival"] for r in real)
     while t <= end:
-        rows = [r for r in real if t <= r["arrival"] < t + window_s and r["tpot_s"]]
+        rows = [r for r in real if t <= r["arrival"] < t + window_s and r["tpot_s"]
+                and (by_arrival.get(round(r["arrival"], 6)) or {}).get("tpot_s")]  # both have a TPOT (> 1 token)
         if rows:
             out.append(statistics.median(r["tpot_s"] / by_arrival[round(r["arrival"], 6)]["tpot_s"] for r in rows))
         t += window_s

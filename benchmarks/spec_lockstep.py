@@ -52,8 +52,8 @@ def _with_policy_file(engine: LLMEngine, path: str) -> None:
     if not hasattr(pol, "skip_step"):
         pol.skip_step = lambda *a, **k: False
     plan = pol.plan
-    if "critical" not in plan.__code__.co_varnames:
-        pol.plan = lambda *a, critical=None, **k: plan(*a, **k)
+    if "critical" not in plan.__code__.co_varnames:  # the engine passes critical by keyword or 6th positionally
+        pol.plan = lambda avail, n, mixed, pass_s=0.0, first=None, critical=None: plan(avail, n, mixed, pass_s, first)
     engine.spec_policy = pol
 
 
@@ -78,6 +78,7 @@ def main() -> None:
         _with_policy_file(other, args.policy_file)
     for e in arms.values():  # the benchmark's warm-up
         run(e, chat_prompts(2), 8, 1)
+        e.closed_batch = True  # stepped by hand below: each slice is an offline batch, as run_to_completion runs it
     prompts = (chat_prompts if args.workload == "chat" else extraction_prompts)(args.concurrency * args.slices)
     tok = base_llm.engine.tokenizer
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0)

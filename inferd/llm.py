@@ -64,15 +64,19 @@ class LLM:
     def _run_with_bar(self, bar: tqdm) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}
         merged: dict[str, dict[int, Any]] = {}
-        while self.engine.has_unfinished_requests():
-            for ro in self.engine.step():
-                slot = merged.setdefault(ro.request_id, {})
-                for co in ro.outputs:
-                    slot[co.index] = co
-                if ro.finished:
-                    ro.outputs = [slot[i] for i in sorted(slot)]
-                    done[ro.request_id] = ro
-                    bar.update(1)
+        self.engine.closed_batch = True  # as run_to_completion
+        try:
+            while self.engine.has_unfinished_requests():
+                for ro in self.engine.step():
+                    slot = merged.setdefault(ro.request_id, {})
+                    for co in ro.outputs:
+                        slot[co.index] = co
+                    if ro.finished:
+                        ro.outputs = [slot[i] for i in sorted(slot)]
+                        done[ro.request_id] = ro
+                        bar.update(1)
+        finally:
+            self.engine.closed_batch = False
         return done
 
     def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],

@@ -246,13 +246,18 @@ def test_kuberay_entry_point_and_flags_make_the_serve_options():
     assert not single_hop(_args_from_config({"argv": "--replicas 2"}))
 
 
-def test_direct_http_flags_env_and_a_taken_port(monkeypatch):
+def test_direct_http_flags_env_and_a_taken_port():
     """--ray-http: direct for a local Ray, proxy when joining one; direct's environment gives the ingress replica
     exactly --port (Serve's port range is end-exclusive) and moves Serve's proxy to another free port; a taken
     --port is a one-line error before Ray starts."""
     import socket
 
-    from inferd.cluster.ray_serve import _args_from_config, direct_http, direct_ingress_env
+    from inferd.cluster.ray_serve import (
+        DIRECT_INGRESS_DEFAULTS,
+        _args_from_config,
+        direct_http,
+        direct_ingress_env,
+    )
     from inferd.errors import InferdError
 
     assert direct_http(_args_from_config({})) and direct_http(_args_from_config({"argv": "--replicas 2"}))
@@ -261,18 +266,13 @@ def test_direct_http_flags_env_and_a_taken_port(monkeypatch):
     with pytest.raises(InferdError, match="--ray-http direct needs a local Ray"):
         from inferd.cluster.ray_args import check_ray_args
         check_ray_args(_args_from_config({"argv": "--ray-address auto --ray-http direct"}))
-    for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_PORT_QUARANTINE_S",
-              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
-        monkeypatch.delenv(k, raising=False)
     port = free_port()
-    proxy = direct_ingress_env("127.0.0.1", port)
-    assert proxy != port and os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    assert (int(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
-            int(os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])) == (port, port + 1)
-    # a restarted replica takes the port back at once, and stops without a load balancer's drain
-    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
-    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+    env = direct_ingress_env("127.0.0.1", port)  # a dict: the test leaves os.environ alone
+    assert env == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                   "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    # a restarted replica takes the port back at once, and stops without a load balancer's drain (unless set)
+    assert DIRECT_INGRESS_DEFAULTS == {"RAY_SERVE_PORT_QUARANTINE_S": "0",
+                                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -428,39 +428,45 @@ def direct_http(args: argparse.Namespace) -> bool:
     return args.ray_http == "direct" or (args.ray_http == "auto" and not args.ray_address)
 
 
-def direct_ingress_env(host: str, port: int) -> int:
-    """Environment for Ray Serve's direct ingress on a local Ray (set before ray.init): the ingress deployment's
-    replica runs its own HTTP server on exactly --port (the port range is that one port, which is why the ingress
-    deployment has one replica), a restarted replica may take the port back at once (no quarantine) and stops
-    without the 30 s drain meant for an external load balancer's deregistration (there is none: the replica owns
-    the port). Serve's proxy still starts (Serve keeps one on the head node) on a free loopback port of its own,
-    returned. --port must be free now: a clear error instead of a replica that cannot bind."""
+def direct_ingress_env(host: str, port: int) -> dict[str, str]:
+    """Environment for Ray Serve's direct ingress on a local Ray (set before ray.init, so Ray's processes inherit
+    it): the ingress deployment's replica runs its own HTTP server on exactly --port (the port range is that one
+    port, which is why the ingress deployment has one replica). --port must be free now: a clear error instead of
+    a replica that cannot bind. See DIRECT_INGRESS_DEFAULTS for the settings a user may override."""
     import socket
 
-    from inferd.cluster.ray_args import free_tcp_port
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-        try:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
             s.bind((host, port))
-        except OSError as exc:
-            raise InferdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range's end is exclusive
-                       "RAY_SERVE_PORT_QUARANTINE_S": "0",
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"})
-    return free_tcp_port(host)
+    except OSError as exc:
+        raise InferdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}  # the range's end is exclusive
+
+
+# With direct ingress, unless the user set them: a restarted replica may take its port back at once (no quarantine)
+# and stops without the 30 s drain meant for an external load balancer's deregistration (there is none: the replica
+# owns the port).
+DIRECT_INGRESS_DEFAULTS = {"RAY_SERVE_PORT_QUARANTINE_S": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
-    """Start (or join) Ray, run the app with the HTTP proxy on --host:--port, block until SIGINT/SIGTERM."""
-    from inferd.cluster.ray_args import check_ray_args
+    """Start (or join) Ray, run the app answering HTTP on --host:--port (the ingress replica itself with direct
+    ingress, else Serve's HTTP proxy), block until SIGINT/SIGTERM."""
+    from inferd.cluster.ray_args import check_ray_args, free_tcp_port
 
     check_ray_args(args)
-    proxy_port = args.port
+    proxy_host, proxy_port = args.host, args.port
     if direct_http(args):  # before ray.init: the local Ray's processes inherit the environment
-        proxy_port = direct_ingress_env(args.host, args.port)
+        os.environ.update(direct_ingress_env(args.host, args.port))
+        for key, value in DIRECT_INGRESS_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        # Serve keeps its proxy on the head node even so: idle, on a free port of the loopback only
+        proxy_host = "127.0.0.1"
+        proxy_port = free_tcp_port(proxy_host)
     try:
         if args.ray_address:
             ray.init(address=args.ray_address, namespace=HUB_NAMESPACE, log_to_driver=False)
@@ -474,7 +480,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": proxy_port})
+        serve.start(http_options={"host": proxy_host, "port": proxy_port})
         print(f"inferd: starting {args.replicas or args.min_replicas} replica(s) on Ray Serve "
               f"(routing {args.routing})...", file=sys.stderr, flush=True)
         serve.run(build_application(args), name=APP_NAME, route_prefix="/", blocking=False)

@@ -79,8 +79,12 @@ class LLMEngine:
         self.jump_forward = True  # append grammar-forced tokens without sampling them (they then run as a chunk)
         self.num_steps = 0
         self.total_compute_s = 0.0
-        self.copy_releases = 0  # times release_idle_memory took mapped bf16 copies out of RSS
-        self.copy_bytes_released = 0
+        self.copy_releases = 0  # times release_idle_memory advised mapped bf16 copies out of RSS
+        self.copy_bytes_released = 0  # bytes advised (madvise reports the range, resident or not)
+        # True while an offline driver (run_to_completion, LLM.generate) runs a batch submitted at once: its wall
+        # time is what counts, so speculation values tokens off the batch's critical path at a row's cost (see
+        # _critical). A server (AsyncLLM) leaves it False: there each request's own latency counts.
+        self.closed_batch = False
         self.weight_bytes, dense_copies = weight_bytes(self.lm.model)
         kp = self.kv_plan
         window_note = "" if kp.window is None else (
@@ -315,9 +319,9 @@ class LLMEngine:
                 self.spec_policy.record(req.request_id, 0, 0)
 
     def _critical(self, decoding: list[Request], mixed: bool) -> set[str] | None:
-        """With nothing waiting for a slot or prefilling (a closed batch of several sequences): the sequences with
-        the most tokens left in their budgets, whose length the batch lasts (see SpecPolicy.plan); else None."""
-        if mixed or len(decoding) < 2:
+        """In an offline closed batch (`closed_batch`) with nothing waiting for a slot or prefilling: the sequences
+        with the most tokens left in their budgets, whose length the batch lasts (see SpecPolicy.plan); else None."""
+        if not self.closed_batch or mixed or len(decoding) < 2:
             return None
         left = {r.request_id: r.max_tokens - len(r.output_token_ids) for r in decoding}
         most = max(left.values())
@@ -356,14 +360,18 @@ def run_to_completion(engine: LLMEngine) -> dict[str, RequestOutput]:
     """Drive the engine until every request ends; the last output of each request, by id."""
     final: dict[str, RequestOutput] = {}
     merged: dict[str, dict[int, CompletionOutput]] = {}
-    while engine.has_unfinished_requests():
-        for ro in engine.step():
-            slot = merged.setdefault(ro.request_id, {})
-            for co in ro.outputs:
-                slot[co.index] = co
-            if ro.finished:
-                ro.outputs = [slot[i] for i in sorted(slot)]
-                final[ro.request_id] = ro
+    engine.closed_batch = True
+    try:
+        while engine.has_unfinished_requests():
+            for ro in engine.step():
+                slot = merged.setdefault(ro.request_id, {})
+                for co in ro.outputs:
+                    slot[co.index] = co
+                if ro.finished:
+                    ro.outputs = [slot[i] for i in sorted(slot)]
+                    final[ro.request_id] = ro
+    finally:
+        engine.closed_batch = False
     return final
 
 

@@ -239,9 +239,11 @@ def _advise_dontneed(pages: tuple[mmap.mmap, int, int]) -> int:
 
 def release_dense_pages(model: nn.Module) -> int:
     """Take the pages of the bf16 copies used from the repack cache's mapping out of this process's RSS (the
-    `balanced` profile calls it when the engine has been idle, see LLMEngine.release_idle_memory): big steps
-    fault them back from the page cache. Only copies mapped from an entry are touched (never private memory,
-    whose contents MADV_DONTNEED would discard). Returns the bytes released."""
+    server's engine calls it each time it goes idle, see LLMEngine.release_idle_memory): big steps fault them
+    back from the page cache (~230 minor faults, ~1.4 ms of CPU for SmolLM2's 212 MB: docs/benchmarks.md, so
+    sequential requests that each go idle pay that once per request). Only copies mapped from an entry are
+    touched (never private memory, whose contents MADV_DONTNEED would discard). Returns the bytes advised
+    (resident or not)."""
     return sum(_advise_dontneed(m._dense_pages) for m in model.modules() if getattr(m, "_dense_pages", None))
 
 

@@ -55,7 +55,7 @@ class QuantConfig:
     method: str = "none"
     group_size: int = 32
     dense_from_rows: int = 0  # keep a bf16 copy and use it for steps with at least this many rows (0: never)
-    profile: str = "balanced"  # EngineConfig.memory_profile: `small` makes auto keep no bf16 copies
+    profile: str = "balanced"  # EngineConfig.memory_profile: which bf16 copies auto keeps (see resolve_auto)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,7 +68,7 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
     """`auto` (the CLI default): a GGUF with decoder linears of PACKED_TYPES keeps those blocks packed (others,
     e.g. Q3_K in a Q3_K_M file, are dequantized with one log line) on a
     CPU whose kernel tier has the quantized GEMMs (AVX2 and up: faster decode, 4-bit memory), with bf16 copies
-    for steps of ≥ 32 rows on CPUs with native bf16 unless
+    for steps of ≥ 32 rows where they pay (`fast`: native bf16; `balanced`: AMX; `small`: never) unless
     `quant_dense_rows` says otherwise; anything else loads as `none`."""
     if qc.method != "auto":
         return qc
@@ -76,10 +76,14 @@ def resolve_auto(qc: QuantConfig, gguf_linear_types: set[str] | None, device: to
 
     packable = bool(gguf_linear_types and gguf_linear_types & PACKED_TYPES)
     if packable and device.type == "cpu" and cpu_kernels.has_quant_gemm():
-        # bf16 copies for big steps only where the CPU computes bf16 natively (elsewhere bf16 GEMMs are slow)
-        # (asked of the kernel tier too, so a forced lower tier behaves as a CPU of that tier would)
+        # bf16 copies for big steps only where they beat the packed kernels: `fast` wherever the CPU computes bf16
+        # natively, `balanced` only with AMX's bf16 tiles. On AVX-512 BF16 without AMX the packed VNNI kernels are
+        # faster at every row count (measured on Zen 4: prefill 1733 vs 976-1532 tok/s, 16 streams 823 vs 521-695,
+        # docs/benchmarks.md), so the copies there would cost memory for nothing. (Asked of the kernel tier too, so
+        # a forced lower tier behaves as a CPU of that tier would.)
         native_bf16 = onednn.available() and get_kernels().bf16_dot
-        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if native_bf16 and qc.profile != "small" else 0)
+        pays = qc.profile == "fast" or (qc.profile == "balanced" and get_kernels().tier == "avx512_amx")
+        dense = qc.dense_from_rows or (AUTO_DENSE_ROWS if native_bf16 and pays else 0)
         return QuantConfig("gguf", 32, dense, qc.profile)
     return QuantConfig("none", qc.group_size, qc.dense_from_rows, qc.profile)
 

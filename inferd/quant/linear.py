@@ -460,8 +460,8 @@ class QKLinear(_PackedLinear):
         return dequantize_qk(q, d, m, self.sub)
 
     def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 rows (len(ids), K) of the weight for int64 `ids`, dequantizing only the row blocks they touch
-        (an embedding lookup in a tied lm_head's table)."""
+        """float32 rows (len(ids), K) of the weight for int64 `ids`, unpacking only those rows (an embedding
+        lookup in a tied lm_head's table)."""
         if self.layout != "qkrows16":
             q, d, m = self.unpacked(ids)
             return dequantize_qk(q, d, m, self.sub)

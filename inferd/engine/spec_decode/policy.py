@@ -97,11 +97,12 @@ class StepTimeModel:
 
     def within_reach(self, tokens: int, mixed: bool) -> bool:
         """Whether predict(tokens, mixed) rests on measurements: interpolated, or at most one row past the
-        largest decode step measured (mixed steps, priced on their own curve once measured at that size, carry
-        prefill chunks already on the multi-token path)."""
+        largest decode step measured. Mixed steps are priced on their own curve once measured at that size, but a
+        step counted as mixed because requests wait may still run decode rows only (nothing admitted), so the
+        decode-only bound holds for them too: a row cliff is never planned into unmeasured."""
         mixed_pts = self.points(True)
         if mixed and mixed_pts and mixed_pts[0][0] <= tokens:
-            return tokens <= self.largest[True] + 1
+            return tokens <= min(self.largest[True], self.largest[False]) + 1
         return tokens <= self.largest[False] + 1
 
     def predict(self, tokens: int, mixed: bool) -> float:
@@ -172,7 +173,7 @@ class SpecPolicy:
         every proposal landed, at the measured (or one-row-past-measured) step times; `first_seconds`: the
         cheapest first-proposal cost (a draft model's catch-up)."""
         tm = self.time_model
-        base = num_decoding / tm.predict(num_decoding, mixed_anyway)
+        base = num_decoding / tm.predict(num_decoding, mixed_anyway) * (1 + self.margin)  # as plan asks
         for n in range(1, max_rows + 1):
             if not tm.within_reach(num_decoding + n, mixed_anyway):
                 break
@@ -187,8 +188,9 @@ class SpecPolicy:
         """True: the coming step does not speculate (nothing is proposed), because not even proposals that all land
         could pay; every `reprobe_every`-th such step is let through to plan (and its probe), so the measurement
         that priced verification out is taken again now and then."""
-        if max_rows <= 0 or self.could_pay(num_decoding, mixed_anyway, max_rows, num_seqs, pass_seconds,
-                                           first_seconds):
+        if max_rows <= 0:  # no room for proposals: nothing to decide (a due re-probe stays due)
+            return False
+        if self.could_pay(num_decoding, mixed_anyway, max_rows, num_seqs, pass_seconds, first_seconds):
             self.hopeless_steps = 0
             return False
         self.hopeless_steps += 1

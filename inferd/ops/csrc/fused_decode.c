@@ -4,19 +4,22 @@
 
 // Per-phase wall time of decode_layers, summed over layers and calls while profiling is on (decode_profile):
 // benchmarks/decode_step_profile.py reads it to split a step into GEMMs, attention and the small row-wise ops.
+// A diagnostic for one engine at a time: the sums are process-wide and not atomic. DP_ROPE also holds the per-head
+// q/k norms of the families that have them.
 enum { DP_NORM, DP_QKV, DP_ROPE, DP_KV, DP_ATTN, DP_O, DP_GATE_UP, DP_ACT, DP_DOWN, DP_N };
 static int prof_on;  // 0 off, 1 wall clock, 2 the calling thread's CPU time (robust on a shared host at 1 thread)
 static int64_t prof_ns[DP_N];
 
-static inline int64_t now_ns(void) {
+static inline int64_t now_ns(int mode) {
     struct timespec t;
-    clock_gettime(prof_on == 2 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t);
+    clock_gettime(mode == 2 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
-// close the running phase: add the time since *t to `phase` and restart the clock
+// close the running phase: add the time since t0_ to `phase` and restart the clock (prof_ is the mode read once
+// at the call's start, so switching profiling on or over mid-call cannot mix clocks)
 #define PHASE(phase)                                 \
-    if (prof_on) {                                   \
-        const int64_t t1_ = now_ns();                \
+    if (prof_) {                                     \
+        const int64_t t1_ = now_ns(prof_);           \
         prof_ns[phase] += t1_ - t0_;                 \
         t0_ = t1_;                                   \
     }
@@ -51,7 +54,8 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
     const int M = s->M, E = s->is_bf16 ? 2 : 4;
     const int qdim = s->H * s->D, kvdim = s->Hkv * s->D, qkvdim = qdim + 2 * kvdim;
     char *qkv = (char *)s->qkv;
-    int64_t t0_ = prof_on ? now_ns() : 0;
+    const int prof_ = prof_on;
+    int64_t t0_ = prof_ ? now_ns(prof_) : 0;
     for (int i = 0; i < n_layers; i++) {
         const layer_desc *L = layers + i;
         if (i == 0 && s->first) {

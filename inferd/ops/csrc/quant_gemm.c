@@ -191,9 +191,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
             vf_store(y, (m0 + r) * N + (rb + b) * 16, acc[r][b], is_bf16);
 }
 
-#ifndef Q4_MR
 #define Q4_MR 4  // activation rows per register tile: MR · NB · (1 + NS) of the 32 zmm registers
-#endif
 #define Q4_NB 2  // row blocks per tile
 
 // One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
@@ -205,10 +203,7 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR)
         q4_tile(Q4_MR, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
-    switch (M - m0) {
-#if Q4_MR > 4
-        case 4: q4_tile(4, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-#endif
+    switch (M - m0) {  // the rows left: fewer than Q4_MR
         case 3: q4_tile(3, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         case 2: q4_tile(2, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         case 1: q4_tile(1, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
@@ -227,7 +222,7 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
                          const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) reduction(| : failed)
     for (int gr = 0; gr < ngr; gr++) {
         static __thread float *scb = NULL;  // (G, NB, [d, m], ns, 16)
         static __thread uint8_t *uwb = NULL;  // (G, NB, 8, 64)
@@ -256,8 +251,6 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
                     }
                 }
             sc = scb;
-        }
-        if (bits > 4 || ns > 1) {
             if (ucap < G * Q4_NB * 512) {
                 free(uwb);
                 uwb = (uint8_t *)aligned_alloc(64, (size_t)G * Q4_NB * 512);
