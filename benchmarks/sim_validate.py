@@ -4,7 +4,7 @@ machine and fed to the simulator (`inferd.cluster.simulate.simulate`, the same r
 calibrated on this machine around the run; the table compares TTFT / TPOT p50 and p99, prefix-cache hit rate and
 output throughput (set by the open-loop arrivals below saturation), and gives the simulator's relative error.
 
-    python benchmarks/sim_validate.py --out docs/sim_validate [--rate 2.0] [--duration 80] [--calibrate-procs 1]
+    python benchmarks/sim_validate.py --out docs/sim_validate [--rate 2.0] [--duration 80] [--calibrate-procs 2]
 
 Defaults: ~160 requests (~140 after the warm-up), so a p99 rests on the slowest one or two of them, not on the
 single slowest of 36 (the earlier 0.6/s over 60 s); the table gives each measured percentile's 90% bootstrap
@@ -361,7 +361,10 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded", "round-robin"])
     ap.add_argument("--replica-cpus", type=int, default=1)
-    ap.add_argument("--calibrate-procs", type=int, default=1)
+    ap.add_argument("--calibrate-procs", type=int, default=2,
+                    help="calibrators run at once; the default 2 shares the host as the measured run's two replicas "
+                         "do (one calibrator alone on a 2-core host measures a replica faster than either of the run's: "
+                         "its TPOT drift read 1.15-1.56x, against 0.82-1.03x with 2, docs/benchmarks.md)")
     ap.add_argument("--calibrate-after", action="store_true",
                     help="calibrate again after the measured run and use the medians of both (for a host whose load "
                          "drifts; adds ~1.5 min)")

@@ -52,14 +52,15 @@ def add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Engi
     p.add_argument("--quantization", "-q", default=e.quantization, choices=["auto", "none", "int8", "int4", "gguf"],
                    help="quantized weights: int8 (scales per 32), int4 group-wise, or gguf (keep the file's "
                         "Q4_0/Q4_1 blocks packed; Q8_0 as int8); on AVX512-VNNI CPUs activations are int8 too. "
-                        "auto: gguf (+ --quant-dense-rows 32) for a Q4_0/Q4_1/Q8_0 GGUF on such a CPU, else none")
+                        "auto: gguf (bf16 copies for big steps as --memory-profile says) for a packable GGUF on such a CPU, else none")
     p.add_argument("--group-size", type=int, default=e.group_size, help="int4 group size (32, 64, 128)")
     p.add_argument("--quant-dense-rows", type=int, default=e.quant_dense_rows,
                    help="also keep bf16 copies of quantized weights and use them for steps of at least this many "
                         "rows (large batches run faster on bf16 GEMM; costs the bf16 memory). 0: packed only")
     p.add_argument("--memory-profile", default=e.memory_profile, choices=list(MEMORY_PROFILES),
                    help="memory/speed trade-off: small (no bf16 copies, KV ≤ 0.5 GiB), balanced (bf16 copies "
-                        "for big steps, KV ≤ 2 GiB), fast (KV up to half of free memory ≤ 4 GiB)")
+                        "for big steps on CPUs with AMX only, KV ≤ 2 GiB), fast (bf16 copies prepacked wherever bf16 "
+                        "is native, KV up to half of free memory ≤ 4 GiB)")
     p.add_argument("--enforce-eager", action="store_true", default=e.enforce_eager,
                    help="CUDA: run every step eagerly instead of replaying decode steps from CUDA graphs")
     sp = SpeculativeConfig()
