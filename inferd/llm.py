@@ -57,27 +57,9 @@ class LLM:
             self.engine.add_request(rid, p, sp)
             ids.append(rid)
         bar = tqdm(total=len(ids), disable=not use_tqdm, desc="generate")
-        results = run_to_completion(self.engine) if not use_tqdm else self._run_with_bar(bar)
+        results = run_to_completion(self.engine, on_finished=(lambda _: bar.update(1)) if use_tqdm else None)
         bar.close()
         return [results[i] for i in ids]
-
-    def _run_with_bar(self, bar: tqdm) -> dict[str, RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        merged: dict[str, dict[int, Any]] = {}
-        self.engine.closed_batch = True  # as run_to_completion
-        try:
-            while self.engine.has_unfinished_requests():
-                for ro in self.engine.step():
-                    slot = merged.setdefault(ro.request_id, {})
-                    for co in ro.outputs:
-                        slot[co.index] = co
-                    if ro.finished:
-                        ro.outputs = [slot[i] for i in sorted(slot)]
-                        done[ro.request_id] = ro
-                        bar.update(1)
-        finally:
-            self.engine.closed_batch = False
-        return done
 
     def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -356,8 +357,10 @@ class LLMEngine:
 
 
 @torch.inference_mode()
-def run_to_completion(engine: LLMEngine) -> dict[str, RequestOutput]:
-    """Drive the engine until every request ends; the last output of each request, by id."""
+def run_to_completion(engine: LLMEngine,
+                      on_finished: Callable[[RequestOutput], None] | None = None) -> dict[str, RequestOutput]:
+    """Drive the engine until every request ends; the last output of each request, by id (`on_finished`: called
+    with each as it ends, e.g. a progress bar)."""
     final: dict[str, RequestOutput] = {}
     merged: dict[str, dict[int, CompletionOutput]] = {}
     engine.closed_batch = True
@@ -370,6 +373,8 @@ def run_to_completion(engine: LLMEngine) -> dict[str, RequestOutput]:
                 if ro.finished:
                     ro.outputs = [slot[i] for i in sorted(slot)]
                     final[ro.request_id] = ro
+                    if on_finished is not None:
+                        on_finished(ro)
     finally:
         engine.closed_batch = False
     return final

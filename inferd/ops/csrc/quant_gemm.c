@@ -398,7 +398,6 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
     const float *dx = a->dx, *sx = a->sx;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
-        const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
@@ -407,23 +406,7 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
             for (int g = 0; g < G; g++) {
                 const uint8_t *wp = wb + (int64_t)g * gb;
                 __m512i v[8];
-                for (int c = 0; c < 4; c++) {
-                    const __m512i wc = _mm512_loadu_si512((const __m512i *)(wp + 64 * c));
-                    v[2 * c] = _mm512_and_si512(wc, mask);
-                    v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
-                }
-                if (bits >= 5) {  // bit t of each plane byte → bit 4 of vector t (16-bit shifts: spill is masked)
-                    const __m512i p0 = _mm512_loadu_si512((const __m512i *)(wp + 256));
-                    for (int t = 0; t < 8; t++)
-                        v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(p0, 4 - t)
-                                                                             : _mm512_srli_epi16(p0, t - 4), b4));
-                }
-                if (bits == 6) {
-                    const __m512i p1 = _mm512_loadu_si512((const __m512i *)(wp + 320));
-                    for (int t = 0; t < 8; t++)
-                        v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
-                                                                             : _mm512_srli_epi16(p1, t - 5), b5));
-                }
+                qk_unpack512(wp, bits, v);
                 __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2];
                 qk_scales512(dm, scm, sb, rb, G, g, ns, dv, mv);
                 const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
