@@ -32,13 +32,13 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def run_server(*args: str, wait: str = "/ready", timeout: float = 120,
-               env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """Start `inferd serve ARGS` and wait until GET `wait` answers 200 (wait="" : until it answers at all,
-    e.g. to watch it load)."""
+               env: dict[str, str] | None = None, cli: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
+    """Start `inferd CLI serve ARGS` (CLI: options before the subcommand, e.g. --log-level INFO) and wait until
+    GET `wait` answers 200 (wait="" : until it answers at all, e.g. to watch it load)."""
     port = free_port()
     log_path = f"/tmp/inferd-test-server-{port}.log"
     logf = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", *cli, "serve", "--port", str(port), *args],
                             stdout=logf, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = ServerProcess(proc, port, log_path)

@@ -4,21 +4,16 @@ timed), the output is the same as a load without the cache, and a changed or dam
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 
 from inferd.embedder import Embedder
 from inferd.loader import module_cache
-from tests.server_utils import free_port
+from tests.server_utils import run_server
 from tests.test_memory_cache import _mapped_from
 from tests.tiny_models import write_bert
 
@@ -82,23 +77,8 @@ def test_changed_files_get_a_new_entry_and_a_damaged_one_is_rebuilt(tmp_path, ho
 
 def _serve_log(args: list[str], env: dict[str, str]) -> str:
     """Start `inferd --log-level INFO serve ARGS`, wait for /ready, stop it; its log."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "inferd.cli", "--log-level", "INFO", "serve", "--port", str(port),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env})
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-    return out
+    with run_server(*args, env=env, cli=("--log-level", "INFO"), timeout=180) as server:
+        return server.log()
 
 
 def test_serve_logs_its_start_up_phases_and_maps_the_encoder_on_the_second_start(tmp_path, tiny_hf, tiny_bert):

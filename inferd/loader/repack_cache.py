@@ -80,36 +80,31 @@ def _entry(key: str) -> Path:
     return cache_dir() / f"{key}.safetensors"
 
 
+class _Section:
+    """One run of an entry's tensor bytes, written to a side file as they come, with their header records
+    (offsets within the run; `CacheWriter.finish` joins the runs behind the header)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.header, self.off = path, open(path, "wb"), {}, 0
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        self.header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.off, self.off + raw.nbytes]}
+        self.file.write(memoryview(raw))
+        self.off += raw.nbytes
+
+
 class CacheWriter:
-    """Writes an entry as layers are packed: tensor bytes go to a side file at once (nothing is held in memory),
+    """Writes an entry as layers are packed: tensor bytes go to side files at once (nothing is held in memory),
     the header and the bytes are joined into the entry on `finish`."""
 
     def __init__(self, key: str):
         self.path = _entry(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_suffix(f".data{os.getpid()}")
-        self.tmp_dense = self.path.with_suffix(f".dense{os.getpid()}")
-        self.data = open(self.tmp, "wb")
-        self.dense = open(self.tmp_dense, "wb")
-        self.header: dict = {}
-        self.dense_header: dict = {}  # offsets within the dense section, moved behind the packed data on finish
+        self.packed = _Section(self.path.with_suffix(f".data{os.getpid()}"))
+        self.dense = _Section(self.path.with_suffix(f".dense{os.getpid()}"))  # moved behind the packed data on finish
         self.meta: dict[str, dict] = {}
-        self.off = 0
-        self.dense_off = 0
-
-    def _put(self, key: str, t: torch.Tensor) -> None:
-        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
-        self.header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [self.off, self.off + raw.nbytes]}
-        self.data.write(memoryview(raw))
-        self.off += raw.nbytes
-
-    def _put_dense(self, key: str, t: torch.Tensor) -> None:
-        raw = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
-        self.dense_header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [self.dense_off, self.dense_off + raw.nbytes]}
-        self.dense.write(memoryview(raw))
-        self.dense_off += raw.nbytes
 
     def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
         """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
@@ -120,10 +115,10 @@ class CacheWriter:
                     continue
                 kinds[t_name] = kind if t is not None else "none"
                 if t is not None:
-                    self._put(f"{name}/{t_name}", t)
+                    self.packed.put(f"{name}/{t_name}", t)
         copy = dense if dense is not None else m._buffers.get("dense")
         if copy is not None:
-            self._put_dense(f"{name}/@dense", copy)
+            self.dense.put(f"{name}/@dense", copy)
         self.meta[name] = {"cls": type(m).__name__, "attrs": layer_attrs(m), "tensors": kinds}
 
     def _layout(self) -> tuple[bytes, int]:
@@ -133,39 +128,38 @@ class CacheWriter:
         back never maps copy pages with it."""
         pad = 0
         for _ in range(4):  # the header's length depends on the offsets it holds: settles in one or two rounds
-            start = self.off + pad
-            header = dict(self.header)
-            for k, rec in self.dense_header.items():
+            start = self.packed.off + pad
+            header = dict(self.packed.header)
+            for k, rec in self.dense.header.items():
                 a, b = rec["data_offsets"]
                 header[k] = {**rec, "data_offsets": [start + a, start + b]}
             hb = entry_header(header, self.meta)
-            want = -(len(hb) + self.off) % DENSE_ALIGN if self.dense_header else 0
+            want = -(len(hb) + self.packed.off) % DENSE_ALIGN if self.dense.header else 0
             if want == pad:
                 return hb, pad
             pad = want
         raise RuntimeError("repack cache header layout did not settle")
 
     def finish(self) -> None:
-        self.data.close()
-        self.dense.close()
+        for part in (self.packed, self.dense):
+            part.file.close()
         out = self.path.with_suffix(f".tmp{os.getpid()}")
         hb, pad = self._layout()
         with open(out, "wb") as f:
             f.write(hb)
-            for part, gap in ((self.tmp, pad), (self.tmp_dense, 0)):
-                with open(part, "rb") as data:
+            for part, gap in ((self.packed, pad), (self.dense, 0)):
+                with open(part.path, "rb") as data:
                     while chunk := data.read(1 << 24):
                         f.write(chunk)
                 f.write(b"\0" * gap)
         os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
-        self.tmp.unlink()
-        self.tmp_dense.unlink()
+        for part in (self.packed, self.dense):
+            part.path.unlink()
 
     def abort(self) -> None:
-        self.data.close()
-        self.dense.close()
-        self.tmp.unlink(missing_ok=True)
-        self.tmp_dense.unlink(missing_ok=True)
+        for part in (self.packed, self.dense):
+            part.file.close()
+            part.path.unlink(missing_ok=True)
 
 
 def layer_attrs(m: nn.Module) -> dict:

@@ -218,26 +218,33 @@ static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v);
 // weights stay in L1/L2, so DRAM reads each weight once. Weights of more than 4 bits or with sub-groups of 16 are
 // unpacked to bytes and their scales converted to fp32 once per row-block group, into per-thread buffers (at 4 bits
 // with one sub-group, unpacking and converting in each tile measured faster).
+// *buf grown to at least `need` bytes (a multiple of 64), 64-byte aligned, kept for the next call (a per-thread
+// buffer; never shrunk); NULL when it cannot be had.
+static void *grow_aligned64(void **buf, size_t *cap, size_t need) {
+    if (*cap < need) {
+        free(*buf);
+        *buf = aligned_alloc(64, need);
+        *cap = *buf ? need : 0;
+    }
+    return *buf;
+}
+
 static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                          const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int gr = 0; gr < ngr; gr++) {
-        static __thread float *scb = NULL;  // (G, NB, [d, m], ns, 16)
-        static __thread uint8_t *uwb = NULL;  // (G, NB, 8, 64)
-        static __thread int scap = 0, ucap = 0;
+        static __thread void *scb = NULL, *uwb = NULL;  // scales (G, NB, [d, m], ns, 16) fp32; weights (G, NB, 8, 64)
+        static __thread size_t scap = 0, ucap = 0;
         const int64_t rb = (int64_t)gr * Q4_NB;
         const int nb = nrb - rb < Q4_NB ? (int)(nrb - rb) : Q4_NB;
         const float *sc = NULL;
         const uint8_t *uw = NULL;
         if (bits > 4 || ns > 1) {  // (at 4 bits converting the scales in the tile measured faster)
-            if (scap < G * Q4_NB * 64) {
-                free(scb);
-                scb = (float *)aligned_alloc(64, sizeof(float) * (size_t)G * Q4_NB * 64);
-                scap = scb ? G * Q4_NB * 64 : 0;
-            }
-            if (!scb) {
+            float *scf = grow_aligned64(&scb, &scap, sizeof(float) * (size_t)G * Q4_NB * 64);
+            uint8_t *uwf = grow_aligned64(&uwb, &ucap, (size_t)G * Q4_NB * 512);
+            if (!scf || !uwf) {
                 failed = 1;
                 continue;
             }
@@ -246,27 +253,15 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
                     __m512 d[2], mv[2];
                     qk_scales512(dm, scm, sb, rb + b, G, g, ns, d, mv);
                     for (int h = 0; h < ns; h++) {
-                        _mm512_store_ps(scb + ((int64_t)g * nb + b) * 32 * ns + 16 * h, d[h]);
-                        _mm512_store_ps(scb + ((int64_t)g * nb + b) * 32 * ns + 16 * (ns + h), mv[h]);
+                        _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * h, d[h]);
+                        _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * (ns + h), mv[h]);
                     }
-                }
-            sc = scb;
-            if (ucap < G * Q4_NB * 512) {
-                free(uwb);
-                uwb = (uint8_t *)aligned_alloc(64, (size_t)G * Q4_NB * 512);
-                ucap = uwb ? G * Q4_NB * 512 : 0;
-            }
-            if (!uwb) {
-                failed = 1;
-                continue;
-            }
-            for (int g = 0; g < G; g++)
-                for (int b = 0; b < nb; b++) {
                     __m512i v[8];
                     qk_unpack512(w + ((rb + b) * G + g) * gb, bits, v);
-                    for (int t = 0; t < 8; t++) _mm512_store_si512((__m512i *)(uwb + (((int64_t)g * nb + b) * 8 + t) * 64), v[t]);
+                    for (int t = 0; t < 8; t++) _mm512_store_si512((__m512i *)(uwf + (((int64_t)g * nb + b) * 8 + t) * 64), v[t]);
                 }
-            uw = uwb;
+            sc = scf;
+            uw = uwf;
         }
 #define Q4_ROWS(NB, NS, BUF) q4_rows(NB, NS, BUF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
         // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
