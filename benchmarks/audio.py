@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from proc_cpu import cpu_seconds  # noqa: E402
 
 TEXT = (
     "Inference is the part of machine learning that users actually pay for. A model that was trained once "
@@ -55,12 +57,6 @@ def run():
 run()
 print(*run())
 """
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_speech(d: Path) -> Path:
@@ -104,10 +100,10 @@ def main() -> None:
 
         def served() -> tuple[float, float, float]:
             """(client wall s, the server's own compute_s, the server process's CPU s for the request)."""
-            c0, t0 = process_cpu_s(s.proc.pid), time.perf_counter()
+            c0, t0 = cpu_seconds(s.proc.pid), time.perf_counter()
             r = httpx.post(url, files={"file": ("speech.wav", data)}, data={"language": "en"}, timeout=300)
             r.raise_for_status()
-            return time.perf_counter() - t0, r.json()["usage"]["inferd"]["compute_s"], process_cpu_s(s.proc.pid) - c0
+            return time.perf_counter() - t0, r.json()["usage"]["inferd"]["compute_s"], cpu_seconds(s.proc.pid) - c0
 
         served()  # warm-up (direct() warms up in its own process)
         for _ in range(args.rounds):

@@ -20,14 +20,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import free_port, proc_status  # noqa: E402
+from proc_cpu import cpu_seconds  # noqa: E402
 from serving import stop_server  # noqa: E402
 
 READY_TIMEOUT_S = 300.0  # launch to /ready, however loaded the host
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(tree: str, serve_args: list[str]) -> tuple[subprocess.Popen, float, float]:
@@ -45,7 +41,7 @@ def start(tree: str, serve_args: list[str]) -> tuple[subprocess.Popen, float, fl
             raise RuntimeError(f"server from {tree} not ready after {READY_TIMEOUT_S:.0f} s")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc, time.perf_counter() - t0, cpu_s(proc.pid)
+                return proc, time.perf_counter() - t0, cpu_seconds(proc.pid)
         except httpx.HTTPError:
             pass
         time.sleep(0.05)

@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from proc_cpu import cpu_seconds  # noqa: E402
 
 BASELINE = '''
 import json, sys
@@ -60,12 +62,6 @@ async def ready():
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fraud_module():
@@ -180,9 +176,9 @@ def main() -> None:
             for rnd in range(args.rounds):
                 for name, (proc, url) in procs.items():
                     lat, wall, cpu = acc[name]
-                    cpu0 = process_cpu_s(proc.pid)
+                    cpu0 = cpu_seconds(proc.pid)
                     more, w = asyncio.run(load(url, rows, per_round, c, warmup=50 if rnd == 0 else 0))
-                    acc[name] = (lat + more, wall + w, cpu + process_cpu_s(proc.pid) - cpu0)
+                    acc[name] = (lat + more, wall + w, cpu + cpu_seconds(proc.pid) - cpu0)
             for name, (lat, wall, cpu) in acc.items():
                 ms = np.array(lat) * 1000
                 # server CPU per request (the first round's 50 warm-up requests included): what bounds req/s on a
