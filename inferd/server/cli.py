@@ -18,6 +18,7 @@ from inferd.cluster.ray_args import add_ray_args, uses_ray
 from inferd.errors import InferdError
 from inferd.server import extra_models, http_protocol
 from inferd.server.state import ModelSlot, ServerState, default_model_name
+from inferd.server.workers import WorkerHooks, add_worker_args, check_worker_args
 
 log = logging.getLogger("inferd.serve")
 
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-cache-size", type=int, default=10000,
                    help="entries in the exact-match embedding cache (0: off)")
     extra_models.add_serve_args(p)
+    add_worker_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -156,9 +158,16 @@ def _is_encoder(spec: str) -> bool:
     return any(a.startswith(("Bert", "Roberta", "XLMRoberta")) for a in archs) or cfg.get("model_type") == "bert"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> int:
+    """`inferd serve`; `worker`: this process is one of `--workers N` (inferd.server.workers)."""
+    check_worker_args(args, uses_ray(args))
     if uses_ray(args):
         return _serve_on_ray(args)
+    if args.workers > 1 and worker is None:
+        from inferd.server.workers import serve_workers
+
+        plan_slots(args)  # flag errors before anything is forked
+        return serve_workers(args, cmd_serve)
     import uvicorn
 
     from inferd.server.app import build_app
@@ -171,6 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         accept_any_model_name=args.accept_any_model_name, max_tokens_limit=args.max_tokens_limit,
                         load_wait_s=args.load_wait)
     app = build_app(state, webui_pages=not args.no_webui)
+    if worker is not None:
+        worker.attach(app, state)
     loader = threading.Thread(target=_load_models, args=(args, state), daemon=True, name="inferd-load")
     server: DrainingServer | None = None
 
@@ -182,6 +193,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def _watch_load() -> None:
         while loader.is_alive():
             await asyncio.sleep(0.1)
+        if worker is not None:
+            worker.loaded(state)
         if all(s.status == "failed" for s in state.slots) and server is not None:
             server.should_exit = True  # nothing can serve: exit with the load errors
         elif state.all_ready:
@@ -193,8 +206,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=5, access_log=not isinstance(level, int) or level <= logging.INFO,
                             http=http_protocol.protocol_class())
     server = DrainingServer(config, state, args.shutdown_timeout)
-    print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
-    server.run()
+    if worker is None:
+        print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
+    server.run(sockets=worker.sockets if worker is not None else None)
     for slot in state.slots:
         if slot.llm is not None:
             slot.llm.shutdown()
