@@ -147,13 +147,16 @@ class WorkerHooks:
         return merge_prometheus(texts, count=("inferd_workers", "Worker processes whose metrics are summed here"))
 
     async def _read_metrics(self, k: int) -> str | None:
-        try:
-            async with asyncio.timeout(METRICS_TIMEOUT_S):
-                reader, writer = await asyncio.open_unix_connection(str(self.metrics_path(k)))
-                data = await reader.read()
+        async def read() -> bytes:
+            reader, writer = await asyncio.open_unix_connection(str(self.metrics_path(k)))
+            try:
+                return await reader.read()
+            finally:
                 writer.close()
-            return data.decode()
-        except (OSError, TimeoutError):
+
+        try:
+            return (await asyncio.wait_for(read(), METRICS_TIMEOUT_S)).decode()
+        except (OSError, asyncio.TimeoutError):
             return None  # not started yet, restarting, or stuck: the others still report
 
     def loaded(self, state: Any) -> None:
