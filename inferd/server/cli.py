@@ -187,14 +187,13 @@ def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> in
 
     @app.on_event("startup")
     async def _start() -> None:
-        loader.start()
-        asyncio.get_running_loop().create_task(_watch_load())
+        if worker is None:  # a worker has loaded its models before it serves
+            loader.start()
+            asyncio.get_running_loop().create_task(_watch_load())
 
     async def _watch_load() -> None:
         while loader.is_alive():
             await asyncio.sleep(0.1)
-        if worker is not None:
-            worker.loaded(state)
         if all(s.status == "failed" for s in state.slots) and server is not None:
             server.should_exit = True  # nothing can serve: exit with the load errors
         elif state.all_ready:
@@ -208,7 +207,12 @@ def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> in
     server = DrainingServer(config, state, args.shutdown_timeout)
     if worker is None:
         print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
-    server.run(sockets=worker.sockets if worker is not None else None)
+        server.run()
+    else:  # a worker takes connections only once it can serve them (the others serve meanwhile)
+        _load_models(args, state)
+        if not any(s.status == "ready" for s in state.slots):
+            raise InferdError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
+        server.run(sockets=worker.listen())
     for slot in state.slots:
         if slot.llm is not None:
             slot.llm.shutdown()

@@ -1,11 +1,12 @@
 """`inferd serve --workers N`: N engine worker processes forked from one parent that holds the runtime.
 
 The parent imports torch and the server stack, freezes the garbage collector's view of those objects (gc.freeze,
-so later collections in the workers do not write to their pages), binds the listening socket, and forks the
-workers one after another: worker k+1 is forked once worker k has loaded its models, so only the first builds the
-repack and encoder caches and the load peak is one worker's. Each worker is an ordinary `inferd serve` process
-(its own engine, KV cache and models; weights map the shared cache and GGUF files) serving on the inherited
-socket, so the kernel spreads connections among them. The pages of the runtime (libtorch's static data, the
+so later collections in the workers do not write to their pages), claims the port, and forks the workers one
+after another: worker k+1 is forked once worker k has loaded its models, so only the first builds the repack and
+encoder caches and the load peak is one worker's. Each worker is an ordinary `inferd serve` process (its own
+engine, KV cache and models; weights map the shared cache and GGUF files) that starts accepting connections once
+its models are loaded: on Linux on its own SO_REUSEPORT socket (the kernel spreads connections evenly over the
+workers by a hash of the client's address), elsewhere on the parent's listening socket, shared. The pages of the runtime (libtorch's static data, the
 imported modules' Python objects) stay shared copy-on-write: a second worker adds ~0.2x of the first's RSS, where
 an independent `inferd serve` adds ~0.67x (docs/benchmarks.md).
 
@@ -98,12 +99,21 @@ class WorkerHooks:
     count: int
     rundir: Path
     ready_fd: int
-    sock: socket.socket
+    address: tuple[str, int]
+    shared: socket.socket | None  # the parent's listening socket where SO_REUSEPORT does not balance
     _reported: bool = False
 
-    @property
-    def sockets(self) -> list[socket.socket]:
-        return [self.sock]
+    def listen(self) -> list[socket.socket]:
+        """This worker's listening socket: on Linux its own SO_REUSEPORT socket on the port (the kernel spreads new
+        connections evenly over the workers' sockets, by a hash of the client's address and port), elsewhere the
+        parent's socket, shared (the first worker to accept gets the connection, which can be very uneven)."""
+        if self.shared is not None:
+            return [self.shared]
+        try:
+            return [reuseport_socket(*self.address, listen=True)]
+        except OSError as exc:
+            raise InferdError(f"worker {self.index} cannot listen on {self.address[0]}:{self.address[1]}: "
+                              f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
 
     def metrics_path(self, k: int) -> Path:
         return self.rundir / f"worker-{k}.sock"
@@ -128,6 +138,7 @@ class WorkerHooks:
             path = self.metrics_path(self.index)
             path.unlink(missing_ok=True)  # the socket of the worker this one replaces
             server.append(await asyncio.start_unix_server(serve_metrics, path=str(path)))
+            self._report(b"R")  # models loaded, serving: the parent may fork the next worker
 
         async def stop() -> None:
             for s in server:
@@ -158,11 +169,6 @@ class WorkerHooks:
             return (await asyncio.wait_for(read(), METRICS_TIMEOUT_S)).decode()
         except (OSError, asyncio.TimeoutError):
             return None  # not started yet, restarting, or stuck: the others still report
-
-    def loaded(self, state: Any) -> None:
-        """The loader thread is done: tell the parent it may fork the next worker."""
-        if any(s.status == "ready" for s in state.slots):
-            self._report(b"R")
 
     def failed(self, message: str) -> None:
         self._report(b"E" + message.encode())
@@ -251,7 +257,8 @@ class _Worker:
 @dataclass
 class Supervisor:
     args: argparse.Namespace
-    sock: socket.socket
+    address: tuple[str, int]
+    shared: socket.socket | None
     rundir: Path
     serve_one: Callable[..., int]
     workers: list[_Worker] = field(default_factory=list)
@@ -291,7 +298,7 @@ class Supervisor:
 
     def _fork(self, w: _Worker) -> None:
         r, wfd = os.pipe()
-        hooks = WorkerHooks(w.index, len(self.workers), self.rundir, wfd, self.sock)
+        hooks = WorkerHooks(w.index, len(self.workers), self.rundir, wfd, self.address, self.shared)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # no parent handler may run in the child
         pid = os.fork()
         if pid == 0:
@@ -396,15 +403,41 @@ def _import_runtime() -> None:
     import inferd.server.serving_embeddings  # noqa: F401
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+BALANCED = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuseport_socket(host: str, port: int, listen: bool) -> socket.socket:
+    """SO_REUSEPORT; a listening one also SO_REUSEADDR (as uvicorn's own), the parent's reservation not, so that
+    another server's probe (claim_port) cannot bind beside it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if listen:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+def claim_port(host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """The parent's hold on --host:--port: a listening socket the workers share, or (Linux) a bound, never
+    listening SO_REUSEPORT socket that keeps the port for the workers' own sockets. Either way a port that
+    another server holds is an error here, not a silently shared port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=2048)
+        if not BALANCED:
+            sock = socket.create_server((host, port), family=family, backlog=2048)
+            sock.set_inheritable(True)
+            return sock, sock.getsockname()[:2]
+        with socket.socket(family) as probe:  # without SO_REUSEPORT: fails if anything holds the port
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        sock = reuseport_socket(host, port, listen=False)
+        return sock, (host, port)
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise InferdError(f"cannot listen on {host}:{port}: {why}") from exc
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve_workers(args: argparse.Namespace, serve_one: Callable[..., int]) -> int:
@@ -416,14 +449,13 @@ def serve_workers(args: argparse.Namespace, serve_one: Callable[..., int]) -> in
             raise InferdError("--workers runs CPU engines (CUDA does not survive a fork) and this machine has a GPU: "
                               "give --device cpu, or use --replicas")
     _import_runtime()
-    sock = bind_socket(args.host, args.port)
+    sock, address = claim_port(args.host, args.port)
     rundir = Path(tempfile.mkdtemp(prefix="inferd-workers-"))
     gc.collect()
     gc.freeze()
-    sup = Supervisor(args, sock, rundir, serve_one)
+    sup = Supervisor(args, address, None if BALANCED else sock, rundir, serve_one)
     old = {sig: signal.signal(sig, sup.on_signal) for sig in SIGNALS}
-    port = sock.getsockname()[1]
-    print(f"inferd serving on http://{args.host}:{port}/v1 with {args.workers} workers, "
+    print(f"inferd serving on http://{args.host}:{address[1]}/v1 with {args.workers} workers, "
           f"{worker_threads(args)} threads each (loading models...)", file=sys.stderr, flush=True)
     try:
         return sup.run()
