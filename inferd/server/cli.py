@@ -209,7 +209,8 @@ def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> in
         print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
         server.run()
     else:  # a worker takes connections only once it can serve them (the others serve meanwhile)
-        _load_models(args, state)
+        loader.start()  # the same loader thread as one process runs, waited for here
+        loader.join()
         if not any(s.status == "ready" for s in state.slots):
             raise InferdError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
         server.run(sockets=worker.listen())

@@ -453,6 +453,9 @@ def serve_workers(args: argparse.Namespace, serve_one: Callable[..., int]) -> in
     rundir = Path(tempfile.mkdtemp(prefix="inferd-workers-"))
     gc.collect()
     gc.freeze()
+    from inferd.hardware import release_free_memory
+
+    release_free_memory()  # the imports' freed heap goes back before the fork, not once per worker (malloc_trim)
     sup = Supervisor(args, address, None if BALANCED else sock, rundir, serve_one)
     old = {sig: signal.signal(sig, sup.on_signal) for sig in SIGNALS}
     print(f"inferd serving on http://{args.host}:{address[1]}/v1 with {args.workers} workers, "
