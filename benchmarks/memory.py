@@ -249,7 +249,7 @@ def main() -> None:
             print(json.dumps(two), flush=True)
             t = two["two_procs"]
             print(f"\nindependent processes, same run: second adds {t['second_adds']} MiB idle "
-                  f"({t['second_adds'] / t['rss_a_alone']:.2f}x of {t['rss_a_alone']} MiB), "
+                  f"({t['second_adds'] / t['rss_a_alone']:.2f}x of {t['rss_a_alone']} MiB; both {t['pss_sum']} MiB PSS), "
                   f"{t['second_adds_loaded']} MiB after a load ({t['second_adds_loaded'] / t['rss_a_loaded']:.2f}x)")
         print_workers(w)
         return
