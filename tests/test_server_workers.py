@@ -131,6 +131,17 @@ def test_incompatible_flags(flags, says):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and says in r.stderr
 
 
+def test_a_taken_port_is_a_one_line_error():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "inferd.cli", "serve", "--workers", "2", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 def test_worker_threads_share_the_cores():
     from argparse import Namespace
 
