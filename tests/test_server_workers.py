@@ -25,7 +25,15 @@ HEADER = "x-inferd-worker"
 
 
 def children(pid: int) -> set[int]:
-    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids
 
 
 def alive(pid: int) -> bool:
