@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -205,6 +206,7 @@ def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> in
                             timeout_graceful_shutdown=5, access_log=not isinstance(level, int) or level <= logging.INFO,
                             http=http_protocol.protocol_class())
     server = DrainingServer(config, state, args.shutdown_timeout)
+    server.ignore_sigint = worker is not None  # a terminal's Ctrl-C reaches every worker too: the parent decides
     if worker is None:
         print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
         server.run()
@@ -247,12 +249,15 @@ try:
             super().__init__(config)
             self.state, self.timeout = state, timeout
             self._loop: asyncio.AbstractEventLoop | None = None
+            self.ignore_sigint = False
 
         async def startup(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
             await super().startup(sockets)
 
         def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGINT and self.ignore_sigint:
+                return
             if self.state.draining or self._loop is None:
                 return super().handle_exit(sig, frame)
             self.state.draining = True

@@ -11,8 +11,9 @@ imported modules' Python objects) stay shared copy-on-write: a second worker add
 an independent `inferd serve` adds ~0.67x (docs/benchmarks.md).
 
 The parent runs no torch op and starts no thread before forking (libgomp's thread pool, once started, does not
-survive a fork). It supervises: SIGTERM/SIGINT are passed to every worker (each drains its in-flight requests as a
-single-process server does; a second signal stops them at once), a worker that dies is forked again from the
+survive a fork). It supervises: SIGTERM/SIGINT to the parent become SIGTERM to every worker (each drains its in-flight requests as
+a single-process server does; a second signal stops them at once; workers ignore SIGINT, so a terminal's Ctrl-C,
+which reaches the whole process group, counts once), a worker that dies is forked again from the
 parent, and start-up failures end the parent with the workers' one-line error.
 
 Each worker answers /metrics for the whole server: it reads the other workers' metrics from their unix sockets
@@ -221,11 +222,12 @@ def _die_with_parent(parent: int) -> None:
 def _worker_main(serve_one: Callable[..., int], args: argparse.Namespace, hooks: WorkerHooks, parent: int) -> None:
     code = 1
     try:
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        # SIGTERM comes from the parent (once: drain; twice: stop now). SIGINT is ignored: a terminal's Ctrl-C
+        # goes to the whole process group, and the parent passes it on as SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         _die_with_parent(parent)
-        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent only, which passes one SIGTERM on
         fmt = f"%(asctime)s %(levelname)s %(name)s [worker {hooks.index}]: %(message)s"
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(fmt))
