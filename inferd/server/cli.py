@@ -19,7 +19,7 @@ from inferd.cluster.ray_args import add_ray_args, uses_ray
 from inferd.errors import InferdError
 from inferd.server import extra_models, http_protocol
 from inferd.server.state import ModelSlot, ServerState, default_model_name
-from inferd.server.workers import WorkerHooks, add_worker_args, check_worker_args
+from inferd.server.workers import WorkerHooks, add_worker_args, check_worker_args, serve_workers
 
 log = logging.getLogger("inferd.serve")
 
@@ -165,8 +165,6 @@ def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> in
     if uses_ray(args):
         return _serve_on_ray(args)
     if args.workers > 1 and worker is None:
-        from inferd.server.workers import serve_workers
-
         plan_slots(args)  # flag errors before anything is forked
         return serve_workers(args, cmd_serve)
     import uvicorn

@@ -374,7 +374,8 @@ class Supervisor:
     def _stop_all(self) -> None:
         if not self.signals:
             self._kill_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.args.shutdown_timeout + STOP_GRACE_S
+        grace = self.args.shutdown_timeout + STOP_GRACE_S
+        deadline = time.monotonic() + grace
         while any(w.pid for w in self.workers):
             for w in self.workers:
                 if w.pid:
@@ -383,7 +384,7 @@ class Supervisor:
                             continue
                     w.pid = 0
             if time.monotonic() > deadline:
-                log.warning("workers still running %.0f s after SIGTERM: killing them", deadline)
+                log.warning("workers still running %.0f s after SIGTERM: killing them", grace)
                 self._kill_all(signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.05)
