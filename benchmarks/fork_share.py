@@ -8,6 +8,9 @@ loads its models itself. Prints each child's USS (private pages) and RSS when re
 streams, and the parent's.
 
     python benchmarks/fork_share.py [--children 2] [--model smollm2-135m ...]
+
+The feature built on this is `inferd serve --workers N` (inferd/server/workers.py), measured by
+`python benchmarks/memory.py --workers N`.
 """
 
 from __future__ import annotations

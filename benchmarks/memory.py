@@ -5,6 +5,7 @@ the second adds, from PSS: pages shared between the two count half to each).
     python benchmarks/memory.py                                   # default serve (SmolLM2 + MiniLM)
     python benchmarks/memory.py --model smollm2-135m --kv-cache-memory 0.19 [--memory-profile small]
     python benchmarks/memory.py --model smollm2-135m --kv-cache-memory 0.19 --peer-python /tmp/peers/bin/python
+    python benchmarks/memory.py --workers 2          # `inferd serve --workers 2`: what each further worker adds
 
 `--peer-python`: a Python with `llama-cpp-python[server]`; its server gets `--n_ctx 8192` (the KV size of
 llama-server `-np 16 -c 8192`). Prints one JSON object per configuration and a markdown table.
@@ -162,6 +163,68 @@ def measure(name: str, make_cmd, ready_path: str, model: str, two: bool = True, 
     return res
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def uss(pid: int) -> float:
+    return round((proc_status(pid, "Private_Clean") + proc_status(pid, "Private_Dirty")) / (1 << 20), 1)
+
+
+def rss(pid: int) -> float:
+    return round(proc_status(pid, "VmRSS") / (1 << 20), 1)
+
+
+def measure_workers(args: argparse.Namespace, model: str) -> dict:
+    """`inferd serve --workers N`: the parent's and each worker's RSS and USS (private pages) when every worker is
+    ready and after a 16-stream load, and the whole tree's PSS. What worker k > 0 adds is its USS: every page it
+    shares (the runtime with the parent and the other workers, the mapped weights) is resident anyway."""
+    port = free_port()
+    cmd = inferd_cmd(args, port) + ["--workers", str(args.workers)]
+    s = Server(cmd, "/ready", port)
+    want = f"all {args.workers} workers ready"
+    deadline = time.perf_counter() + 600
+    while want not in _log(s):
+        if time.perf_counter() > deadline or s.proc.poll() is not None:
+            raise RuntimeError("workers not ready:\n" + _log(s)[-3000:])
+        time.sleep(0.1)
+    res: dict = {"server": f"inferd --workers {args.workers}", "all_ready_s": round(time.perf_counter() - s.t0, 2)}
+    order = {int(m.group(2)): int(m.group(1)) for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", _log(s))}
+    time.sleep(1.0)
+
+    def snapshot() -> dict:
+        pids = sorted(children(s.proc.pid), key=lambda p: order.get(p, 99))
+        tree = [s.proc.pid, *pids]
+        return {"parent": {"rss": rss(s.proc.pid), "uss": uss(s.proc.pid)},
+                "workers": [{"rss": rss(p), "uss": uss(p)} for p in pids],
+                "tree_pss": round(sum(proc_status(p, "Pss") for p in tree) / (1 << 20), 1)}
+
+    res["idle"] = snapshot()
+    res["load_s"] = round(load(port, model, requests=32, max_tokens=64), 1)
+    time.sleep(1.0)
+    res["after_load"] = snapshot()
+    s.stop()
+    return res
+
+
+def _log(s: Server) -> str:
+    s.log.seek(0)
+    return s.log.read()
+
+
+def print_workers(r: dict) -> None:
+    print("\n| `inferd serve --workers N` | parent RSS / USS | worker 0 RSS | each further worker adds (USS) | "
+          "ratio to worker 0's RSS | whole tree PSS |")
+    print("|---|---|---|---|---|---|")
+    for when in ("idle", "after_load"):
+        snap = r[when]
+        first = snap["workers"][0]["rss"]
+        adds = [w["uss"] for w in snap["workers"][1:]]
+        print(f"| {when.replace('_', ' ')} | {snap['parent']['rss']} / {snap['parent']['uss']} MiB | {first} MiB | "
+              f"{', '.join(f'{a}' for a in adds)} MiB | {', '.join(f'{a / first:.2f}x' for a in adds)} | "
+              f"{snap['tree_pss']} MiB |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="repeatable; default: serve's defaults")
@@ -170,9 +233,26 @@ def main() -> None:
     ap.add_argument("--peer-python", help="a Python with llama-cpp-python[server]")
     ap.add_argument("--no-two", action="store_true", help="skip the two-process measurement")
     ap.add_argument("--two-only", action="store_true", help="only the two-process measurement")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="measure `inferd serve --workers N` (only that, unless --with-processes)")
+    ap.add_argument("--with-processes", action="store_true",
+                    help="with --workers: also the independent two-process measurement, in the same run")
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
           f"{' '.join(sys.argv)}", flush=True)
+    if args.workers:
+        w = measure_workers(args, (args.model or ["smollm2-135m"])[0])
+        print(json.dumps(w), flush=True)
+        if args.with_processes:
+            two = measure(f"inferd ({args.memory_profile})", lambda p: inferd_cmd(args, p), "/ready",
+                          (args.model or ["smollm2-135m"])[0], True, False)
+            print(json.dumps(two), flush=True)
+            t = two["two_procs"]
+            print(f"\nindependent processes, same run: second adds {t['second_adds']} MiB idle "
+                  f"({t['second_adds'] / t['rss_a_alone']:.2f}x of {t['rss_a_alone']} MiB; both {t['pss_sum']} MiB PSS), "
+                  f"{t['second_adds_loaded']} MiB after a load ({t['second_adds_loaded'] / t['rss_a_loaded']:.2f}x)")
+        print_workers(w)
+        return
     rows = [measure(f"inferd ({args.memory_profile})", lambda p: inferd_cmd(args, p), "/ready",
                     (args.model or ["smollm2-135m"])[0], not args.no_two, not args.two_only)]
     print(json.dumps(rows[-1]), flush=True)

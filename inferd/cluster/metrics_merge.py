@@ -10,7 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 AVERAGED = {"vllm:kv_cache_usage_perc"}
 
 
-def merge_prometheus(texts: list[str]) -> str:
+def merge_prometheus(texts: list[str],
+                     count: tuple[str, str] = ("inferd_replicas", "Replicas whose metrics are merged here")) -> str:
+    """`count`: the name and help of the gauge that says how many texts were merged."""
     families: dict[str, tuple[str, str]] = {}  # name -> (type, help)
     sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
@@ -25,8 +27,7 @@ def merge_prometheus(texts: list[str]) -> str:
                 key = (s.name, tuple(sorted(s.labels.items())))
                 acc[key] = acc.get(key, 0.0) + s.value
     n = max(len(texts), 1)
-    lines = ["# HELP inferd_replicas Replicas whose metrics are merged here", "# TYPE inferd_replicas gauge",
-             f"inferd_replicas {len(texts)}"]
+    lines = [f"# HELP {count[0]} {count[1]}", f"# TYPE {count[0]} gauge", f"{count[0]} {len(texts)}"]
     for name, (typ, doc) in families.items():
         lines.append(f"# HELP {name} {doc}")
         lines.append(f"# TYPE {name} {typ}")

@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from inferd.cluster.ray_args import add_ray_args, uses_ray
 from inferd.errors import InferdError
 from inferd.server import extra_models, http_protocol
 from inferd.server.state import ModelSlot, ServerState, default_model_name
+from inferd.server.workers import WorkerHooks, add_worker_args, check_worker_args, serve_workers
 
 log = logging.getLogger("inferd.serve")
 
@@ -55,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-cache-size", type=int, default=10000,
                    help="entries in the exact-match embedding cache (0: off)")
     extra_models.add_serve_args(p)
+    add_worker_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -156,9 +159,14 @@ def _is_encoder(spec: str) -> bool:
     return any(a.startswith(("Bert", "Roberta", "XLMRoberta")) for a in archs) or cfg.get("model_type") == "bert"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, worker: WorkerHooks | None = None) -> int:
+    """`inferd serve`; `worker`: this process is one of `--workers N` (inferd.server.workers)."""
+    check_worker_args(args, uses_ray(args))
     if uses_ray(args):
         return _serve_on_ray(args)
+    if args.workers > 1 and worker is None:
+        plan_slots(args)  # flag errors before anything is forked
+        return serve_workers(args, cmd_serve)
     import uvicorn
 
     from inferd.server.app import build_app
@@ -171,13 +179,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         accept_any_model_name=args.accept_any_model_name, max_tokens_limit=args.max_tokens_limit,
                         load_wait_s=args.load_wait)
     app = build_app(state, webui_pages=not args.no_webui)
+    if worker is not None:
+        worker.attach(app, state)
     loader = threading.Thread(target=_load_models, args=(args, state), daemon=True, name="inferd-load")
     server: DrainingServer | None = None
 
     @app.on_event("startup")
     async def _start() -> None:
-        loader.start()
-        asyncio.get_running_loop().create_task(_watch_load())
+        if worker is None:  # a worker has loaded its models before it serves
+            loader.start()
+            asyncio.get_running_loop().create_task(_watch_load())
 
     async def _watch_load() -> None:
         while loader.is_alive():
@@ -193,8 +204,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=5, access_log=not isinstance(level, int) or level <= logging.INFO,
                             http=http_protocol.protocol_class())
     server = DrainingServer(config, state, args.shutdown_timeout)
-    print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
-    server.run()
+    server.ignore_sigint = worker is not None  # a terminal's Ctrl-C reaches every worker too: the parent decides
+    if worker is None:
+        print(f"inferd serving on http://{args.host}:{args.port}/v1 (loading models...)", file=sys.stderr, flush=True)
+        server.run()
+    else:  # a worker takes connections only once it can serve them (the others serve meanwhile)
+        loader.start()  # the same loader thread as one process runs, waited for here
+        loader.join()
+        if not any(s.status == "ready" for s in state.slots):
+            raise InferdError("; ".join(f"failed to load {s.spec}: {s.error}" for s in state.slots))
+        server.run(sockets=worker.listen())
     for slot in state.slots:
         if slot.llm is not None:
             slot.llm.shutdown()
@@ -228,12 +247,15 @@ try:
             super().__init__(config)
             self.state, self.timeout = state, timeout
             self._loop: asyncio.AbstractEventLoop | None = None
+            self.ignore_sigint = False
 
         async def startup(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
             await super().startup(sockets)
 
         def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGINT and self.ignore_sigint:
+                return
             if self.state.draining or self._loop is None:
                 return super().handle_exit(sig, frame)
             self.state.draining = True
