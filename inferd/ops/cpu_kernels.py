@@ -155,14 +155,16 @@ def has_quant_gemm() -> bool:
     return get_kernels().quant_gemm
 
 
-def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
+def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int, symmetric: bool = False) -> torch.Tensor | None:
     """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4-bit weights packed by quant.linear.pack_q4_rows16; activations
-    are quantized to int8 per group of 32 inside. None when the kernel does not apply."""
+    are quantized to int8 per group of 32 inside. symmetric: w = d·(q − 8) with `dm` holding d alone
+    (pack_q4_rows16(..., symmetric=True), the C `q4s_gemm`). None when the kernel does not apply."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    if lib.q4_gemm(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
+    fn = lib.q4s_gemm if symmetric else lib.q4_gemm
+    if fn(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
                         int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y

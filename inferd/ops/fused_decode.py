@@ -57,7 +57,7 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
     if isinstance(mod, (Int4Linear, Int8Linear, QKLinear)):  # packed: any rows, up to where a bf16 copy takes over
         rows = MAX_ROWS if not mod.has_dense else min(MAX_ROWS, mod.dense_from_rows - 1)
         if isinstance(mod, Int4Linear) and mod.layout == "q4rows16":
-            return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
+            return LinDesc(3 if mod.symmetric else 1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
         if isinstance(mod, Int8Linear) and mod.layout == "q8rows16":
             return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
                            None), rows

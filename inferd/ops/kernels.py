@@ -68,6 +68,7 @@ SIGNATURES: dict[str, str] = {
     "silu_mul": "ppiii",
     "gelu_tanh_mul": "ppiii",
     "q4_gemm": "pipppiii",
+    "q4s_gemm": "pipppiii",
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",

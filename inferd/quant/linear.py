@@ -118,9 +118,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   group_size: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q int (N, K) in [0, 15], scale/zero (N, K / group_size) → (uint8 weights, fp16 dm) in the layout of
-    ops/csrc `q4_gemm`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m."""
+    ops/csrc `q4_gemm`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m. symmetric (zero
+    all 0, w = d·(q − 8): GGUF Q4_0): dm holds d alone, (N/16, K/32, 1, 16), for `q4s_gemm` (the file's 18 bytes
+    per 32 weights instead of 20)."""
     n, k = q.shape
     g = k // 32
     rep = group_size // 32
@@ -128,8 +130,15 @@ def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     m = (zero.float() - 8.0 * scale.float()).repeat_interleave(rep, dim=1)
     qb = q.to(torch.uint8).reshape(n // 16, 16, g, 4, 2, 4)  # row block, row, group, chunk, low/high, byte
     packed = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(-1)
-    dm = torch.stack([d.reshape(n // 16, 16, g), m.reshape(n // 16, 16, g)], dim=2)  # (rb, row, 2, group)
+    parts = [d] if symmetric else [d, m]
+    dm = torch.stack([p.reshape(n // 16, 16, g) for p in parts], dim=2)  # (rb, row, 1 or 2, group)
     return packed, dm.permute(0, 3, 2, 1).to(torch.float16).contiguous()
+
+
+def q4_is_symmetric(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether int4 weights with these zeros are w = d·(q − 8) (every zero 0: GGUF Q4_0), so `q4s_gemm` computes
+    them from d alone (the same fp16 numbers: −8·d is exact in fp16)."""
+    return bool((zero == 0).all())
 
 
 def int4_layout(q: torch.Tensor, group_size: int) -> str:
@@ -272,8 +281,10 @@ class Int4Linear(_PackedLinear):
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.layout = layout or int4_layout(q, group_size)
+        self.symmetric = False  # q4rows16 with d alone (w = d·(q − 8)): see pack_q4_rows16
         if self.layout == "q4rows16":
-            packed, dm = pack_q4_rows16(q, scale, zero, group_size)
+            self.symmetric = q4_is_symmetric(scale, zero)
+            packed, dm = pack_q4_rows16(q, scale, zero, group_size, self.symmetric)
             if not torch.isfinite(dm).all():  # scales beyond fp16's range: use aten's bf16 scales
                 self.layout = "aten"
         if self.layout == "q4rows16":
@@ -290,7 +301,7 @@ class Int4Linear(_PackedLinear):
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "q4rows16":
-            y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features)
+            y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features, self.symmetric)
             assert y is not None
             return y
         if x.is_cuda:

@@ -38,6 +38,8 @@ static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_b
         return is_bf16 ? gemm_bf16((const uint16_t *)x, M, (const uint16_t *)l->w, y, l->N, l->K, 0) : -1;
     case 1:
         return q4_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    case 3:
+        return q4s_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
     case 2:
         return q8_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
     }

@@ -113,7 +113,7 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
                        // they are registers)
 
 static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
-                                                         const qact *a,
+                                                         const int SYM, const qact *a,
                                                          const float *sx16, int64_t m0, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
@@ -125,9 +125,13 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m512i s[Q4_TILE_MAX][2][2];
-        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+            // SYM (w = d·(q − 8), Q4_0): the offset −8 Σ xq starts the integer sum (no float term for it)
+            const __m512i s0 = SYM ? _mm512_set1_epi32(-8 * a->isum[(m0 + r) * G + g]) : _mm512_setzero_si512();
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
-                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++) s[r][b][h] = _mm512_setzero_si512();
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++)
+                    s[r][b][h] = h == 0 ? s0 : _mm512_setzero_si512();
+        }
         if (!BUF && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
                 _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
@@ -158,7 +162,10 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         }
         __m512 d[2][2], mv[2][2];
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
-            if (BUF) {
+            if (SYM) {  // d alone: fp16 (rb, g, 16)
+                d[b][0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + ((rb + b) * G + g) * 16)));
+                mv[b][0] = _mm512_setzero_ps();
+            } else if (BUF) {
                 const float *sp = sc + ((int64_t)g * NB + b) * 32 * NS;
                 _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) {
                     d[b][h] = _mm512_load_ps(sp + 16 * h);
@@ -175,7 +182,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                 if (NS == 1) {
                     const __m512i si = SPLIT ? _mm512_add_epi32(s[r][b][0], s[r][b][1]) : s[r][b][0];
                     acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d[b][0], dxv), acc[r][b]);
-                    acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
+                    if (!SYM) acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
                 } else {
                     __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][b][0]), d[b][0]);
                     t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][b][1]), d[b][1], t);
@@ -195,18 +202,19 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
 #define Q4_NB 2  // row blocks per tile
 
 // One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
-static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const qact *a,
+static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const int SYM,
+                                                         const qact *a,
                                                          const float *sx16, int M, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR)
-        q4_tile(Q4_MR, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+        q4_tile(Q4_MR, NB, NS, BUF, SYM, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
     switch (M - m0) {  // the rows left: fewer than Q4_MR
-        case 3: q4_tile(3, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 2: q4_tile(2, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 1: q4_tile(1, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 3: q4_tile(3, NB, NS, BUF, SYM, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, NS, BUF, SYM, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, NS, BUF, SYM, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         default: break;
     }
 }
@@ -230,7 +238,8 @@ static void *grow_aligned64(void **buf, size_t *cap, size_t need) {
 }
 
 static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
+                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns,
+                         int sym) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
@@ -263,21 +272,24 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             sc = scf;
             uw = uwf;
         }
-#define Q4_ROWS(NB, NS, BUF) q4_rows(NB, NS, BUF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
+#define Q4_ROWS(NB, NS, BUF, SYM) q4_rows(NB, NS, BUF, SYM, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
         // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
         if (!uw && M <= 2) {  // 1-2 rows are bound by DRAM: one row block after the other, one sequential stream
             for (int b = 0; b < nb; b++) {  // (measured faster than pairs read side by side at 1-2 rows)
                 const int64_t rb1 = rb + b;
-                q4_rows(1, 1, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                if (sym) q4_rows(1, 1, 0, 1, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                else q4_rows(1, 1, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
             }
         } else if (nb == 2) {
-            if (!uw) Q4_ROWS(2, 1, 0);
-            else if (ns == 1) Q4_ROWS(2, 1, 1);
-            else Q4_ROWS(2, 2, 1);
+            if (sym) Q4_ROWS(2, 1, 0, 1);
+            else if (!uw) Q4_ROWS(2, 1, 0, 0);
+            else if (ns == 1) Q4_ROWS(2, 1, 1, 0);
+            else Q4_ROWS(2, 2, 1, 0);
         } else {
-            if (!uw) Q4_ROWS(1, 1, 0);
-            else if (ns == 1) Q4_ROWS(1, 1, 1);
-            else Q4_ROWS(1, 2, 1);
+            if (sym) Q4_ROWS(1, 1, 0, 1);
+            else if (!uw) Q4_ROWS(1, 1, 0, 0);
+            else if (ns == 1) Q4_ROWS(1, 1, 1, 0);
+            else Q4_ROWS(1, 2, 1, 0);
         }
 #undef Q4_ROWS
     }
@@ -455,15 +467,19 @@ static inline __m256i dot4_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+// sym: w = d·(q − 8) with dm holding d alone, (rb, g, 16) (see q4s_gemm)
+static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16,
+                        int sym) {
     const int G = K / 32;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
+    const int32_t *isum = a->isum;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const __m256i mask = _mm256_set1_epi8(0x0F);
         const uint8_t *wb = w + (int64_t)rb * G * 256;
-        const uint16_t *db = dm + (int64_t)rb * G * 32;
+        const int dstride = sym ? 16 : 32;  // fp16 per (rb, g): d (16) or d, m (32)
+        const uint16_t *db = dm + (int64_t)rb * G * dstride;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
             __m256 acc[Q4_MCHUNK][2];
@@ -477,8 +493,9 @@ static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
                         lo[c] = _mm256_and_si256(v, mask);
                         hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                     }
-                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + half * 8)));
-                    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + 16 + half * 8)));
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * dstride + half * 8)));
+                    const __m256 mv = sym ? _mm256_setzero_ps()
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + 16 + half * 8)));
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
                         const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
@@ -492,9 +509,11 @@ static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[3], _mm256_set1_epi32(xg[6])));
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[3], _mm256_set1_epi32(xg[7])));
                         // |sum of 8 pair sums| <= 8 · 2 · 15 · 128 = 30720: fits int16
-                        const __m256 sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+                        __m256i si = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+                        if (sym) si = _mm256_add_epi32(si, _mm256_set1_epi32(-8 * isum[row * G + g]));
+                        const __m256 sf = _mm256_cvtepi32_ps(si);
                         acc[m][half] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d, _mm256_set1_ps(dx[row * G + g])), acc[m][half]);
-                        acc[m][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
+                        if (!sym) acc[m][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
                     }
                 }
             }
@@ -658,19 +677,31 @@ static __attribute__((unused)) int prepare(const void *x, int M, int N, int K, i
     return a->xq ? 0 : -1;
 }
 
-int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+static int q4_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16,
+                  int sym) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
     if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1);
+    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1, sym);
 #else
-    return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16);
+    return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16, sym);
 #endif
 #else
-    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16;
+    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16; (void)sym;
     return -1;
 #endif
+}
+
+int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    return q4_run(x, M, w, dm, y, N, K, is_bf16, 0);
+}
+
+// Symmetric 4-bit weights, w = d·(q − 8) (GGUF Q4_0): the q4rows16 nibbles with fp16 d alone, (rb, g, 16), 18 bytes
+// per 32 weights as in the file (q4_gemm's d and m take 20). The offset −8 Σ xq is added to the exact integer sum,
+// so a group costs one conversion, one multiply and one FMA per output vector (q4_gemm: and a second FMA).
+int q4s_gemm(const void *x, int M, const uint8_t *w, const uint16_t *d, void *y, int N, int K, int is_bf16) {
+    return q4_run(x, M, w, d, y, N, K, is_bf16, 1);
 }
 
 int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
@@ -719,8 +750,8 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
 #if defined(HAVE_VNNI)
-    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1);
-    if (M > Q4_MR) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub);
+    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1, 0);
+    if (M > Q4_MR) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub, 0);
     return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #else
     return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
