@@ -72,6 +72,7 @@ SIGNATURES: dict[str, str] = {
     "q8_gemm": "pipppiii",
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
+    "qk_gemm_kss": "pippppiiiii",
     "encoder_attention": "pppiiipfi",
     "quantize_rows_asym": "piiiippppipp",
     "dequant_rows": "piiippppppiiipp",

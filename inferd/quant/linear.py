@@ -407,13 +407,20 @@ class QKLinear(_PackedLinear):
         else:
             packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
         scm = sb = None
+        self.ksym = False  # symmetric K-quant (Q6_K) in qkrows16: sc and d alone, for qk_gemm_kss
         if self.kmode:
             assert kscales is not None
             sc, mn, kd, kdmin = kscales
             sbf = torch.stack([kd.float(), kdmin.float()]).to(torch.float16)  # (2, N, K / 256)
             if not torch.isfinite(sbf).all():
                 raise ValueError("K-quant factors beyond fp16's range")
-            if self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
+            # w = d·sc·(q − 2^(bits−1)): the mins are −2^(bits−1) times the scales, so they need not be stored
+            self.ksym = self.layout == "qkrows16" and sub == 16 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
+                and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
+            if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
+                scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
+                sb = _rows16(sbf[0], 1).contiguous().view(-1)
+            elif self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
                 scm = torch.stack([_rows16(sc.to(torch.int8), ns), _rows16(mn.to(torch.int8), ns)], dim=2)
                 sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2)
                 scm, sb = scm.contiguous().view(-1), sb.contiguous().view(-1)
@@ -451,12 +458,15 @@ class QKLinear(_PackedLinear):
             return packed, dm[0].float(), dm[1].float()
         assert scm_all is not None and sb_all is not None
         if self.layout == "qkrows16":
-            ns = 32 // sub
+            ns, nk = 32 // sub, 1 if self.ksym else 2
             q = unpack_q_rows16(packed, n, k, self.bits)
-            scm = scm_all.view(n // 16, k // 32, 2, ns, 16)
-            sc, mn = (_from_rows16(scm[:, :, i], n) for i in range(2))
-            sbv = sb_all.view(n // 16, k // 256, 2, 1, 16)
-            kd, kdmin = (_from_rows16(sbv[:, :, i], n) for i in range(2))
+            scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
+            sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
+            sc, kd = _from_rows16(scm[:, :, 0], n), _from_rows16(sbv[:, :, 0], n)
+            if self.ksym:
+                mn, kdmin = sc, -float(1 << (self.bits - 1)) * kd.float()
+            else:
+                mn, kdmin = _from_rows16(scm[:, :, 1], n), _from_rows16(sbv[:, :, 1], n)
         else:
             q = packed
             sc, mn = scm_all[0], scm_all[1]
@@ -490,11 +500,14 @@ class QKLinear(_PackedLinear):
             q = q | (bit.reshape(R, k) << (4 + p))
         if self.kmode:
             assert self.scm is not None and self.sb is not None
-            scm = self.scm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
-            sb = self.sb.view(n // 16, k // 256, 2, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
+            nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)
+            scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
+            sb = self.sb.view(n // 16, k // 256, nk, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
             rep = 256 // sub
-            d = sb[..., 0].repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
-            m = sb[..., 1].repeat_interleave(rep, dim=1) * scm[:, :, 1].reshape(R, g * ns)
+            kd = sb[..., 0]
+            kdmin = -float(1 << (self.bits - 1)) * kd if self.ksym else sb[..., 1]
+            d = kd.repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
+            m = kdmin.repeat_interleave(rep, dim=1) * scm[:, :, nk - 1].reshape(R, g * ns)
         else:
             assert self.dm is not None
             dm = self.dm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()
@@ -509,7 +522,8 @@ class QKLinear(_PackedLinear):
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "qkrows16":
             if self.kmode:
-                y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub)
+                y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub,
+                                           self.ksym)
             else:
                 y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
             if y is not None:
