@@ -420,14 +420,14 @@ static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v) {
     }
 }
 
-static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
-                        int off) {
+static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const qact *a, const float *sx16, int M,
+                                                             const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                                                             const uint16_t *sb, void *y, int N, int K, int is_bf16,
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
-#pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
+    {
         const uint8_t *wb = w + (int64_t)rb * G * gb;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
@@ -437,7 +437,7 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                 const uint8_t *wp = wb + (int64_t)g * gb;
                 __m512i v[8];
                 qk_unpack512(wp, bits, v);
-                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2];
+                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
                 qk_scales512(dm, scm, sb, rb, G, g, ns, off != 0, dv, mv);
                 const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                 if (ns == 1) {  // d0 = d, d1 = m
@@ -481,6 +481,17 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
             }
             for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
         }
+    }
+}
+
+// (the offset a constant in each body: the symmetric and the general one are compiled apart)
+static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
+                        int off) {
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        if (off == 32) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
@@ -633,14 +644,14 @@ static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uin
     }
 }
 
-static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
-                        int off) {
+static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const qact *a, const float *sx16, int M,
+                                                             const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                                                             const uint16_t *sb, void *y, int N, int K, int is_bf16,
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
-#pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
+    {
         const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b5 = _mm256_set1_epi8(0x20);
         const __m256i one = _mm256_set1_epi16(1);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
@@ -708,6 +719,16 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                 for (int half = 0; half < 2; half++)
                     v8_store(y, (int64_t)(m0 + m) * N + rb * 16 + half * 8, acc[m][half], is_bf16);
         }
+    }
+}
+
+static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
+                        int off) {
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        if (off == 32) qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
