@@ -318,7 +318,9 @@ def qk_layout(n: int, k: int) -> str:
 def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
                    sub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q uint8 (N, K) < 2^bits, d and m (N, K / sub) → (uint8 weights, fp16 dm) in the layout of ops/csrc `qk_gemm`:
-    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) bit planes of 64 bytes; dm
+    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) planes of 64 bytes (byte 4·row +
+    b): at 5 bits, bit t = bit 4 of the weight at k = 4t + b; at 6 bits, plane p's bits 2u, 2u + 1 = bits 4-5 of
+    the weight at k = 4(4p + u) + b (so the kernels place each with one shift and one masked or); dm
     (N/16, K/32, [d, m], 32/sub, 16)."""
     n, k = q.shape
     g, ns = k // 32, 32 // sub
@@ -327,14 +329,29 @@ def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
     nib = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 16, g, 256)
     parts = [nib]
     qt = q.reshape(n // 16, 16, g, 8, 4).to(torch.int32)  # (rb, row, group, t, byte): k = 4t + byte
-    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
-    for p in range(bits - 4):
-        plane = (((qt >> (4 + p)) & 1) * weights).sum(3).to(torch.uint8)  # (rb, row, group, byte)
-        parts.append(plane.permute(0, 2, 1, 3).reshape(n // 16, g, 64))
+    if bits == 5:
+        weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
+        planes = [(((qt >> 4) & 1) * weights).sum(3)]  # (rb, row, group, byte)
+    elif bits == 6:
+        hi2 = (qt >> 4) & 3
+        shifts = (2 * torch.arange(4, dtype=torch.int32)).view(1, 1, 1, 4, 1)
+        planes = [(hi2[:, :, :, 4 * p: 4 * p + 4] << shifts).sum(3) for p in range(2)]
+    else:
+        planes = []
+    for plane in planes:
+        parts.append(plane.to(torch.uint8).permute(0, 2, 1, 3).reshape(n // 16, g, 64))
     packed = torch.cat(parts, dim=2).contiguous().view(-1)
     dd = d.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
     mm = m.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
     return packed, torch.stack([dd, mm], dim=2).to(torch.float16).contiguous()
+
+
+def _plane_high_bits(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """The high bits (q >> 4) from pack_qk_rows16's planes, each (..., 4 bytes) → (..., 8 vectors t, 4 bytes)."""
+    if bits == 5:
+        return (planes[0].unsqueeze(-2) >> torch.arange(8, dtype=planes[0].dtype).view(8, 1)) & 1
+    shifts = (2 * torch.arange(4, dtype=planes[0].dtype)).view(4, 1)
+    return torch.cat([(p.unsqueeze(-2) >> shifts) & 3 for p in planes], dim=-2)
 
 
 def unpack_q_rows16(packed: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
@@ -344,10 +361,11 @@ def unpack_q_rows16(packed: torch.Tensor, n: int, k: int, bits: int) -> torch.Te
     nib = b[..., :256].reshape(n // 16, g, 4, 16, 4)  # (rb, group, chunk, row, byte)
     q = torch.stack([nib & 15, nib >> 4], dim=3)  # (rb, g, chunk, lo/hi, row, byte): k = 8c + 4·hi + byte
     q = q.permute(0, 4, 1, 2, 3, 5).reshape(n, k).clone()
-    for p in range(bits - 4):
-        plane = b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
-        bit = (plane.unsqueeze(3) >> torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8, 1)) & 1  # (.., t, byte)
-        q |= (bit.permute(0, 2, 1, 3, 4).reshape(n, k) << (4 + p)).to(torch.uint8)
+    if bits > 4:
+        planes = [b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
+                  for p in range(bits - 4)]
+        hi = _plane_high_bits(planes, bits)  # (rb, g, row, t, byte)
+        q |= (hi.permute(0, 2, 1, 3, 4).reshape(n, k) << 4).to(torch.uint8)
     return q
 
 
@@ -494,10 +512,9 @@ class QKLinear(_PackedLinear):
         b = self.packed.view(n // 16, g, -1)[rb]  # (R, g, 256 + 64 · (bits - 4))
         nib = b[..., :256].reshape(R, g, 4, 16, 4)[sel, :, :, r]  # (R, g, chunk, byte)
         q = torch.stack([nib & 15, nib >> 4], dim=3).reshape(R, k)  # k = 32 group + 8 chunk + 4 hi + byte
-        for p in range(self.bits - 4):  # high bit planes: (R, g, byte) → bit t of byte is k = 32 group + 4 t + byte
-            plane = b[..., 256 + 64 * p : 320 + 64 * p].reshape(R, g, 16, 4)[sel, :, r]
-            bit = (plane.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
-            q = q | (bit.reshape(R, k) << (4 + p))
+        if self.bits > 4:  # high-bit planes: (R, g, byte) each → (R, g, t, byte), k = 32 group + 4 t + byte
+            planes = [b[..., 256 + 64 * p : 320 + 64 * p].reshape(R, g, 16, 4)[sel, :, r] for p in range(self.bits - 4)]
+            q = q | (_plane_high_bits(planes, self.bits).reshape(R, k) << 4)
         if self.kmode:
             assert self.scm is not None and self.sb is not None
             nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)

@@ -398,26 +398,29 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
 }
 
 // The 8 weight vectors of one group of a qkrows16 row block as bytes q < 2^bits: vector t holds k = 4t..4t+3 of the
-// 16 rows (the nibbles, then bit t of each plane byte → bit 4 + p of vector t).
+// 16 rows (the nibbles; at 5 bits bit t of each plane byte → bit 4 of vector t; at 6 bits bits 2u, 2u + 1 of plane
+// p's bytes → bits 4-5 of vector 4p + u: one shift and one masked or per vector).
 static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v) {
-    const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
+    const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b45 = _mm512_set1_epi8(0x30);
     for (int c = 0; c < 4; c++) {
         const __m512i wc = _mm512_loadu_si512((const __m512i *)(wp + 64 * c));
         v[2 * c] = _mm512_and_si512(wc, mask);
         v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
     }
-    if (bits >= 5) {
+    if (bits == 5) {
         const __m512i p0 = _mm512_loadu_si512((const __m512i *)(wp + 256));
         for (int t = 0; t < 8; t++)
             v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(p0, 4 - t)
                                                                  : _mm512_srli_epi16(p0, t - 4), b4));
     }
-    if (bits == 6) {
-        const __m512i p1 = _mm512_loadu_si512((const __m512i *)(wp + 320));
-        for (int t = 0; t < 8; t++)
-            v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
-                                                                 : _mm512_srli_epi16(p1, t - 5), b5));
-    }
+    if (bits == 6)
+        for (int p = 0; p < 2; p++) {
+            const __m512i h = _mm512_loadu_si512((const __m512i *)(wp + 256 + 64 * p));
+            v[4 * p] = _mm512_or_si512(v[4 * p], _mm512_and_si512(_mm512_slli_epi16(h, 4), b45));
+            v[4 * p + 1] = _mm512_or_si512(v[4 * p + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), b45));
+            v[4 * p + 2] = _mm512_or_si512(v[4 * p + 2], _mm512_and_si512(h, b45));
+            v[4 * p + 3] = _mm512_or_si512(v[4 * p + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), b45));
+        }
 }
 
 static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const qact *a, const float *sx16, int M,
@@ -652,7 +655,7 @@ static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
     {
-        const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b5 = _mm256_set1_epi8(0x20);
+        const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b45 = _mm256_set1_epi8(0x30);
         const __m256i one = _mm256_set1_epi16(1);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
@@ -668,18 +671,20 @@ static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const
                         v[2 * c] = _mm256_and_si256(wc, mask);
                         v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(wc, 4), mask);
                     }
-                    if (bits >= 5) {
+                    if (bits == 5) {
                         const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wp + 256 + 32 * half));
                         for (int t = 0; t < 8; t++)
                             v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 4 ? _mm256_slli_epi16(p0, 4 - t)
                                                                                  : _mm256_srli_epi16(p0, t - 4), b4));
                     }
-                    if (bits == 6) {
-                        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wp + 320 + 32 * half));
-                        for (int t = 0; t < 8; t++)
-                            v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 5 ? _mm256_slli_epi16(p1, 5 - t)
-                                                                                 : _mm256_srli_epi16(p1, t - 5), b5));
-                    }
+                    if (bits == 6)  // as qk_unpack512
+                        for (int p = 0; p < 2; p++) {
+                            const __m256i h = _mm256_loadu_si256((const __m256i *)(wp + 256 + 64 * p + 32 * half));
+                            v[4 * p] = _mm256_or_si256(v[4 * p], _mm256_and_si256(_mm256_slli_epi16(h, 4), b45));
+                            v[4 * p + 1] = _mm256_or_si256(v[4 * p + 1], _mm256_and_si256(_mm256_slli_epi16(h, 2), b45));
+                            v[4 * p + 2] = _mm256_or_si256(v[4 * p + 2], _mm256_and_si256(h, b45));
+                            v[4 * p + 3] = _mm256_or_si256(v[4 * p + 3], _mm256_and_si256(_mm256_srli_epi16(h, 2), b45));
+                        }
                     __m256 dv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv[2];
                     qk_scales256(dm, scm, sb, rb, G, g, ns, off != 0, half, dv, mv);
                     const __m256 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
