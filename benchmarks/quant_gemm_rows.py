@@ -6,7 +6,8 @@ benchmarks/int8_peak.py's vpdpbusd ceiling.
 
     python benchmarks/quant_gemm_rows.py --old d24d462 --rows 1 4 8 16 64
 
-Types: Q4_0 (q4_gemm), Q8_0 (q8_gemm), Q4_K (qk_gemm_ks, 4 bits, scales per 32), Q6_K (qk_gemm_ks, 6 bits, per 16).
+Types: Q4_0 (q4s_gemm, or q4_gemm in a library without it), Q8_0 (q8_gemm), Q4_K (qk_gemm_ks, 4 bits, scales per 32), Q6_K (qk_gemm_kss, 6 bits, per 16,
+or qk_gemm_ks in a library without it).
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def call(lib: ctypes.CDLL, typ: str, x: torch.Tensor, ops: list[torch.Tensor], e
     n = y.shape[1]
     p = [t.data_ptr() for t in ops]
     ci = ctypes.c_int
-    if typ == "Q4_0":
-        rc = lib.q4_gemm(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
+    if typ == "Q4_0":  # GGUF Q4_0 loads as symmetric (q4s_gemm, d alone) where the library has it
+        fn = lib.q4s_gemm if hasattr(lib, "q4s_gemm") else lib.q4_gemm
+        rc = fn(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
                          ctypes.c_void_p(y.data_ptr()), ci(n), ci(k), ci(int(x.dtype == torch.bfloat16)))
     elif typ == "Q8_0":
         rc = lib.q8_gemm(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
                          ctypes.c_void_p(y.data_ptr()), ci(n), ci(k), ci(int(x.dtype == torch.bfloat16)))
-    else:
-        rc = lib.qk_gemm_ks(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
+    else:  # GGUF Q6_K loads as symmetric (qk_gemm_kss: the first halves of scm and sb) where the library has it
+        fn = lib.qk_gemm_kss if typ == "Q6_K" and hasattr(lib, "qk_gemm_kss") else lib.qk_gemm_ks
+        rc = fn(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
                             ctypes.c_void_p(p[2]), ctypes.c_void_p(y.data_ptr()), ci(n), ci(k),
                             ci(int(x.dtype == torch.bfloat16)), ci(extra[0]), ci(extra[1]))
     if rc != 0:

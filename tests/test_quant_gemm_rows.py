@@ -19,7 +19,7 @@ from inferd.quant.linear import (
 
 N, K = 80, 512  # 5 row blocks (two pairs and a single one), 16 groups of 32, 2 super-blocks of 256
 ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33]  # 1-4 rows: one tile; then tiles of 4 and a remainder
-CASES = ["q4", "qk4", "qk5", "qk6_16", "q4k_ks", "q6k_ks"]
+CASES = ["q4", "q4s", "qk4", "qk5", "qk6_16", "q4k_ks", "q6k_ks", "q6k_kss"]
 QUANT_TIERS = ["avx512_bf16_vnni", "avx512", "avx2_fma"]  # the tiers with quantized GEMM bodies (VNNI, AVX2)
 
 
@@ -32,6 +32,12 @@ def _operands(case: str, g: torch.Generator) -> tuple[str, list[torch.Tensor], t
         w, dm = pack_q4_rows16(q, scale, zero, 32)
         dmf = dm.float().view(N // 16, K // 32, 2, 16).permute(2, 0, 3, 1).reshape(2, N, K // 32)
         return "q4_gemm", [w, dm], (), dequantize_qk(q, dmf[0], dmf[1], 32)
+    if case == "q4s":  # Q4_0: w = d·(q − 8), fp16 d alone per 32 (the offset in the integer sums)
+        q = torch.randint(0, 16, (N, K), generator=g)
+        scale = torch.rand(N, K // 32, generator=g) * 0.02 + 0.002
+        w, d16 = pack_q4_rows16(q, scale, torch.zeros(N, K // 32), 32, symmetric=True)
+        d = d16.float().view(N // 16, K // 32, 16).permute(0, 2, 1).reshape(N, K // 32)
+        return "q4s_gemm", [w, d16], (), dequantize_qk(q, d, -8 * d, 32)
     if case in ("qk4", "qk5", "qk6_16"):  # fp16 scales and mins per sub-group
         bits, sub = {"qk4": (4, 32), "qk5": (5, 32), "qk6_16": (6, 16)}[case]
         q = torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8)
@@ -40,6 +46,15 @@ def _operands(case: str, g: torch.Generator) -> tuple[str, list[torch.Tensor], t
         w, dm = pack_qk_rows16(q, d, m, bits, sub)
         q2, d2, m2 = unpack_qk_rows16(w, dm, N, K, bits, sub)  # the fp16-rounded scales the kernel reads
         return "qk_gemm", [w, dm], (bits, sub), dequantize_qk(q2, d2, m2, sub)
+    if case == "q6k_kss":  # Q6_K symmetric: int8 sc (rb, g, s, 16) and fp16 d_sb (rb, g / 8, 16) alone, m = −32 d
+        nrb, G = N // 16, K // 32
+        q = torch.randint(0, 64, (N, K), generator=g, dtype=torch.uint8)
+        w, _ = pack_qk_rows16(q, torch.ones(N, K // 16), torch.zeros(N, K // 16), 6, 16)
+        sc = torch.randint(-64, 64, (nrb, G, 2, 16), generator=g, dtype=torch.int8)
+        sbd = (torch.rand(nrb, G // 8, 16, generator=g) * 0.001 + 0.0002).half()
+        dd = sc.float() * sbd.float().repeat_interleave(8, dim=1).unsqueeze(2)  # (rb, g, s, 16)
+        d = dd.permute(0, 3, 1, 2).reshape(N, K // 16)
+        return "qk_gemm_kss", [w, sc.contiguous(), sbd.contiguous()], (6, 16), dequantize_qk(q, d, -32 * d, 16)
     # K-quant scales as the file keeps them: int8 multipliers (rb, g, [sc, mn], s, 16), fp16 super-block factors
     # (rb, g / 8, [d, dmin], 16); d = sc · d_sb, m = mn · dmin_sb
     bits, sub = (4, 32) if case == "q4k_ks" else (6, 16)

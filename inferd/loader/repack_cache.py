@@ -29,7 +29,7 @@ from torch import nn
 from inferd.quant import linear as qlinear
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data
+CACHE_VERSION = 4  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data; 3: Q4_0 as d alone; 4: Q6_K symmetric, 6-bit planes of 2-bit fields
 DENSE_ALIGN = 2 << 20  # a huge page / the largest page-cache folio on x86-64 and arm64 (4 KiB pages)
 _SAMPLE = 1 << 16
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,

@@ -155,14 +155,16 @@ def has_quant_gemm() -> bool:
     return get_kernels().quant_gemm
 
 
-def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
+def q4_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int, symmetric: bool = False) -> torch.Tensor | None:
     """x (M, K) fp32/bf16 → x · Wᵀ (M, n) for 4-bit weights packed by quant.linear.pack_q4_rows16; activations
-    are quantized to int8 per group of 32 inside. None when the kernel does not apply."""
+    are quantized to int8 per group of 32 inside. symmetric: w = d·(q − 8) with `dm` holding d alone
+    (pack_q4_rows16(..., symmetric=True), the C `q4s_gemm`). None when the kernel does not apply."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    if lib.q4_gemm(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
+    fn = lib.q4s_gemm if symmetric else lib.q4_gemm
+    if fn(x.data_ptr(), x.shape[0], w.data_ptr(), dm.data_ptr(), y.data_ptr(), n, x.shape[1],
                         int(x.dtype == torch.bfloat16)) != 0:
         return None
     return y
@@ -196,14 +198,16 @@ def qk_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int, bits: in
 
 
 def qk_gemm_ks(x: torch.Tensor, w: torch.Tensor, scm: torch.Tensor, sb: torch.Tensor, n: int, bits: int,
-               sub: int) -> torch.Tensor | None:
+               sub: int, symmetric: bool = False) -> torch.Tensor | None:
     """qk_gemm with K-quant scales as the file stores them: int8 multipliers `scm` and fp16 super-block factors
-    `sb` (quant.linear.QKLinear); exact scales. None when the kernel does not apply."""
+    `sb` (quant.linear.QKLinear); exact scales. symmetric (Q6_K, sub 16): `scm` and `sb` hold the scales alone,
+    the mins being −2^(bits−1) times them (the C `qk_gemm_kss`). None when the kernel does not apply."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    if lib.qk_gemm_ks(x.data_ptr(), x.shape[0], w.data_ptr(), scm.data_ptr(), sb.data_ptr(), y.data_ptr(), n,
+    fn = lib.qk_gemm_kss if symmetric else lib.qk_gemm_ks
+    if fn(x.data_ptr(), x.shape[0], w.data_ptr(), scm.data_ptr(), sb.data_ptr(), y.data_ptr(), n,
                       x.shape[1], int(x.dtype == torch.bfloat16), bits, sub) != 0:
         return None
     return y

@@ -57,15 +57,15 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
     if isinstance(mod, (Int4Linear, Int8Linear, QKLinear)):  # packed: any rows, up to where a bf16 copy takes over
         rows = MAX_ROWS if not mod.has_dense else min(MAX_ROWS, mod.dense_from_rows - 1)
         if isinstance(mod, Int4Linear) and mod.layout == "q4rows16":
-            return LinDesc(1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
+            return LinDesc(3 if mod.symmetric else 1, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(), None), rows
         if isinstance(mod, Int8Linear) and mod.layout == "q8rows16":
             return LinDesc(2, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
                            None), rows
         if isinstance(mod, QKLinear) and mod.layout == "qkrows16":  # kind 10·bits + (sub == 16): see kernels.h
             kind = 10 * mod.bits + int(mod.sub == 16)
-            if mod.kmode:  # + 100: K-quant scales (qk_gemm_ks)
+            if mod.kmode:  # + 100: K-quant scales (qk_gemm_ks); + 200: symmetric ones (qk_gemm_kss)
                 assert mod.scm is not None and mod.sb is not None
-                return LinDesc(100 + kind, mod.out_features, mod.in_features, mod.packed.data_ptr(),
+                return LinDesc((200 if mod.ksym else 100) + kind, mod.out_features, mod.in_features, mod.packed.data_ptr(),
                                mod.scm.data_ptr(), mod.sb.data_ptr()), rows
             assert mod.dm is not None
             return LinDesc(kind, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(),

@@ -118,9 +118,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   group_size: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q int (N, K) in [0, 15], scale/zero (N, K / group_size) → (uint8 weights, fp16 dm) in the layout of
-    ops/csrc `q4_gemm`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m."""
+    ops/csrc `q4_gemm`: bytes (N/16, K/32, 4, 16, 4), dm (N/16, K/32, 2, 16) with w = d·q + m. symmetric (zero
+    all 0, w = d·(q − 8): GGUF Q4_0): dm holds d alone, (N/16, K/32, 1, 16), for `q4s_gemm` (the file's 18 bytes
+    per 32 weights instead of 20)."""
     n, k = q.shape
     g = k // 32
     rep = group_size // 32
@@ -128,8 +130,15 @@ def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     m = (zero.float() - 8.0 * scale.float()).repeat_interleave(rep, dim=1)
     qb = q.to(torch.uint8).reshape(n // 16, 16, g, 4, 2, 4)  # row block, row, group, chunk, low/high, byte
     packed = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(-1)
-    dm = torch.stack([d.reshape(n // 16, 16, g), m.reshape(n // 16, 16, g)], dim=2)  # (rb, row, 2, group)
+    parts = [d] if symmetric else [d, m]
+    dm = torch.stack([p.reshape(n // 16, 16, g) for p in parts], dim=2)  # (rb, row, 1 or 2, group)
     return packed, dm.permute(0, 3, 2, 1).to(torch.float16).contiguous()
+
+
+def q4_is_symmetric(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether int4 weights with these zeros are w = d·(q − 8) (every zero 0: GGUF Q4_0), so `q4s_gemm` computes
+    them from d alone (the same fp16 numbers: −8·d is exact in fp16)."""
+    return bool((zero == 0).all())
 
 
 def int4_layout(q: torch.Tensor, group_size: int) -> str:
@@ -272,8 +281,10 @@ class Int4Linear(_PackedLinear):
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.layout = layout or int4_layout(q, group_size)
+        self.symmetric = False  # q4rows16 with d alone (w = d·(q − 8)): see pack_q4_rows16
         if self.layout == "q4rows16":
-            packed, dm = pack_q4_rows16(q, scale, zero, group_size)
+            self.symmetric = q4_is_symmetric(scale, zero)
+            packed, dm = pack_q4_rows16(q, scale, zero, group_size, self.symmetric)
             if not torch.isfinite(dm).all():  # scales beyond fp16's range: use aten's bf16 scales
                 self.layout = "aten"
         if self.layout == "q4rows16":
@@ -290,7 +301,7 @@ class Int4Linear(_PackedLinear):
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "q4rows16":
-            y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features)
+            y = cpu_kernels.q4_gemm(x, self.packed, self.dm, self.out_features, self.symmetric)
             assert y is not None
             return y
         if x.is_cuda:
@@ -307,7 +318,9 @@ def qk_layout(n: int, k: int) -> str:
 def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
                    sub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q uint8 (N, K) < 2^bits, d and m (N, K / sub) → (uint8 weights, fp16 dm) in the layout of ops/csrc `qk_gemm`:
-    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) bit planes of 64 bytes; dm
+    per (row block of 16, group of 32) the q4rows16 nibble bytes then (bits − 4) planes of 64 bytes (byte 4·row +
+    b): at 5 bits, bit t = bit 4 of the weight at k = 4t + b; at 6 bits, plane p's bits 2u, 2u + 1 = bits 4-5 of
+    the weight at k = 4(4p + u) + b (so the kernels place each with one shift and one masked or); dm
     (N/16, K/32, [d, m], 32/sub, 16)."""
     n, k = q.shape
     g, ns = k // 32, 32 // sub
@@ -316,14 +329,29 @@ def pack_qk_rows16(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
     nib = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 16, g, 256)
     parts = [nib]
     qt = q.reshape(n // 16, 16, g, 8, 4).to(torch.int32)  # (rb, row, group, t, byte): k = 4t + byte
-    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
-    for p in range(bits - 4):
-        plane = (((qt >> (4 + p)) & 1) * weights).sum(3).to(torch.uint8)  # (rb, row, group, byte)
-        parts.append(plane.permute(0, 2, 1, 3).reshape(n // 16, g, 64))
+    if bits == 5:
+        weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 8, 1)
+        planes = [(((qt >> 4) & 1) * weights).sum(3)]  # (rb, row, group, byte)
+    elif bits == 6:
+        hi2 = (qt >> 4) & 3
+        shifts = (2 * torch.arange(4, dtype=torch.int32)).view(1, 1, 1, 4, 1)
+        planes = [(hi2[:, :, :, 4 * p: 4 * p + 4] << shifts).sum(3) for p in range(2)]
+    else:
+        planes = []
+    for plane in planes:
+        parts.append(plane.to(torch.uint8).permute(0, 2, 1, 3).reshape(n // 16, g, 64))
     packed = torch.cat(parts, dim=2).contiguous().view(-1)
     dd = d.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
     mm = m.float().reshape(n // 16, 16, g, ns).permute(0, 2, 3, 1)
     return packed, torch.stack([dd, mm], dim=2).to(torch.float16).contiguous()
+
+
+def _plane_high_bits(planes: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """The high bits (q >> 4) from pack_qk_rows16's planes, each (..., 4 bytes) → (..., 8 vectors t, 4 bytes)."""
+    if bits == 5:
+        return (planes[0].unsqueeze(-2) >> torch.arange(8, dtype=planes[0].dtype).view(8, 1)) & 1
+    shifts = (2 * torch.arange(4, dtype=planes[0].dtype)).view(4, 1)
+    return torch.cat([(p.unsqueeze(-2) >> shifts) & 3 for p in planes], dim=-2)
 
 
 def unpack_q_rows16(packed: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
@@ -333,10 +361,11 @@ def unpack_q_rows16(packed: torch.Tensor, n: int, k: int, bits: int) -> torch.Te
     nib = b[..., :256].reshape(n // 16, g, 4, 16, 4)  # (rb, group, chunk, row, byte)
     q = torch.stack([nib & 15, nib >> 4], dim=3)  # (rb, g, chunk, lo/hi, row, byte): k = 8c + 4·hi + byte
     q = q.permute(0, 4, 1, 2, 3, 5).reshape(n, k).clone()
-    for p in range(bits - 4):
-        plane = b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
-        bit = (plane.unsqueeze(3) >> torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8, 1)) & 1  # (.., t, byte)
-        q |= (bit.permute(0, 2, 1, 3, 4).reshape(n, k) << (4 + p)).to(torch.uint8)
+    if bits > 4:
+        planes = [b[..., 256 + 64 * p: 320 + 64 * p].reshape(n // 16, g, 16, 4).to(torch.int32)  # (rb, g, row, byte)
+                  for p in range(bits - 4)]
+        hi = _plane_high_bits(planes, bits)  # (rb, g, row, t, byte)
+        q |= (hi.permute(0, 2, 1, 3, 4).reshape(n, k) << 4).to(torch.uint8)
     return q
 
 
@@ -396,13 +425,20 @@ class QKLinear(_PackedLinear):
         else:
             packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
         scm = sb = None
+        self.ksym = False  # symmetric K-quant (Q6_K) in qkrows16: sc and d alone, for qk_gemm_kss
         if self.kmode:
             assert kscales is not None
             sc, mn, kd, kdmin = kscales
             sbf = torch.stack([kd.float(), kdmin.float()]).to(torch.float16)  # (2, N, K / 256)
             if not torch.isfinite(sbf).all():
                 raise ValueError("K-quant factors beyond fp16's range")
-            if self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
+            # w = d·sc·(q − 2^(bits−1)): the mins are −2^(bits−1) times the scales, so they need not be stored
+            self.ksym = self.layout == "qkrows16" and sub == 16 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
+                and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
+            if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
+                scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
+                sb = _rows16(sbf[0], 1).contiguous().view(-1)
+            elif self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
                 scm = torch.stack([_rows16(sc.to(torch.int8), ns), _rows16(mn.to(torch.int8), ns)], dim=2)
                 sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2)
                 scm, sb = scm.contiguous().view(-1), sb.contiguous().view(-1)
@@ -440,12 +476,15 @@ class QKLinear(_PackedLinear):
             return packed, dm[0].float(), dm[1].float()
         assert scm_all is not None and sb_all is not None
         if self.layout == "qkrows16":
-            ns = 32 // sub
+            ns, nk = 32 // sub, 1 if self.ksym else 2
             q = unpack_q_rows16(packed, n, k, self.bits)
-            scm = scm_all.view(n // 16, k // 32, 2, ns, 16)
-            sc, mn = (_from_rows16(scm[:, :, i], n) for i in range(2))
-            sbv = sb_all.view(n // 16, k // 256, 2, 1, 16)
-            kd, kdmin = (_from_rows16(sbv[:, :, i], n) for i in range(2))
+            scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
+            sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
+            sc, kd = _from_rows16(scm[:, :, 0], n), _from_rows16(sbv[:, :, 0], n)
+            if self.ksym:
+                mn, kdmin = sc, -float(1 << (self.bits - 1)) * kd.float()
+            else:
+                mn, kdmin = _from_rows16(scm[:, :, 1], n), _from_rows16(sbv[:, :, 1], n)
         else:
             q = packed
             sc, mn = scm_all[0], scm_all[1]
@@ -473,17 +512,19 @@ class QKLinear(_PackedLinear):
         b = self.packed.view(n // 16, g, -1)[rb]  # (R, g, 256 + 64 · (bits - 4))
         nib = b[..., :256].reshape(R, g, 4, 16, 4)[sel, :, :, r]  # (R, g, chunk, byte)
         q = torch.stack([nib & 15, nib >> 4], dim=3).reshape(R, k)  # k = 32 group + 8 chunk + 4 hi + byte
-        for p in range(self.bits - 4):  # high bit planes: (R, g, byte) → bit t of byte is k = 32 group + 4 t + byte
-            plane = b[..., 256 + 64 * p : 320 + 64 * p].reshape(R, g, 16, 4)[sel, :, r]
-            bit = (plane.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
-            q = q | (bit.reshape(R, k) << (4 + p))
+        if self.bits > 4:  # high-bit planes: (R, g, byte) each → (R, g, t, byte), k = 32 group + 4 t + byte
+            planes = [b[..., 256 + 64 * p : 320 + 64 * p].reshape(R, g, 16, 4)[sel, :, r] for p in range(self.bits - 4)]
+            q = q | (_plane_high_bits(planes, self.bits).reshape(R, k) << 4)
         if self.kmode:
             assert self.scm is not None and self.sb is not None
-            scm = self.scm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
-            sb = self.sb.view(n // 16, k // 256, 2, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
+            nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)
+            scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
+            sb = self.sb.view(n // 16, k // 256, nk, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
             rep = 256 // sub
-            d = sb[..., 0].repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
-            m = sb[..., 1].repeat_interleave(rep, dim=1) * scm[:, :, 1].reshape(R, g * ns)
+            kd = sb[..., 0]
+            kdmin = -float(1 << (self.bits - 1)) * kd if self.ksym else sb[..., 1]
+            d = kd.repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
+            m = kdmin.repeat_interleave(rep, dim=1) * scm[:, :, nk - 1].reshape(R, g * ns)
         else:
             assert self.dm is not None
             dm = self.dm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()
@@ -498,7 +539,8 @@ class QKLinear(_PackedLinear):
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "qkrows16":
             if self.kmode:
-                y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub)
+                y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub,
+                                           self.ksym)
             else:
                 y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
             if y is not None:

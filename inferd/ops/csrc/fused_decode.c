@@ -38,9 +38,14 @@ static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_b
         return is_bf16 ? gemm_bf16((const uint16_t *)x, M, (const uint16_t *)l->w, y, l->N, l->K, 0) : -1;
     case 1:
         return q4_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
+    case 3:
+        return q4s_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
     case 2:
         return q8_gemm(x, M, (const uint8_t *)l->w, (const uint16_t *)l->a1, y, l->N, l->K, is_bf16);
     }
+    if (l->kind >= 240 && l->kind <= 261)
+        return qk_gemm_kss(x, M, (const uint8_t *)l->w, (const int8_t *)l->a1, (const uint16_t *)l->a2, y, l->N, l->K,
+                           is_bf16, l->kind / 10 - 20, l->kind % 10 ? 16 : 32);
     if (l->kind >= 140 && l->kind <= 161)
         return qk_gemm_ks(x, M, (const uint8_t *)l->w, (const int8_t *)l->a1, (const uint16_t *)l->a2, y, l->N, l->K,
                           is_bf16, l->kind / 10 - 10, l->kind % 10 ? 16 : 32);

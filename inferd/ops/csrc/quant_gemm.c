@@ -86,6 +86,7 @@ typedef struct {
     const int8_t *xq;
     const float *dx, *sx;
     const int32_t *isum;
+    const int32_t *isum16;  // Σ xq per 16 (M, K/32, 2), for symmetric weights with scales per 16 (else NULL)
 } qact;
 
 // ---- 4-bit weights in a row-interleaved layout for AVX512-VNNI (int8 activations, as llama.cpp) ----
@@ -106,32 +107,44 @@ typedef struct {
 // exact and the float steps those of qk_gemm_vnni for one row, in the same order, so every row is bit-identical to a
 // one-row call (and to the AVX2 body).
 static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, __m512 *dv, __m512 *mv);
+                                int ns, int ksym, __m512 *dv, __m512 *mv);
 
 #define Q4_PREFETCH 8  // groups ahead (measured on the 1B's gate_up at 1 row: as fast as one stream without it)
 #define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
                        // they are registers)
 
 static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
-                                                         const qact *a,
+                                                         const int OFF, const qact *a,
                                                          const float *sx16, int64_t m0, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
-    const int G = K / 32, SPLIT = NS == 1 && MR <= 2;
-    const __m512i mask = _mm512_set1_epi8(0x0F);
+    // W6: 6-bit weights with sub-groups of 16 unpacked in the tile (symmetric Q6_K at 1-4 rows: no buffer pass)
+    const int G = K / 32, SPLIT = NS == 1 && MR <= 2, W6 = !BUF && NS == 2, GB = W6 ? 384 : 256;
+    const __m512i mask = _mm512_set1_epi8(0x0F), b45 = _mm512_set1_epi8(0x30);
     __m512 acc[Q4_TILE_MAX][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m512i s[Q4_TILE_MAX][2][2];
-        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
+            // OFF (symmetric weights w = d·(q − OFF): Q4_0 8, Q6_K 32): the offset −OFF Σ xq of each sub-group starts
+            // its integer sum (no float term for it)
+            const int64_t i = (m0 + r) * G + g;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            if (OFF && NS == 1) s0 = _mm512_set1_epi32(-OFF * a->isum[i]);
+            if (OFF && NS == 2) {
+                s0 = _mm512_set1_epi32(-OFF * a->isum16[2 * i]);
+                s1 = _mm512_set1_epi32(-OFF * a->isum16[2 * i + 1]);
+            }
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
-                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++) s[r][b][h] = _mm512_setzero_si512();
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++)
+                    s[r][b][h] = h == 0 ? s0 : (NS == 2 ? s1 : _mm512_setzero_si512());
+        }
         if (!BUF && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
-                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
-                    _mm_prefetch((const char *)(w + ((rb + b) * G + g + Q4_PREFETCH) * 256 + 64 * c), _MM_HINT_T0);
+                _Pragma("GCC unroll 6") for (int c = 0; c < GB / 64; c++)
+                    _mm_prefetch((const char *)(w + ((rb + b) * G + g + Q4_PREFETCH) * GB + 64 * c), _MM_HINT_T0);
         _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {  // vectors 2c, 2c+1 ↔ activation words 2c, 2c+1
             // sub-group of 16: vectors 0-3, then 4-7; one sub-group and few rows: two chains (c even, odd) per output
             // vector, so the vpdpbusd latency is hidden with few independent sums
@@ -142,9 +155,20 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                     lo[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c) * 64));
                     hi[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c + 1) * 64));
                 } else {
-                    const __m512i wc = _mm512_loadu_si512((const __m512i *)(w + ((rb + b) * G + g) * 256 + 64 * c));
+                    const __m512i wc = _mm512_loadu_si512((const __m512i *)(w + ((rb + b) * G + g) * GB + 64 * c));
                     lo[b] = _mm512_and_si512(wc, mask);
                     hi[b] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
+                    if (W6) {  // bits 4-5 of vectors 2c, 2c+1: plane c/2, fields 2(c&1), 2(c&1)+1 (see qk_unpack512)
+                        const __m512i hp =
+                            _mm512_loadu_si512((const __m512i *)(w + ((rb + b) * G + g) * GB + 256 + 64 * (c >> 1)));
+                        if (!(c & 1)) {
+                            lo[b] = _mm512_or_si512(lo[b], _mm512_and_si512(_mm512_slli_epi16(hp, 4), b45));
+                            hi[b] = _mm512_or_si512(hi[b], _mm512_and_si512(_mm512_slli_epi16(hp, 2), b45));
+                        } else {
+                            lo[b] = _mm512_or_si512(lo[b], _mm512_and_si512(hp, b45));
+                            hi[b] = _mm512_or_si512(hi[b], _mm512_and_si512(_mm512_srli_epi16(hp, 2), b45));
+                        }
+                    }
                 }
             }
             _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
@@ -158,14 +182,17 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         }
         __m512 d[2][2], mv[2][2];
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
-            if (BUF) {
+            if (OFF == 8 && !BUF) {  // d alone: fp16 (rb, g, 16) (Q4_0)
+                d[b][0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + ((rb + b) * G + g) * 16)));
+                mv[b][0] = _mm512_setzero_ps();
+            } else if (BUF) {
                 const float *sp = sc + ((int64_t)g * NB + b) * 32 * NS;
                 _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) {
                     d[b][h] = _mm512_load_ps(sp + 16 * h);
                     mv[b][h] = _mm512_load_ps(sp + 16 * (NS + h));
                 }
             } else {
-                qk_scales512(dm, scm, sb, rb + b, G, g, NS, d[b], mv[b]);
+                qk_scales512(dm, scm, sb, rb + b, G, g, NS, OFF == 32, d[b], mv[b]);
             }
         }
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
@@ -175,13 +202,15 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                 if (NS == 1) {
                     const __m512i si = SPLIT ? _mm512_add_epi32(s[r][b][0], s[r][b][1]) : s[r][b][0];
                     acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d[b][0], dxv), acc[r][b]);
-                    acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
+                    if (!OFF) acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(a->sx[i]), acc[r][b]);
                 } else {
                     __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][b][0]), d[b][0]);
                     t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][b][1]), d[b][1], t);
                     acc[r][b] = _mm512_fmadd_ps(t, dxv, acc[r][b]);
-                    acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(sx16[2 * i]), acc[r][b]);
-                    acc[r][b] = _mm512_fmadd_ps(mv[b][1], _mm512_set1_ps(sx16[2 * i + 1]), acc[r][b]);
+                    if (!OFF) {
+                        acc[r][b] = _mm512_fmadd_ps(mv[b][0], _mm512_set1_ps(sx16[2 * i]), acc[r][b]);
+                        acc[r][b] = _mm512_fmadd_ps(mv[b][1], _mm512_set1_ps(sx16[2 * i + 1]), acc[r][b]);
+                    }
                 }
             }
         }
@@ -195,18 +224,19 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
 #define Q4_NB 2  // row blocks per tile
 
 // One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
-static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const qact *a,
+static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const int OFF,
+                                                         const qact *a,
                                                          const float *sx16, int M, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR)
-        q4_tile(Q4_MR, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+        q4_tile(Q4_MR, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
     switch (M - m0) {  // the rows left: fewer than Q4_MR
-        case 3: q4_tile(3, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 2: q4_tile(2, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 1: q4_tile(1, NB, NS, BUF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 3: q4_tile(3, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         default: break;
     }
 }
@@ -230,7 +260,8 @@ static void *grow_aligned64(void **buf, size_t *cap, size_t need) {
 }
 
 static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns) {
+                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns,
+                         int off) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
@@ -241,7 +272,10 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
         const int nb = nrb - rb < Q4_NB ? (int)(nrb - rb) : Q4_NB;
         const float *sc = NULL;
         const uint8_t *uw = NULL;
-        if (bits > 4 || ns > 1) {  // (at 4 bits converting the scales in the tile measured faster)
+        // 6 bits with sub-groups of 16 (Q6_K): unpacked in the tile, measured 1.1-2.7x faster at 1-64 rows than the
+        // buffer pass (and than qk_gemm_vnni at 1-4 rows)
+        const int w6 = bits == 6 && ns == 2;
+        if ((bits > 4 || ns > 1) && !w6) {  // (at 4 bits converting the scales in the tile measured faster)
             float *scf = grow_aligned64(&scb, &scap, sizeof(float) * (size_t)G * Q4_NB * 64);
             uint8_t *uwf = grow_aligned64(&uwb, &ucap, (size_t)G * Q4_NB * 512);
             if (!scf || !uwf) {
@@ -251,7 +285,7 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             for (int g = 0; g < G; g++)
                 for (int b = 0; b < nb; b++) {
                     __m512 d[2], mv[2];
-                    qk_scales512(dm, scm, sb, rb + b, G, g, ns, d, mv);
+                    qk_scales512(dm, scm, sb, rb + b, G, g, ns, off != 0, d, mv);
                     for (int h = 0; h < ns; h++) {
                         _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * h, d[h]);
                         _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * (ns + h), mv[h]);
@@ -263,21 +297,36 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             sc = scf;
             uw = uwf;
         }
-#define Q4_ROWS(NB, NS, BUF) q4_rows(NB, NS, BUF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
+#define Q4_ROWS(NB, NS, BUF, OFF) q4_rows(NB, NS, BUF, OFF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
         // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
-        if (!uw && M <= 2) {  // 1-2 rows are bound by DRAM: one row block after the other, one sequential stream
+        if (w6 && off) {
+            if (M <= 2)
+                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 32, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
+            else if (nb == 2) Q4_ROWS(2, 2, 0, 32);
+            else Q4_ROWS(1, 2, 0, 32);
+        } else if (w6) {
+            if (M <= 2)
+                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
+            else if (nb == 2) Q4_ROWS(2, 2, 0, 0);
+            else Q4_ROWS(1, 2, 0, 0);
+        } else if (!uw && M <= 2) {  // 1-2 rows are bound by DRAM: one row block after the other, one sequential stream
             for (int b = 0; b < nb; b++) {  // (measured faster than pairs read side by side at 1-2 rows)
                 const int64_t rb1 = rb + b;
-                q4_rows(1, 1, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                if (off) q4_rows(1, 1, 0, 8, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                else q4_rows(1, 1, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
             }
         } else if (nb == 2) {
-            if (!uw) Q4_ROWS(2, 1, 0);
-            else if (ns == 1) Q4_ROWS(2, 1, 1);
-            else Q4_ROWS(2, 2, 1);
+            if (off && !uw) Q4_ROWS(2, 1, 0, 8);  // (Q4_0)
+            else if (!uw) Q4_ROWS(2, 1, 0, 0);
+            else if (ns == 1) Q4_ROWS(2, 1, 1, 0);
+            else if (off) Q4_ROWS(2, 2, 1, 32);  // (Q6_K)
+            else Q4_ROWS(2, 2, 1, 0);
         } else {
-            if (!uw) Q4_ROWS(1, 1, 0);
-            else if (ns == 1) Q4_ROWS(1, 1, 1);
-            else Q4_ROWS(1, 2, 1);
+            if (off && !uw) Q4_ROWS(1, 1, 0, 8);
+            else if (!uw) Q4_ROWS(1, 1, 0, 0);
+            else if (ns == 1) Q4_ROWS(1, 1, 1, 0);
+            else if (off) Q4_ROWS(1, 2, 1, 32);
+            else Q4_ROWS(1, 2, 1, 0);
         }
 #undef Q4_ROWS
     }
@@ -341,8 +390,18 @@ static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
 // A group's scales and mins (16 rows each, per sub-group s): from fp16 dm, or (scm != NULL: K-quant scales, exact)
 // d_s = sc_s · d_sb and m_s = mn_s · dmin_sb from int8 multipliers scm (rb, g, [sc, mn], s, 16) and fp16 super-block
 // factors sb (rb, g / 8, [d, dmin], 16): the products are exact in fp32 (8-bit × 11-bit), as the file's dequantization.
+// ksym (symmetric K-quants, Q6_K: m = −32 d): scm holds sc alone (rb, g, s, 16) and sb d alone (rb, g / 8, 16); mv is 0.
 static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, __m512 *dv, __m512 *mv) {
+                                int ns, int ksym, __m512 *dv, __m512 *mv) {
+    if (ksym) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + ((int64_t)rb * (G / 8) + g / 8) * 16)));
+        const int8_t *cg = scm + ((int64_t)rb * G + g) * 16 * ns;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cg + s * 16)))), d);
+            mv[s] = _mm512_setzero_ps();
+        }
+        return;
+    }
     if (!scm) {
         const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns;
         for (int s = 0; s < ns; s++) {
@@ -364,35 +423,39 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
 }
 
 // The 8 weight vectors of one group of a qkrows16 row block as bytes q < 2^bits: vector t holds k = 4t..4t+3 of the
-// 16 rows (the nibbles, then bit t of each plane byte → bit 4 + p of vector t).
+// 16 rows (the nibbles; at 5 bits bit t of each plane byte → bit 4 of vector t; at 6 bits bits 2u, 2u + 1 of plane
+// p's bytes → bits 4-5 of vector 4p + u: one shift and one masked or per vector).
 static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v) {
-    const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
+    const __m512i mask = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), b45 = _mm512_set1_epi8(0x30);
     for (int c = 0; c < 4; c++) {
         const __m512i wc = _mm512_loadu_si512((const __m512i *)(wp + 64 * c));
         v[2 * c] = _mm512_and_si512(wc, mask);
         v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(wc, 4), mask);
     }
-    if (bits >= 5) {
+    if (bits == 5) {
         const __m512i p0 = _mm512_loadu_si512((const __m512i *)(wp + 256));
         for (int t = 0; t < 8; t++)
             v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 4 ? _mm512_slli_epi16(p0, 4 - t)
                                                                  : _mm512_srli_epi16(p0, t - 4), b4));
     }
-    if (bits == 6) {
-        const __m512i p1 = _mm512_loadu_si512((const __m512i *)(wp + 320));
-        for (int t = 0; t < 8; t++)
-            v[t] = _mm512_or_si512(v[t], _mm512_and_si512(t <= 5 ? _mm512_slli_epi16(p1, 5 - t)
-                                                                 : _mm512_srli_epi16(p1, t - 5), b5));
-    }
+    if (bits == 6)
+        for (int p = 0; p < 2; p++) {
+            const __m512i h = _mm512_loadu_si512((const __m512i *)(wp + 256 + 64 * p));
+            v[4 * p] = _mm512_or_si512(v[4 * p], _mm512_and_si512(_mm512_slli_epi16(h, 4), b45));
+            v[4 * p + 1] = _mm512_or_si512(v[4 * p + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), b45));
+            v[4 * p + 2] = _mm512_or_si512(v[4 * p + 2], _mm512_and_si512(h, b45));
+            v[4 * p + 3] = _mm512_or_si512(v[4 * p + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), b45));
+        }
 }
 
-static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
+static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const qact *a, const float *sx16, int M,
+                                                             const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                                                             const uint16_t *sb, void *y, int N, int K, int is_bf16,
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
-#pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
+    {
         const uint8_t *wb = w + (int64_t)rb * G * gb;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
@@ -402,8 +465,8 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                 const uint8_t *wp = wb + (int64_t)g * gb;
                 __m512i v[8];
                 qk_unpack512(wp, bits, v);
-                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2];
-                qk_scales512(dm, scm, sb, rb, G, g, ns, dv, mv);
+                __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+                qk_scales512(dm, scm, sb, rb, G, g, ns, off != 0, dv, mv);
                 const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                 if (ns == 1) {  // d0 = d, d1 = m
                     for (int m = 0; m < mc; m++) {
@@ -424,8 +487,11 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
                         const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
-                        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_set1_epi32(xg[0]));
-                        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], _mm512_set1_epi32(xg[4]));
+                        // off (symmetric, sub 16 only): −off Σ xq of each half starts its sum, as in q4_tile
+                        const __m512i z0 = off ? _mm512_set1_epi32(-off * a->isum16[2 * (row * G + g)]) : _mm512_setzero_si512();
+                        const __m512i z1 = off ? _mm512_set1_epi32(-off * a->isum16[2 * (row * G + g) + 1]) : _mm512_setzero_si512();
+                        __m512i s0 = _mm512_dpbusd_epi32(z0, v[0], _mm512_set1_epi32(xg[0]));
+                        __m512i s1 = _mm512_dpbusd_epi32(z1, v[4], _mm512_set1_epi32(xg[4]));
                         for (int t = 1; t < 4; t++) {
                             s0 = _mm512_dpbusd_epi32(s0, v[t], _mm512_set1_epi32(xg[t]));
                             s1 = _mm512_dpbusd_epi32(s1, v[t + 4], _mm512_set1_epi32(xg[t + 4]));
@@ -434,13 +500,26 @@ static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *
                         __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), d0);
                         t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), d1, t);
                         acc[m] = _mm512_fmadd_ps(t, dxv, acc[m]);
-                        acc[m] = _mm512_fmadd_ps(m0v, _mm512_set1_ps(sx16[(row * G + g) * 2]), acc[m]);
-                        acc[m] = _mm512_fmadd_ps(m1v, _mm512_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m]);
+                        if (!off) {
+                            acc[m] = _mm512_fmadd_ps(m0v, _mm512_set1_ps(sx16[(row * G + g) * 2]), acc[m]);
+                            acc[m] = _mm512_fmadd_ps(m1v, _mm512_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m]);
+                        }
                     }
                 }
             }
             for (int m = 0; m < mc; m++) vf_store(y, (int64_t)(m0 + m) * N + rb * 16, acc[m], is_bf16);
         }
+    }
+}
+
+// (the offset a constant in each body: the symmetric and the general one are compiled apart)
+static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
+                        int off) {
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        if (off == 32) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
@@ -455,15 +534,19 @@ static inline __m256i dot4_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+// sym: w = d·(q − 8) with dm holding d alone, (rb, g, 16) (see q4s_gemm)
+static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16,
+                        int sym) {
     const int G = K / 32;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
+    const int32_t *isum = a->isum;
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
         const __m256i mask = _mm256_set1_epi8(0x0F);
         const uint8_t *wb = w + (int64_t)rb * G * 256;
-        const uint16_t *db = dm + (int64_t)rb * G * 32;
+        const int dstride = sym ? 16 : 32;  // fp16 per (rb, g): d (16) or d, m (32)
+        const uint16_t *db = dm + (int64_t)rb * G * dstride;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
             const int mc = M - m0 < Q4_MCHUNK ? M - m0 : Q4_MCHUNK;
             __m256 acc[Q4_MCHUNK][2];
@@ -477,8 +560,9 @@ static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
                         lo[c] = _mm256_and_si256(v, mask);
                         hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                     }
-                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + half * 8)));
-                    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + 16 + half * 8)));
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * dstride + half * 8)));
+                    const __m256 mv = sym ? _mm256_setzero_ps()
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(db + g * 32 + 16 + half * 8)));
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
                         const int32_t *xg = (const int32_t *)(xqp + row * K + g * 32);
@@ -492,9 +576,11 @@ static int q4_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[3], _mm256_set1_epi32(xg[6])));
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[3], _mm256_set1_epi32(xg[7])));
                         // |sum of 8 pair sums| <= 8 · 2 · 15 · 128 = 30720: fits int16
-                        const __m256 sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+                        __m256i si = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+                        if (sym) si = _mm256_add_epi32(si, _mm256_set1_epi32(-8 * isum[row * G + g]));
+                        const __m256 sf = _mm256_cvtepi32_ps(si);
                         acc[m][half] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d, _mm256_set1_ps(dx[row * G + g])), acc[m][half]);
-                        acc[m][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
+                        if (!sym) acc[m][half] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[row * G + g]), acc[m][half]);
                     }
                 }
             }
@@ -556,7 +642,16 @@ static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
 // still fit (32256), then widened.
 // qk_scales512 for 8 rows (half 0: rows 0-7, 1: rows 8-15).
 static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, int half, __m256 *dv, __m256 *mv) {
+                                int ns, int ksym, int half, __m256 *dv, __m256 *mv) {
+    if (ksym) {  // as qk_scales512
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + ((int64_t)rb * (G / 8) + g / 8) * 16 + half * 8)));
+        const int8_t *cg = scm + ((int64_t)rb * G + g) * 16 * ns + half * 8;
+        for (int s = 0; s < ns; s++) {
+            dv[s] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cg + s * 16)))), d);
+            mv[s] = _mm256_setzero_ps();
+        }
+        return;
+    }
     if (!scm) {
         const uint16_t *dg = dm + ((int64_t)rb * G + g) * 32 * ns + half * 8;
         for (int s = 0; s < ns; s++) {
@@ -577,14 +672,15 @@ static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uin
     }
 }
 
-static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
+static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const qact *a, const float *sx16, int M,
+                                                             const uint8_t *w, const uint16_t *dm, const int8_t *scm,
+                                                             const uint16_t *sb, void *y, int N, int K, int is_bf16,
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
-#pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
-        const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b5 = _mm256_set1_epi8(0x20);
+    {
+        const __m256i mask = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10), b45 = _mm256_set1_epi8(0x30);
         const __m256i one = _mm256_set1_epi16(1);
         const uint8_t *wb = w + (int64_t)rb * G * gb;
         for (int m0 = 0; m0 < M; m0 += Q4_MCHUNK) {
@@ -600,20 +696,22 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                         v[2 * c] = _mm256_and_si256(wc, mask);
                         v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(wc, 4), mask);
                     }
-                    if (bits >= 5) {
+                    if (bits == 5) {
                         const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wp + 256 + 32 * half));
                         for (int t = 0; t < 8; t++)
                             v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 4 ? _mm256_slli_epi16(p0, 4 - t)
                                                                                  : _mm256_srli_epi16(p0, t - 4), b4));
                     }
-                    if (bits == 6) {
-                        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wp + 320 + 32 * half));
-                        for (int t = 0; t < 8; t++)
-                            v[t] = _mm256_or_si256(v[t], _mm256_and_si256(t <= 5 ? _mm256_slli_epi16(p1, 5 - t)
-                                                                                 : _mm256_srli_epi16(p1, t - 5), b5));
-                    }
+                    if (bits == 6)  // as qk_unpack512
+                        for (int p = 0; p < 2; p++) {
+                            const __m256i h = _mm256_loadu_si256((const __m256i *)(wp + 256 + 64 * p + 32 * half));
+                            v[4 * p] = _mm256_or_si256(v[4 * p], _mm256_and_si256(_mm256_slli_epi16(h, 4), b45));
+                            v[4 * p + 1] = _mm256_or_si256(v[4 * p + 1], _mm256_and_si256(_mm256_slli_epi16(h, 2), b45));
+                            v[4 * p + 2] = _mm256_or_si256(v[4 * p + 2], _mm256_and_si256(h, b45));
+                            v[4 * p + 3] = _mm256_or_si256(v[4 * p + 3], _mm256_and_si256(_mm256_srli_epi16(h, 2), b45));
+                        }
                     __m256 dv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv[2];
-                    qk_scales256(dm, scm, sb, rb, G, g, ns, half, dv, mv);
+                    qk_scales256(dm, scm, sb, rb, G, g, ns, off != 0, half, dv, mv);
                     const __m256 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
@@ -624,7 +722,11 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                                 _mm256_add_epi16(_mm256_maddubs_epi16(v[2 * i], _mm256_set1_epi32(xg[2 * i])),
                                                  _mm256_maddubs_epi16(v[2 * i + 1], _mm256_set1_epi32(xg[2 * i + 1]))),
                                 one);
-                        const __m256i s0 = _mm256_add_epi32(p[0], p[1]), s1 = _mm256_add_epi32(p[2], p[3]);
+                        __m256i s0 = _mm256_add_epi32(p[0], p[1]), s1 = _mm256_add_epi32(p[2], p[3]);
+                        if (off) {  // symmetric, sub 16: as the VNNI bodies, −off Σ xq per half in the integer sums
+                            s0 = _mm256_add_epi32(s0, _mm256_set1_epi32(-off * a->isum16[2 * (row * G + g)]));
+                            s1 = _mm256_add_epi32(s1, _mm256_set1_epi32(-off * a->isum16[2 * (row * G + g) + 1]));
+                        }
                         const __m256 dxv = _mm256_set1_ps(dx[row * G + g]);
                         if (ns == 1) {  // d0 = d, d1 = m
                             const __m256 sf = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
@@ -635,8 +737,10 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                             __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s0), d0);
                             t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d1, t);
                             acc[m][half] = _mm256_fmadd_ps(t, dxv, acc[m][half]);
-                            acc[m][half] = _mm256_fmadd_ps(m0v, _mm256_set1_ps(sx16[(row * G + g) * 2]), acc[m][half]);
-                            acc[m][half] = _mm256_fmadd_ps(m1v, _mm256_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m][half]);
+                            if (!off) {
+                                acc[m][half] = _mm256_fmadd_ps(m0v, _mm256_set1_ps(sx16[(row * G + g) * 2]), acc[m][half]);
+                                acc[m][half] = _mm256_fmadd_ps(m1v, _mm256_set1_ps(sx16[(row * G + g) * 2 + 1]), acc[m][half]);
+                            }
                         }
                     }
                 }
@@ -645,6 +749,16 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
                 for (int half = 0; half < 2; half++)
                     v8_store(y, (int64_t)(m0 + m) * N + rb * 16 + half * 8, acc[m][half], is_bf16);
         }
+    }
+}
+
+static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
+                        int off) {
+#pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < N / 16; rb++) {
+        if (off == 32) qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
@@ -655,22 +769,35 @@ static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *
 static __attribute__((unused)) int prepare(const void *x, int M, int N, int K, int is_bf16, qact *a) {
     if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
     a->xq = quantize_rows_q8_32(x, M, K, is_bf16, &a->dx, &a->sx, &a->isum);
+    a->isum16 = NULL;
     return a->xq ? 0 : -1;
 }
 
-int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+static int q4_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16,
+                  int sym) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
     if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1);
+    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1, sym ? 8 : 0);
 #else
-    return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16);
+    return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16, sym);
 #endif
 #else
-    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16;
+    (void)x; (void)M; (void)w; (void)dm; (void)y; (void)N; (void)K; (void)is_bf16; (void)sym;
     return -1;
 #endif
+}
+
+int q4_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16) {
+    return q4_run(x, M, w, dm, y, N, K, is_bf16, 0);
+}
+
+// Symmetric 4-bit weights, w = d·(q − 8) (GGUF Q4_0): the q4rows16 nibbles with fp16 d alone, (rb, g, 16), 18 bytes
+// per 32 weights as in the file (q4_gemm's d and m take 20). The offset −8 Σ xq is added to the exact integer sum,
+// so a group costs one conversion, one multiply and one FMA per output vector (q4_gemm: and a second FMA).
+int q4s_gemm(const void *x, int M, const uint8_t *w, const uint16_t *d, void *y, int N, int K, int is_bf16) {
+    return q4_run(x, M, w, d, y, N, K, is_bf16, 1);
 }
 
 int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y, int N, int K, int is_bf16) {
@@ -688,16 +815,20 @@ int q8_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dw, void *y,
 #endif
 }
 
-// dx · Σ xq per 16 activations (M, K/32, 2), for weights with a scale per 16 (a per-thread buffer).
-static __attribute__((unused)) const float *sums16(const qact *a, int M, int K) {
+// dx · Σ xq per 16 activations (M, K/32, 2), for weights with a scale per 16, and the integer Σ xq per 16 into
+// a->isum16 (per-thread buffers).
+static __attribute__((unused)) const float *sums16(qact *a, int M, int K) {
     static __thread float *buf = NULL;
+    static __thread int32_t *ibuf = NULL;
     static __thread int64_t cap = 0;
     const int64_t n = (int64_t)M * (K / 16);
     if (n > cap) {
         free(buf);
+        free(ibuf);
         buf = (float *)malloc(sizeof(float) * (size_t)n);
-        cap = buf ? n : 0;
-        if (!buf) return NULL;
+        ibuf = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+        cap = buf && ibuf ? n : 0;
+        if (!cap) return NULL;
     }
     const int G = K / 32;
     for (int64_t i = 0; i < (int64_t)M * G; i++) {
@@ -706,28 +837,34 @@ static __attribute__((unused)) const float *sums16(const qact *a, int M, int K) 
         for (int k = 0; k < 16; k++) lo += q[k];
         buf[2 * i] = a->dx[i] * (float)lo;
         buf[2 * i + 1] = a->dx[i] * (float)(a->isum[i] - lo);
+        ibuf[2 * i] = lo;
+        ibuf[2 * i + 1] = a->isum[i] - lo;
     }
+    a->isum16 = ibuf;
     return buf;
 }
 
+// ksym: symmetric K-quant (Q6_K: w = d·sc·(q − 32)), sub 16 only; scm, sb as qk_scales512 takes them.
 static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, const int8_t *scm, const uint16_t *sb,
-                  void *y, int N, int K, int is_bf16, int bits, int sub) {
+                  void *y, int N, int K, int is_bf16, int bits, int sub, int ksym) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
-    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || prepare(x, M, N, K, is_bf16, &a))
+    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || (ksym && sub != 16) ||
+        prepare(x, M, N, K, is_bf16, &a))
         return -1;
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
+    const int off = ksym ? 1 << (bits - 1) : 0;
 #if defined(HAVE_VNNI)
-    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1);
-    if (M > Q4_MR) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub);
-    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
+    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1, 0);
+    if (M > Q4_MR || (bits == 6 && sub == 16)) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub, off);
+    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
 #else
-    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
+    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
 #endif
 #else
     (void)x; (void)M; (void)w; (void)dm; (void)scm; (void)sb; (void)y; (void)N; (void)K; (void)is_bf16; (void)bits;
-    (void)sub;
+    (void)sub; (void)ksym;
     return -1;
 #endif
 }
@@ -735,12 +872,20 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
 // Scales and mins as fp16 per sub-group: dm (rb, g, [d, m], s, 16).
 int qk_gemm(const void *x, int M, const uint8_t *w, const uint16_t *dm, void *y, int N, int K, int is_bf16, int bits,
             int sub) {
-    return qk_run(x, M, w, dm, NULL, NULL, y, N, K, is_bf16, bits, sub);
+    return qk_run(x, M, w, dm, NULL, NULL, y, N, K, is_bf16, bits, sub, 0);
 }
 
 // K-quant scales kept as in the file (exact): int8 multipliers scm and fp16 super-block factors sb (see
 // qk_scales512); K % 256 == 0.
 int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const uint16_t *sb, void *y, int N, int K,
                int is_bf16, int bits, int sub) {
-    return qk_run(x, M, w, NULL, scm, sb, y, N, K, is_bf16, bits, sub);
+    return qk_run(x, M, w, NULL, scm, sb, y, N, K, is_bf16, bits, sub, 0);
+}
+
+// Symmetric K-quants, w = d_sb·sc·(q − 2^(bits−1)) (GGUF Q6_K: bits 6, sub 16, the only one): sc alone as int8
+// (rb, g, s, 16) and d_sb alone as fp16 (rb, K / 256, 16), the file's bytes (qk_gemm_ks would also read mins =
+// −32·sc and factors −32·d). The offset is added to the exact integer sums per 16: no float term for the mins.
+int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const uint16_t *d, void *y, int N, int K,
+                int is_bf16, int bits, int sub) {
+    return qk_run(x, M, w, NULL, sc, d, y, N, K, is_bf16, bits, sub, 1);
 }
