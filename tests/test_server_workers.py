@@ -69,7 +69,7 @@ def workers_seen(url: str, want: set[str], tries: int = 400) -> set[str]:
 
 
 def test_two_workers_share_the_port_merge_metrics_restart_and_drain(tiny_hf):
-    with run_server("--model", str(tiny_hf), "--dtype", "float32", "--kv-cache-memory", "0.05", "--workers", "2",
+    with run_server("--model", str(tiny_hf), "--dtype", "float32", "--kv-cache-memory", "0.05", "--workers", "2", "--device", "cpu",
                     "--shutdown-timeout", "30", cli=("--log-level", "INFO")) as s:
         wait_until(lambda: "all 2 workers ready" in s.log(), what="both workers")
         pids = children(s.proc.pid)
@@ -105,15 +105,22 @@ def test_two_workers_share_the_port_merge_metrics_restart_and_drain(tiny_hf):
         assert workers_seen(s.url, {"0", "1"}) == {"0", "1"}
 
         # SIGTERM to the parent: an in-flight request finishes, then every worker and the parent exit
-        long: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: long.append(httpx.post(
-            s.url + "/v1/completions", json={**body, "max_tokens": 400, "ignore_eos": True}, timeout=120)))
+        long: list[tuple[httpx.Response, float]] = []
+
+        def long_request() -> None:
+            r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 400, "ignore_eos": True},
+                           timeout=120)
+            long.append((r, time.monotonic()))
+
+        t = threading.Thread(target=long_request)
         t.start()
         wait_until(lambda: metric(s.url, "vllm:num_requests_running") >= 1, what="the long request to run")
+        signalled = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         t.join(120)
-        assert long and long[0].status_code == 200
-        assert long[0].json()["usage"]["completion_tokens"] == 400
+        assert long and long[0][0].status_code == 200
+        assert long[0][1] > signalled, "the request ended before the SIGTERM: the drain was not exercised"
+        assert long[0][0].json()["usage"]["completion_tokens"] == 400
         assert s.proc.wait(60) == 0
         assert not any(alive(p) for p in pids), "a worker outlived the parent"
 
@@ -121,7 +128,7 @@ def test_two_workers_share_the_port_merge_metrics_restart_and_drain(tiny_hf):
 def test_worker_start_failure_is_one_line_exit_1(tmp_path):
     r = subprocess.run([sys.executable, "-m", "inferd.cli", "--log-level", "INFO", "serve", "--model",
                         str(tmp_path / "missing.gguf"),
-                        "--workers", "2", "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+                        "--workers", "2", "--device", "cpu", "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -144,7 +151,8 @@ def test_a_taken_port_is_a_one_line_error():
 
     with socket.create_server(("127.0.0.1", 0)) as other:
         port = other.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "inferd.cli", "serve", "--workers", "2", "--port", str(port)],
+        r = subprocess.run([sys.executable, "-m", "inferd.cli", "serve", "--workers", "2", "--device", "cpu",
+                            "--port", str(port)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -160,7 +168,10 @@ def test_worker_threads_share_the_cores():
     assert worker_threads(Namespace(threads=3, workers=4), cores=2) == 3
 
 
-def test_merge_names_its_count():
+def test_merge_names_its_count_and_keeps_labelled_series_apart():
     text = "# TYPE c counter\nc_total 2.0\n"
     merged = merge_prometheus([text, text], count=("inferd_workers", "workers"))
     assert "inferd_workers 2" in merged and "c_total 4.0" in merged and "inferd_replicas" not in merged
+    labelled = merge_prometheus([text, text.replace("2.0", "3.0")], count=("inferd_workers", "workers"),
+                                text_labels=[{"worker": "0"}, {"worker": "1"}])
+    assert 'c_total{worker="0"} 2.0' in labelled and 'c_total{worker="1"} 3.0' in labelled

@@ -10,15 +10,15 @@ workers by a hash of the client's address), elsewhere on the parent's listening 
 imported modules' Python objects) stay shared copy-on-write: a second worker adds ~0.2x of the first's RSS, where
 an independent `inferd serve` adds ~0.67x (docs/benchmarks.md).
 
-The parent runs no torch op and starts no thread before forking (libgomp's thread pool, once started, does not
-survive a fork). It supervises: SIGTERM/SIGINT to the parent become SIGTERM to every worker (each drains its in-flight requests as
+The parent runs no torch op before forking, so no OpenMP pool exists yet (libgomp's pool, once started, does not
+survive a fork; numpy's OpenBLAS pool, started by its import, handles fork itself). It supervises: SIGTERM/SIGINT to the parent become SIGTERM to every worker (each drains its in-flight requests as
 a single-process server does; a second signal stops them at once; workers ignore SIGINT, so a terminal's Ctrl-C,
 which reaches the whole process group, counts once), a worker that dies is forked again from the
 parent, and start-up failures end the parent with the workers' one-line error.
 
 Each worker answers /metrics for the whole server: it reads the other workers' metrics from their unix sockets
-(in a private directory of the parent's) and sums them with `inferd.cluster.metrics_merge` (what the Ray ingress
-does for replicas). Responses carry `x-inferd-worker: K`."""
+(in a private directory of the parent's) and shows them with a `worker` label through
+`inferd.cluster.metrics_merge` (what the Ray ingress uses for replicas). Responses carry `x-inferd-worker: K`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ MAX_START_FAILURES = 3  # a worker that fails this many times in a row before it
 METRICS_TIMEOUT_S = 2.0  # a worker that does not hand over its metrics in this time is left out of /metrics
 STOP_GRACE_S = 15.0  # beyond --shutdown-timeout, before the parent kills a worker that has not exited
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+QUICK_CRASH_S = 60.0  # a worker that dies sooner than this after its start is restarted later each time
+MAX_RESTART_DELAY_S = 30.0
+UNIX_PATH_MAX = 100  # AF_UNIX paths are limited to 108 bytes (Linux), 104 (BSD/macOS)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -103,6 +106,7 @@ class WorkerHooks:
     address: tuple[str, int]
     shared: socket.socket | None  # the parent's listening socket where SO_REUSEPORT does not balance
     _reported: bool = False
+    _last: dict[int, str] = field(default_factory=dict)  # each other worker's last metrics text
 
     def listen(self) -> list[socket.socket]:
         """This worker's listening socket: on Linux its own SO_REUSEPORT socket on the port (the kernel spreads new
@@ -138,7 +142,11 @@ class WorkerHooks:
         async def start() -> None:
             path = self.metrics_path(self.index)
             path.unlink(missing_ok=True)  # the socket of the worker this one replaces
-            server.append(await asyncio.start_unix_server(serve_metrics, path=str(path)))
+            try:
+                server.append(await asyncio.start_unix_server(serve_metrics, path=str(path)))
+            except OSError as exc:
+                self.failed(f"worker {self.index} cannot open its metrics socket {path}: {exc.strerror or exc}")
+                raise
             self._report(b"R")  # models loaded, serving: the parent may fork the next worker
 
         async def stop() -> None:
@@ -150,13 +158,20 @@ class WorkerHooks:
         app.on_event("shutdown")(stop)
 
     async def merged_metrics(self, own: bytes) -> str:
+        """Every worker's samples with a `worker` label (separate series, so a restarted worker's counters reset
+        alone, which Prometheus's rate() handles, instead of making a summed counter drop). A worker that does not
+        answer in time is shown with its last metrics; one that is gone (restarting) is left out."""
         from inferd.cluster.metrics_merge import merge_prometheus
 
-        texts = [own.decode()]
         others = [k for k in range(self.count) if k != self.index]
         got = await asyncio.gather(*(self._read_metrics(k) for k in others))
-        texts += [t for t in got if t is not None]
-        return merge_prometheus(texts, count=("inferd_workers", "Worker processes whose metrics are summed here"))
+        texts, labels = [own.decode()], [{"worker": str(self.index)}]
+        for k, text in zip(others, got):
+            if text is not None:
+                texts.append(text)
+                labels.append({"worker": str(k)})
+        return merge_prometheus(texts, count=("inferd_workers", "Worker processes whose metrics are shown here"),
+                                text_labels=labels)
 
     async def _read_metrics(self, k: int) -> str | None:
         async def read() -> bytes:
@@ -167,9 +182,14 @@ class WorkerHooks:
                 writer.close()
 
         try:
-            return (await asyncio.wait_for(read(), METRICS_TIMEOUT_S)).decode()
-        except (OSError, asyncio.TimeoutError):
-            return None  # not started yet, restarting, or stuck: the others still report
+            text = (await asyncio.wait_for(read(), METRICS_TIMEOUT_S)).decode()
+        except asyncio.TimeoutError:
+            return self._last.get(k)  # alive but busy: its last metrics (counters never go back)
+        except OSError:
+            self._last.pop(k, None)
+            return None  # not started yet or restarting: its series are absent until it is back
+        self._last[k] = text
+        return text
 
     def failed(self, message: str) -> None:
         self._report(b"E" + message.encode())
@@ -184,7 +204,7 @@ class WorkerHooks:
 
 
 class WorkerMiddleware:
-    """ASGI: `x-inferd-worker` on every response; GET /metrics answered with every worker's metrics summed."""
+    """ASGI: `x-inferd-worker` on every response; GET /metrics answered with every worker's metrics."""
 
     def __init__(self, app: Callable, hooks: WorkerHooks, own_metrics: Callable[[], bytes]):
         self.app, self.hooks, self.own_metrics = app, hooks, own_metrics
@@ -254,6 +274,8 @@ class _Worker:
     error: str = ""
     start_failures: int = 0
     not_before: float = 0.0
+    started: float = 0.0
+    quick_crashes: int = 0  # crashes in a row, each within QUICK_CRASH_S of its start: the restart delay doubles
 
 
 @dataclass
@@ -263,6 +285,7 @@ class Supervisor:
     shared: socket.socket | None
     rundir: Path
     serve_one: Callable[..., int]
+    reservation: socket.socket | None = None  # the parent's hold on the port (closed in workers that do not use it)
     workers: list[_Worker] = field(default_factory=list)
     signals: int = 0
     fatal: str = ""
@@ -273,8 +296,9 @@ class Supervisor:
         self.parent = os.getpid()
 
     def on_signal(self, _sig: int, _frame: Any) -> None:
-        self.signals += 1  # first: workers drain; second: they stop at once (as single-process serve)
-        self._kill_all(signal.SIGTERM)
+        # only counted here: the supervisor's loops pass each one on (first: workers drain; second: they stop at
+        # once, as single-process serve), so no handler ever races a fork or a waitpid over a worker's pid
+        self.signals += 1
 
     def _kill_all(self, sig: int) -> None:
         for w in self.workers:
@@ -308,10 +332,12 @@ class Supervisor:
             for other in self.workers:
                 if other.pipe >= 0:
                     os.close(other.pipe)
+            if self.reservation is not None and self.shared is None:
+                self.reservation.close()  # the worker listens on its own SO_REUSEPORT socket
             _worker_main(self.serve_one, self.args, hooks, self.parent)
+        w.pid, w.ready, w.pipe, w.error, w.started = pid, False, r, "", time.monotonic()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(wfd)
-        w.pid, w.ready, w.pipe, w.error = pid, False, r, ""
         log.info("worker %d started (pid %d)", w.index, pid)
 
     def _poll_pipes(self, timeout: float) -> None:
@@ -359,8 +385,11 @@ class Supervisor:
             if self.signals:
                 continue
             if was_ready:
-                log.warning("worker %d %s; starting it again", w.index, how)
-                w.not_before = time.monotonic() + 1.0
+                now = time.monotonic()
+                w.quick_crashes = w.quick_crashes + 1 if now - w.started < QUICK_CRASH_S else 0
+                delay = min(MAX_RESTART_DELAY_S, 2.0 ** w.quick_crashes)
+                log.warning("worker %d %s; starting it again in %.0f s", w.index, how, delay)
+                w.not_before = now + delay
                 continue
             w.start_failures += 1
             why = w.error or f"worker {w.index} {how} while loading"
@@ -372,11 +401,13 @@ class Supervisor:
             w.not_before = time.monotonic() + 2.0 * w.start_failures
 
     def _stop_all(self) -> None:
-        if not self.signals:
-            self._kill_all(signal.SIGTERM)
         grace = self.args.shutdown_timeout + STOP_GRACE_S
         deadline = time.monotonic() + grace
+        forwarded = 0
         while any(w.pid for w in self.workers):
+            if max(self.signals, 1) > forwarded:  # a fatal error stops them as one signal would
+                forwarded = max(self.signals, 1)
+                self._kill_all(signal.SIGTERM)
             for w in self.workers:
                 if w.pid:
                     with contextlib.suppress(ChildProcessError):
@@ -395,7 +426,7 @@ class Supervisor:
 
 
 def _import_runtime() -> None:
-    """What every worker needs, imported once here so its pages are shared (no torch op, no thread)."""
+    """What every worker needs, imported once here so its pages are shared (no torch op: no OpenMP pool)."""
     import fastapi  # noqa: F401
     import torch  # noqa: F401
     import uvicorn  # noqa: F401
@@ -443,6 +474,12 @@ def claim_port(host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
         raise InferdError(f"cannot listen on {host}:{port}: {why}") from exc
 
 
+def _rundir() -> Path:
+    """A private directory for the workers' metrics sockets, short enough for an AF_UNIX path."""
+    base = None if len(tempfile.gettempdir()) < UNIX_PATH_MAX - 40 else "/tmp"
+    return Path(tempfile.mkdtemp(prefix="inferd-workers-", dir=base))
+
+
 def serve_workers(args: argparse.Namespace, serve_one: Callable[..., int]) -> int:
     """The parent of `inferd serve --workers N` (N > 1): `serve_one(args, worker=hooks)` runs in each worker."""
     if args.device == "auto":
@@ -453,13 +490,13 @@ def serve_workers(args: argparse.Namespace, serve_one: Callable[..., int]) -> in
                               "give --device cpu, or use --replicas")
     _import_runtime()
     sock, address = claim_port(args.host, args.port)
-    rundir = Path(tempfile.mkdtemp(prefix="inferd-workers-"))
+    rundir = _rundir()
     gc.collect()
     gc.freeze()
     from inferd.hardware import release_free_memory
 
     release_free_memory()  # the imports' freed heap goes back before the fork, not once per worker (malloc_trim)
-    sup = Supervisor(args, address, None if BALANCED else sock, rundir, serve_one)
+    sup = Supervisor(args, address, None if BALANCED else sock, rundir, serve_one, reservation=sock)
     old = {sig: signal.signal(sig, sup.on_signal) for sig in SIGNALS}
     print(f"inferd serving on http://{args.host}:{address[1]}/v1 with {args.workers} workers, "
           f"{worker_threads(args)} threads each (loading models...)", file=sys.stderr, flush=True)
