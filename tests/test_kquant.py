@@ -16,7 +16,7 @@ from inferd.loader.gguf import RawTensor
 from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
 from inferd.quant import gguf_blocks
 from inferd.quant.apply import QuantConfig, packed_from_blocks, resolve_auto
-from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear, module_bytes
+from inferd.quant.linear import ConcatLinear, Int4Linear, Int8Linear, QKLinear, module_bytes, qk_layout
 from tests import kquant_encoder
 from tests.test_engine import prompt_logits
 from tests.tiny_models import TINY_CONFIG, write_gguf, write_hf
@@ -48,8 +48,8 @@ def test_block_dequantization_equals_gguf(type_name):
 # (part types of one fused layer, the layer it becomes)
 CASES = [
     (("Q4_K",), QKLinear), (("Q5_0",), QKLinear), (("Q5_1",), QKLinear), (("Q5_K",), QKLinear),
-    (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), QKLinear), (("Q4_0", "Q5_K"), QKLinear),
-    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), QKLinear),
+    (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), ConcatLinear), (("Q4_0", "Q5_K"), QKLinear),
+    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), ConcatLinear),
 ]
 
 
@@ -74,6 +74,14 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                     assert layer.kmode == (set(types) <= gguf_blocks.K_TYPES)
                     if layer.kmode or set(types) <= {"Q5_0", "Q5_1"}:  # the file's own weights, bit for bit
                         assert torch.equal(layer.dequantized(), deq)
+                if isinstance(layer, ConcatLinear):  # several K types: one part per run of one type, each as stored
+                    runs = [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
+                    assert [(p.bits, p.kmode) for p in layer.parts] == [(gguf_blocks.BITS[t], True) for t in runs]
+                    assert torch.equal(layer.dequantized(), deq)
+                if isinstance(layer, (QKLinear, ConcatLinear)) and set(types) <= gguf_blocks.K_TYPES:
+                    if not dense_rows and qk_layout(32, k) == "qkrows16":
+                        # the file's bytes exactly: Q4_K/Q5_K's 6-bit scales packed, Q6_K's alone, no widened part
+                        assert module_bytes(layer) == sum(r.nbytes for r in raws), (tier, module_bytes(layer))
                 for rows in (1, 5):
                     for dt in (torch.float32, torch.bfloat16):
                         xi = x[:rows].to(dt)
@@ -81,6 +89,17 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                         y = layer(xi).float()
                         err = float((y - ref).abs().max()) / scale
                         assert err < 0.01, (tier, dense_rows, rows, dt, err)
+
+
+def test_k_scales_6bit_round_trip():
+    from inferd.quant.linear import pack_kscales6, unpack_kscales6
+
+    g = torch.Generator().manual_seed(5)
+    sc, mn = torch.randint(0, 64, (32, 16), generator=g), torch.randint(0, 64, (32, 16), generator=g)
+    b = pack_kscales6(sc, mn)  # (N/16, K/256, 12, 16): 12 bytes per 256 weights and row, as the file
+    assert b.shape == (2, 2, 12, 16) and b.dtype == torch.uint8
+    sc2, mn2 = unpack_kscales6(b.permute(0, 3, 1, 2).reshape(32, 2, 12))
+    assert torch.equal(sc2.reshape(32, 16), sc) and torch.equal(mn2.reshape(32, 16), mn)
 
 
 def test_qk_layout_round_trips():
@@ -157,8 +176,9 @@ def test_k_quant_model_loads_packed(kquant_model):
     packed = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
     layers = packed.engine.lm.model.model.layers
     l0, l1 = layers[0], layers[1]
-    assert isinstance(l0.self_attn.qkv_proj, QKLinear) and l0.self_attn.qkv_proj.bits == 6  # Q4_K + Q6_K
-    assert all(isinstance(m, QKLinear) and m.kmode for m in (l0.self_attn.qkv_proj, l0.self_attn.o_proj,
+    qkv0 = l0.self_attn.qkv_proj  # Q4_K q, k + Q6_K v: two parts, each in its own type
+    assert isinstance(qkv0, ConcatLinear) and [p.bits for p in qkv0.parts] == [4, 6]
+    assert all(isinstance(m, QKLinear) and m.kmode for m in (*qkv0.parts, l0.self_attn.o_proj,
                                                               l0.mlp.gate_up_proj, l0.mlp.down_proj))
     assert isinstance(l1.self_attn.qkv_proj, QKLinear) and l1.self_attn.qkv_proj.bits == 5
     assert isinstance(l1.mlp.gate_up_proj, Int8Linear) and isinstance(l1.mlp.down_proj, Int4Linear)
@@ -231,6 +251,8 @@ def test_repack_cache_keeps_k_quant_layers(kquant_model, tmp_path, monkeypatch):
         layers = llm.engine.lm.model.model.layers
     assert repacked == [8, 0] and outs[0] == outs[1]
     assert layers[0].mlp.down_proj.kmode and not layers[1].self_attn.qkv_proj.kmode
+    qkv0 = layers[0].self_attn.qkv_proj  # a ConcatLinear's parts come back as one layer
+    assert isinstance(qkv0, ConcatLinear) and [p.bits for p in qkv0.parts] == [4, 6]
 
 
 def _tied_gguf(tmp_path, table_type: str):

@@ -393,12 +393,35 @@ def _from_rows16(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).reshape(n, -1)
 
 
+def pack_kscales6(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """6-bit K-quant multipliers (Q4_K/Q5_K: sc, mn (N, K / 32) in [0, 63]) → uint8 (N/16, K/256, 12, 16), the
+    file's 12 bytes per super-block and row, rows last: per super-block 8 bytes of sc & 15 | (mn & 15) << 4 (one
+    per group), then 4 of sc >> 4 | (mn >> 4) << 2 (two groups a byte, the first in the low nibble); see the C
+    qk_scales512, which unpacks them in the tile."""
+    n, g = sc.shape
+    sc, mn = sc.to(torch.int32).view(n, g // 8, 8), mn.to(torch.int32).view(n, g // 8, 8)
+    lo = (sc & 15) | ((mn & 15) << 4)
+    h = (sc >> 4) | ((mn >> 4) << 2)
+    b = torch.cat([lo, h[..., 0::2] | (h[..., 1::2] << 4)], dim=-1)  # (N, K / 256, 12)
+    return b.to(torch.uint8).view(n // 16, 16, g // 8, 12).permute(0, 2, 3, 1).contiguous()
+
+
+def unpack_kscales6(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., 12) bytes of pack_kscales6 (one row's super-blocks) → sc, mn (..., 8) int32."""
+    b = b.to(torch.int32)
+    lo, hi = b[..., :8], b[..., 8:]
+    h = torch.stack([hi & 15, hi >> 4], dim=-1).flatten(-2)  # (..., 8)
+    return (lo & 15) | ((h & 3) << 4), (lo >> 4) | ((h >> 2) << 4)
+
+
 class QKLinear(_PackedLinear):
     """4/5/6-bit weights with a scale and min per 16 or 32 along K, w = d·q + m (GGUF Q4_K/Q5_K/Q6_K, Q5_0, Q5_1
     and fused layers mixing them, see quant/gguf_blocks.py). Scales come one of two ways:
     - `kscales` (layers made only of K-quants): as the file stores them, int8 multipliers per sub-group (sc, mn)
       and fp16 factors per super-block of 256 (d, dmin): d = sc·d_sb, m = mn·dmin_sb, exact in fp32 — the file's
-      own weights, 0.5-1 bit per weight of scales.
+      own weights, 0.5-1 bit per weight of scales. Q4_K/Q5_K (`kpack`) keep sc and mn 6-bit packed as the file
+      does (12 bytes per 256 weights, unpacked in the kernel's tile: see pack_kscales6); Q6_K (`ksym`) keeps sc
+      alone.
     - else fp16 d and m per sub-group (exact for Q5_0/Q5_1, whose scales are fp16), 1-2 bits per weight.
 
     Layouts: `qkrows16` (a tier with the quantized GEMMs, N % 16 == 0, K % 32 == 0) for `qk_gemm` / `qk_gemm_ks`
@@ -426,6 +449,7 @@ class QKLinear(_PackedLinear):
             packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
         scm = sb = None
         self.ksym = False  # symmetric K-quant (Q6_K) in qkrows16: sc and d alone, for qk_gemm_kss
+        self.kpack = False  # 6-bit sc, mn (Q4_K/Q5_K) in qkrows16 packed as the file packs them, for qk_gemm_kp
         if self.kmode:
             assert kscales is not None
             sc, mn, kd, kdmin = kscales
@@ -435,9 +459,14 @@ class QKLinear(_PackedLinear):
             # w = d·sc·(q − 2^(bits−1)): the mins are −2^(bits−1) times the scales, so they need not be stored
             self.ksym = self.layout == "qkrows16" and sub == 16 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
                 and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
+            self.kpack = self.layout == "qkrows16" and not self.ksym and sub == 32 and bool(
+                ((sc >= 0) & (sc < 64) & (mn >= 0) & (mn < 64)).all())
             if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
                 scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
                 sb = _rows16(sbf[0], 1).contiguous().view(-1)
+            elif self.kpack:  # (rb, K / 256, 12, 16) bytes and (rb, K / 256, [d, dmin], 16)
+                scm = pack_kscales6(sc, mn).view(-1)
+                sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2).contiguous().view(-1)
             elif self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
                 scm = torch.stack([_rows16(sc.to(torch.int8), ns), _rows16(mn.to(torch.int8), ns)], dim=2)
                 sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2)
@@ -478,13 +507,19 @@ class QKLinear(_PackedLinear):
         if self.layout == "qkrows16":
             ns, nk = 32 // sub, 1 if self.ksym else 2
             q = unpack_q_rows16(packed, n, k, self.bits)
-            scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
             sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
-            sc, kd = _from_rows16(scm[:, :, 0], n), _from_rows16(sbv[:, :, 0], n)
-            if self.ksym:
+            kd = _from_rows16(sbv[:, :, 0], n)
+            if self.kpack:
+                b = scm_all.view(n // 16, k // 256, 12, 16).permute(0, 3, 1, 2).reshape(n, k // 256, 12)
+                sc, mn = (t.reshape(n, k // 32) for t in unpack_kscales6(b))
+                kdmin = _from_rows16(sbv[:, :, 1], n)
+            elif self.ksym:
+                sc = _from_rows16(scm_all.view(n // 16, k // 32, nk, ns, 16)[:, :, 0], n)
                 mn, kdmin = sc, -float(1 << (self.bits - 1)) * kd.float()
             else:
-                mn, kdmin = _from_rows16(scm[:, :, 1], n), _from_rows16(sbv[:, :, 1], n)
+                scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
+                sc, mn = _from_rows16(scm[:, :, 0], n), _from_rows16(scm[:, :, 1], n)
+                kdmin = _from_rows16(sbv[:, :, 1], n)
         else:
             q = packed
             sc, mn = scm_all[0], scm_all[1]
@@ -518,13 +553,18 @@ class QKLinear(_PackedLinear):
         if self.kmode:
             assert self.scm is not None and self.sb is not None
             nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)
-            scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
+            if self.kpack:  # (R, K / 256, 12) bytes → sc, mn (R, g) (sub 32)
+                sc6, mn6 = unpack_kscales6(self.scm.view(n // 16, k // 256, 12, 16)[rb][sel, :, :, r])
+                scs, mns = sc6.reshape(R, g).float(), mn6.reshape(R, g).float()
+            else:
+                scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
+                scs, mns = scm[:, :, 0].reshape(R, g * ns), scm[:, :, nk - 1].reshape(R, g * ns)
             sb = self.sb.view(n // 16, k // 256, nk, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
             rep = 256 // sub
             kd = sb[..., 0]
             kdmin = -float(1 << (self.bits - 1)) * kd if self.ksym else sb[..., 1]
-            d = kd.repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
-            m = kdmin.repeat_interleave(rep, dim=1) * scm[:, :, nk - 1].reshape(R, g * ns)
+            d = kd.repeat_interleave(rep, dim=1) * scs
+            m = kdmin.repeat_interleave(rep, dim=1) * mns
         else:
             assert self.dm is not None
             dm = self.dm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()
@@ -540,12 +580,42 @@ class QKLinear(_PackedLinear):
         if self.layout == "qkrows16":
             if self.kmode:
                 y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub,
-                                           self.ksym)
+                                           self.ksym, self.kpack)
             else:
                 y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
             if y is not None:
                 return y
         return F.linear(quantize_activations_q8(x), self.dequantized().to(x.device)).to(x.dtype)
+
+
+class ConcatLinear(nn.Module):
+    """A fused linear kept as parts along N, each packed in its own type's layout: y = [part₀(x), part₁(x), ...].
+    For a fused layer whose parts have different K-quant types (Q4_K_M's qkv with Q4_K q, k and a Q6_K v): one
+    layer in the widest type would read and compute the 4-bit parts as 6-bit with scales per 16 (~1.6x their
+    bytes); apart, each part keeps the file's bytes and its type's kernel. The fused C decoder runs the parts in
+    one descriptor (kind 900 + parts, ops/csrc/fused_decode.c)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None  # each part holds its rows' bias
+
+    @property
+    def has_dense(self) -> bool:
+        return any(getattr(p, "has_dense", False) for p in self.parts)
+
+    @property
+    def dense_from_rows(self) -> int:
+        rows = [p.dense_from_rows for p in self.parts if getattr(p, "has_dense", False)]
+        return min(rows) if rows else 0
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.cat([p.dequantized() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 class Int8Embedding(nn.Module):
