@@ -96,9 +96,9 @@ def test_k_scales_6bit_round_trip():
 
     g = torch.Generator().manual_seed(5)
     sc, mn = torch.randint(0, 64, (32, 16), generator=g), torch.randint(0, 64, (32, 16), generator=g)
-    b = pack_kscales6(sc, mn)  # (N/16, K/256, 12, 16): 12 bytes per 256 weights and row, as the file
-    assert b.shape == (2, 2, 12, 16) and b.dtype == torch.uint8
-    sc2, mn2 = unpack_kscales6(b.permute(0, 3, 1, 2).reshape(32, 2, 12))
+    b = pack_kscales6(sc, mn)  # (N/16, K/256, 3, 16, 4): 12 bytes per 256 weights and row, as the file
+    assert b.shape == (2, 2, 3, 16, 4) and b.dtype == torch.uint8
+    sc2, mn2 = unpack_kscales6(b.permute(0, 3, 1, 2, 4).reshape(32, 2, 3, 4))
     assert torch.equal(sc2.reshape(32, 16), sc) and torch.equal(mn2.reshape(32, 16), mn)
 
 

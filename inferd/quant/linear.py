@@ -394,24 +394,26 @@ def _from_rows16(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_kscales6(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-    """6-bit K-quant multipliers (Q4_K/Q5_K: sc, mn (N, K / 32) in [0, 63]) → uint8 (N/16, K/256, 12, 16), the
-    file's 12 bytes per super-block and row, rows last: per super-block 8 bytes of sc & 15 | (mn & 15) << 4 (one
-    per group), then 4 of sc >> 4 | (mn >> 4) << 2 (two groups a byte, the first in the low nibble); see the C
-    qk_scales512, which unpacks them in the tile."""
+    """6-bit K-quant multipliers (Q4_K/Q5_K: sc, mn (N, K / 32) in [0, 63]) → uint8 (N/16, K/256, 3, 16, 4): per
+    super-block and row 3 little-endian dwords, the file's 12 bytes, rows in the vector lanes. With v0-15 = sc0-7,
+    mn0-7 of the super-block's 8 groups, dword j holds v[5j + i] at bits 6i..6i+5 (i < 5) and bits 2j, 2j+1 of
+    v15 at bits 30-31: the C qk_scales512 takes a group's sc or mn with one shift and one mask."""
     n, g = sc.shape
-    sc, mn = sc.to(torch.int32).view(n, g // 8, 8), mn.to(torch.int32).view(n, g // 8, 8)
-    lo = (sc & 15) | ((mn & 15) << 4)
-    h = (sc >> 4) | ((mn >> 4) << 2)
-    b = torch.cat([lo, h[..., 0::2] | (h[..., 1::2] << 4)], dim=-1)  # (N, K / 256, 12)
-    return b.to(torch.uint8).view(n // 16, 16, g // 8, 12).permute(0, 2, 3, 1).contiguous()
+    v = torch.cat([sc.long().view(n, g // 8, 8), mn.long().view(n, g // 8, 8)], dim=-1)  # (N, S, 16)
+    shifts = 6 * torch.arange(5)
+    dw = [((v[..., 5 * j:5 * j + 5] << shifts).sum(-1)) | (((v[..., 15] >> (2 * j)) & 3) << 30) for j in range(3)]
+    d = torch.stack(dw, dim=-1)  # (N, S, 3) as int64 in [0, 2^32)
+    b = torch.stack([(d >> (8 * k)) & 255 for k in range(4)], dim=-1).to(torch.uint8)  # (N, S, 3, 4)
+    return b.view(n // 16, 16, g // 8, 3, 4).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def unpack_kscales6(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., 12) bytes of pack_kscales6 (one row's super-blocks) → sc, mn (..., 8) int32."""
-    b = b.to(torch.int32)
-    lo, hi = b[..., :8], b[..., 8:]
-    h = torch.stack([hi & 15, hi >> 4], dim=-1).flatten(-2)  # (..., 8)
-    return (lo & 15) | ((h & 3) << 4), (lo >> 4) | ((h >> 2) << 4)
+    """(..., 3, 4) bytes of pack_kscales6 (one row's super-blocks) → sc, mn (..., 8) int64."""
+    d = (b.long() << (8 * torch.arange(4))).sum(-1)  # (..., 3)
+    v = [(d[..., i // 5] >> (6 * (i % 5))) & 63 for i in range(15)]
+    v.append(sum(((d[..., j] >> 30) & 3) << (2 * j) for j in range(3)))
+    vs = torch.stack(v, dim=-1)
+    return vs[..., :8], vs[..., 8:]
 
 
 class QKLinear(_PackedLinear):
@@ -464,7 +466,7 @@ class QKLinear(_PackedLinear):
             if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
                 scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
                 sb = _rows16(sbf[0], 1).contiguous().view(-1)
-            elif self.kpack:  # (rb, K / 256, 12, 16) bytes and (rb, K / 256, [d, dmin], 16)
+            elif self.kpack:  # (rb, K / 256, 3, 16, 4) bytes and (rb, K / 256, [d, dmin], 16)
                 scm = pack_kscales6(sc, mn).view(-1)
                 sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2).contiguous().view(-1)
             elif self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
@@ -510,7 +512,7 @@ class QKLinear(_PackedLinear):
             sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
             kd = _from_rows16(sbv[:, :, 0], n)
             if self.kpack:
-                b = scm_all.view(n // 16, k // 256, 12, 16).permute(0, 3, 1, 2).reshape(n, k // 256, 12)
+                b = scm_all.view(n // 16, k // 256, 3, 16, 4).permute(0, 3, 1, 2, 4).reshape(n, k // 256, 3, 4)
                 sc, mn = (t.reshape(n, k // 32) for t in unpack_kscales6(b))
                 kdmin = _from_rows16(sbv[:, :, 1], n)
             elif self.ksym:
@@ -553,8 +555,8 @@ class QKLinear(_PackedLinear):
         if self.kmode:
             assert self.scm is not None and self.sb is not None
             nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)
-            if self.kpack:  # (R, K / 256, 12) bytes → sc, mn (R, g) (sub 32)
-                sc6, mn6 = unpack_kscales6(self.scm.view(n // 16, k // 256, 12, 16)[rb][sel, :, :, r])
+            if self.kpack:  # (R, K / 256, 3, 4) bytes → sc, mn (R, g) (sub 32)
+                sc6, mn6 = unpack_kscales6(self.scm.view(n // 16, k // 256, 3, 16, 4)[rb][sel, :, :, r])
                 scs, mns = sc6.reshape(R, g).float(), mn6.reshape(R, g).float()
             else:
                 scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)

@@ -106,8 +106,33 @@ typedef struct {
 // ((G, NB, [d, m], NS, 16) fp32, converted once); without BUF the scales are converted in the tile. The integer sums are
 // exact and the float steps those of qk_gemm_vnni for one row, in the same order, so every row is bit-identical to a
 // one-row call (and to the AVX2 body).
-static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+static inline __attribute__((always_inline)) void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
                                 int ns, int smode, __m512 *dv, __m512 *mv);
+
+// The scales and mins of group g0 + g8 (g0 a multiple of 8) of 6-bit packed K-quant scales (Q4_K/Q5_K, sub 32): per
+// (rb, super-block) 3 dwords per row (3 vectors of 16 rows); with v0-15 = sc0-7, mn0-7 of its 8 groups, dword j
+// bits 6i..6i+5 hold v[5j + i] (i < 5) and bits 30-31 bits 2j, 2j+1 of v15 (mn7). The file's 12 bytes per 256
+// weights and row; with g8 a constant (the tile's groups unrolled by 8) a value is one shift and one mask.
+static inline __attribute__((always_inline)) void qk_kp_scales512(const int8_t *scm, const uint16_t *sb, int64_t rb,
+                                                                 int G, int g0, const int g8, __m512 *dv, __m512 *mv) {
+    const int32_t *sp = (const int32_t *)((const uint8_t *)scm + ((int64_t)rb * (G / 8) + g0 / 8) * 192);
+    const int vm = 8 + g8;
+    const __m512i m63 = _mm512_set1_epi32(63);
+    const __m512i sc = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512((const void *)(sp + 16 * (g8 / 5))),
+                                                         _mm_cvtsi32_si128(6 * (g8 % 5))), m63);
+    __m512i mn;
+    if (g8 < 7) {
+        mn = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512((const void *)(sp + 16 * (vm / 5))),
+                                               _mm_cvtsi32_si128(6 * (vm % 5))), m63);
+    } else {
+        mn = _mm512_or_si512(_mm512_srli_epi32(_mm512_loadu_si512((const void *)sp), 30),
+                             _mm512_slli_epi32(_mm512_srli_epi32(_mm512_loadu_si512((const void *)(sp + 16)), 30), 2));
+        mn = _mm512_or_si512(mn, _mm512_slli_epi32(_mm512_srli_epi32(_mm512_loadu_si512((const void *)(sp + 32)), 30), 4));
+    }
+    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g0 / 8) * 32;
+    dv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg)));
+    mv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16))));
+}
 
 #define Q4_PREFETCH 8  // groups ahead (measured on the 1B's gate_up at 1 row: as fast as one stream without it)
 #define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
@@ -125,7 +150,9 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
     __m512 acc[Q4_TILE_MAX][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
+    // KP: the groups of each super-block unrolled (g8 a constant: the packed scales' shifts are immediates)
+    for (int g0 = 0; g0 < G; g0 += KP ? 8 : 1) _Pragma("GCC unroll 8") for (int g8 = 0; g8 < (KP ? 8 : 1); g8++) {
+        const int g = g0 + g8;
         __m512i s[Q4_TILE_MAX][2][2];
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
             // OFF (symmetric weights w = d·(q − OFF): Q4_0 8, Q6_K 32): the offset −OFF Σ xq of each sub-group starts
@@ -192,7 +219,8 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                     mv[b][h] = _mm512_load_ps(sp + 16 * (NS + h));
                 }
             } else {
-                qk_scales512(dm, scm, sb, rb + b, G, g, NS, KP ? 2 : OFF == 32, d[b], mv[b]);
+                if (KP) qk_kp_scales512(scm, sb, rb + b, G, g0, g8, d[b], mv[b]);
+                else qk_scales512(dm, scm, sb, rb + b, G, g, NS, OFF == 32, d[b], mv[b]);
             }
         }
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
@@ -396,21 +424,10 @@ static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
 // d_s = sc_s · d_sb and m_s = mn_s · dmin_sb from int8 multipliers scm (rb, g, [sc, mn], s, 16) and fp16 super-block
 // factors sb (rb, g / 8, [d, dmin], 16): the products are exact in fp32 (8-bit × 11-bit), as the file's dequantization.
 // ksym (symmetric K-quants, Q6_K: m = −32 d): scm holds sc alone (rb, g, s, 16) and sb d alone (rb, g / 8, 16); mv is 0.
-static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+static inline __attribute__((always_inline)) void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
                                 int ns, int smode, __m512 *dv, __m512 *mv) {
-    if (smode == 2) {  // 6-bit sc, mn packed (sub 32): per (rb, super-block) 192 bytes: for each of its 8 groups 16 bytes
-        // (one per row) of sc & 15 | (mn & 15) << 4, then for each pair of groups 16 bytes of sc >> 4 | (mn >> 4) << 2
-        // (the first group of the pair in the low nibble): the file's 12 bytes per 256 weights and row
-        const uint8_t *sp = (const uint8_t *)scm + ((int64_t)rb * (G / 8) + g / 8) * 192;
-        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sp + 16 * (g & 7))));
-        const __m512i hi = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sp + 128 + 16 * ((g & 7) >> 1)))),
-                                            _mm_cvtsi32_si128(4 * (g & 1)));
-        const __m512i m30 = _mm512_set1_epi32(0x30);
-        const __m512i sc = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(15)), _mm512_and_si512(_mm512_slli_epi32(hi, 4), m30));
-        const __m512i mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4), _mm512_and_si512(_mm512_slli_epi32(hi, 2), m30));
-        const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32;
-        dv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg)));
-        mv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16))));
+    if (smode == 2) {
+        qk_kp_scales512(scm, sb, rb, G, g & ~7, g & 7, dv, mv);
         return;
     }
     if (smode == 1) {
@@ -661,16 +678,23 @@ static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
 // The AVX2 body of qk_gemm (same layout, 8 rows per half). maddubs pairs: 2·63·128 = 16128, two summed in int16
 // still fit (32256), then widened.
 // qk_scales512 for 8 rows (half 0: rows 0-7, 1: rows 8-15).
-static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+static inline __attribute__((always_inline)) void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
                                 int ns, int smode, int half, __m256 *dv, __m256 *mv) {
     if (smode == 2) {  // as qk_scales512: 6-bit packed sc and mn, rows 8·half ... 8·half + 7
-        const uint8_t *sp = (const uint8_t *)scm + ((int64_t)rb * (G / 8) + g / 8) * 192 + half * 8;
-        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 16 * (g & 7))));
-        const __m256i hi = _mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sp + 128 + 16 * ((g & 7) >> 1)))),
-                                            _mm_cvtsi32_si128(4 * (g & 1)));
-        const __m256i m30 = _mm256_set1_epi32(0x30);
-        const __m256i sc = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(15)), _mm256_and_si256(_mm256_slli_epi32(hi, 4), m30));
-        const __m256i mn = _mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_and_si256(_mm256_slli_epi32(hi, 2), m30));
+        const int32_t *sp = (const int32_t *)((const uint8_t *)scm + ((int64_t)rb * (G / 8) + g / 8) * 192) + half * 8;
+        const int g8 = g & 7, vm = 8 + g8;
+        const __m256i m63 = _mm256_set1_epi32(63);
+        const __m256i sc = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16 * (g8 / 5))),
+                                                             _mm_cvtsi32_si128(6 * (g8 % 5))), m63);
+        __m256i mn;
+        if (g8 < 7) {
+            mn = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16 * (vm / 5))),
+                                                   _mm_cvtsi32_si128(6 * (vm % 5))), m63);
+        } else {
+            mn = _mm256_or_si256(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)sp), 30),
+                                 _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16)), 30), 2));
+            mn = _mm256_or_si256(mn, _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(sp + 32)), 30), 4));
+        }
         const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32 + half * 8;
         dv[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(sc), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sg)));
         mv[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(mn), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + 16))));
@@ -924,8 +948,8 @@ int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const 
     return qk_run(x, M, w, NULL, sc, d, y, N, K, is_bf16, bits, sub, 1);
 }
 
-// K-quant scales and mins of 6 bits (Q4_K, Q5_K: sub 32) packed as the file packs them, 12 bytes per 256 weights and
-// row instead of qk_gemm_ks's 16: scp (rb, K / 256, 192 bytes) as qk_scales512 reads them, sb as qk_gemm_ks.
+// K-quant scales and mins of 6 bits (Q4_K, Q5_K: sub 32) packed, the file's 12 bytes per 256 weights and row instead
+// of qk_gemm_ks's 16: scp (rb, K / 256, 3, 16) dwords as qk_scales512 reads them, sb as qk_gemm_ks.
 int qk_gemm_kp(const void *x, int M, const uint8_t *w, const uint8_t *scp, const uint16_t *sb, void *y, int N, int K,
                int is_bf16, int bits, int sub) {
     return qk_run(x, M, w, NULL, (const int8_t *)scp, sb, y, N, K, is_bf16, bits, sub, 2);
