@@ -6,9 +6,8 @@ benchmarks/int8_peak.py's vpdpbusd ceiling.
 
     python benchmarks/quant_gemm_rows.py --old d24d462 --rows 1 4 8 16 64
 
-Types: Q4_0 (q4s_gemm, or q4_gemm in a library without it), Q8_0 (q8_gemm), Q4_K (qk_gemm_kp, 4 bits, 6-bit packed
-scales per 32, or qk_gemm_ks in a library without it), Q6_K (qk_gemm_kss, 6 bits, per 16, or qk_gemm_ks in a library
-without it).
+Types: Q4_0 (q4s_gemm, or q4_gemm in a library without it), Q8_0 (q8_gemm), Q4_K (qk_gemm_ks, 4 bits, scales per 32), Q6_K (qk_gemm_kss, 6 bits, per 16,
+or qk_gemm_ks in a library without it).
 """
 
 from __future__ import annotations
@@ -82,10 +81,8 @@ def call(lib: ctypes.CDLL, typ: str, x: torch.Tensor, ops: list[torch.Tensor], e
     elif typ == "Q8_0":
         rc = lib.q8_gemm(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
                          ctypes.c_void_p(y.data_ptr()), ci(n), ci(k), ci(int(x.dtype == torch.bfloat16)))
-    else:  # GGUF Q6_K loads as symmetric (qk_gemm_kss: the first halves of scm and sb) where the library has it,
-        # Q4_K with its 6-bit scales packed (qk_gemm_kp: the first 12/16 of scm's bytes)
-        fn = lib.qk_gemm_kss if typ == "Q6_K" and hasattr(lib, "qk_gemm_kss") else \
-            lib.qk_gemm_kp if typ == "Q4_K" and hasattr(lib, "qk_gemm_kp") else lib.qk_gemm_ks
+    else:  # GGUF Q6_K loads as symmetric (qk_gemm_kss: the first halves of scm and sb) where the library has it
+        fn = lib.qk_gemm_kss if typ == "Q6_K" and hasattr(lib, "qk_gemm_kss") else lib.qk_gemm_ks
         rc = fn(ctypes.c_void_p(x.data_ptr()), ci(m), ctypes.c_void_p(p[0]), ctypes.c_void_p(p[1]),
                             ctypes.c_void_p(p[2]), ctypes.c_void_p(y.data_ptr()), ci(n), ci(k),
                             ci(int(x.dtype == torch.bfloat16)), ci(extra[0]), ci(extra[1]))

@@ -80,8 +80,9 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                     assert torch.equal(layer.dequantized(), deq)
                 if isinstance(layer, (QKLinear, ConcatLinear)) and set(types) <= gguf_blocks.K_TYPES:
                     if not dense_rows and qk_layout(32, k) == "qkrows16":
-                        # the file's bytes exactly: Q4_K/Q5_K's 6-bit scales packed, Q6_K's alone, no widened part
-                        assert module_bytes(layer) == sum(r.nbytes for r in raws), (tier, module_bytes(layer))
+                        # about the file's bytes (Q4_K/Q5_K keep their 6-bit scales as int8: 148/144, 180/176): no
+                        # part widened to another type's bits (Q4_K as 6-bit per 16 would be 228/144)
+                        assert module_bytes(layer) <= 1.03 * sum(r.nbytes for r in raws), (tier, module_bytes(layer))
                 for rows in (1, 5):
                     for dt in (torch.float32, torch.bfloat16):
                         xi = x[:rows].to(dt)
@@ -89,17 +90,6 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                         y = layer(xi).float()
                         err = float((y - ref).abs().max()) / scale
                         assert err < 0.01, (tier, dense_rows, rows, dt, err)
-
-
-def test_k_scales_6bit_round_trip():
-    from inferd.quant.linear import pack_kscales6, unpack_kscales6
-
-    g = torch.Generator().manual_seed(5)
-    sc, mn = torch.randint(0, 64, (32, 16), generator=g), torch.randint(0, 64, (32, 16), generator=g)
-    b = pack_kscales6(sc, mn)  # (N/16, K/256, 3, 16, 4): 12 bytes per 256 weights and row, as the file
-    assert b.shape == (2, 2, 3, 16, 4) and b.dtype == torch.uint8
-    sc2, mn2 = unpack_kscales6(b.permute(0, 3, 1, 2, 4).reshape(32, 2, 3, 4))
-    assert torch.equal(sc2.reshape(32, 16), sc) and torch.equal(mn2.reshape(32, 16), mn)
 
 
 def test_qk_layout_round_trips():
@@ -200,6 +190,8 @@ def test_k_quant_model_loads_packed(kquant_model):
     prompts = ["The capital", "the quick brown fox jumps"]
     assert [o.outputs[0].token_ids for o in packed.generate(prompts, sp)] == \
         [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    # one row: the ConcatLinear qkv's parts write their slices of the output in place (two rows: via a buffer)
+    assert packed.generate(prompts[:1], sp)[0].outputs[0].token_ids == plain.generate(prompts[:1], sp)[0].outputs[0].token_ids
     decoder = packed.engine.lm.model._fused
     assert (decoder is not None and decoder.steps > 0) == cpu_kernels.has_quant_gemm()
 

@@ -11,7 +11,6 @@ import torch
 from inferd.ops.kernels import runnable_tiers, use_tier
 from inferd.quant.linear import (
     dequantize_qk,
-    pack_kscales6,
     pack_q4_rows16,
     pack_qk_rows16,
     quantize_activations_q8,
@@ -20,7 +19,7 @@ from inferd.quant.linear import (
 
 N, K = 80, 512  # 5 row blocks (two pairs and a single one), 16 groups of 32, 2 super-blocks of 256
 ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33]  # 1-4 rows: one tile; then tiles of 4 and a remainder
-CASES = ["q4", "q4s", "qk4", "qk5", "qk6_16", "q4k_ks", "q6k_ks", "q6k_kss", "q4k_kp", "q5k_kp"]
+CASES = ["q4", "q4s", "qk4", "qk5", "qk6_16", "q4k_ks", "q6k_ks", "q6k_kss"]
 QUANT_TIERS = ["avx512_bf16_vnni", "avx512", "avx2_fma"]  # the tiers with quantized GEMM bodies (VNNI, AVX2)
 
 
@@ -47,17 +46,6 @@ def _operands(case: str, g: torch.Generator) -> tuple[str, list[torch.Tensor], t
         w, dm = pack_qk_rows16(q, d, m, bits, sub)
         q2, d2, m2 = unpack_qk_rows16(w, dm, N, K, bits, sub)  # the fp16-rounded scales the kernel reads
         return "qk_gemm", [w, dm], (bits, sub), dequantize_qk(q2, d2, m2, sub)
-    if case in ("q4k_kp", "q5k_kp"):  # Q4_K / Q5_K: sc, mn 6-bit packed (the file's 12 bytes per 256 and row)
-        bits, nrb, G, S = (4 if case == "q4k_kp" else 5), N // 16, K // 32, K // 256
-        q = torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8)
-        w, _ = pack_qk_rows16(q, torch.ones(N, G), torch.zeros(N, G), bits, 32)
-        sc, mn = torch.randint(0, 64, (N, G), generator=g), torch.randint(0, 64, (N, G), generator=g)
-        kd = (torch.rand(N, S, generator=g) * 0.001 + 0.0002).half()
-        kdmin = -(torch.rand(N, S, generator=g) * 0.001 + 0.0002).half()  # m = mn · (−dmin), as QKLinear keeps it
-        sb = torch.stack([kd, kdmin]).view(2, nrb, 16, S).permute(1, 3, 0, 2).contiguous()  # (rb, S, [d, dmin], 16)
-        d = sc.float() * kd.float().repeat_interleave(8, dim=1)
-        m = mn.float() * kdmin.float().repeat_interleave(8, dim=1)
-        return "qk_gemm_kp", [w, pack_kscales6(sc, mn), sb], (bits, 32), dequantize_qk(q, d, m, 32)
     if case == "q6k_kss":  # Q6_K symmetric: int8 sc (rb, g, s, 16) and fp16 d_sb (rb, g / 8, 16) alone, m = −32 d
         nrb, G = N // 16, K // 32
         q = torch.randint(0, 64, (N, K), generator=g, dtype=torch.uint8)

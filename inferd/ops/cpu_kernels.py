@@ -198,16 +198,15 @@ def qk_gemm(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, n: int, bits: in
 
 
 def qk_gemm_ks(x: torch.Tensor, w: torch.Tensor, scm: torch.Tensor, sb: torch.Tensor, n: int, bits: int,
-               sub: int, symmetric: bool = False, packed6: bool = False) -> torch.Tensor | None:
+               sub: int, symmetric: bool = False) -> torch.Tensor | None:
     """qk_gemm with K-quant scales as the file stores them: int8 multipliers `scm` and fp16 super-block factors
     `sb` (quant.linear.QKLinear); exact scales. symmetric (Q6_K, sub 16): `scm` and `sb` hold the scales alone,
-    the mins being −2^(bits−1) times them (the C `qk_gemm_kss`). packed6 (Q4_K/Q5_K, sub 32): `scm` holds sc and
-    mn 6-bit packed (quant.linear.pack_kscales6, the C `qk_gemm_kp`). None when the kernel does not apply."""
+    the mins being −2^(bits−1) times them (the C `qk_gemm_kss`). None when the kernel does not apply."""
     lib = _lib()
     if lib is None or x.dtype not in _FLOAT_TYPES or not x.is_contiguous():
         return None
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    fn = lib.qk_gemm_kss if symmetric else lib.qk_gemm_kp if packed6 else lib.qk_gemm_ks
+    fn = lib.qk_gemm_kss if symmetric else lib.qk_gemm_ks
     if fn(x.data_ptr(), x.shape[0], w.data_ptr(), scm.data_ptr(), sb.data_ptr(), y.data_ptr(), n,
                       x.shape[1], int(x.dtype == torch.bfloat16), bits, sub) != 0:
         return None

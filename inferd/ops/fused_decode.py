@@ -73,9 +73,9 @@ def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | No
                            None), rows
         if isinstance(mod, QKLinear) and mod.layout == "qkrows16":  # kind 10·bits + (sub == 16): see kernels.h
             kind = 10 * mod.bits + int(mod.sub == 16)
-            if mod.kmode:  # + 100: K-quant scales (qk_gemm_ks); + 200: symmetric ones (qk_gemm_kss); + 300: 6-bit
-                assert mod.scm is not None and mod.sb is not None  # packed ones (qk_gemm_kp)
-                return LinDesc((200 if mod.ksym else 300 if mod.kpack else 100) + kind, mod.out_features, mod.in_features, mod.packed.data_ptr(),
+            if mod.kmode:  # + 100: K-quant scales (qk_gemm_ks); + 200: symmetric ones (qk_gemm_kss)
+                assert mod.scm is not None and mod.sb is not None
+                return LinDesc((200 if mod.ksym else 100) + kind, mod.out_features, mod.in_features, mod.packed.data_ptr(),
                                mod.scm.data_ptr(), mod.sb.data_ptr()), rows
             assert mod.dm is not None
             return LinDesc(kind, mod.out_features, mod.in_features, mod.packed.data_ptr(), mod.dm.data_ptr(),

@@ -73,7 +73,6 @@ SIGNATURES: dict[str, str] = {
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
     "qk_gemm_kss": "pippppiiiii",
-    "qk_gemm_kp": "pippppiiiii",
     "encoder_attention": "pppiiipfi",
     "quantize_rows_asym": "piiiippppipp",
     "dequant_rows": "piiippppppiiipp",

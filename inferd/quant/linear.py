@@ -393,37 +393,12 @@ def _from_rows16(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).reshape(n, -1)
 
 
-def pack_kscales6(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-    """6-bit K-quant multipliers (Q4_K/Q5_K: sc, mn (N, K / 32) in [0, 63]) → uint8 (N/16, K/256, 3, 16, 4): per
-    super-block and row 3 little-endian dwords, the file's 12 bytes, rows in the vector lanes. With v0-15 = sc0-7,
-    mn0-7 of the super-block's 8 groups, dword j holds v[5j + i] at bits 6i..6i+5 (i < 5) and bits 2j, 2j+1 of
-    v15 at bits 30-31: the C qk_scales512 takes a group's sc or mn with one shift and one mask."""
-    n, g = sc.shape
-    v = torch.cat([sc.long().view(n, g // 8, 8), mn.long().view(n, g // 8, 8)], dim=-1)  # (N, S, 16)
-    shifts = 6 * torch.arange(5)
-    dw = [((v[..., 5 * j:5 * j + 5] << shifts).sum(-1)) | (((v[..., 15] >> (2 * j)) & 3) << 30) for j in range(3)]
-    d = torch.stack(dw, dim=-1)  # (N, S, 3) as int64 in [0, 2^32)
-    b = torch.stack([(d >> (8 * k)) & 255 for k in range(4)], dim=-1).to(torch.uint8)  # (N, S, 3, 4)
-    return b.view(n // 16, 16, g // 8, 3, 4).permute(0, 2, 3, 1, 4).contiguous()
-
-
-def unpack_kscales6(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., 3, 4) bytes of pack_kscales6 (one row's super-blocks) → sc, mn (..., 8) int64."""
-    d = (b.long() << (8 * torch.arange(4))).sum(-1)  # (..., 3)
-    v = [(d[..., i // 5] >> (6 * (i % 5))) & 63 for i in range(15)]
-    v.append(sum(((d[..., j] >> 30) & 3) << (2 * j) for j in range(3)))
-    vs = torch.stack(v, dim=-1)
-    return vs[..., :8], vs[..., 8:]
-
-
 class QKLinear(_PackedLinear):
     """4/5/6-bit weights with a scale and min per 16 or 32 along K, w = d·q + m (GGUF Q4_K/Q5_K/Q6_K, Q5_0, Q5_1
     and fused layers mixing them, see quant/gguf_blocks.py). Scales come one of two ways:
     - `kscales` (layers made only of K-quants): as the file stores them, int8 multipliers per sub-group (sc, mn)
       and fp16 factors per super-block of 256 (d, dmin): d = sc·d_sb, m = mn·dmin_sb, exact in fp32 — the file's
-      own weights, 0.5-1 bit per weight of scales. Q4_K/Q5_K (`kpack`) keep sc and mn 6-bit packed as the file
-      does (12 bytes per 256 weights, unpacked in the kernel's tile: see pack_kscales6); Q6_K (`ksym`) keeps sc
-      alone.
+      own weights, 0.5-1 bit per weight of scales.
     - else fp16 d and m per sub-group (exact for Q5_0/Q5_1, whose scales are fp16), 1-2 bits per weight.
 
     Layouts: `qkrows16` (a tier with the quantized GEMMs, N % 16 == 0, K % 32 == 0) for `qk_gemm` / `qk_gemm_ks`
@@ -451,7 +426,6 @@ class QKLinear(_PackedLinear):
             packed, dm = q.to(torch.uint8).contiguous(), torch.stack([d.float(), m.float()]).to(torch.float16)
         scm = sb = None
         self.ksym = False  # symmetric K-quant (Q6_K) in qkrows16: sc and d alone, for qk_gemm_kss
-        self.kpack = False  # 6-bit sc, mn (Q4_K/Q5_K) in qkrows16 packed as the file packs them, for qk_gemm_kp
         if self.kmode:
             assert kscales is not None
             sc, mn, kd, kdmin = kscales
@@ -461,14 +435,9 @@ class QKLinear(_PackedLinear):
             # w = d·sc·(q − 2^(bits−1)): the mins are −2^(bits−1) times the scales, so they need not be stored
             self.ksym = self.layout == "qkrows16" and sub == 16 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
                 and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
-            self.kpack = self.layout == "qkrows16" and not self.ksym and sub == 32 and bool(
-                ((sc >= 0) & (sc < 64) & (mn >= 0) & (mn < 64)).all())
             if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
                 scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
                 sb = _rows16(sbf[0], 1).contiguous().view(-1)
-            elif self.kpack:  # (rb, K / 256, 3, 16, 4) bytes and (rb, K / 256, [d, dmin], 16)
-                scm = pack_kscales6(sc, mn).view(-1)
-                sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2).contiguous().view(-1)
             elif self.layout == "qkrows16":  # (rb, g, [sc, mn], s, 16) and (rb, K / 256, [d, dmin], 16)
                 scm = torch.stack([_rows16(sc.to(torch.int8), ns), _rows16(mn.to(torch.int8), ns)], dim=2)
                 sb = torch.stack([_rows16(sbf[0], 1), _rows16(sbf[1], 1)], dim=2)
@@ -509,19 +478,13 @@ class QKLinear(_PackedLinear):
         if self.layout == "qkrows16":
             ns, nk = 32 // sub, 1 if self.ksym else 2
             q = unpack_q_rows16(packed, n, k, self.bits)
+            scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
             sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
-            kd = _from_rows16(sbv[:, :, 0], n)
-            if self.kpack:
-                b = scm_all.view(n // 16, k // 256, 3, 16, 4).permute(0, 3, 1, 2, 4).reshape(n, k // 256, 3, 4)
-                sc, mn = (t.reshape(n, k // 32) for t in unpack_kscales6(b))
-                kdmin = _from_rows16(sbv[:, :, 1], n)
-            elif self.ksym:
-                sc = _from_rows16(scm_all.view(n // 16, k // 32, nk, ns, 16)[:, :, 0], n)
+            sc, kd = _from_rows16(scm[:, :, 0], n), _from_rows16(sbv[:, :, 0], n)
+            if self.ksym:
                 mn, kdmin = sc, -float(1 << (self.bits - 1)) * kd.float()
             else:
-                scm = scm_all.view(n // 16, k // 32, nk, ns, 16)
-                sc, mn = _from_rows16(scm[:, :, 0], n), _from_rows16(scm[:, :, 1], n)
-                kdmin = _from_rows16(sbv[:, :, 1], n)
+                mn, kdmin = _from_rows16(scm[:, :, 1], n), _from_rows16(sbv[:, :, 1], n)
         else:
             q = packed
             sc, mn = scm_all[0], scm_all[1]
@@ -555,18 +518,13 @@ class QKLinear(_PackedLinear):
         if self.kmode:
             assert self.scm is not None and self.sb is not None
             nk = 1 if self.ksym else 2  # symmetric: sc and d alone (mn = sc, dmin = −2^(bits−1)·d)
-            if self.kpack:  # (R, K / 256, 3, 4) bytes → sc, mn (R, g) (sub 32)
-                sc6, mn6 = unpack_kscales6(self.scm.view(n // 16, k // 256, 3, 16, 4)[rb][sel, :, :, r])
-                scs, mns = sc6.reshape(R, g).float(), mn6.reshape(R, g).float()
-            else:
-                scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
-                scs, mns = scm[:, :, 0].reshape(R, g * ns), scm[:, :, nk - 1].reshape(R, g * ns)
+            scm = self.scm.view(n // 16, g, nk, ns, 16)[rb][sel, :, :, :, r].float()  # (R, g, [sc, mn], ns)
             sb = self.sb.view(n // 16, k // 256, nk, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
             rep = 256 // sub
             kd = sb[..., 0]
             kdmin = -float(1 << (self.bits - 1)) * kd if self.ksym else sb[..., 1]
-            d = kd.repeat_interleave(rep, dim=1) * scs
-            m = kdmin.repeat_interleave(rep, dim=1) * mns
+            d = kd.repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
+            m = kdmin.repeat_interleave(rep, dim=1) * scm[:, :, nk - 1].reshape(R, g * ns)
         else:
             assert self.dm is not None
             dm = self.dm.view(n // 16, g, 2, ns, 16)[rb][sel, :, :, :, r].float()
@@ -582,7 +540,7 @@ class QKLinear(_PackedLinear):
         if self.layout == "qkrows16":
             if self.kmode:
                 y = cpu_kernels.qk_gemm_ks(x, self.packed, self.scm, self.sb, self.out_features, self.bits, self.sub,
-                                           self.ksym, self.kpack)
+                                           self.ksym)
             else:
                 y = cpu_kernels.qk_gemm(x, self.packed, self.dm, self.out_features, self.bits, self.sub)
             if y is not None:

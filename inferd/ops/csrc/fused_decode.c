@@ -79,9 +79,6 @@ static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_b
     if (l->kind >= 240 && l->kind <= 261)
         return qk_gemm_kss(x, M, (const uint8_t *)l->w, (const int8_t *)l->a1, (const uint16_t *)l->a2, y, l->N, l->K,
                            is_bf16, l->kind / 10 - 20, l->kind % 10 ? 16 : 32);
-    if (l->kind >= 340 && l->kind <= 361)
-        return qk_gemm_kp(x, M, (const uint8_t *)l->w, (const uint8_t *)l->a1, (const uint16_t *)l->a2, y, l->N, l->K,
-                          is_bf16, l->kind / 10 - 30, l->kind % 10 ? 16 : 32);
     if (l->kind >= 140 && l->kind <= 161)
         return qk_gemm_ks(x, M, (const uint8_t *)l->w, (const int8_t *)l->a1, (const uint16_t *)l->a2, y, l->N, l->K,
                           is_bf16, l->kind / 10 - 10, l->kind % 10 ? 16 : 32);

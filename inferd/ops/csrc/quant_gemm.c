@@ -106,40 +106,15 @@ typedef struct {
 // ((G, NB, [d, m], NS, 16) fp32, converted once); without BUF the scales are converted in the tile. The integer sums are
 // exact and the float steps those of qk_gemm_vnni for one row, in the same order, so every row is bit-identical to a
 // one-row call (and to the AVX2 body).
-static inline __attribute__((always_inline)) void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, int smode, __m512 *dv, __m512 *mv);
-
-// The scales and mins of group g0 + g8 (g0 a multiple of 8) of 6-bit packed K-quant scales (Q4_K/Q5_K, sub 32): per
-// (rb, super-block) 3 dwords per row (3 vectors of 16 rows); with v0-15 = sc0-7, mn0-7 of its 8 groups, dword j
-// bits 6i..6i+5 hold v[5j + i] (i < 5) and bits 30-31 bits 2j, 2j+1 of v15 (mn7). The file's 12 bytes per 256
-// weights and row; with g8 a constant (the tile's groups unrolled by 8) a value is one shift and one mask.
-static inline __attribute__((always_inline)) void qk_kp_scales512(const int8_t *scm, const uint16_t *sb, int64_t rb,
-                                                                 int G, int g0, const int g8, __m512 *dv, __m512 *mv) {
-    const int32_t *sp = (const int32_t *)((const uint8_t *)scm + ((int64_t)rb * (G / 8) + g0 / 8) * 192);
-    const int vm = 8 + g8;
-    const __m512i m63 = _mm512_set1_epi32(63);
-    const __m512i sc = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512((const void *)(sp + 16 * (g8 / 5))),
-                                                         _mm_cvtsi32_si128(6 * (g8 % 5))), m63);
-    __m512i mn;
-    if (g8 < 7) {
-        mn = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512((const void *)(sp + 16 * (vm / 5))),
-                                               _mm_cvtsi32_si128(6 * (vm % 5))), m63);
-    } else {
-        mn = _mm512_or_si512(_mm512_srli_epi32(_mm512_loadu_si512((const void *)sp), 30),
-                             _mm512_slli_epi32(_mm512_srli_epi32(_mm512_loadu_si512((const void *)(sp + 16)), 30), 2));
-        mn = _mm512_or_si512(mn, _mm512_slli_epi32(_mm512_srli_epi32(_mm512_loadu_si512((const void *)(sp + 32)), 30), 4));
-    }
-    const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g0 / 8) * 32;
-    dv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sg)));
-    mv[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(mn), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16))));
-}
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, int ksym, __m512 *dv, __m512 *mv);
 
 #define Q4_PREFETCH 8  // groups ahead (measured on the 1B's gate_up at 1 row: as fast as one stream without it)
 #define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
                        // they are registers)
 
 static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
-                                                         const int OFF, const int KP, const qact *a,
+                                                         const int OFF, const qact *a,
                                                          const float *sx16, int64_t m0, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
@@ -150,9 +125,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
     __m512 acc[Q4_TILE_MAX][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
         _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
-    // KP: the groups of each super-block unrolled (g8 a constant: the packed scales' shifts are immediates)
-    for (int g0 = 0; g0 < G; g0 += KP ? 8 : 1) _Pragma("GCC unroll 8") for (int g8 = 0; g8 < (KP ? 8 : 1); g8++) {
-        const int g = g0 + g8;
+    for (int g = 0; g < G; g++) {
         __m512i s[Q4_TILE_MAX][2][2];
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
             // OFF (symmetric weights w = d·(q − OFF): Q4_0 8, Q6_K 32): the offset −OFF Σ xq of each sub-group starts
@@ -219,8 +192,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                     mv[b][h] = _mm512_load_ps(sp + 16 * (NS + h));
                 }
             } else {
-                if (KP) qk_kp_scales512(scm, sb, rb + b, G, g0, g8, d[b], mv[b]);
-                else qk_scales512(dm, scm, sb, rb + b, G, g, NS, OFF == 32, d[b], mv[b]);
+                qk_scales512(dm, scm, sb, rb + b, G, g, NS, OFF == 32, d[b], mv[b]);
             }
         }
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
@@ -253,18 +225,18 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
 
 // One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
 static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const int OFF,
-                                                         const int KP, const qact *a,
+                                                         const qact *a,
                                                          const float *sx16, int M, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR)
-        q4_tile(Q4_MR, NB, NS, BUF, OFF, KP, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+        q4_tile(Q4_MR, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
     switch (M - m0) {  // the rows left: fewer than Q4_MR
-        case 3: q4_tile(3, NB, NS, BUF, OFF, KP, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 2: q4_tile(2, NB, NS, BUF, OFF, KP, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 1: q4_tile(1, NB, NS, BUF, OFF, KP, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 3: q4_tile(3, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 2: q4_tile(2, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 1: q4_tile(1, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
         default: break;
     }
 }
@@ -289,7 +261,7 @@ static void *grow_aligned64(void **buf, size_t *cap, size_t need) {
 
 static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                          const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int ns,
-                         int off, int kp) {
+                         int off) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
@@ -313,7 +285,7 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             for (int g = 0; g < G; g++)
                 for (int b = 0; b < nb; b++) {
                     __m512 d[2], mv[2];
-                    qk_scales512(dm, scm, sb, rb + b, G, g, ns, kp ? 2 : off != 0, d, mv);
+                    qk_scales512(dm, scm, sb, rb + b, G, g, ns, off != 0, d, mv);
                     for (int h = 0; h < ns; h++) {
                         _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * h, d[h]);
                         _mm512_store_ps(scf + ((int64_t)g * nb + b) * 32 * ns + 16 * (ns + h), mv[h]);
@@ -325,43 +297,38 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             sc = scf;
             uw = uwf;
         }
-#define Q4_ROWS(NB, NS, BUF, OFF) q4_rows(NB, NS, BUF, OFF, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
-#define Q4_ROWS_KP(NB) q4_rows(NB, 1, 0, 0, 1, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
+#define Q4_ROWS(NB, NS, BUF, OFF) q4_rows(NB, NS, BUF, OFF, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16)
         // BUF 0: nibbles unpacked and scales converted in the tile (4 bits, one sub-group); 1: both from the buffers
         if (w6 && off) {
             if (M <= 2)
-                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 32, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
+                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 32, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
             else if (nb == 2) Q4_ROWS(2, 2, 0, 32);
             else Q4_ROWS(1, 2, 0, 32);
         } else if (w6) {
             if (M <= 2)
-                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
+                for (int b = 0; b < nb; b++) q4_rows(1, 2, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb + b, y, N, is_bf16);
             else if (nb == 2) Q4_ROWS(2, 2, 0, 0);
             else Q4_ROWS(1, 2, 0, 0);
         } else if (!uw && M <= 2) {  // 1-2 rows are bound by DRAM: one row block after the other, one sequential stream
             for (int b = 0; b < nb; b++) {  // (measured faster than pairs read side by side at 1-2 rows)
                 const int64_t rb1 = rb + b;
-                if (off) q4_rows(1, 1, 0, 8, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
-                else if (kp) q4_rows(1, 1, 0, 0, 1, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
-                else q4_rows(1, 1, 0, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                if (off) q4_rows(1, 1, 0, 8, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
+                else q4_rows(1, 1, 0, 0, a, sx16, M, K, w, uw, dm, scm, sb, sc, rb1, y, N, is_bf16);
             }
         } else if (nb == 2) {
             if (off && !uw) Q4_ROWS(2, 1, 0, 8);  // (Q4_0)
-            else if (!uw && kp) Q4_ROWS_KP(2);  // (Q4_K, 6-bit packed scales)
             else if (!uw) Q4_ROWS(2, 1, 0, 0);
             else if (ns == 1) Q4_ROWS(2, 1, 1, 0);
             else if (off) Q4_ROWS(2, 2, 1, 32);  // (Q6_K)
             else Q4_ROWS(2, 2, 1, 0);
         } else {
             if (off && !uw) Q4_ROWS(1, 1, 0, 8);
-            else if (!uw && kp) Q4_ROWS_KP(1);
             else if (!uw) Q4_ROWS(1, 1, 0, 0);
             else if (ns == 1) Q4_ROWS(1, 1, 1, 0);
             else if (off) Q4_ROWS(1, 2, 1, 32);
             else Q4_ROWS(1, 2, 1, 0);
         }
 #undef Q4_ROWS
-#undef Q4_ROWS_KP
     }
     return failed ? -1 : 0;
 }
@@ -424,13 +391,9 @@ static int q8_gemm_vnni(const qact *a, int M, const uint8_t *w, const uint16_t *
 // d_s = sc_s · d_sb and m_s = mn_s · dmin_sb from int8 multipliers scm (rb, g, [sc, mn], s, 16) and fp16 super-block
 // factors sb (rb, g / 8, [d, dmin], 16): the products are exact in fp32 (8-bit × 11-bit), as the file's dequantization.
 // ksym (symmetric K-quants, Q6_K: m = −32 d): scm holds sc alone (rb, g, s, 16) and sb d alone (rb, g / 8, 16); mv is 0.
-static inline __attribute__((always_inline)) void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, int smode, __m512 *dv, __m512 *mv) {
-    if (smode == 2) {
-        qk_kp_scales512(scm, sb, rb, G, g & ~7, g & 7, dv, mv);
-        return;
-    }
-    if (smode == 1) {
+static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, int ksym, __m512 *dv, __m512 *mv) {
+    if (ksym) {
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + ((int64_t)rb * (G / 8) + g / 8) * 16)));
         const int8_t *cg = scm + ((int64_t)rb * G + g) * 16 * ns;
         for (int s = 0; s < ns; s++) {
@@ -488,7 +451,7 @@ static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v) {
 static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const qact *a, const float *sx16, int M,
                                                              const uint8_t *w, const uint16_t *dm, const int8_t *scm,
                                                              const uint16_t *sb, void *y, int N, int K, int is_bf16,
-                                                             int bits, int sub, const int off, int smode) {
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
@@ -503,7 +466,7 @@ static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const
                 __m512i v[8];
                 qk_unpack512(wp, bits, v);
                 __m512 dv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, mv[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-                qk_scales512(dm, scm, sb, rb, G, g, ns, smode, dv, mv);
+                qk_scales512(dm, scm, sb, rb, G, g, ns, off != 0, dv, mv);
                 const __m512 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                 if (ns == 1) {  // d0 = d, d1 = m
                     for (int m = 0; m < mc; m++) {
@@ -552,11 +515,11 @@ static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const
 // (the offset a constant in each body: the symmetric and the general one are compiled apart)
 static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
-                        int off, int kp) {
+                        int off) {
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
-        if (off == 32) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32, 1);
-        else qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0, kp ? 2 : 0);
+        if (off == 32) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
@@ -678,29 +641,9 @@ static int q8_gemm_avx2(const qact *a, int M, const uint8_t *w, const uint16_t *
 // The AVX2 body of qk_gemm (same layout, 8 rows per half). maddubs pairs: 2·63·128 = 16128, two summed in int16
 // still fit (32256), then widened.
 // qk_scales512 for 8 rows (half 0: rows 0-7, 1: rows 8-15).
-static inline __attribute__((always_inline)) void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
-                                int ns, int smode, int half, __m256 *dv, __m256 *mv) {
-    if (smode == 2) {  // as qk_scales512: 6-bit packed sc and mn, rows 8·half ... 8·half + 7
-        const int32_t *sp = (const int32_t *)((const uint8_t *)scm + ((int64_t)rb * (G / 8) + g / 8) * 192) + half * 8;
-        const int g8 = g & 7, vm = 8 + g8;
-        const __m256i m63 = _mm256_set1_epi32(63);
-        const __m256i sc = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16 * (g8 / 5))),
-                                                             _mm_cvtsi32_si128(6 * (g8 % 5))), m63);
-        __m256i mn;
-        if (g8 < 7) {
-            mn = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16 * (vm / 5))),
-                                                   _mm_cvtsi32_si128(6 * (vm % 5))), m63);
-        } else {
-            mn = _mm256_or_si256(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)sp), 30),
-                                 _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(sp + 16)), 30), 2));
-            mn = _mm256_or_si256(mn, _mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(sp + 32)), 30), 4));
-        }
-        const uint16_t *sg = sb + ((int64_t)rb * (G / 8) + g / 8) * 32 + half * 8;
-        dv[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(sc), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sg)));
-        mv[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(mn), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + 16))));
-        return;
-    }
-    if (smode == 1) {  // as qk_scales512
+static inline void qk_scales256(const uint16_t *dm, const int8_t *scm, const uint16_t *sb, int64_t rb, int G, int g,
+                                int ns, int ksym, int half, __m256 *dv, __m256 *mv) {
+    if (ksym) {  // as qk_scales512
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + ((int64_t)rb * (G / 8) + g / 8) * 16 + half * 8)));
         const int8_t *cg = scm + ((int64_t)rb * G + g) * 16 * ns + half * 8;
         for (int s = 0; s < ns; s++) {
@@ -732,7 +675,7 @@ static inline __attribute__((always_inline)) void qk_scales256(const uint16_t *d
 static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const qact *a, const float *sx16, int M,
                                                              const uint8_t *w, const uint16_t *dm, const int8_t *scm,
                                                              const uint16_t *sb, void *y, int N, int K, int is_bf16,
-                                                             int bits, int sub, const int off, int smode) {
+                                                             int bits, int sub, const int off) {
     const int G = K / 32, gb = 256 + 64 * (bits - 4), ns = 32 / sub;
     const int8_t *xqp = a->xq;
     const float *dx = a->dx, *sx = a->sx;
@@ -768,7 +711,7 @@ static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const
                             v[4 * p + 3] = _mm256_or_si256(v[4 * p + 3], _mm256_and_si256(_mm256_srli_epi16(h, 2), b45));
                         }
                     __m256 dv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mv[2];
-                    qk_scales256(dm, scm, sb, rb, G, g, ns, smode, half, dv, mv);
+                    qk_scales256(dm, scm, sb, rb, G, g, ns, off != 0, half, dv, mv);
                     const __m256 d0 = dv[0], d1 = ns == 1 ? mv[0] : dv[1];
                     for (int m = 0; m < mc; m++) {
                         const int64_t row = m0 + m;
@@ -811,11 +754,11 @@ static inline __attribute__((always_inline)) void qk_avx2_body(int64_t rb, const
 
 static int qk_gemm_avx2(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
                         const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
-                        int off, int kp) {
+                        int off) {
 #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < N / 16; rb++) {
-        if (off == 32) qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32, 1);
-        else qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0, kp ? 2 : 0);
+        if (off == 32) qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
+        else qk_avx2_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     }
     return 0;
 }
@@ -836,7 +779,7 @@ static int q4_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, vo
     qact a;
     if (prepare(x, M, N, K, is_bf16, &a)) return -1;
 #if defined(HAVE_VNNI)
-    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1, sym ? 8 : 0, 0);
+    return q4_gemm_tiled(&a, NULL, M, w, dm, NULL, NULL, y, N, K, is_bf16, 4, 1, sym ? 8 : 0);
 #else
     return q4_gemm_avx2(&a, M, w, dm, y, N, K, is_bf16, sym);
 #endif
@@ -901,24 +844,23 @@ static __attribute__((unused)) const float *sums16(qact *a, int M, int K) {
     return buf;
 }
 
-// ksym 1: symmetric K-quant (Q6_K: w = d·sc·(q − 32)), sub 16 only; 2: sc and mn 6-bit packed (Q4_K/Q5_K), sub 32
-// only; scm, sb as qk_scales512 takes them.
+// ksym: symmetric K-quant (Q6_K: w = d·sc·(q − 32)), sub 16 only; scm, sb as qk_scales512 takes them.
 static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, const int8_t *scm, const uint16_t *sb,
                   void *y, int N, int K, int is_bf16, int bits, int sub, int ksym) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
-    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || (ksym == 1 && sub != 16) || (ksym == 2 && sub != 32) ||
+    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || (ksym && sub != 16) ||
         prepare(x, M, N, K, is_bf16, &a))
         return -1;
     const float *s16 = NULL;
     if (sub == 16 && !(s16 = sums16(&a, M, K))) return -1;
-    const int off = ksym == 1 ? 1 << (bits - 1) : 0, kp = ksym == 2;
+    const int off = ksym ? 1 << (bits - 1) : 0;
 #if defined(HAVE_VNNI)
-    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1, 0, kp);
-    if (M > Q4_MR || (bits == 6 && sub == 16)) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub, off, kp);
-    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off, kp);
+    if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1, 0);
+    if (M > Q4_MR || (bits == 6 && sub == 16)) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub, off);
+    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
 #else
-    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off, kp);
+    return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
 #endif
 #else
     (void)x; (void)M; (void)w; (void)dm; (void)scm; (void)sb; (void)y; (void)N; (void)K; (void)is_bf16; (void)bits;
@@ -946,11 +888,4 @@ int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const 
 int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const uint16_t *d, void *y, int N, int K,
                 int is_bf16, int bits, int sub) {
     return qk_run(x, M, w, NULL, sc, d, y, N, K, is_bf16, bits, sub, 1);
-}
-
-// K-quant scales and mins of 6 bits (Q4_K, Q5_K: sub 32) packed, the file's 12 bytes per 256 weights and row instead
-// of qk_gemm_ks's 16: scp (rb, K / 256, 3, 16) dwords as qk_scales512 reads them, sb as qk_gemm_ks.
-int qk_gemm_kp(const void *x, int M, const uint8_t *w, const uint8_t *scp, const uint16_t *sb, void *y, int N, int K,
-               int is_bf16, int bits, int sub) {
-    return qk_run(x, M, w, NULL, (const int8_t *)scp, sb, y, N, K, is_bf16, bits, sub, 2);
 }
