@@ -16,7 +16,7 @@ from inferd.loader.gguf import RawTensor
 from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
 from inferd.quant import gguf_blocks
 from inferd.quant.apply import QuantConfig, packed_from_blocks, resolve_auto
-from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear, module_bytes
+from inferd.quant.linear import ConcatLinear, Int4Linear, Int8Linear, QKLinear, module_bytes, qk_layout
 from tests import kquant_encoder
 from tests.test_engine import prompt_logits
 from tests.tiny_models import TINY_CONFIG, write_gguf, write_hf
@@ -48,8 +48,8 @@ def test_block_dequantization_equals_gguf(type_name):
 # (part types of one fused layer, the layer it becomes)
 CASES = [
     (("Q4_K",), QKLinear), (("Q5_0",), QKLinear), (("Q5_1",), QKLinear), (("Q5_K",), QKLinear),
-    (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), QKLinear), (("Q4_0", "Q5_K"), QKLinear),
-    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), QKLinear),
+    (("Q6_K",), QKLinear), (("Q4_K", "Q4_K", "Q6_K"), ConcatLinear), (("Q4_0", "Q5_K"), QKLinear),
+    (("Q5_0", "Q5_0", "Q8_0"), Int8Linear), (("Q4_0", "Q4_1", "Q4_K"), Int4Linear), (("Q4_K", "Q5_K"), ConcatLinear),
 ]
 
 
@@ -74,6 +74,15 @@ def test_packed_matmul_within_1pct_on_every_tier(types, cls):
                     assert layer.kmode == (set(types) <= gguf_blocks.K_TYPES)
                     if layer.kmode or set(types) <= {"Q5_0", "Q5_1"}:  # the file's own weights, bit for bit
                         assert torch.equal(layer.dequantized(), deq)
+                if isinstance(layer, ConcatLinear):  # several K types: one part per run of one type, each as stored
+                    runs = [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
+                    assert [(p.bits, p.kmode) for p in layer.parts] == [(gguf_blocks.BITS[t], True) for t in runs]
+                    assert torch.equal(layer.dequantized(), deq)
+                if isinstance(layer, (QKLinear, ConcatLinear)) and set(types) <= gguf_blocks.K_TYPES:
+                    if not dense_rows and qk_layout(32, k) == "qkrows16":
+                        # about the file's bytes (Q4_K/Q5_K keep their 6-bit scales as int8: 148/144, 180/176): no
+                        # part widened to another type's bits (Q4_K as 6-bit per 16 would be 228/144)
+                        assert module_bytes(layer) <= 1.03 * sum(r.nbytes for r in raws), (tier, module_bytes(layer))
                 for rows in (1, 5):
                     for dt in (torch.float32, torch.bfloat16):
                         xi = x[:rows].to(dt)
@@ -157,8 +166,9 @@ def test_k_quant_model_loads_packed(kquant_model):
     packed = LLM(str(kquant_model), dtype="float32", kv_cache_memory=0.01, quantization="gguf")
     layers = packed.engine.lm.model.model.layers
     l0, l1 = layers[0], layers[1]
-    assert isinstance(l0.self_attn.qkv_proj, QKLinear) and l0.self_attn.qkv_proj.bits == 6  # Q4_K + Q6_K
-    assert all(isinstance(m, QKLinear) and m.kmode for m in (l0.self_attn.qkv_proj, l0.self_attn.o_proj,
+    qkv0 = l0.self_attn.qkv_proj  # Q4_K q, k + Q6_K v: two parts, each in its own type
+    assert isinstance(qkv0, ConcatLinear) and [p.bits for p in qkv0.parts] == [4, 6]
+    assert all(isinstance(m, QKLinear) and m.kmode for m in (*qkv0.parts, l0.self_attn.o_proj,
                                                               l0.mlp.gate_up_proj, l0.mlp.down_proj))
     assert isinstance(l1.self_attn.qkv_proj, QKLinear) and l1.self_attn.qkv_proj.bits == 5
     assert isinstance(l1.mlp.gate_up_proj, Int8Linear) and isinstance(l1.mlp.down_proj, Int4Linear)
@@ -180,6 +190,8 @@ def test_k_quant_model_loads_packed(kquant_model):
     prompts = ["The capital", "the quick brown fox jumps"]
     assert [o.outputs[0].token_ids for o in packed.generate(prompts, sp)] == \
         [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    # one row: the ConcatLinear qkv's parts write their slices of the output in place (two rows: via a buffer)
+    assert packed.generate(prompts[:1], sp)[0].outputs[0].token_ids == plain.generate(prompts[:1], sp)[0].outputs[0].token_ids
     decoder = packed.engine.lm.model._fused
     assert (decoder is not None and decoder.steps > 0) == cpu_kernels.has_quant_gemm()
 
@@ -231,6 +243,8 @@ def test_repack_cache_keeps_k_quant_layers(kquant_model, tmp_path, monkeypatch):
         layers = llm.engine.lm.model.model.layers
     assert repacked == [8, 0] and outs[0] == outs[1]
     assert layers[0].mlp.down_proj.kmode and not layers[1].self_attn.qkv_proj.kmode
+    qkv0 = layers[0].self_attn.qkv_proj  # a ConcatLinear's parts come back as one layer
+    assert isinstance(qkv0, ConcatLinear) and [p.bits for p in qkv0.parts] == [4, 6]
 
 
 def _tied_gguf(tmp_path, table_type: str):

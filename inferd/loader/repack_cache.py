@@ -29,7 +29,8 @@ from torch import nn
 from inferd.quant import linear as qlinear
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data; 3: Q4_0 as d alone; 4: Q6_K symmetric, 6-bit planes of 2-bit fields
+CACHE_VERSION = 5  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section after the packed data; 3: Q4_0 as d alone; 4: Q6_K symmetric, 6-bit planes of 2-bit fields
+# 5: fused layers of several K-quant types as ConcatLinear parts
 DENSE_ALIGN = 2 << 20  # a huge page / the largest page-cache folio on x86-64 and arm64 (4 KiB pages)
 _SAMPLE = 1 << 16
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
@@ -106,8 +107,17 @@ class CacheWriter:
         self.dense = _Section(self.path.with_suffix(f".dense{os.getpid()}"))  # moved behind the packed data on finish
         self.meta: dict[str, dict] = {}
 
-    def add(self, name: str, m: nn.Module, dense: torch.Tensor | None = None) -> None:
-        """A packed layer (module path → layer) and its plain bf16 copy when it keeps one."""
+    def add(self, name: str, m: nn.Module, dense: torch.Tensor | list[torch.Tensor] | None = None) -> None:
+        """A packed layer (module path → layer) and its plain bf16 copy when it keeps one (a ConcatLinear: one copy
+        per part, its parts stored as layers of their own)."""
+        if isinstance(m, qlinear.ConcatLinear):
+            copies = dense if isinstance(dense, list) else []
+            names = [f"{name}.parts.{i}" for i in range(len(m.parts))]
+            for i, (part_name, part) in enumerate(zip(names, m.parts)):
+                self.add(part_name, part, copies[i] if i < len(copies) else None)
+            self.meta[name] = {"cls": "ConcatLinear", "parts": names}
+            return
+        assert not isinstance(dense, list)
         kinds = {}
         for kind, store in (("b", m._buffers), ("p", m._parameters)):
             for t_name, t in store.items():
@@ -275,6 +285,9 @@ def load(key: str, dense_from_rows: int, prepack: bool = True) -> dict[str, nn.M
 
         out: dict[str, nn.Module] = {}
         for name, m in meta.items():
+            if m["cls"] == "ConcatLinear":  # its parts come before it
+                out[name] = qlinear.ConcatLinear([out.pop(p) for p in m["parts"]])
+                continue
             layer = rebuild_layer(_CLASSES[m["cls"]], m["attrs"], {
                 t_name: (kind, None if kind == "none" else tensor(f"{name}/{t_name}"))
                 for t_name, kind in m["tensors"].items()})

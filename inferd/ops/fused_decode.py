@@ -9,7 +9,8 @@ carries what varies between the families: q/k RMSNorm (Qwen3, Gemma 3), Gemma's 
 tables (Gemma's local layers have their own base) and the sliding window.
 
 Used for bf16 and fp32 models on CPU when every decoder linear has a C kernel for the step's rows (on the
-kernel tier of ops/kernels.py): 4-bit `q4rows16`, 4/5/6-bit `qkrows16` and int8 `q8rows16` layers (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
+kernel tier of ops/kernels.py): 4-bit `q4rows16`, 4/5/6-bit `qkrows16` and int8 `q8rows16` layers (and
+ConcatLinear layers of them) (any number of decode rows; their kernels take fp32 or bf16 activations), bf16
 dense layers in bf16 models (up to DENSE_ROWS rows: `gemm_bf16` loads each weight vector once for all of a tile's
 rows, so the k + 1 rows of a verification cost little more than one), no biases.
 """
@@ -30,6 +31,7 @@ MAX_ROWS = 256  # decode rows per fused step (max_num_seqs is usually below)
 # stays under torch's oneDNN GEMM up to 16 rows with vdpbf16ps (5 rows: 36 µs against 1 row's 20), up to ~8 rows
 # widening bf16 to fp32; above that the step runs the layers in Python on torch's GEMMs.
 DENSE_ROWS = {True: 16, False: 8}  # keyed by Kernels.bf16_dot
+MAX_PARTS = 8  # parts of a ConcatLinear in one descriptor (csrc/fused_decode.c)
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1}  # the MLP activation → step_desc.act_kind
 # decode_layers' phases, in the order of csrc/fused_decode.c's DP_* (what `profile` reports)
 PROFILE_PHASES = ("norms", "qkv", "rotary", "kv_write", "attention", "o", "gate_up", "act", "down")
@@ -50,8 +52,16 @@ def profile(on: bool, cpu_time: bool = False) -> dict[str, float]:
 def _linear_desc(mod: nn.Module, dtype: torch.dtype) -> tuple[LinDesc, int] | None:
     """(descriptor, most rows it handles), or None when this layer has no C kernel here."""
     from inferd.models.blocks import Linear
-    from inferd.quant.linear import Int4Linear, Int8Linear, QKLinear
+    from inferd.quant.linear import ConcatLinear, Int4Linear, Int8Linear, QKLinear
 
+    if isinstance(mod, ConcatLinear):  # kind 900 + parts: `w` an array of the parts' descriptors, kept alive here
+        descs = [_linear_desc(p, dtype) for p in mod.parts]
+        if any(d is None for d in descs) or len(descs) > MAX_PARTS:
+            return None
+        arr = (LinDesc * len(descs))(*(d[0] for d in descs))  # type: ignore[index]
+        mod._c_parts = arr
+        return LinDesc(900 + len(descs), mod.out_features, mod.in_features, ctypes.addressof(arr), None, None), \
+            min(d[1] for d in descs)  # type: ignore[index]
     if getattr(mod, "bias", None) is not None:
         return None
     if isinstance(mod, (Int4Linear, Int8Linear, QKLinear)):  # packed: any rows, up to where a bf16 copy takes over

@@ -32,6 +32,7 @@ from inferd.quant.gguf_blocks import (
     unpack_q4,
 )
 from inferd.quant.linear import (
+    ConcatLinear,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -292,7 +293,8 @@ def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: Quant
                        dense_out: list[torch.Tensor] | None = None) -> nn.Module | None:
     """One layer from the row blocks `rs` (a fused layer's parts, in order), or None when their types have no
     packed layer together. Each type goes where it is exact: only K-quants (Q4_K/Q5_K/Q6_K) → QKLinear with their
-    int8 scale multipliers and fp16 super-block factors as stored; Q4_0/Q4_1 (with Q4_K) → Int4Linear (group 32);
+    int8 scale multipliers and fp16 super-block factors as stored (several K types: a ConcatLinear of one such
+    layer per type, see _k_parts_apart); Q4_0/Q4_1 (with Q4_K) → Int4Linear (group 32);
     Q8_0, with Q4_0/Q5_0 beside it → Int8Linear (signed int8, scale per 32); other mixes of QK_TYPES → QKLinear
     with fp16 scales. QKLinear takes the widest bits and the finest scale groups of the parts. Q8_0 with
     an asymmetric or K type has no common layout: None (kept dequantized)."""
@@ -319,6 +321,10 @@ def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: Quant
         if dense_out is not None and qc.dense_from_rows:
             dense_out.append(layer8.dequantized().bfloat16())
         return layer8
+    if len(types) > 1 and types <= K_TYPES:
+        split = _k_parts_apart(rs, bias, qc, device, dense_out)
+        if split is not None:
+            return split
     if types <= QK_TYPES:
         blocks = [unpack_blocks(r.data, r.type_name, r.rows, r.cols) for r in rs]
         bits, sub = max(b.bits for b in blocks), min(b.sub for b in blocks)
@@ -344,6 +350,33 @@ def packed_from_blocks(rs: list[RawTensor], bias: torch.Tensor | None, qc: Quant
             dense_out.append(layer.dequantized().bfloat16())
         return layer
     return None
+
+
+def _k_parts_apart(rs: list[RawTensor], bias: torch.Tensor | None, qc: QuantConfig, device: torch.device,
+                   dense_out: list[torch.Tensor] | None) -> nn.Module | None:
+    """A fused layer of different K-quant types (Q4_K_M's qkv: Q4_K q, k and a Q6_K v) as a ConcatLinear of one
+    layer per run of one type: each part keeps the file's bytes and its type's kernel (one layer in the widest type
+    would read q and k as 6-bit with scales per 16: ~14 MB more per token on a 1B Q4_K_M). None where a run's rows
+    are not whole row blocks of 16 (the caller then makes one layer of the widest type). `dense_out` receives one
+    bf16 copy per part."""
+    runs: list[list[RawTensor]] = []
+    for r in rs:
+        if runs and runs[-1][0].type_name == r.type_name:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    if any(sum(r.rows for r in run) % 16 for run in runs):
+        return None
+    parts: list[nn.Module] = []
+    row = 0
+    for run in runs:
+        n = sum(r.rows for r in run)
+        part = packed_from_blocks(run, None if bias is None else bias[row:row + n], qc, device, dense_out)
+        if part is None:
+            return None
+        parts.append(part)
+        row += n
+    return ConcatLinear(parts)
 
 
 def _int8_table(src: GGUFTensors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +420,7 @@ def _from_cache(model: nn.Module, src: GGUFTensors, cached: dict[str, nn.Module]
         packed = cached[fused]
         setattr(owner, attr, packed)
         used |= set(parts)
-        if packed.bias is not None:
+        if packed.bias is not None or any(q.bias is not None for q in getattr(packed, "parts", ())):  # ConcatLinear
             used |= {p.replace(".weight", ".bias") for p in parts}
     model.lm_head = cached["lm_head"]
     emb = "model.embed_tokens.weight"
@@ -462,7 +495,7 @@ def pack_gguf(model: nn.Module, src: GGUFTensors, qc: QuantConfig, dtype: torch.
             continue
         setattr(owner, attr, layer_q)
         if writer is not None:
-            writer.add(fused, layer_q, copy[0] if copy else None)
+            writer.add(fused, layer_q, copy if isinstance(layer_q, ConcatLinear) else (copy[0] if copy else None))
         for n in parts + (bias_parts if bias is not None else []):
             used.add(n)
             src.release(n)

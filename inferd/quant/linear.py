@@ -548,6 +548,36 @@ class QKLinear(_PackedLinear):
         return F.linear(quantize_activations_q8(x), self.dequantized().to(x.device)).to(x.dtype)
 
 
+class ConcatLinear(nn.Module):
+    """A fused linear kept as parts along N, each packed in its own type's layout: y = [part₀(x), part₁(x), ...].
+    For a fused layer whose parts have different K-quant types (Q4_K_M's qkv with Q4_K q, k and a Q6_K v): one
+    layer in the widest type would read and compute the 4-bit parts as 6-bit with scales per 16 (~1.6x their
+    bytes); apart, each part keeps the file's bytes and its type's kernel. The fused C decoder runs the parts in
+    one descriptor (kind 900 + parts, ops/csrc/fused_decode.c)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None  # each part holds its rows' bias
+
+    @property
+    def has_dense(self) -> bool:
+        return any(getattr(p, "has_dense", False) for p in self.parts)
+
+    @property
+    def dense_from_rows(self) -> int:
+        rows = [p.dense_from_rows for p in self.parts if getattr(p, "has_dense", False)]
+        return min(rows) if rows else 0
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.cat([p.dequantized() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 class Int8Embedding(nn.Module):
     """int8 rows with a scale per row (V,) or per group of 32 (V, H / 32); or a tied lm_head's table
     (`Int8Embedding.tied(lm_head)`), read in its layout so the table is stored once."""

@@ -32,7 +32,40 @@ int decode_profile(int on, int64_t *out, int n) {
     return DP_N;
 }
 
+static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16);
+
+// kind 900 + n: a layer kept as n parts along N (ConcatLinear: a fused layer of several K-quant types), `w` their
+// descriptors. One row: each part writes its slice of y. More rows: each part into a per-thread buffer (M, N_part),
+// then its columns of y (the copy is ~M·N elements, next to the part's GEMM).
+static int parts_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
+    static __thread char *buf = NULL;
+    static __thread size_t cap = 0;
+    const lin_desc *p = (const lin_desc *)l->w;
+    const int np = l->kind - 900, E = is_bf16 ? 2 : 4;
+    int off = 0;
+    for (int i = 0; i < np; i++) {
+        if (p[i].K != l->K || off + p[i].N > l->N) return -1;
+        if (M == 1) {
+            if (linear_run(p + i, x, (char *)y + (size_t)off * E, 1, is_bf16)) return -1;
+        } else {
+            const size_t need = (size_t)M * p[i].N * E;
+            if (need > cap) {
+                free(buf);
+                buf = (char *)malloc(need);
+                cap = buf ? need : 0;
+                if (!buf) return -1;
+            }
+            if (linear_run(p + i, x, buf, M, is_bf16)) return -1;
+            for (int m = 0; m < M; m++)
+                memcpy((char *)y + ((size_t)m * l->N + off) * E, buf + (size_t)m * p[i].N * E, (size_t)p[i].N * E);
+        }
+        off += p[i].N;
+    }
+    return off == l->N ? 0 : -1;
+}
+
 static int linear_run(const lin_desc *l, const void *x, void *y, int M, int is_bf16) {
+    if (l->kind > 900 && l->kind <= 908) return parts_run(l, x, y, M, is_bf16);
     switch (l->kind) {
     case 0:
         return is_bf16 ? gemm_bf16((const uint16_t *)x, M, (const uint16_t *)l->w, y, l->N, l->K, 0) : -1;

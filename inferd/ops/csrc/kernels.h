@@ -44,7 +44,8 @@ int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const 
 typedef struct {
     int kind;  // 0: bf16 dense (gemm_bf16, up to fused_decode.py's DENSE_ROWS rows), 1: 4-bit (q4_gemm), 2: int8 (q8_gemm),
                // 3: symmetric 4-bit (q4s_gemm, a1: d alone), + 200 for qk_gemm_kss (symmetric K-quants: Q6_K),
-               // 10·bits + (sub == 16) for qk_gemm (40 ... 61), + 100 for qk_gemm_ks (a2: sb)
+               // 10·bits + (sub == 16) for qk_gemm (40 ... 61), + 100 for qk_gemm_ks (a2: sb);
+               // 900 + n: n parts along N (w: lin_desc[n], see parts_run)
     int N, K;
     const void *w, *a1, *a2;  // weights; kind 1 and qk: dm; kind 2: fp16 scales
 } lin_desc;
