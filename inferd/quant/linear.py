@@ -135,7 +135,7 @@ def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return packed, dm.permute(0, 3, 2, 1).to(torch.float16).contiguous()
 
 
-def q4_is_symmetric(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+def q4_is_symmetric(zero: torch.Tensor) -> bool:
     """Whether int4 weights with these zeros are w = d·(q − 8) (every zero 0: GGUF Q4_0), so `q4s_gemm` computes
     them from d alone (the same fp16 numbers: −8·d is exact in fp16)."""
     return bool((zero == 0).all())
@@ -283,10 +283,10 @@ class Int4Linear(_PackedLinear):
         self.layout = layout or int4_layout(q, group_size)
         self.symmetric = False  # q4rows16 with d alone (w = d·(q − 8)): see pack_q4_rows16
         if self.layout == "q4rows16":
-            self.symmetric = q4_is_symmetric(scale, zero)
+            self.symmetric = q4_is_symmetric(zero)
             packed, dm = pack_q4_rows16(q, scale, zero, group_size, self.symmetric)
             if not torch.isfinite(dm).all():  # scales beyond fp16's range: use aten's bf16 scales
-                self.layout = "aten"
+                self.layout, self.symmetric = "aten", False
         if self.layout == "q4rows16":
             self.register_buffer("packed", packed)
             self.register_buffer("dm", dm)
@@ -433,7 +433,9 @@ class QKLinear(_PackedLinear):
             if not torch.isfinite(sbf).all():
                 raise ValueError("K-quant factors beyond fp16's range")
             # w = d·sc·(q − 2^(bits−1)): the mins are −2^(bits−1) times the scales, so they need not be stored
-            self.ksym = self.layout == "qkrows16" and sub == 16 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
+            # (the C kernels fold the offset for 6 bits, sub 16 only: Q6_K, the one symmetric K-quant GGUF has)
+            self.ksym = self.layout == "qkrows16" and sub == 16 and bits == 6 \
+                and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
                 and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
             if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
                 scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)

@@ -97,8 +97,8 @@ typedef struct {
 // |x|max/127); y = Σ_g dx_g (d_g Σ q·xq + m_g Σ xq). No horizontal sums: 16 outputs per accumulator.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
-// The bodies of q4_gemm and qk_gemm / qk_gemm_ks at 4 bits with a scale and min per 32 (Q4_0, Q4_1, Q4_K), and of
-// qk_gemm at 5/6 bits or per 16 (Q5_K, Q6_K) for more than Q4_MR rows. Register tiles of MR activation rows × NB
+// The bodies of q4_gemm and qk_gemm / qk_gemm_ks at 4 bits with a scale and min per 32 (Q4_0, Q4_1, Q4_K), of
+// 6 bits per 16 (Q6_K) at every row count, and of 5 bits or 4 bits per 16 (Q5_K, ...) for more than Q4_MR rows. Register tiles of MR activation rows × NB
 // row blocks (16 · NB outputs): each weight vector feeds MR rows and each broadcast activation word NB row blocks,
 // every accumulator stays in a register across the whole K, and the int32 sums of a group are MR · NB · NS
 // independent vpdpbusd chains. Weights come either as q4rows16 nibbles unpacked in the tile (4 bits) or from `uw`,
@@ -119,7 +119,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
-    // W6: 6-bit weights with sub-groups of 16 unpacked in the tile (symmetric Q6_K at 1-4 rows: no buffer pass)
+    // W6: 6-bit weights with sub-groups of 16 (Q6_K, symmetric or with mins) unpacked in the tile at every row count
     const int G = K / 32, SPLIT = NS == 1 && MR <= 2, W6 = !BUF && NS == 2, GB = W6 ? 384 : 256;
     const __m512i mask = _mm512_set1_epi8(0x0F), b45 = _mm512_set1_epi8(0x30);
     __m512 acc[Q4_TILE_MAX][2];
@@ -245,7 +245,7 @@ static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v);
 
 // y (M, N) = x (M, K) · Wᵀ (see q4_tile) for `bits`-bit weights in the qkrows16 layout (q4rows16 at 4 bits) with
 // ns sub-groups per 32. Threads take groups of Q4_NB row blocks; within one, the rows pass in tiles while its
-// weights stay in L1/L2, so DRAM reads each weight once. Weights of more than 4 bits or with sub-groups of 16 are
+// weights stay in L1/L2, so DRAM reads each weight once. Weights of 5 bits, or of 4 bits with sub-groups of 16, are
 // unpacked to bytes and their scales converted to fp32 once per row-block group, into per-thread buffers (at 4 bits
 // with one sub-group, unpacking and converting in each tile measured faster).
 // *buf grown to at least `need` bytes (a multiple of 64), 64-byte aligned, kept for the next call (a per-thread
@@ -319,13 +319,11 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
             if (off && !uw) Q4_ROWS(2, 1, 0, 8);  // (Q4_0)
             else if (!uw) Q4_ROWS(2, 1, 0, 0);
             else if (ns == 1) Q4_ROWS(2, 1, 1, 0);
-            else if (off) Q4_ROWS(2, 2, 1, 32);  // (Q6_K)
-            else Q4_ROWS(2, 2, 1, 0);
+            else Q4_ROWS(2, 2, 1, 0);  // (the buffers hold no symmetric layer: those are all w6)
         } else {
             if (off && !uw) Q4_ROWS(1, 1, 0, 8);
             else if (!uw) Q4_ROWS(1, 1, 0, 0);
             else if (ns == 1) Q4_ROWS(1, 1, 1, 0);
-            else if (off) Q4_ROWS(1, 2, 1, 32);
             else Q4_ROWS(1, 2, 1, 0);
         }
 #undef Q4_ROWS
@@ -512,15 +510,11 @@ static inline __attribute__((always_inline)) void qk_vnni_body(int64_t rb, const
     }
 }
 
-// (the offset a constant in each body: the symmetric and the general one are compiled apart)
+// (no symmetric layer comes here: 6 bits with sub-groups of 16 always take the tile)
 static int qk_gemm_vnni(const qact *a, const float *sx16, int M, const uint8_t *w, const uint16_t *dm,
-                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub,
-                        int off) {
+                        const int8_t *scm, const uint16_t *sb, void *y, int N, int K, int is_bf16, int bits, int sub) {
 #pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < N / 16; rb++) {
-        if (off == 32) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 32);
-        else qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
-    }
+    for (int rb = 0; rb < N / 16; rb++) qk_vnni_body(rb, a, sx16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, 0);
     return 0;
 }
 
@@ -849,7 +843,8 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
                   void *y, int N, int K, int is_bf16, int bits, int sub, int ksym) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVX2_Q)
     qact a;
-    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || (ksym && sub != 16) ||
+    // symmetric (offset folded into the integer sums): 6 bits with sub-groups of 16 only (Q6_K)
+    if (bits < 4 || bits > 6 || (sub != 16 && sub != 32) || (scm && K % 256) || (ksym && (sub != 16 || bits != 6)) ||
         prepare(x, M, N, K, is_bf16, &a))
         return -1;
     const float *s16 = NULL;
@@ -858,7 +853,7 @@ static int qk_run(const void *x, int M, const uint8_t *w, const uint16_t *dm, co
 #if defined(HAVE_VNNI)
     if (bits == 4 && sub == 32) return q4_gemm_tiled(&a, NULL, M, w, dm, scm, sb, y, N, K, is_bf16, 4, 1, 0);
     if (M > Q4_MR || (bits == 6 && sub == 16)) return q4_gemm_tiled(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, 32 / sub, off);
-    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
+    return qk_gemm_vnni(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub);
 #else
     return qk_gemm_avx2(&a, s16, M, w, dm, scm, sb, y, N, K, is_bf16, bits, sub, off);
 #endif
