@@ -433,15 +433,9 @@ def direct_ingress_env(host: str, port: int) -> dict[str, str]:
     it): the ingress deployment's replica runs its own HTTP server on exactly --port (the port range is that one
     port, which is why the ingress deployment has one replica). --port must be free now: a clear error instead of
     a replica that cannot bind. See DIRECT_INGRESS_DEFAULTS for the settings a user may override."""
-    import socket
+    from inferd.server.ports import check_port_free
 
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-            s.bind((host, port))
-    except OSError as exc:
-        raise InferdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    check_port_free(host, port)
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}  # the range's end is exclusive

@@ -135,6 +135,11 @@ def pack_q4_rows16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return packed, dm.permute(0, 3, 2, 1).to(torch.float16).contiguous()
 
 
+def symmetric_dmin(kd: torch.Tensor, bits: int) -> torch.Tensor:
+    """The super-block min factor of a symmetric K-quant (Q6_K: w = d·sc·(q − 2^(bits−1))): −2^(bits−1)·d."""
+    return -float(1 << (bits - 1)) * kd
+
+
 def q4_is_symmetric(zero: torch.Tensor) -> bool:
     """Whether int4 weights with these zeros are w = d·(q − 8) (every zero 0: GGUF Q4_0), so `q4s_gemm` computes
     them from d alone (the same fp16 numbers: −8·d is exact in fp16)."""
@@ -436,7 +441,7 @@ class QKLinear(_PackedLinear):
             # (the C kernels fold the offset for 6 bits, sub 16 only: Q6_K, the one symmetric K-quant GGUF has)
             self.ksym = self.layout == "qkrows16" and sub == 16 and bits == 6 \
                 and torch.equal(sc.to(torch.int8), mn.to(torch.int8)) \
-                and torch.equal(kdmin.float(), -float(1 << (bits - 1)) * kd.float())
+                and torch.equal(kdmin.float(), symmetric_dmin(kd.float(), bits))
             if self.ksym:  # (rb, g, s, 16) and (rb, K / 256, 16)
                 scm = _rows16(sc.to(torch.int8), ns).contiguous().view(-1)
                 sb = _rows16(sbf[0], 1).contiguous().view(-1)
@@ -484,7 +489,7 @@ class QKLinear(_PackedLinear):
             sbv = sb_all.view(n // 16, k // 256, nk, 1, 16)
             sc, kd = _from_rows16(scm[:, :, 0], n), _from_rows16(sbv[:, :, 0], n)
             if self.ksym:
-                mn, kdmin = sc, -float(1 << (self.bits - 1)) * kd.float()
+                mn, kdmin = sc, symmetric_dmin(kd.float(), self.bits)
             else:
                 mn, kdmin = _from_rows16(scm[:, :, 1], n), _from_rows16(sbv[:, :, 1], n)
         else:
@@ -524,7 +529,7 @@ class QKLinear(_PackedLinear):
             sb = self.sb.view(n // 16, k // 256, nk, 1, 16)[rb][sel, :, :, 0, r].float()  # (R, K / 256, [d, dmin])
             rep = 256 // sub
             kd = sb[..., 0]
-            kdmin = -float(1 << (self.bits - 1)) * kd if self.ksym else sb[..., 1]
+            kdmin = symmetric_dmin(kd, self.bits) if self.ksym else sb[..., 1]
             d = kd.repeat_interleave(rep, dim=1) * scm[:, :, 0].reshape(R, g * ns)
             m = kdmin.repeat_interleave(rep, dim=1) * scm[:, :, nk - 1].reshape(R, g * ns)
         else:

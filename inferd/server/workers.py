@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.errors import InferdError
+from inferd.server.ports import address_family, check_port_free
 
 log = logging.getLogger("inferd.workers")
 
@@ -443,7 +444,7 @@ BALANCED = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 def reuseport_socket(host: str, port: int, listen: bool) -> socket.socket:
     """SO_REUSEPORT; a listening one also SO_REUSEADDR (as uvicorn's own), the parent's reservation not, so that
     another server's probe (claim_port) cannot bind beside it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock = socket.socket(address_family(host, port))
     if listen:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -457,16 +458,12 @@ def claim_port(host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
     """The parent's hold on --host:--port: a listening socket the workers share, or (Linux) a bound, never
     listening SO_REUSEPORT socket that keeps the port for the workers' own sockets. Either way a port that
     another server holds is an error here, not a silently shared port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         if not BALANCED:
-            sock = socket.create_server((host, port), family=family, backlog=2048)
+            sock = socket.create_server((host, port), family=address_family(host, port), backlog=2048)
             sock.set_inheritable(True)
             return sock, sock.getsockname()[:2]
-        with socket.socket(family) as probe:  # without SO_REUSEPORT: fails if anything holds the port
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            port = probe.getsockname()[1]
+        port = check_port_free(host, port)  # without SO_REUSEPORT: fails if anything holds the port
         sock = reuseport_socket(host, port, listen=False)
         return sock, (host, port)
     except OSError as exc:
