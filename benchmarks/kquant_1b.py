@@ -3,8 +3,10 @@
 is 49152 instead of 128256), quantized by llama.cpp's own quantize (through llama-cpp-python) to Q4_0, Q8_0 and
 Q4_K_M; single-stream and 16-stream greedy decode of inferd (`-q gguf`: the blocks kept packed) and of llama.cpp
 (llama-cpp-python's low-level batch API: 16 sequences decoded in one `llama_decode` per step, as llama-server
-does) on the same files, in the same run, alternating per file. Also the machine's memory bandwidth (a torch copy
-of a 1 GiB tensor) and the GB/s each engine achieves (weight bytes read per decode step × steps per second).
+does) on the same files, in the same run: per file and stream count, `--rounds` alternations of inferd (loaded
+once, warmed up) and llama.cpp (a fresh process, best of 2), each best of 2; the table shows the medians, their
+ratio and each round's ratio. Also the machine's memory bandwidth (a torch copy of a 1 GiB tensor) and the GB/s
+each engine achieves (weight bytes read per decode step × steps per second).
 
     python benchmarks/kquant_1b.py --peer-python /tmp/peers/bin/python --dir /tmp/kq1b [--types Q4_0 Q8_0 Q4_K_M]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -135,30 +138,34 @@ def memory_bandwidth_gbs() -> float:
     return best
 
 
-def bench_inferd(path: Path, streams_list: list[int], plen: int, steps: int) -> tuple[dict[int, float], int]:
-    """Best of 2 decode tok/s per stream count (decode time: from the last stream's first token to the end), and
-    the bytes of weights a decode step reads."""
-    from inferd import LLM, SamplingParams
-    from inferd.quant.linear import module_bytes
+class InferdDecode:
+    """inferd on one file, loaded once and measured in rounds (between which the peer runs)."""
 
-    llm = LLM(str(path), quantization="gguf", quant_dense_rows=0, max_model_len=plen + steps + 16,
-              kv_cache_memory=0.5, enable_prefix_caching=False, max_num_seqs=max(streams_list))
-    model = llm.engine.lm.model
-    weight_bytes = module_bytes(model)
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    out = {}
-    for streams in streams_list:
+    def __init__(self, path: Path, max_streams: int, plen: int, steps: int):
+        from inferd import LLM
+        from inferd.quant.linear import module_bytes
+
+        self.plen, self.steps = plen, steps
+        self.llm = LLM(str(path), quantization="gguf", quant_dense_rows=0, max_model_len=plen + steps + 16,
+                       kv_cache_memory=0.5, enable_prefix_caching=False, max_num_seqs=max_streams)
+        model = self.llm.engine.lm.model
+        self.weight_bytes = module_bytes(model)  # the bytes of weights a decode step reads
+        self.vocab = model.config.vocab_size
+        self.rng = np.random.default_rng(0)
+
+    def tok_s(self, streams: int) -> float:
+        """Best of 2 decode tok/s (decode time: from the last stream's first token to the end)."""
+        from inferd import SamplingParams
+
         best = 0.0
         for _ in range(2):
-            prompts = [rng.integers(100, vocab - 100, size=plen).tolist() for _ in range(streams)]
-            outs = llm.generate(prompts, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+            prompts = [self.rng.integers(100, self.vocab - 100, size=self.plen).tolist() for _ in range(streams)]
+            outs = self.llm.generate(prompts, SamplingParams(max_tokens=self.steps + 1, temperature=0,
+                                                             ignore_eos=True))
             # decode only: from the last stream's first token to the last stream's end (all streams decoding)
             span = max(o.metrics.e2e_s for o in outs) - max(o.metrics.ttft_s for o in outs)
-            best = max(best, streams * steps / span)
-        out[streams] = best
-    del llm
-    return out, weight_bytes
+            best = max(best, streams * self.steps / span)
+        return best
 
 
 def main() -> None:
@@ -169,6 +176,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="inferd and llama.cpp measured alternately this many times per stream count (medians shown)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads of both engines (1 on an oversubscribed host: OpenMP's 2-thread barriers then cost "
                          "more than the second core gives)")
@@ -191,23 +200,34 @@ def main() -> None:
     threads = args.threads
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine_info()}, inferd kernel tier {get_kernels().tier}, "
           f"{threads} threads; memory bandwidth (torch copy of 1 GiB) {bw:.1f} GB/s")
-    print("| file | MB | streams | llama.cpp tok/s | inferd tok/s | ratio | llama.cpp GB/s | inferd GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| file | MB | streams | llama.cpp tok/s | inferd tok/s | ratio | ratio per round | llama.cpp GB/s | "
+          "inferd GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for qt in args.types:
         path = args.dir / f"llama1b-random-{qt}.gguf"
         if not path.is_file():
             subprocess.run([args.peer_python, "-c", QUANTIZE, str(f16), str(path), qt], check=True,
                            capture_output=True)
         file_weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
-        print(f"{qt}: inferd", file=sys.stderr, flush=True)
-        ours, our_bytes = bench_inferd(path, args.streams, args.prompt_len, args.steps)
-        print(f"{qt}: inferd {ours}, {our_bytes / 1e6:.0f} MB of weights", file=sys.stderr, flush=True)
+        ours = InferdDecode(path, max(args.streams), args.prompt_len, args.steps)
+        runs: dict[int, list[tuple[float, float]]] = {n: [] for n in args.streams}
+        ours.tok_s(max(args.streams))  # warm-up: the mapped weights faulted in, the KV pages touched
+        for rnd in range(args.rounds):  # inferd and the peer alternate, so a slow spell of a shared host hits both
+            for streams in args.streams:
+                o = ours.tok_s(streams)
+                peer = json.loads(subprocess.run(
+                    [args.peer_python, "-c", PEER, str(path), str(threads), str(streams), str(args.prompt_len),
+                     str(args.steps)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                runs[streams].append((peer["decode_tok_s"], o))
+                print(f"{qt} round {rnd + 1}, {streams} streams: llama.cpp {peer['decode_tok_s']:.1f}, inferd {o:.1f} "
+                      f"tok/s ({o / peer['decode_tok_s']:.2f}x)", file=sys.stderr, flush=True)
+        our_bytes = ours.weight_bytes
+        del ours
         for streams in args.streams:
-            peer = json.loads(subprocess.run(
-                [args.peer_python, "-c", PEER, str(path), str(threads), str(streams), str(args.prompt_len),
-                 str(args.steps)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            p, o = peer["decode_tok_s"], ours[streams]
-            print(f"| {qt} | {path.stat().st_size / 1e6:.0f} | {streams} | {p:.2f} | {o:.2f} | {o / p:.2f}x | "
+            p = statistics.median(r[0] for r in runs[streams])
+            o = statistics.median(r[1] for r in runs[streams])
+            each = ", ".join(f"{b / a:.2f}x" for a, b in runs[streams])
+            print(f"| {qt} | {path.stat().st_size / 1e6:.0f} | {streams} | {p:.2f} | {o:.2f} | {o / p:.2f}x | {each} | "
                   f"{file_weights * p / streams / 1e9:.1f} | {our_bytes * o / streams / 1e9:.1f} |", flush=True)
     sys.stdout.flush()
 
