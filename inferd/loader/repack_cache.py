@@ -209,9 +209,9 @@ def map_entry(path: Path) -> tuple[mmap.mmap, dict, dict, int]:
 
     The mapping asks for huge pages: where the page cache holds the file in 2 MiB folios (as `CacheWriter.finish`
     writes it, or as a read under this advice brings it in), the kernel then maps them with one TLB entry each
-    instead of 512. Decode streams every weight once per step, so TLB misses cost bandwidth: a 1-row GEMV on 75 MB
-    of Q4_0 ran 1.14-1.27x faster from huge pages (benchmarks/decode_step_profile.py, docs/benchmarks.md). Where
-    the kernel has no transparent huge pages for files, the advice changes nothing."""
+    instead of 512. Decode streams every weight once per step, so TLB misses cost bandwidth (benchmarks/huge_pages.py:
+    the same Q4_0 GEMM from 2 MiB pages 1.11x faster at 1 row, 1.07x at 16, Zen 5). Where the kernel has no
+    transparent huge pages for files, the advice changes nothing."""
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if hasattr(mmap, "MADV_HUGEPAGE"):
