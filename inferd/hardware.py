@@ -67,7 +67,11 @@ def machine_info() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+            fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n", 1)[0].splitlines() if ":" in ln)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name", model)
+        if "cpu family" in fields:  # x86: names such as "AMD EPYC" hide the generation (family 25: Zen 3/4, 26: Zen 5)
+            model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     except OSError:
         pass
     return (f"{model}, {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads, "
