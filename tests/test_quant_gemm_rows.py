@@ -5,6 +5,8 @@ with the kernels bit-identical to the others, on each kernel tier this CPU can f
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -127,3 +129,25 @@ def test_many_row_quant_gemms_bit_identical_across_tiers():
     for tier, o in outs.items():
         for case, a, b in zip(CASES, o, first):
             assert a is not None and torch.equal(a, b), (tier, case)
+
+
+@pytest.mark.parametrize("tier", QUANT_TIERS)
+def test_q6k_k_blocks_and_row_chunks_match_single_rows(tier, monkeypatch):
+    """Symmetric Q6_K at ≥ 8 rows on VNNI passes K in blocks of 16 groups (the first tile of a block leaves its
+    unpacked weights for the others; partial sums wait between blocks) and rows in chunks of 64: K = 1280 gives
+    blocks of 16, 16 and 8 groups, 65-70 rows a last chunk of 1-6. Every row as if alone, and the reference's
+    value (on the other tiers: their bodies at these shapes)."""
+    if tier not in runnable_tiers():
+        pytest.skip(f"this CPU cannot run kernel tier {tier}")
+    monkeypatch.setattr(sys.modules[__name__], "K", 1280)
+    g = torch.Generator().manual_seed(13)
+    with use_tier(tier) as k:
+        name, ops, extra, wd = _operands("q6k_kss", g)
+        x = torch.randn(70, K, generator=g)
+        ones = torch.cat([_call(k.lib, name, ops, extra, x[i:i + 1].clone()) for i in range(70)])
+        for rows in (8, 12, 16, 64, 65, 70):
+            xi = x[:rows].contiguous()
+            y = _call(k.lib, name, ops, extra, xi)
+            assert y is not None and torch.equal(y, ones[:rows]), rows
+            scale = float((xi @ wd.t()).abs().max())
+            assert float((y - quantize_activations_q8(xi) @ wd.t()).abs().max()) / scale < 1e-5, rows

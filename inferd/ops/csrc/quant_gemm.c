@@ -120,19 +120,24 @@ static inline void qk_scales512(const uint16_t *dm, const int8_t *scm, const uin
 #define Q4_TILE_MAX 8  // bounds of the tile arrays (fixed sizes, not VLAs: with MR, NB, NS constant after inlining
                        // they are registers)
 
+// WS (symmetric 6-bit weights at 2 · Q4_MR rows or more, see q4_rows): 1, the tile also stores its unpacked weight
+// vectors and converted scales for groups g0..g1 to wb and sbuf; 2, it loads them from there instead of unpacking
+// and converting (0: neither). Groups g0..g1 of K: the sums start from `part` (g0 > 0) and end there (g1 < G).
 static inline __attribute__((always_inline)) void q4_tile(const int MR, const int NB, const int NS, const int BUF,
-                                                         const int OFF, const qact *a,
+                                                         const int OFF, const int WS, const qact *a,
                                                          const float *sx16, int64_t m0, int K, const uint8_t *w,
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
-                                                         int N, int is_bf16) {
+                                                         int N, int is_bf16, int g0, int g1, __m512 *part,
+                                                         __m512i *wb, __m512 *sbuf) {
     // W6: 6-bit weights with sub-groups of 16 (Q6_K, symmetric or with mins) unpacked in the tile at every row count
     const int G = K / 32, SPLIT = NS == 1 && MR <= 2, W6 = !BUF && NS == 2, GB = W6 ? 384 : 256;
     const __m512i mask = _mm512_set1_epi8(0x0F), b45 = _mm512_set1_epi8(0x30);
     __m512 acc[Q4_TILE_MAX][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
-        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
+        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) acc[r][b] = g0 ? part[r * NB + b] : _mm512_setzero_ps();
+    for (int g = g0; g < g1; g++) {
+        const int64_t gi = (int64_t)(g - g0) * NB;  // this group's first vector pair in wb / sbuf (WS)
         __m512i s[Q4_TILE_MAX][2][2];
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
             // OFF (symmetric weights w = d·(q − OFF): Q4_0 8, Q6_K 32): the offset −OFF Σ xq of each sub-group starts
@@ -148,7 +153,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                 _Pragma("GCC unroll 2") for (int h = 0; h < NS + SPLIT; h++)
                     s[r][b][h] = h == 0 ? s0 : (NS == 2 ? s1 : _mm512_setzero_si512());
         }
-        if (!BUF && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
+        if (!BUF && WS != 2 && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
                 _Pragma("GCC unroll 6") for (int c = 0; c < GB / 64; c++)
                     _mm_prefetch((const char *)(w + ((rb + b) * G + g + Q4_PREFETCH) * GB + 64 * c), _MM_HINT_T0);
@@ -158,7 +163,10 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
             const int h = NS == 2 ? c >= 2 : (SPLIT && (c & 1));
             __m512i lo[2], hi[2];
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
-                if (BUF) {
+                if (WS == 2) {
+                    lo[b] = wb[(gi + b) * 8 + 2 * c];
+                    hi[b] = wb[(gi + b) * 8 + 2 * c + 1];
+                } else if (BUF) {
                     lo[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c) * 64));
                     hi[b] = _mm512_load_si512((const __m512i *)(uw + (((int64_t)g * NB + b) * 8 + 2 * c + 1) * 64));
                 } else {
@@ -175,6 +183,10 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                             lo[b] = _mm512_or_si512(lo[b], _mm512_and_si512(hp, b45));
                             hi[b] = _mm512_or_si512(hi[b], _mm512_and_si512(_mm512_srli_epi16(hp, 2), b45));
                         }
+                    }
+                    if (WS == 1) {
+                        wb[(gi + b) * 8 + 2 * c] = lo[b];
+                        wb[(gi + b) * 8 + 2 * c + 1] = hi[b];
                     }
                 }
             }
@@ -198,8 +210,15 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
                     d[b][h] = _mm512_load_ps(sp + 16 * h);
                     mv[b][h] = _mm512_load_ps(sp + 16 * (NS + h));
                 }
+            } else if (WS == 2) {
+                _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) {
+                    d[b][h] = sbuf[(gi + b) * NS + h];
+                    mv[b][h] = _mm512_setzero_ps();
+                }
             } else {
                 qk_scales512(dm, scm, sb, rb + b, G, g, NS, OFF == 32, d[b], mv[b]);
+                if (WS == 1)
+                    _Pragma("GCC unroll 2") for (int h = 0; h < NS; h++) sbuf[(gi + b) * NS + h] = d[b][h];
             }
         }
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {
@@ -223,10 +242,16 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         }
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)
-        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)
-            vf_store(y, (m0 + r) * N + (rb + b) * 16, acc[r][b], is_bf16);
+        _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++) {
+            if (g1 < G) part[r * NB + b] = acc[r][b];
+            else vf_store(y, (m0 + r) * N + (rb + b) * 16, acc[r][b], is_bf16);
+        }
 }
 
+#ifndef Q4_KB
+#define Q4_KB 16  // groups of 32 per K block (symmetric 6-bit weights at many rows, see q4_rows)
+#endif
+#define Q4_KB_ROWS 64  // rows per chunk passing the K blocks (their partial sums wait in Q4_KB_ROWS · Q4_NB vectors)
 #define Q4_MR 4  // activation rows per register tile: MR · NB · (1 + NS) of the 32 zmm registers
 #define Q4_NB 2  // row blocks per tile
 
@@ -237,15 +262,52 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
                                                          const uint8_t *uw, const uint16_t *dm, const int8_t *scm,
                                                          const uint16_t *sb, const float *sc, int64_t rb, void *y,
                                                          int N, int is_bf16) {
+    const int G = K / 32;
+#define Q4_T(MR, WS, G0, G1, PART, WB, SB) \
+    q4_tile(MR, NB, NS, BUF, OFF, WS, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16, G0, G1, PART, WB, SB)
+    if (!BUF && NS == 2 && OFF == 32 && M >= 2 * Q4_MR) {
+        // symmetric 6-bit weights (Q6_K) at 2 · Q4_MR rows or more: K in blocks of Q4_KB groups; per block the first
+        // tile unpacks the weights and converts the scales in registers (7 vector ops a vector) and leaves them in
+        // L1 buffers, the other tiles of the chunk of Q4_KB_ROWS rows load them; partial sums wait in `part`.
+        // Every output's groups are summed in the same order, so the results are those of one pass.
+        __m512i wb[Q4_KB * 2 * 8];
+        __m512 sbuf[Q4_KB * 2 * 2], part[Q4_KB_ROWS * 2];
+        for (int64_t c0 = 0; c0 < M; c0 += Q4_KB_ROWS) {
+            const int64_t c1 = M - c0 < Q4_KB_ROWS ? M : c0 + Q4_KB_ROWS;
+            for (int g0 = 0; g0 < G; g0 += Q4_KB) {
+                const int g1 = G - g0 < Q4_KB ? G : g0 + Q4_KB;
+                int64_t m0 = c0;
+                if (c1 - c0 >= Q4_MR) {
+                    Q4_T(Q4_MR, 1, g0, g1, part, wb, sbuf);
+                    m0 += Q4_MR;
+                } else {  // a last chunk of fewer rows: one tile, no reuse
+                    switch (c1 - m0) {
+                        case 3: Q4_T(3, 0, g0, g1, part, wb, sbuf); break;
+                        case 2: Q4_T(2, 0, g0, g1, part, wb, sbuf); break;
+                        default: Q4_T(1, 0, g0, g1, part, wb, sbuf); break;
+                    }
+                    continue;
+                }
+                for (; m0 + Q4_MR <= c1; m0 += Q4_MR) Q4_T(Q4_MR, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf);
+                switch (c1 - m0) {
+                    case 3: Q4_T(3, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
+                    case 2: Q4_T(2, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
+                    case 1: Q4_T(1, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
+                    default: break;
+                }
+            }
+        }
+        return;
+    }
     int64_t m0 = 0;
-    for (; m0 + Q4_MR <= M; m0 += Q4_MR)
-        q4_tile(Q4_MR, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16);
+    for (; m0 + Q4_MR <= M; m0 += Q4_MR) Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL);
     switch (M - m0) {  // the rows left: fewer than Q4_MR
-        case 3: q4_tile(3, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 2: q4_tile(2, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
-        case 1: q4_tile(1, NB, NS, BUF, OFF, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16); break;
+        case 3: Q4_T(3, 0, 0, G, NULL, NULL, NULL); break;
+        case 2: Q4_T(2, 0, 0, G, NULL, NULL, NULL); break;
+        case 1: Q4_T(1, 0, 0, G, NULL, NULL, NULL); break;
         default: break;
     }
+#undef Q4_T
 }
 
 static inline void qk_unpack512(const uint8_t *wp, int bits, __m512i *v);
