@@ -16,12 +16,12 @@ import argparse
 import ctypes
 import mmap
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from inferd.hardware import machine_info
 from inferd.ops import kernels as kmod
 
 N, K = 65536, 2048  # 128 Mi weights: 64 MiB of Q4_0 nibbles + 8 MiB of scales, past a 32 MiB L3
@@ -66,7 +66,7 @@ def main() -> None:
         mm, w = buffer(packed.numel(), huge)
         w.copy_(packed)
         copies[name] = (mm, w, huge_mib(w))
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {machine_info()}, "
           f"tier {kern.tier}, OMP threads {os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, load "
           f"{os.getloadavg()[0]:.2f}; {N}x{K} Q4_0 ({packed.numel() / 2**20:.0f} MiB of nibbles); huge-page backed: "
           + ", ".join(f"{k} copy {v[2]:.0f} MiB" for k, v in copies.items()))

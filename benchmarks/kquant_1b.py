@@ -182,6 +182,8 @@ def main() -> None:
                     help="threads of both engines (1 on an oversubscribed host: OpenMP's 2-thread barriers then cost "
                          "more than the second core gives)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import gguf
     import torch

@@ -81,6 +81,47 @@ def test_the_entry_is_mapped_asking_for_huge_pages(tmp_path, home):
     assert llm.generate([[5, 6]], GREEDY)[0].outputs[0].token_ids
 
 
+def test_the_entry_is_written_in_aligned_pieces(tmp_path, home, monkeypatch):
+    """CacheWriter.finish ends its writes on DENSE_ALIGN boundaries of the entry (so the page cache can hold whole
+    aligned ranges in huge folios): scaled down to 4 KiB boundaries and 16 KiB writes for the tiny model, every
+    write but the header's and each run's last ends on a boundary."""
+    from inferd.loader import repack_cache
+
+    align = 4096
+    monkeypatch.setattr(repack_cache, "DENSE_ALIGN", align)
+    monkeypatch.setattr(repack_cache, "_COPY_CHUNK", 4 * align)
+    ends: list[int] = []
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            n = self.f.write(b)
+            ends.append(self.f.tell())
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_open = open
+
+    def recording_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Recording(f) if ".tmp" in str(path) and "w" in mode else f
+
+    monkeypatch.setattr(repack_cache, "open", recording_open, raising=False)
+    _llm(tmp_path)
+    unaligned = [e for e in ends if e % align]
+    assert len(ends) >= 10 and len(unaligned) <= 3, (len(ends), len(unaligned))  # header, packed run's end, file end
+
+
 def test_the_copies_sit_in_their_own_aligned_section_of_the_entry(tmp_path, home):
     _llm(tmp_path)
     (entry,) = (home / "repack").glob("*.safetensors")

@@ -135,8 +135,8 @@ def test_many_row_quant_gemms_bit_identical_across_tiers():
 def test_q6k_k_blocks_and_row_chunks_match_single_rows(tier, monkeypatch):
     """Symmetric Q6_K at ≥ 8 rows on VNNI passes K in blocks of 16 groups (the first tile of a block leaves its
     unpacked weights for the others; partial sums wait between blocks) and rows in chunks of 64: K = 1280 gives
-    blocks of 16, 16 and 8 groups, 65-70 rows a last chunk of 1-6. Every row as if alone, and the reference's
-    value (on the other tiers: their bodies at these shapes)."""
+    blocks of 16, 16 and 8 groups, 8-70 rows every remainder tile and a last chunk of 1-6. Every row as if alone,
+    and the reference's value (on the other tiers: their bodies at these shapes)."""
     if tier not in runnable_tiers():
         pytest.skip(f"this CPU cannot run kernel tier {tier}")
     monkeypatch.setattr(sys.modules[__name__], "K", 1280)
@@ -145,7 +145,7 @@ def test_q6k_k_blocks_and_row_chunks_match_single_rows(tier, monkeypatch):
         name, ops, extra, wd = _operands("q6k_kss", g)
         x = torch.randn(70, K, generator=g)
         ones = torch.cat([_call(k.lib, name, ops, extra, x[i:i + 1].clone()) for i in range(70)])
-        for rows in (8, 12, 16, 64, 65, 70):
+        for rows in range(8, 71):  # every remainder tile after 4-row tiles, and last chunks of 1-6 rows
             xi = x[:rows].contiguous()
             y = _call(k.lib, name, ops, extra, xi)
             assert y is not None and torch.equal(y, ones[:rows]), rows

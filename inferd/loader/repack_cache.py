@@ -33,6 +33,7 @@ CACHE_VERSION = 5  # 2: the bf16 copies in their own DENSE_ALIGN-aligned section
 # 5: fused layers of several K-quant types as ConcatLinear parts
 DENSE_ALIGN = 2 << 20  # a huge page / the largest page-cache folio on x86-64 and arm64 (4 KiB pages)
 _SAMPLE = 1 << 16
+_COPY_CHUNK = 1 << 24  # bytes per write when an entry's runs are joined (at least DENSE_ALIGN)
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8,
            "I32": torch.int32, "I64": torch.int64, "I16": torch.int16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -161,7 +162,7 @@ class CacheWriter:
                 with open(part.path, "rb") as data:
                     # writes end on DENSE_ALIGN boundaries of the entry, so the page cache can hold every whole
                     # aligned 2 MiB range in one folio (mapped as a huge page, see map_entry)
-                    while chunk := data.read((1 << 24) - f.tell() % DENSE_ALIGN):
+                    while chunk := data.read(_COPY_CHUNK - f.tell() % DENSE_ALIGN):
                         f.write(chunk)
                 f.write(b"\0" * gap)
         os.replace(out, self.path)  # atomic: a concurrent reader sees the old entry or the whole new one
@@ -207,9 +208,10 @@ def entry_header(header: dict, meta: dict) -> bytes:
 def map_entry(path: Path) -> tuple[mmap.mmap, dict, dict, int]:
     """An entry file mapped copy-on-write: (the mapping, its tensor records, inferd's metadata, where data starts).
 
-    The mapping asks for huge pages: where the page cache holds the file in 2 MiB folios (as `CacheWriter.finish`
-    writes it, or as a read under this advice brings it in), the kernel then maps them with one TLB entry each
-    instead of 512. Decode streams every weight once per step, so TLB misses cost bandwidth (benchmarks/huge_pages.py:
+    The mapping asks for huge pages: the kernel maps 2 MiB folios of the page cache with one TLB entry each instead
+    of 512. `CacheWriter.finish` writes the file in 2 MiB-aligned pieces so the page cache can hold it in such
+    folios from the start; the advice makes the kernel read it back in them when it was evicted (without it, a
+    re-read came back in small folios: 8 of 48 MiB huge against 48). Decode streams every weight once per step, so TLB misses cost bandwidth (benchmarks/huge_pages.py:
     the same Q4_0 GEMM from 2 MiB pages 1.11x faster at 1 row, 1.07x at 16, Zen 5). Where the kernel has no
     transparent huge pages for files, the advice changes nothing."""
     with open(path, "rb") as f:

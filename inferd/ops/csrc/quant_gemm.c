@@ -78,8 +78,9 @@ static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, 
     int8_t *const q = xq;  // (the buffers as this thread holds them: in the parallel loop each thread would read
     float *const ds = dsx;  // its own thread-local pointers)
     int32_t *const su = is;
-    // rows split between the threads once there are enough (16 rows of K = 2048: ~15 µs on one thread)
-#pragma omp parallel for schedule(static) if ((int64_t)M * K >= Q4_PAR_QUANT)
+    // rows split between the threads once there are enough (one thread: ~15 µs for 16 rows of K = 2048, ~60 µs
+    // for 16 of K = 8192)
+#pragma omp parallel for schedule(static) if (M > 1 && (int64_t)M * K >= Q4_PAR_QUANT)
     for (int m = 0; m < M; m++)
         quantize_q8_32(x, (int64_t)m * K, K, is_bf16, q + (int64_t)m * K, ds + m * G, ds + M * G + m * G, su + m * G);
     *dx = dsx;
@@ -255,7 +256,8 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
 #define Q4_MR 4  // activation rows per register tile: MR · NB · (1 + NS) of the 32 zmm registers
 #define Q4_NB 2  // row blocks per tile
 
-// One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left.
+// One group of NB row blocks against all M rows: tiles of Q4_MR rows, then one of the M % Q4_MR left (symmetric
+// 6-bit weights at ≥ 2 · Q4_MR rows: the same per chunk of Q4_KB_ROWS rows and K block, see below).
 static inline __attribute__((always_inline)) void q4_rows(const int NB, const int NS, const int BUF, const int OFF,
                                                          const qact *a,
                                                          const float *sx16, int M, int K, const uint8_t *w,
@@ -270,8 +272,8 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
         // tile unpacks the weights and converts the scales in registers (7 vector ops a vector) and leaves them in
         // L1 buffers, the other tiles of the chunk of Q4_KB_ROWS rows load them; partial sums wait in `part`.
         // Every output's groups are summed in the same order, so the results are those of one pass.
-        __m512i wb[Q4_KB * 2 * 8];
-        __m512 sbuf[Q4_KB * 2 * 2], part[Q4_KB_ROWS * 2];
+        __m512i wb[Q4_KB * Q4_NB * 8];  // (NB ≤ Q4_NB = 2, NS = 2: the tile arrays' bounds)
+        __m512 sbuf[Q4_KB * Q4_NB * 2], part[Q4_KB_ROWS * Q4_NB];
         for (int64_t c0 = 0; c0 < M; c0 += Q4_KB_ROWS) {
             const int64_t c1 = M - c0 < Q4_KB_ROWS ? M : c0 + Q4_KB_ROWS;
             for (int g0 = 0; g0 < G; g0 += Q4_KB) {
