@@ -4,6 +4,7 @@ failures and bad flag combinations are one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,23 +105,34 @@ def test_two_workers_share_the_port_merge_metrics_restart_and_drain(tiny_hf):
         pids = children(s.proc.pid)
         assert workers_seen(s.url, {"0", "1"}) == {"0", "1"}
 
-        # SIGTERM to the parent: an in-flight request finishes, then every worker and the parent exit
-        long: list[tuple[httpx.Response, float]] = []
+        # SIGTERM to the parent while a streamed request is in flight (its first chunk read, the rest read only
+        # after the signal, so its response cannot be over before it whatever the host's speed): the stream is
+        # delivered whole, then every worker and the parent exit
+        first_chunk, signalled = threading.Event(), threading.Event()
+        lines: list[str] = []
+        status: list[int] = []
 
         def long_request() -> None:
-            r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 400, "ignore_eos": True},
-                           timeout=120)
-            long.append((r, time.monotonic()))
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                              json={**body, "max_tokens": 400, "ignore_eos": True, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as r:
+                status.append(r.status_code)
+                for line in r.iter_lines():
+                    if not line:  # the blank line between server-sent events
+                        continue
+                    lines.append(line)
+                    first_chunk.set()
+                    signalled.wait(60)
 
         t = threading.Thread(target=long_request)
         t.start()
-        wait_until(lambda: metric(s.url, "vllm:num_requests_running") >= 1, what="the long request to run")
-        signalled = time.monotonic()
+        assert first_chunk.wait(60), "the long request sent nothing"
         s.proc.send_signal(signal.SIGTERM)
+        signalled.set()
         t.join(120)
-        assert long and long[0][0].status_code == 200
-        assert long[0][1] > signalled, "the request ended before the SIGTERM: the drain was not exercised"
-        assert long[0][0].json()["usage"]["completion_tokens"] == 400
+        assert status == [200] and lines[-1] == "data: [DONE]"
+        usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 400  # the whole stream came through the drain
         assert s.proc.wait(60) == 0
         assert not any(alive(p) for p in pids), "a worker outlived the parent"
 
