@@ -73,6 +73,7 @@ SIGNATURES: dict[str, str] = {
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
     "qk_gemm_kss": "pippppiiiii",
+    "qk_rows": "ppppiiiiiipi",
     "encoder_attention": "pppiiipfi",
     "quantize_rows_asym": "piiiippppipp",
     "dequant_rows": "piiippppppiiipp",

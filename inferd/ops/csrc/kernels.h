@@ -35,6 +35,8 @@ int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const 
                int is_bf16, int bits, int sub);
 int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const uint16_t *d, void *y, int N, int K,
                 int is_bf16, int bits, int sub);
+int qk_rows(const uint8_t *w, const void *scales, const uint16_t *sb, const int64_t *ids, int R, int N, int K,
+            int bits, int sub, int mode, void *out, int is_bf16);
 
 // ---- the fused decode step ----
 // ---- the decoder stack of a Llama-family model for decode rows, in one call ----
