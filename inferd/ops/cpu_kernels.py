@@ -227,3 +227,13 @@ def qk_rows(ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, sb: torch.
     rc = lib.qk_rows(w.data_ptr(), scales.data_ptr(), 0 if sb is None else sb.data_ptr(), ids.data_ptr(),
                      ids.shape[0], n, k, bits, sub, mode, out.data_ptr(), int(dtype == torch.bfloat16))
     return out if rc == 0 else None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x (B, V) float32 on the CPU, unit inner stride (a column slice of wider logits is fine) → int64 (B,), what
+    x.argmax(dim=-1) returns (the first maximum; a row's first NaN where it has one). None when unavailable."""
+    lib = _lib()
+    if lib is None or x.dtype != torch.float32 or x.is_cuda or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    return out if lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr()) == 0 else None

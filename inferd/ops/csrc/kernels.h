@@ -37,6 +37,7 @@ int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const 
                 int is_bf16, int bits, int sub);
 int qk_rows(const uint8_t *w, const void *scales, const uint16_t *sb, const int64_t *ids, int R, int N, int K,
             int bits, int sub, int mode, void *out, int is_bf16);
+int argmax_rows(const float *x, int rows, int n, int64_t stride, int64_t *out);
 
 // ---- the fused decode step ----
 // ---- the decoder stack of a Llama-family model for decode rows, in one call ----

@@ -1,0 +1,81 @@
+"""The decode step's small C helpers outside the GEMMs: the greedy sampler's argmax (ops/csrc/argmax_rows.c)
+equals torch.argmax on every kernel tier, ties and NaN included; the runner's batch building in Python ints
+gives the slots and block tables the torch formulas give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferd.engine.request import Request
+from inferd.engine.runner import decode_table
+from inferd.engine.sampler import Sampler
+from inferd.ops import cpu_kernels
+from inferd.ops.kernels import runnable_tiers, use_tier
+from inferd.sampling_params import SamplingParams
+
+
+def _hard_rows(v: int) -> torch.Tensor:
+    """16 rows of width v (a column slice of wider logits) with NaNs, ties, infinities and extremes at the ends."""
+    x = torch.randn(16, v + 5, generator=torch.Generator().manual_seed(v))[:, :v]
+    x[3, v // 2] = float("nan")
+    x[4, :] = float("-inf")
+    x[5, -1] = float("nan")
+    x[5, 0] = float("nan")
+    x[6, :] = 1.0  # all tied: the first index
+    x[7, -1] = 1e30
+    x[8, 0] = 1e30
+    x[9, :] = 0.0
+    x[9, v // 3] = -0.0
+    x[10, -1] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("tier", [t for t in runnable_tiers() if t != "torch"])
+def test_argmax_rows_equals_torch(tier):
+    with use_tier(tier):
+        for v in (1, 7, 16, 17, 33, 1000, 49155):
+            x = _hard_rows(v)
+            got = cpu_kernels.argmax_rows(x)
+            assert got is not None and torch.equal(got, x.argmax(dim=-1)), (tier, v)
+        assert cpu_kernels.argmax_rows(torch.zeros(2, 8, dtype=torch.bfloat16)) is None  # fp32 only
+
+
+def test_greedy_sampler_fast_path_is_the_argmax():
+    vocab = 1000
+    logits = _hard_rows(vocab + 24)  # wider than the vocabulary (padded head): only the first `vocab` count
+    logits[11, vocab + 3] = 1e35
+    reqs = [Request(f"r{i}", [1, 2], SamplingParams(temperature=0), eos_token_ids=[0]) for i in range(16)]
+    want = logits[:, :vocab].argmax(dim=-1).tolist()
+    assert Sampler(vocab)(logits.clone(), reqs).token_ids == want
+
+
+def test_slots_and_decode_tables_from_python_ints():
+    class Row:
+        def __init__(self, table: list[int]):
+            self.block_ids = table
+
+    tables = [[5, 2, 9], [7], [3, -1, 4, 8], [5, 2, 9]]  # -1: a released block (hybrid KV) reads as block 0
+    got = decode_table([Row(t) for t in tables], "block_ids")
+    want = torch.zeros(4, 4, dtype=torch.long)
+    for i, t in enumerate(tables):
+        want[i, : len(t)] = torch.tensor(t).clamp(min=0)
+    assert got.dtype == torch.long and torch.equal(got, want)
+
+    from inferd.engine.runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size = 16
+    table = [4, 1, 7, 3]
+    for start, end in ((0, 40), (17, 18), (33, 64), (50, 51)):
+        pos = torch.arange(start, end)
+        ref = torch.tensor(table)[pos // 16] * 16 + pos % 16
+        assert runner._slots(table, start, end) == ref.tolist()
+
+
+def test_token_ids_between_is_a_slice_of_all_token_ids():
+    req = Request("r", [10, 11, 12, 13], SamplingParams())
+    req.output_token_ids = [20, 21, 22]
+    for start in range(8):
+        for end in range(start, 8):
+            assert req.token_ids_between(start, end) == req.all_token_ids[start:end], (start, end)
