@@ -86,15 +86,58 @@ static inline __attribute__((always_inline)) void attn_seq(
 
 
 #ifdef VW
-// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time, dot products as FMAs and one
-// horizontal sum, V accumulated with broadcast FMAs. ~5x faster than the auto-vectorised loops above (whose
-// `omp simd` reductions re-initialise a lane array for every dot product).
+// r[i] = the sum of v[SLOT(i)]'s lanes, i < VW: VW horizontal sums in log2(VW) rounds of shuffles and adds (one
+// _mm512_reduce_add_ps costs about as much as this does for all 16).
+#define SLOT(i) (((i) & 3) * (VW / 4) + ((i) >> 2))
+#if VW == 16
+static inline vf vf_reduce_lanes(const vf *v) {
+    vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+#define vf_hmax _mm512_reduce_max_ps
+#define vf_hsum_all _mm512_reduce_add_ps
+#else
+static inline vf vf_reduce_lanes(const vf *v) {
+    vf a[4], b[2];
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}
+static inline float vf_hmax(vf v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+static inline float vf_hsum_all(vf v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#endif
+
+// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time. Scores VW keys at a time: each
+// key's dot product as FMAs into one vector per head, the VW vectors summed across lanes together
+// (vf_reduce_lanes); the block's softmax (max, exp, sum) on vectors of keys; V accumulated with broadcast FMAs.
 static inline __attribute__((always_inline)) void attn_seq_vec(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
     const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
     const int H = Hkv * G, NV = D / VW;
     vf qv[MAX_H][MAX_D / VW], acc[MAX_H][MAX_D / VW];
-    float m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
+    vf part[MAX_H][VW];  // per head of the KV head: the dot-product vectors of VW keys (slot SLOT(i) for key i)
+    float m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS + VW];
     const int64_t tok_stride = (int64_t)Hkv * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
     const vf sc = vf_set1(scale);
@@ -110,46 +153,63 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
     for (int j = start / bs; j < nblk; j++) {  // keys start .. ctx-1: only the blocks they lie in
         const int n = (j == nblk - 1) ? ctx - j * bs : bs;
         const int t0 = j == start / bs ? start - j * bs : 0;
+        const int nch = (n - t0 + VW - 1) / VW, tend = t0 + nch * VW;  // keys t0 .. n-1 in chunks of VW
         const int64_t base = bt[j] * blk_stride;
-        for (int t = t0; t < n; t++) {
-            for (int kh = 0; kh < Hkv; kh++) {
-                const int64_t off = base + t * tok_stride + (int64_t)kh * D;
-                vf kv[MAX_D / VW];
-                for (int i = 0; i < NV; i++) kv[i] = vf_load(k_cache, off + i * VW, is_bf16);
-                for (int g = 0; g < G; g++) {
-                    const int h = kh * G + g;
-                    vf a = vf_mul(qv[h][0], kv[0]);
-                    for (int i = 1; i < NV; i++) a = vf_fma(qv[h][i], kv[i], a);
-                    s[h][t] = vf_hsum(a);
+        // one KV head at a time (the block's K and V stay in L1 across them): its G heads' q and accumulators
+        // are local arrays of constant size (kept in registers where the dispatch makes G and D constants)
+        for (int kh = 0; kh < Hkv; kh++) {
+            vf ql[MAX_H][MAX_D / VW];
+            for (int g = 0; g < G; g++)
+                for (int u = 0; u < NV; u++) ql[g][u] = qv[kh * G + g][u];
+            for (int c = 0; c < nch; c++) {
+                const int tc = t0 + c * VW, k = n - tc < VW ? n - tc : VW;
+                for (int i = 0; i < VW; i++) {
+                    if (i >= k) {
+                        for (int g = 0; g < G; g++) part[g][SLOT(i)] = vf_zero();
+                        continue;
+                    }
+                    const int64_t off = base + (tc + i) * tok_stride + (int64_t)kh * D;
+                    vf kv[MAX_D / VW];
+                    for (int u = 0; u < NV; u++) kv[u] = vf_load(k_cache, off + u * VW, is_bf16);
+                    for (int g = 0; g < G; g++) {
+                        vf a = vf_mul(ql[g][0], kv[0]);
+                        for (int u = 1; u < NV; u++) a = vf_fma(ql[g][u], kv[u], a);
+                        part[g][SLOT(i)] = a;
+                    }
                 }
+                for (int g = 0; g < G; g++) vf_store(s[g], tc, vf_reduce_lanes(part[g]), 0);
             }
-        }
-        for (int h = 0; h < H; h++) {
-            float mx = m[h];
-            for (int t = t0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
-            const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
-            l[h] *= corr;
-            const vf cv = vf_set1(corr);
-            for (int i = 0; i < NV; i++) acc[h][i] = vf_mul(acc[h][i], cv);
-            float sum = 0.f;
+            vf al[MAX_H][MAX_D / VW];
+            for (int g = 0; g < G; g++) {  // the block's softmax step of each head
+                const int h = kh * G + g;
+                for (int t = n; t < tend; t++) s[g][t] = -INFINITY;
+                vf mv = vf_set1(m[h]);
+                for (int c = 0; c < nch; c++) mv = vf_max(mv, vf_load(s[g], t0 + c * VW, 0));
+                const float mx = vf_hmax(mv);
+                const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
+                l[h] *= corr;
+                const vf cv = vf_set1(corr);
+                for (int u = 0; u < NV; u++) al[g][u] = vf_mul(acc[h][u], cv);
+                const vf mxv = vf_set1(mx);
+                for (int c = 0; c < nch; c++)
+                    vf_store(s[g], t0 + c * VW, vf_exp_neg(vf_sub(vf_load(s[g], t0 + c * VW, 0), mxv)), 0);
+                for (int t = n; t < tend; t++) s[g][t] = 0.f;
+                vf sum = vf_zero();
+                for (int c = 0; c < nch; c++) sum = vf_add(sum, vf_load(s[g], t0 + c * VW, 0));
+                l[h] += vf_hsum_all(sum);
+                m[h] = mx;
+            }
             for (int t = t0; t < n; t++) {
-                s[h][t] = exp_neg(s[h][t] - mx);
-                sum += s[h][t];
-            }
-            l[h] += sum;
-            m[h] = mx;
-        }
-        for (int t = t0; t < n; t++) {
-            for (int kh = 0; kh < Hkv; kh++) {
                 const int64_t off = base + t * tok_stride + (int64_t)kh * D;
                 vf vv[MAX_D / VW];
-                for (int i = 0; i < NV; i++) vv[i] = vf_load(v_cache, off + i * VW, is_bf16);
+                for (int u = 0; u < NV; u++) vv[u] = vf_load(v_cache, off + u * VW, is_bf16);
                 for (int g = 0; g < G; g++) {
-                    const int h = kh * G + g;
-                    const vf p = vf_set1(s[h][t]);
-                    for (int i = 0; i < NV; i++) acc[h][i] = vf_fma(p, vv[i], acc[h][i]);
+                    const vf p = vf_set1(s[g][t]);
+                    for (int u = 0; u < NV; u++) al[g][u] = vf_fma(p, vv[u], al[g][u]);
                 }
             }
+            for (int g = 0; g < G; g++)
+                for (int u = 0; u < NV; u++) acc[kh * G + g][u] = al[g][u];
         }
     }
     for (int h = 0; h < H; h++) {
