@@ -13,7 +13,8 @@ static inline void load_row(const void *cache, int64_t off, int D, int is_bf16, 
 // Inlined with constant Hkv, G and D so the short inner loops unroll.
 static inline __attribute__((always_inline)) void attn_seq(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk) {
+    (void)next_seq_blk;
     const int H = Hkv * G;
     float qf[MAX_H][MAX_D], acc[MAX_H][MAX_D], m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
     float kf[MAX_D];
@@ -131,9 +132,18 @@ static inline float vf_hsum_all(vf v) {
 // Vector version for D a multiple of VW: K/V rows converted VW lanes at a time. Scores VW keys at a time: each
 // key's dot product as FMAs into one vector per head, the VW vectors summed across lanes together
 // (vf_reduce_lanes); the block's softmax (max, exp, sum) on vectors of keys; V accumulated with broadcast FMAs.
+// Fetch the K and V row of one token and KV head (row_bytes at byte offset off) into the cache.
+static inline void prefetch_row(const void *k_cache, const void *v_cache, int64_t off, int row_bytes) {
+    for (int x = 0; x < row_bytes; x += 64) {
+        __builtin_prefetch((const char *)k_cache + off + x);
+        __builtin_prefetch((const char *)v_cache + off + x);
+    }
+}
+
+// next_seq_blk: the first block the next sequence reads (-1: none), fetched while this one's last block is computed.
 static inline __attribute__((always_inline)) void attn_seq_vec(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk) {
     const int H = Hkv * G, NV = D / VW;
     vf qv[MAX_H][MAX_D / VW], acc[MAX_H][MAX_D / VW];
     vf part[MAX_H][VW];  // per head of the KV head: the dot-product vectors of VW keys (slot SLOT(i) for key i)
@@ -155,6 +165,10 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
         const int t0 = j == start / bs ? start - j * bs : 0;
         const int nch = (n - t0 + VW - 1) / VW, tend = t0 + nch * VW;  // keys t0 .. n-1 in chunks of VW
         const int64_t base = bt[j] * blk_stride;
+        // the next block (this sequence's or the next one's first) is fetched while this one is computed: the
+        // blocks of a step's sequences lie anywhere in the pool, beyond what the hardware prefetcher follows
+        const int64_t next = j + 1 < nblk ? bt[j + 1] : next_seq_blk;
+        const int elt = is_bf16 ? 2 : 4;
         // one KV head at a time (the block's K and V stay in L1 across them): its G heads' q and accumulators
         // are local arrays of constant size (kept in registers where the dispatch makes G and D constants)
         for (int kh = 0; kh < Hkv; kh++) {
@@ -169,6 +183,9 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
                         continue;
                     }
                     const int64_t off = base + (tc + i) * tok_stride + (int64_t)kh * D;
+                    if (next >= 0)  // the same row of the next block, one row per row computed
+                        prefetch_row(k_cache, v_cache, (next * blk_stride + (tc + i) * tok_stride + (int64_t)kh * D) * elt,
+                                     D * elt);
                     vf kv[MAX_D / VW];
                     for (int u = 0; u < NV; u++) kv[u] = vf_load(k_cache, off + u * VW, is_bf16);
                     for (int g = 0; g < G; g++) {
@@ -179,6 +196,11 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
                 }
                 for (int g = 0; g < G; g++) vf_store(s[g], tc, vf_reduce_lanes(part[g]), 0);
             }
+            if (next >= 0)  // the next block's rows this block has no row for (a partial first or last block)
+                for (int t = 0; t < bs; t++)
+                    if (t < t0 || t >= n)
+                        prefetch_row(k_cache, v_cache, (next * blk_stride + t * tok_stride + (int64_t)kh * D) * elt,
+                                     D * elt);
             vf al[MAX_H][MAX_D / VW];
             for (int g = 0; g < G; g++) {  // the block's softmax step of each head
                 const int h = kh * G + g;
@@ -228,12 +250,14 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
 #define DISPATCH(HKV, GV, DV, BF)                                                                         \
     if (Hkv == HKV && G == GV && D == DV && is_bf16 == BF) {                                              \
         _Pragma("omp parallel for schedule(dynamic, 1)") for (int b = 0; b < B; b++)                      \
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF); \
+            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF, NEXT_SEQ_BLK(b)); \
         return 0;                                                                                         \
     }
 
 // the first key a query at position ctx - 1 sees under a sliding window (0: the whole context)
 #define WSTART(ctx) (window > 0 && (ctx) > window ? (ctx) - window : 0)
+// the first block sequence b + 1 reads (-1: b is the last)
+#define NEXT_SEQ_BLK(b) ((b) + 1 < B && ctx_lens[(b) + 1] > 0 ? block_tables[(int64_t)((b) + 1) * max_blocks + WSTART(ctx_lens[(b) + 1]) / bs] : -1)
 
 // dtype: 0 = float32, 1 = bfloat16 (q, caches and out share it). window > 0: a sliding-window layer, the query at
 // position p sees keys p - window < j <= p (transformers' convention) and only the blocks holding them are read.
@@ -250,10 +274,10 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int b = 0; b < B; b++) {
         if (D % ATTN_VW == 0)
             ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                      out, b, Hkv, G, D, bs, scale, is_bf16);
+                      out, b, Hkv, G, D, bs, scale, is_bf16, NEXT_SEQ_BLK(b));
         else
             attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                     out, b, Hkv, G, D, bs, scale, is_bf16);
+                     out, b, Hkv, G, D, bs, scale, is_bf16, -1);
     }
     return 0;
 }
