@@ -38,10 +38,24 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+#define PF_GROUPS 6  // groups fetched ahead: a row reads 4-6 lines of weights and one of scales per group of 32
+
+// Fetch what row `row` reads of group gi: its lanes of the nibble chunks and bit planes, and the group's scales.
+static inline void prefetch_group(const uint8_t *blk, int row, int gi, int bits, const char *sc_blk, int sc_gbytes) {
+    const uint8_t *b = blk + (int64_t)gi * (256 + 64 * (bits - 4)) + 4 * row;
+    for (int c = 0; c < 4 + bits - 4; c++) __builtin_prefetch(b + 64 * c);
+    const char *sc = sc_blk + (int64_t)gi * sc_gbytes;
+    for (int x = 0; x < sc_gbytes; x += 64) __builtin_prefetch(sc + x);
+}
+
 // One row `row` (0..15) of row block `blk` (its bytes: K/32 groups of 256 + 64·(bits − 4)) → q (K) in [0, 2^bits).
-static void unpack_row(const uint8_t *blk, int row, int g, int bits, uint8_t *q) {
+// The row's bytes are spread over every group (a lane of 4 bytes in each 64-byte line): the groups PF_GROUPS ahead
+// and their scales (sc_blk: the block's, sc_gbytes a group) are fetched while one is unpacked.
+static void unpack_row(const uint8_t *blk, int row, int g, int bits, uint8_t *q, const char *sc_blk, int sc_gbytes) {
     const int gbytes = 256 + 64 * (bits - 4);
+    for (int gi = 0; gi < PF_GROUPS && gi < g; gi++) prefetch_group(blk, row, gi, bits, sc_blk, sc_gbytes);
     for (int gi = 0; gi < g; gi++) {
+        if (gi + PF_GROUPS < g) prefetch_group(blk, row, gi + PF_GROUPS, bits, sc_blk, sc_gbytes);
         const uint8_t *b = blk + (int64_t)gi * gbytes;
         uint8_t *qg = q + 32 * gi;
         for (int c = 0; c < 4; c++) {  // nibble bytes (chunk c, row, byte): low = k 8c + byte, high = k 8c + 4 + byte
@@ -79,13 +93,15 @@ int qk_rows(const uint8_t *w, const void *scales, const uint16_t *sb, const int6
     const int g = K / 32, ns = 32 / sub, nsb = K / 256;
     const int64_t blk_bytes = (int64_t)g * (256 + 64 * (bits - 4));
     const float sym_min = -(float)(1 << (bits - 1));
+    // bytes of scales per (row block, group): fp16 [d, m] (mode 0), int8 [sc, mn] (1) or int8 sc (2), ns × 16 rows
+    const int sc_gbytes = mode == 0 ? 2 * ns * 16 * 2 : mode == 1 ? 2 * ns * 16 : ns * 16;
 #pragma omp parallel for schedule(static) if ((int64_t)R * K >= (1 << 17))
     for (int r = 0; r < R; r++) {
         const int64_t rb = ids[r] >> 4;
         const int row = (int)(ids[r] & 15);
         uint8_t q[Q4_MAXK];
         float o[Q4_MAXK];
-        unpack_row(w + rb * blk_bytes, row, g, bits, q);
+        unpack_row(w + rb * blk_bytes, row, g, bits, q, (const char *)scales + rb * g * sc_gbytes, sc_gbytes);
         for (int gi = 0; gi < g; gi++) {
             for (int s = 0; s < ns; s++) {
                 float d, m;
