@@ -63,7 +63,7 @@ class StepBatch:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     meta: AttnMetadata
-    logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed
+    logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed, strictly increasing
     sample_rows: list[int]  # per request: index into logit_rows of its first sampled row, or -1
     num_sample_rows: list[int]  # per request: rows sampled (1, or 1 + its proposals when speculating)
     prompt_lp_rows: dict[str, tuple[int, int, int]]  # request id → (first logit row, count, first position)
@@ -209,4 +209,5 @@ class ModelRunner:
             if logits is not None:
                 return logits.cpu()
         hidden = self.lm.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.lm.model.compute_logits(hidden[batch.logit_rows]).cpu()
+        rows = batch.logit_rows  # strictly increasing: as many as the batch's rows is every row, in order
+        return self.lm.model.compute_logits(hidden if rows.shape[0] == hidden.shape[0] else hidden[rows]).cpu()
