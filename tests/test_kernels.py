@@ -119,7 +119,8 @@ def test_quant_gemms_bit_identical_across_tiers():
 @pytest.mark.parametrize("tier", [t for t in runnable_tiers() if t != "torch"])
 def test_decode_attention_matches_sdpa(tier):
     """Every tier's decode kernel (the vector bodies score VW keys at a time: blocks of 16 and of 12 keys, not a
-    multiple of the lanes; lengths ending anywhere in a block; windows starting mid-block) against sdpa."""
+    multiple of the lanes; lengths ending anywhere in a block; windows starting mid-block) against sdpa; a batch of
+    fewer than 4 sequences (split by KV head among the threads) gives the same rows bit for bit."""
     g = torch.Generator().manual_seed(0)
     with use_tier(tier):
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -141,6 +142,10 @@ def test_decode_attention_matches_sdpa(tier):
                                                          scale=0.3).squeeze(2)
                     err = float((got.float() - ref).abs().max())
                     assert err <= tol * (1 + float(ref.abs().max())), (tier, dtype, H, bs, window, err)
+                    for lo, hi in ((3, 4), (3, 6)):  # fewer than 4 sequences: each KV head a work item of its own
+                        part = cpu_kernels.paged_decode_attention(q[lo:hi].contiguous(), cache, tables[lo:hi],
+                                                                  lens[lo:hi], 0.3, window=window or None)
+                        assert torch.equal(part, got[lo:hi]), (tier, dtype, H, bs, window, lo, hi)
 
 
 

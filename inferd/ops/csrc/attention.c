@@ -13,8 +13,9 @@ static inline void load_row(const void *cache, int64_t off, int D, int is_bf16, 
 // Inlined with constant Hkv, G and D so the short inner loops unroll.
 static inline __attribute__((always_inline)) void attn_seq(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk) {
-    (void)next_seq_blk;
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk, int kh0,
+    int kh1) {
+    (void)next_seq_blk, (void)kh0, (void)kh1;  // every KV head (ATTN_SPLIT is 1 without vector bodies)
     const int H = Hkv * G;
     float qf[MAX_H][MAX_D], acc[MAX_H][MAX_D], m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
     float kf[MAX_D];
@@ -140,10 +141,12 @@ static inline void prefetch_row(const void *k_cache, const void *v_cache, int64_
     }
 }
 
-// next_seq_blk: the first block the next sequence reads (-1: none), fetched while this one's last block is computed.
+// next_seq_blk: the first block the next work item reads (-1: none), fetched while this one's last block is
+// computed. KV heads kh0 .. kh1-1 only (and their query heads): a sequence may be split among threads.
 static inline __attribute__((always_inline)) void attn_seq_vec(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk) {
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk, int kh0,
+    int kh1) {
     const int H = Hkv * G, NV = D / VW;
     vf qv[MAX_H][MAX_D / VW], acc[MAX_H][MAX_D / VW];
     vf part[MAX_H][VW];  // per head of the KV head: the dot-product vectors of VW keys (slot SLOT(i) for key i)
@@ -151,7 +154,7 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
     const int64_t tok_stride = (int64_t)Hkv * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
     const vf sc = vf_set1(scale);
-    for (int h = 0; h < H; h++) {
+    for (int h = kh0 * G; h < kh1 * G; h++) {
         for (int i = 0; i < NV; i++) {
             qv[h][i] = vf_mul(vf_load(q, ((int64_t)b * H + h) * D + i * VW, is_bf16), sc);
             acc[h][i] = vf_zero();
@@ -171,7 +174,7 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
         const int elt = is_bf16 ? 2 : 4;
         // one KV head at a time (the block's K and V stay in L1 across them): its G heads' q and accumulators
         // are local arrays of constant size (kept in registers where the dispatch makes G and D constants)
-        for (int kh = 0; kh < Hkv; kh++) {
+        for (int kh = kh0; kh < kh1; kh++) {
             vf ql[MAX_H][MAX_D / VW];
             for (int g = 0; g < G; g++)
                 for (int u = 0; u < NV; u++) ql[g][u] = qv[kh * G + g][u];
@@ -234,7 +237,7 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
                 for (int u = 0; u < NV; u++) acc[kh * G + g][u] = al[g][u];
         }
     }
-    for (int h = 0; h < H; h++) {
+    for (int h = kh0 * G; h < kh1 * G; h++) {
         const vf inv = vf_set1(l[h] > 0.f ? 1.f / l[h] : 0.f);
         const int64_t ooff = ((int64_t)b * H + h) * D;
         for (int i = 0; i < NV; i++) vf_store(out, ooff + i * VW, vf_mul(acc[h][i], inv), is_bf16);
@@ -242,15 +245,26 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
 }
 #define ATTN_FAST attn_seq_vec
 #define ATTN_VW VW
+// work items per sequence: with fewer sequences than 4 (a single stream) each KV head is one, so every thread works
+#define ATTN_SPLIT(B) ((B) >= 4 ? 1 : Hkv)
 #else
 #define ATTN_FAST attn_seq
 #define ATTN_VW 1
+#define ATTN_SPLIT(B) 1
 #endif
 
+// item w of B · split: sequence w / split, its KV heads of part w % split
+#define ITEM_ARGS(w, split, HKV) \
+    block_tables + (int64_t)((w) / (split)) * max_blocks, WSTART(ctx_lens[(w) / (split)]), ctx_lens[(w) / (split)], out, \
+    (w) / (split)
+#define ITEM_TAIL(w, split, HKV) \
+    (w) % (split) == (split) - 1 ? NEXT_SEQ_BLK((w) / (split)) : -1, (w) % (split) * (HKV) / (split), \
+    ((w) % (split) + 1) * (HKV) / (split)
 #define DISPATCH(HKV, GV, DV, BF)                                                                         \
     if (Hkv == HKV && G == GV && D == DV && is_bf16 == BF) {                                              \
-        _Pragma("omp parallel for schedule(dynamic, 1)") for (int b = 0; b < B; b++)                      \
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF, NEXT_SEQ_BLK(b)); \
+        const int split = ATTN_SPLIT(B);                                                                  \
+        _Pragma("omp parallel for schedule(dynamic, 1)") for (int w = 0; w < B * split; w++)              \
+            ATTN_FAST(q, k_cache, v_cache, ITEM_ARGS(w, split, HKV), HKV, GV, DV, bs, scale, BF, ITEM_TAIL(w, split, HKV)); \
         return 0;                                                                                         \
     }
 
@@ -270,14 +284,14 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     DISPATCH(3, 3, 64, 0)
     DISPATCH(1, 4, 256, 1)  // Gemma 3 270M
     DISPATCH(8, 4, 64, 1)   // Llama 3.2 1B
+    const int split = D % ATTN_VW == 0 ? ATTN_SPLIT(B) : 1;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int b = 0; b < B; b++) {
+    for (int w = 0; w < B * split; w++) {
         if (D % ATTN_VW == 0)
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                      out, b, Hkv, G, D, bs, scale, is_bf16, NEXT_SEQ_BLK(b));
+            ATTN_FAST(q, k_cache, v_cache, ITEM_ARGS(w, split, Hkv), Hkv, G, D, bs, scale, is_bf16,
+                      ITEM_TAIL(w, split, Hkv));
         else
-            attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                     out, b, Hkv, G, D, bs, scale, is_bf16, -1);
+            attn_seq(q, k_cache, v_cache, ITEM_ARGS(w, split, Hkv), Hkv, G, D, bs, scale, is_bf16, -1, 0, Hkv);
     }
     return 0;
 }
