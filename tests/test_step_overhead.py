@@ -79,3 +79,30 @@ def test_token_ids_between_is_a_slice_of_all_token_ids():
     for start in range(8):
         for end in range(start, 8):
             assert req.token_ids_between(start, end) == req.all_token_ids[start:end], (start, end)
+
+
+def test_decode_steps_outside_inference_mode_with_logit_changes(tiny_llm):
+    """The engine hands the sampler its logits without a gather copy when every row is sampled (a decode step);
+    the sampler's slow path (penalties, logit_bias, min_tokens) then works on its own copy, so steps run outside
+    inference mode, as the server runs them, give the tokens LLM.generate gives."""
+    from inferd import SamplingParams
+
+    eng = tiny_llm.engine
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={5: -100.0, 7: 50.0}),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.5, min_tokens=3),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    prompts = [[1, 2, 3, 4], [9, 8, 7], [11, 12, 13, 14, 15]]
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, params)]
+    assert not torch.is_inference_mode_enabled()
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"outside-{i}", p, sp)
+    got: dict[str, list[int]] = {}
+    for _ in range(50):
+        for out in eng.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        if len(got) == 3:
+            break
+    assert [got[f"outside-{i}"] for i in range(3)] == want
+    assert all(t == 7 for t in want[0])  # the +50 bias wins every step

@@ -101,7 +101,9 @@ class Sampler:
             view = logits[:, : self.vocab_size]
             best = cpu_kernels.argmax_rows(view)  # torch's argmax exactly, one C call (ops/csrc/argmax_rows.c)
             return SamplerOutput((view.argmax(dim=-1) if best is None else best).tolist(), [None] * B)
-        logits = logits[:, : self.vocab_size]
+        # a private copy: the steps below change rows in place, and the caller's logits may be the engine's own
+        # (an inference-mode tensor, which cannot be changed in place outside inference mode)
+        logits = logits[:, : self.vocab_size].clone()
         logits = self.apply_penalties(logits, reqs)
         logits = self.apply_logit_bias(logits, reqs)
         for i, r in enumerate(reqs):  # min_tokens: EOS and stop tokens are banned until reached
