@@ -106,3 +106,33 @@ def test_decode_steps_outside_inference_mode_with_logit_changes(tiny_llm):
             break
     assert [got[f"outside-{i}"] for i in range(3)] == want
     assert all(t == 7 for t in want[0])  # the +50 bias wins every step
+
+
+def test_fused_final_norm_equals_the_norm_after_the_call(tiny_hf):
+    """The fused decoder's final norm (run(final_norm=True)) gives what model.norm.add_forward gives after the
+    plain call, bit for bit (a decode step rewrites the same K/V, so the step can be run twice)."""
+    from inferd import LLM, SamplingParams
+    from inferd.engine.scheduler import SchedulerOutput
+
+    llm = LLM(str(tiny_hf), dtype="bfloat16", quantization="int8", kv_cache_memory=0.02, device="cpu")
+    eng, model = llm.engine, llm.engine.lm.model
+    for i, p in enumerate(([1, 2, 3, 4, 5], [7, 8, 9])):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    if not model._fused:
+        pytest.skip("no fused decoder on this tier")
+    reqs = list(eng.scheduler.running)
+    for r in reqs:
+        assert eng.kv.allocate_slots(r, 1)
+    batch = eng.runner.prepare(SchedulerOutput({r.request_id: 1 for r in reqs}, reqs))
+    with torch.inference_mode():
+        x = model.model.embed_tokens(batch.input_ids)
+        args = (batch.positions, eng.runner.kv_caches, batch.meta)
+        folded = model._fused.run(x, *args, final_norm=True)
+        assert folded is not None
+        folded_hidden, folded_residual = folded[0].clone(), folded[1].clone()
+        plain = model._fused.run(x, *args)
+        assert plain is not None
+        want = model.model.norm.add_forward(*plain)
+    assert torch.equal(folded_hidden, want[0]) and torch.equal(folded_residual, want[1])

@@ -76,6 +76,9 @@ typedef struct {
     // a hybrid KV cache (engine/hybrid_kv.py): slots and block tables of the sliding-window layers' own pool, used
     // by layers with a window; NULL: every layer uses slots / block_tables
     const int64_t *local_slots, *local_block_tables;
+    // the model's final norm, or NULL: after the last layer residual += x and final_out = RMSNorm(residual) · w
+    const void *final_norm;
+    void *final_out;
 } step_desc;
 
 int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s);
