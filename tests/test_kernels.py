@@ -116,21 +116,36 @@ def test_quant_gemms_bit_identical_across_tiers():
 
 
 @needs_c
-def test_decode_attention_matches_sdpa():
+@pytest.mark.parametrize("tier", [t for t in runnable_tiers() if t != "torch"])
+def test_decode_attention_matches_sdpa(tier):
+    """Every tier's decode kernel (the vector bodies score VW keys at a time: blocks of 16 and of 12 keys, not a
+    multiple of the lanes; lengths ending anywhere in a block; windows starting mid-block) against sdpa; a batch of
+    fewer than 4 sequences (split by KV head among the threads) gives the same rows bit for bit."""
     g = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32), (32, 8, 64)):  # the last: Llama 3.2 1B (a specialised body)
-            cache = torch.randn(2, 40, 16, hkv, D, generator=g).to(dtype)
-            B = 5
-            tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(B)])
-            lens = torch.tensor([1, 16, 17, 50, 96], dtype=torch.int32)
-            q = torch.randn(B, H, D, generator=g).to(dtype)
-            got = cpu_kernels.paged_decode_attention(q, cache, tables, lens, 0.3)
-            k = cache[0][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
-            v = cache[1][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
-            mask = (torch.arange(96).unsqueeze(0) < lens.unsqueeze(1)).view(B, 1, 1, 96)
-            ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask, scale=0.3).squeeze(2)
-            torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+    with use_tier(tier):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            for H, hkv, D in ((9, 3, 64), (4, 2, 16), (8, 8, 32), (32, 8, 64)):  # the last: Llama 3.2 1B (specialised)
+                for bs, window in ((16, 0), (12, 0), (16, 21)):
+                    cache = torch.randn(2, 40, bs, hkv, D, generator=g).to(dtype)
+                    B = 6
+                    tables = torch.stack([torch.randperm(40, generator=g)[:8] for _ in range(B)])
+                    lens = torch.tensor([1, 16, 17, 50, 73, 96], dtype=torch.int32)
+                    q = torch.randn(B, H, D, generator=g).to(dtype)
+                    got = cpu_kernels.paged_decode_attention(q, cache, tables, lens, 0.3, window=window or None)
+                    k = cache[0][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
+                    v = cache[1][tables].reshape(B, -1, hkv, D).transpose(1, 2).float().repeat_interleave(H // hkv, 1)
+                    j = torch.arange(k.shape[2]).unsqueeze(0)
+                    mask = j < lens.unsqueeze(1)
+                    if window:
+                        mask &= j > lens.unsqueeze(1) - 1 - window
+                    ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask.view(B, 1, 1, -1),
+                                                         scale=0.3).squeeze(2)
+                    err = float((got.float() - ref).abs().max())
+                    assert err <= tol * (1 + float(ref.abs().max())), (tier, dtype, H, bs, window, err)
+                    for lo, hi in ((3, 4), (3, 6)):  # fewer than 4 sequences: each KV head a work item of its own
+                        part = cpu_kernels.paged_decode_attention(q[lo:hi].contiguous(), cache, tables[lo:hi],
+                                                                  lens[lo:hi], 0.3, window=window or None)
+                        assert torch.equal(part, got[lo:hi]), (tier, dtype, H, bs, window, lo, hi)
 
 
 

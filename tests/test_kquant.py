@@ -13,6 +13,7 @@ import torch
 from inferd import LLM
 from inferd.errors import ModelLoadError
 from inferd.loader.gguf import RawTensor
+from inferd.ops import cpu_kernels
 from inferd.ops.kernels import get_kernels, runnable_tiers, use_tier
 from inferd.quant import gguf_blocks
 from inferd.quant.apply import QuantConfig, packed_from_blocks, resolve_auto
@@ -117,7 +118,22 @@ def test_embedding_rows_equal_the_dequantized_table(type_name):
         with use_tier(tier):
             layer = packed_from_blocks([rt], None, QuantConfig("gguf", 32, 0), torch.device("cpu"))
             assert isinstance(layer, QKLinear), (tier, type(layer))
-            assert torch.equal(layer.dequantized_rows(ids), layer.dequantized()[ids]), (tier, layer.layout)
+            want = layer.dequantized()[ids]
+            assert torch.equal(layer.dequantized_rows(ids), want), (tier, layer.layout)
+            assert torch.equal(layer.dequantized_rows_torch(ids), want), (tier, layer.layout)
+            assert torch.equal(layer.dequantized_rows(ids, torch.bfloat16), want.bfloat16()), (tier, layer.layout)
+            if layer.layout == "qkrows16":  # the C rows (ops/csrc/qk_rows.c) ran: bit-identical to the torch path
+                mode = 0 if not layer.kmode else (2 if layer.ksym else 1)
+                assert mode == {"Q6_K": 2, "Q4_K": 1, "Q5_K": 1}.get(type_name, 0), (tier, mode)
+                for dt in (torch.float32, torch.bfloat16):
+                    c_rows = cpu_kernels.qk_rows(ids, layer.packed, layer.dm if mode == 0 else layer.scm, layer.sb,
+                                                 layer.out_features, layer.in_features, layer.bits, layer.sub, mode, dt)
+                    assert c_rows is not None and torch.equal(c_rows, want.to(dt)), (tier, dt)
+                bad = torch.tensor([3, layer.out_features])  # an id past the table: no C rows, torch's IndexError
+                assert cpu_kernels.qk_rows(bad, layer.packed, layer.dm if mode == 0 else layer.scm, layer.sb,
+                                           layer.out_features, layer.in_features, layer.bits, layer.sub, mode) is None
+                with pytest.raises(IndexError):
+                    layer.dequantized_rows(bad)
 
 
 def test_mixed_q8_and_k_layer_kept_dequantized():

@@ -216,7 +216,10 @@ class LLMEngine:
                     sample_reqs.append(req)
                     rows.extend(range(first, first + count))
                     views.extend(sampler_rows(req))
-            so = self.sampler(logits[rows], views) if rows else None
+            # every row in order (a decode step): the sampler takes the logits as they are, no (B, V) gather copy
+            # (its grammar masks change them in place: no prompt-logprob rows are left to read then)
+            every_row = rows == list(range(logits.shape[0]))
+            so = self.sampler(logits if every_row else logits[rows], views) if rows else None
             by_id = {r.request_id: r for r in out.requests}
             for rid, (first, count, pos0) in batch.prompt_lp_rows.items():
                 req = by_id[rid]

@@ -53,12 +53,9 @@ def decode_table(reqs: list[Request], table: str) -> torch.Tensor:
     """One block-table row per decode row (`reqs`: the sequence of each row; a verifying sequence has several
     rows), zero-padded; each sequence's table is converted once. Released entries (-1, hybrid KV) read as block 0:
     they lie before every row's window and are never read."""
-    ids = {id(r): torch.tensor(getattr(r, table), dtype=torch.long).clamp(min=0) for r in reqs}
-    out = torch.zeros(len(reqs), max(len(t) for t in ids.values()), dtype=torch.long)
-    for i, r in enumerate(reqs):
-        t = ids[id(r)]
-        out[i, : len(t)] = t
-    return out
+    tables = [getattr(r, table) for r in reqs]
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).clamp_(min=0)
 
 
 @dataclass
@@ -66,7 +63,7 @@ class StepBatch:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     meta: AttnMetadata
-    logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed
+    logit_rows: torch.Tensor  # (R,) rows of the flat batch whose logits are needed, strictly increasing
     sample_rows: list[int]  # per request: index into logit_rows of its first sampled row, or -1
     num_sample_rows: list[int]  # per request: rows sampled (1, or 1 + its proposals when speculating)
     prompt_lp_rows: dict[str, tuple[int, int, int]]  # request id → (first logit row, count, first position)
@@ -99,15 +96,16 @@ class ModelRunner:
         self.graphs = (DecodeGraphs(lm.model, self.kv_caches, block_size, num_blocks, max_num_seqs,
                                     -(-lm.max_model_len // block_size)) if use_graphs else None)
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """The KV cache slot of each position in [start, end): block_ids[p // block_size] · block_size + the offset
+        (Python ints: a decode row's one slot costs no tensor ops)."""
+        bs = self.block_size
+        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         ids: list[int] = []
         positions: list[int] = []
-        slot_parts: list[torch.Tensor] = []
+        slots: list[int] = []
         logit_rows: list[int] = []
         sample_rows: list[int] = []
         num_sample_rows: list[int] = []
@@ -120,9 +118,9 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + n
             spec = req.spec_token_ids  # proposals after the sequence's tokens (verified in this step)
-            ids.extend(req.all_token_ids[start : end - len(spec)] + spec if spec else req.all_token_ids[start:end])
+            ids.extend(req.token_ids_between(start, end - len(spec)) + spec if spec else req.token_ids_between(start, end))
             positions.extend(range(start, end))
-            slot_parts.append(self._slots(req.block_ids, start, end))
+            slots.extend(self._slots(req.block_ids, start, end))
             # a decode row per new token: one, or 1 + the proposals being verified (each row sees the cache up
             # to its own position, so the step needs no multi-token attention)
             is_decode = n == 1 + len(spec) and start >= req.num_prompt_tokens
@@ -147,7 +145,7 @@ class ModelRunner:
                 sample_rows.append(-1)
                 num_sample_rows.append(0)
             row += n
-        meta.slot_mapping = torch.cat(slot_parts) if slot_parts else meta.slot_mapping
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long)
         if meta.prefills and self.use_c_kernel:
             plan_prefill_kernel(meta)
         meta.num_decode = len(decode_rows)
@@ -180,12 +178,13 @@ class ModelRunner:
         before the window are released, -1; they are never read, so tables show them as block 0). `decode_reqs`:
         the sequence of each decode row (a verifying sequence has several)."""
         bs = self.block_size
-        slots, tables = [], []
+        slots: list[int] = []
+        tables = []
         for req in out.requests:
             start = req.num_computed_tokens
-            slots.append(self._slots(req.local_block_ids, start, start + out.num_tokens[req.request_id]))
+            slots.extend(self._slots(req.local_block_ids, start, start + out.num_tokens[req.request_id]))
             tables.append(torch.tensor(req.local_block_ids, dtype=torch.long).clamp(min=0))
-        local = AttnMetadata(slot_mapping=torch.cat(slots) if slots else meta.slot_mapping,
+        local = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long),
                              num_decode=meta.num_decode, decode_ctx_lens=meta.decode_ctx_lens,
                              use_c_kernel=meta.use_c_kernel)
         by_id = dict(zip((r.request_id for r in out.requests), tables))
@@ -210,4 +209,5 @@ class ModelRunner:
             if logits is not None:
                 return logits.cpu()
         hidden = self.lm.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.lm.model.compute_logits(hidden[batch.logit_rows]).cpu()
+        rows = batch.logit_rows  # strictly increasing: as many as the batch's rows is every row, in order
+        return self.lm.model.compute_logits(hidden if rows.shape[0] == hidden.shape[0] else hidden[rows]).cpu()

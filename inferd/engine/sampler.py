@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from inferd.engine.request import Request
+from inferd.ops import cpu_kernels
 from inferd.structured.masks import apply_grammar_masks
 
 
@@ -97,8 +98,12 @@ class Sampler:
         if all(p.greedy and p.logprobs is None and not p.min_tokens and p.repetition_penalty == 1.0
                and not p.presence_penalty and not p.frequency_penalty and not p.logit_bias for p in params):
             # fast path (the common serving case): one argmax over the batch, no copies
-            return SamplerOutput(logits[:, : self.vocab_size].argmax(dim=-1).tolist(), [None] * B)
-        logits = logits[:, : self.vocab_size]
+            view = logits[:, : self.vocab_size]
+            best = cpu_kernels.argmax_rows(view)  # torch's argmax exactly, one C call (ops/csrc/argmax_rows.c)
+            return SamplerOutput((view.argmax(dim=-1) if best is None else best).tolist(), [None] * B)
+        # a private copy: the steps below change rows in place, and the caller's logits may be the engine's own
+        # (an inference-mode tensor, which cannot be changed in place outside inference mode)
+        logits = logits[:, : self.vocab_size].clone()
         logits = self.apply_penalties(logits, reqs)
         logits = self.apply_logit_bias(logits, reqs)
         for i, r in enumerate(reqs):  # min_tokens: EOS and stop tokens are banned until reached

@@ -86,9 +86,9 @@ class Gemma3ForCausalLM(nn.Module):
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # in the compute dtype, as transformers does
         if self._fused is False:
             self._fused = FusedDecoder.build(self) if not x.is_cuda else None
-        fused = self._fused.run(x, positions, kv_caches, meta) if self._fused else None
-        if fused is not None:  # a decode step: all layers in one C call
-            return self.model.norm.add_forward(*fused)[0]
+        fused = self._fused.run(x, positions, kv_caches, meta, final_norm=True) if self._fused else None
+        if fused is not None:  # a decode step: all layers and the final norm in one C call
+            return fused[0]
         tables = x.is_cuda or not cpu_kernels.available()  # else the C rotary kernel reads the tables itself
         ropes = {}
         for name, rot in (("global", self.rotary), ("local", self.rotary_local)):

@@ -103,9 +103,9 @@ class LlamaForCausalLM(nn.Module):
             cos, sin = self.rotary.cos_sin(positions)
         if self._fused is False:
             self._fused = FusedDecoder.build(self) if not x.is_cuda else None
-        fused = self._fused.run(x, positions, kv_caches, meta) if self._fused else None
-        if fused is not None:  # a decode step: all layers in one C call
-            return self.model.norm.add_forward(*fused)[0]
+        fused = self._fused.run(x, positions, kv_caches, meta, final_norm=True) if self._fused else None
+        if fused is not None:  # a decode step: all layers and the final norm in one C call
+            return fused[0]
         rope = (self.rotary, cos, sin, positions)
         residual = None
         for layer, cache in zip(self.model.layers, kv_caches):

@@ -23,4 +23,5 @@ class StepDesc(ctypes.Structure):
     _fields_ = [(n, _i) for n in ("M", "H", "Hkv", "D", "hidden", "inter", "rot_dim", "bs", "max_blocks", "is_bf16",
                                   "first", "act_kind", "local_max_blocks")] + [("eps", _f), ("scale", _f)] + \
                [(n, _p) for n in ("positions", "slots", "block_tables", "ctx_lens", "cos", "sin", "x", "residual", "h",
-                                  "qkv", "q", "attn", "gu", "act", "local_slots", "local_block_tables")]
+                                  "qkv", "q", "attn", "gu", "act", "local_slots", "local_block_tables",
+                                  "final_norm", "final_out")]

@@ -211,3 +211,29 @@ def qk_gemm_ks(x: torch.Tensor, w: torch.Tensor, scm: torch.Tensor, sb: torch.Te
                       x.shape[1], int(x.dtype == torch.bfloat16), bits, sub) != 0:
         return None
     return y
+
+
+def qk_rows(ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, sb: torch.Tensor | None, n: int, k: int,
+            bits: int, sub: int, mode: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Rows `ids` (int64, 1-D) of 4/5/6-bit weights packed by quant.linear.pack_qk_rows16, dequantized to `dtype`
+    (fp32 or bf16), bit-identical to QKLinear.dequantized_rows_torch. mode 0: `scales` fp16 dm; 1: int8 K-quant
+    multipliers with fp16 super-block factors `sb`; 2: symmetric K-quant (Q6_K). None when the kernel does not
+    apply (no C library, another dtype, an id out of range: the caller's torch path then runs or raises)."""
+    lib = _lib()
+    if lib is None or dtype not in _FLOAT_TYPES or ids.dtype != torch.int64 or ids.dim() != 1:
+        return None
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape[0], k, dtype=dtype)
+    rc = lib.qk_rows(w.data_ptr(), scales.data_ptr(), 0 if sb is None else sb.data_ptr(), ids.data_ptr(),
+                     ids.shape[0], n, k, bits, sub, mode, out.data_ptr(), int(dtype == torch.bfloat16))
+    return out if rc == 0 else None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x (B, V) float32 on the CPU, unit inner stride (a column slice of wider logits is fine) → int64 (B,), what
+    x.argmax(dim=-1) returns (the first maximum; a row's first NaN where it has one). None when unavailable."""
+    lib = _lib()
+    if lib is None or x.dtype != torch.float32 or x.is_cuda or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    return out if lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr()) == 0 else None

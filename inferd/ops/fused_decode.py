@@ -151,10 +151,12 @@ class FusedDecoder:
         return self.layers
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-            meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+            meta: AttnMetadata, final_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x: (M, hidden) embeddings of a pure-decode step → (last layer's output, residual), or None when this
         step is not one the fused path takes (the caller then runs the layers in Python). The returned tensors
-        are work buffers reused by the next step: the caller consumes them at once (the final norm)."""
+        are work buffers reused by the next step: the caller consumes them at once (the final norm).
+        final_norm: the model's final norm runs in the same call, returning (a new tensor of the normalised
+        hidden states, residual): what `model.norm.add_forward(*run(...))` returns, without another call."""
         M = x.shape[0]
         if meta.prefills or meta.num_decode != M or not meta.use_c_kernel or M > self.max_rows \
                 or x.dtype != self.model.model.norm.weight.dtype:
@@ -173,6 +175,9 @@ class FusedDecoder:
         rot = self.model.rotary
         local = meta.local  # a hybrid KV cache: the window layers' own slots and tables
         local_tables = None if local is None else local.decode_block_tables
+        norm = self.model.model.norm
+        final = torch.empty(M, cfg.hidden_size, dtype=x.dtype) if final_norm else None
+        assert not final_norm or norm.eps == cfg.rms_norm_eps, "the C step normalises with the config's eps"
         s = StepDesc(M, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size, rot.dim,
                      kv_caches[0].shape[2], tables.shape[1], int(x.dtype == torch.bfloat16), 1, ACT_KINDS[cfg.mlp_act],
                      0 if local_tables is None else local_tables.shape[1],
@@ -182,8 +187,9 @@ class FusedDecoder:
                      rot.cos.data_ptr(), rot.sin.data_ptr(), out.data_ptr(), residual.data_ptr(), h.data_ptr(),
                      qkv.data_ptr(), q.data_ptr(), att.data_ptr(), gu.data_ptr(), act.data_ptr(),
                      None if local is None else local.slot_mapping.data_ptr(),
-                     None if local_tables is None else local_tables.data_ptr())
+                     None if local_tables is None else local_tables.data_ptr(),
+                     None if final is None else norm.weight.data_ptr(), None if final is None else final.data_ptr())
         if self.lib.decode_layers(self._layer_descs(kv_caches), len(kv_caches), ctypes.byref(s)) != 0:
             return None
         self.steps += 1
-        return out, residual  # this decoder's work buffers: valid until its next step
+        return (out if final is None else final), residual  # work buffers (but `final`): valid until the next step

@@ -73,6 +73,8 @@ SIGNATURES: dict[str, str] = {
     "qk_gemm": "pipppiiiii",
     "qk_gemm_ks": "pippppiiiii",
     "qk_gemm_kss": "pippppiiiii",
+    "qk_rows": "ppppiiiiiipi",
+    "argmax_rows": "piilp",
     "encoder_attention": "pppiiipfi",
     "quantize_rows_asym": "piiiippppipp",
     "dequant_rows": "piiippppppiiipp",

@@ -505,9 +505,21 @@ class QKLinear(_PackedLinear):
         q, d, m = self.unpacked()
         return dequantize_qk(q, d, m, self.sub)
 
-    def dequantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 rows (len(ids), K) of the weight for int64 `ids`, unpacking only those rows (an embedding
-        lookup in a tied lm_head's table)."""
+    def dequantized_rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows (len(ids), K) of the weight for int64 `ids` in `dtype`, unpacking only those rows (an embedding
+        lookup in a tied lm_head's table): in the qkrows16 layout one C call (ops/csrc/qk_rows.c), bit-identical
+        to dequantized_rows_torch, which runs where it does not apply."""
+        if self.layout == "qkrows16":
+            mode, scales = (0, self.dm) if not self.kmode else (2 if self.ksym else 1, self.scm)
+            assert scales is not None
+            y = cpu_kernels.qk_rows(ids, self.packed, scales, self.sb, self.out_features, self.in_features,
+                                    self.bits, self.sub, mode, dtype)
+            if y is not None:
+                return y
+        return self.dequantized_rows_torch(ids).to(dtype)
+
+    def dequantized_rows_torch(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows (len(ids), K) of the weight for int64 `ids`, unpacking only those rows, in torch."""
         if self.layout != "qkrows16":
             q, d, m = self.unpacked(ids)
             return dequantize_qk(q, d, m, self.sub)
@@ -627,8 +639,8 @@ class QKEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.lm_head[0]
-        rows = head.dequantized_rows(ids.reshape(-1).long())
-        return rows.view(*ids.shape, head.in_features).to(self.dtype)
+        rows = head.dequantized_rows(ids.reshape(-1).long(), self.dtype)
+        return rows.view(*ids.shape, head.in_features)
 
 
 def tied_embedding(lm_head: nn.Module, dtype: torch.dtype) -> nn.Module:

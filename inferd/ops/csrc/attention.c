@@ -13,7 +13,9 @@ static inline void load_row(const void *cache, int64_t off, int D, int is_bf16, 
 // Inlined with constant Hkv, G and D so the short inner loops unroll.
 static inline __attribute__((always_inline)) void attn_seq(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk, int kh0,
+    int kh1) {
+    (void)next_seq_blk, (void)kh0, (void)kh1;  // every KV head (ATTN_SPLIT is 1 without vector bodies)
     const int H = Hkv * G;
     float qf[MAX_H][MAX_D], acc[MAX_H][MAX_D], m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
     float kf[MAX_D];
@@ -86,19 +88,73 @@ static inline __attribute__((always_inline)) void attn_seq(
 
 
 #ifdef VW
-// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time, dot products as FMAs and one
-// horizontal sum, V accumulated with broadcast FMAs. ~5x faster than the auto-vectorised loops above (whose
-// `omp simd` reductions re-initialise a lane array for every dot product).
+// r[i] = the sum of v[SLOT(i)]'s lanes, i < VW: VW horizontal sums in log2(VW) rounds of shuffles and adds (one
+// _mm512_reduce_add_ps costs about as much as this does for all 16).
+#define SLOT(i) (((i) & 3) * (VW / 4) + ((i) >> 2))
+#if VW == 16
+static inline vf vf_reduce_lanes(const vf *v) {
+    vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+#define vf_hmax _mm512_reduce_max_ps
+#define vf_hsum_all _mm512_reduce_add_ps
+#else
+static inline vf vf_reduce_lanes(const vf *v) {
+    vf a[4], b[2];
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}
+static inline float vf_hmax(vf v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+static inline float vf_hsum_all(vf v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#endif
+
+// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time. Scores VW keys at a time: each
+// key's dot product as FMAs into one vector per head, the VW vectors summed across lanes together
+// (vf_reduce_lanes); the block's softmax (max, exp, sum) on vectors of keys; V accumulated with broadcast FMAs.
+// Fetch the K and V row of one token and KV head (row_bytes at byte offset off) into the cache.
+static inline void prefetch_row(const void *k_cache, const void *v_cache, int64_t off, int row_bytes) {
+    for (int x = 0; x < row_bytes; x += 64) {
+        __builtin_prefetch((const char *)k_cache + off + x);
+        __builtin_prefetch((const char *)v_cache + off + x);
+    }
+}
+
+// next_seq_blk: the first block the next work item reads (-1: none), fetched while this one's last block is
+// computed. KV heads kh0 .. kh1-1 only (and their query heads): a sequence may be split among threads.
 static inline __attribute__((always_inline)) void attn_seq_vec(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *bt, int start, int ctx, void *out, int b,
-    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16) {
+    const int Hkv, const int G, const int D, int bs, float scale, const int is_bf16, int64_t next_seq_blk, int kh0,
+    int kh1) {
     const int H = Hkv * G, NV = D / VW;
     vf qv[MAX_H][MAX_D / VW], acc[MAX_H][MAX_D / VW];
-    float m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS];
+    vf part[MAX_H][VW];  // per head of the KV head: the dot-product vectors of VW keys (slot SLOT(i) for key i)
+    float m[MAX_H], l[MAX_H], s[MAX_H][MAX_BS + VW];
     const int64_t tok_stride = (int64_t)Hkv * D;
     const int64_t blk_stride = (int64_t)bs * tok_stride;
     const vf sc = vf_set1(scale);
-    for (int h = 0; h < H; h++) {
+    for (int h = kh0 * G; h < kh1 * G; h++) {
         for (int i = 0; i < NV; i++) {
             qv[h][i] = vf_mul(vf_load(q, ((int64_t)b * H + h) * D + i * VW, is_bf16), sc);
             acc[h][i] = vf_zero();
@@ -110,49 +166,78 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
     for (int j = start / bs; j < nblk; j++) {  // keys start .. ctx-1: only the blocks they lie in
         const int n = (j == nblk - 1) ? ctx - j * bs : bs;
         const int t0 = j == start / bs ? start - j * bs : 0;
+        const int nch = (n - t0 + VW - 1) / VW, tend = t0 + nch * VW;  // keys t0 .. n-1 in chunks of VW
         const int64_t base = bt[j] * blk_stride;
-        for (int t = t0; t < n; t++) {
-            for (int kh = 0; kh < Hkv; kh++) {
-                const int64_t off = base + t * tok_stride + (int64_t)kh * D;
-                vf kv[MAX_D / VW];
-                for (int i = 0; i < NV; i++) kv[i] = vf_load(k_cache, off + i * VW, is_bf16);
-                for (int g = 0; g < G; g++) {
-                    const int h = kh * G + g;
-                    vf a = vf_mul(qv[h][0], kv[0]);
-                    for (int i = 1; i < NV; i++) a = vf_fma(qv[h][i], kv[i], a);
-                    s[h][t] = vf_hsum(a);
+        // the next block (this sequence's or the next one's first) is fetched while this one is computed: the
+        // blocks of a step's sequences lie anywhere in the pool, beyond what the hardware prefetcher follows
+        const int64_t next = j + 1 < nblk ? bt[j + 1] : next_seq_blk;
+        const int elt = is_bf16 ? 2 : 4;
+        // one KV head at a time (the block's K and V stay in L1 across them): its G heads' q and accumulators
+        // are local arrays of constant size (kept in registers where the dispatch makes G and D constants)
+        for (int kh = kh0; kh < kh1; kh++) {
+            vf ql[MAX_H][MAX_D / VW];
+            for (int g = 0; g < G; g++)
+                for (int u = 0; u < NV; u++) ql[g][u] = qv[kh * G + g][u];
+            for (int c = 0; c < nch; c++) {
+                const int tc = t0 + c * VW, k = n - tc < VW ? n - tc : VW;
+                for (int i = 0; i < VW; i++) {
+                    if (i >= k) {
+                        for (int g = 0; g < G; g++) part[g][SLOT(i)] = vf_zero();
+                        continue;
+                    }
+                    const int64_t off = base + (tc + i) * tok_stride + (int64_t)kh * D;
+                    if (next >= 0)  // the same row of the next block, one row per row computed
+                        prefetch_row(k_cache, v_cache, (next * blk_stride + (tc + i) * tok_stride + (int64_t)kh * D) * elt,
+                                     D * elt);
+                    vf kv[MAX_D / VW];
+                    for (int u = 0; u < NV; u++) kv[u] = vf_load(k_cache, off + u * VW, is_bf16);
+                    for (int g = 0; g < G; g++) {
+                        vf a = vf_mul(ql[g][0], kv[0]);
+                        for (int u = 1; u < NV; u++) a = vf_fma(ql[g][u], kv[u], a);
+                        part[g][SLOT(i)] = a;
+                    }
                 }
+                for (int g = 0; g < G; g++) vf_store(s[g], tc, vf_reduce_lanes(part[g]), 0);
             }
-        }
-        for (int h = 0; h < H; h++) {
-            float mx = m[h];
-            for (int t = t0; t < n; t++) mx = s[h][t] > mx ? s[h][t] : mx;
-            const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
-            l[h] *= corr;
-            const vf cv = vf_set1(corr);
-            for (int i = 0; i < NV; i++) acc[h][i] = vf_mul(acc[h][i], cv);
-            float sum = 0.f;
+            if (next >= 0)  // the next block's rows this block has no row for (a partial first or last block)
+                for (int t = 0; t < bs; t++)
+                    if (t < t0 || t >= n)
+                        prefetch_row(k_cache, v_cache, (next * blk_stride + t * tok_stride + (int64_t)kh * D) * elt,
+                                     D * elt);
+            vf al[MAX_H][MAX_D / VW];
+            for (int g = 0; g < G; g++) {  // the block's softmax step of each head
+                const int h = kh * G + g;
+                for (int t = n; t < tend; t++) s[g][t] = -INFINITY;
+                vf mv = vf_set1(m[h]);
+                for (int c = 0; c < nch; c++) mv = vf_max(mv, vf_load(s[g], t0 + c * VW, 0));
+                const float mx = vf_hmax(mv);
+                const float corr = m[h] == -INFINITY ? 0.f : exp_neg(m[h] - mx);
+                l[h] *= corr;
+                const vf cv = vf_set1(corr);
+                for (int u = 0; u < NV; u++) al[g][u] = vf_mul(acc[h][u], cv);
+                const vf mxv = vf_set1(mx);
+                for (int c = 0; c < nch; c++)
+                    vf_store(s[g], t0 + c * VW, vf_exp_neg(vf_sub(vf_load(s[g], t0 + c * VW, 0), mxv)), 0);
+                for (int t = n; t < tend; t++) s[g][t] = 0.f;
+                vf sum = vf_zero();
+                for (int c = 0; c < nch; c++) sum = vf_add(sum, vf_load(s[g], t0 + c * VW, 0));
+                l[h] += vf_hsum_all(sum);
+                m[h] = mx;
+            }
             for (int t = t0; t < n; t++) {
-                s[h][t] = exp_neg(s[h][t] - mx);
-                sum += s[h][t];
-            }
-            l[h] += sum;
-            m[h] = mx;
-        }
-        for (int t = t0; t < n; t++) {
-            for (int kh = 0; kh < Hkv; kh++) {
                 const int64_t off = base + t * tok_stride + (int64_t)kh * D;
                 vf vv[MAX_D / VW];
-                for (int i = 0; i < NV; i++) vv[i] = vf_load(v_cache, off + i * VW, is_bf16);
+                for (int u = 0; u < NV; u++) vv[u] = vf_load(v_cache, off + u * VW, is_bf16);
                 for (int g = 0; g < G; g++) {
-                    const int h = kh * G + g;
-                    const vf p = vf_set1(s[h][t]);
-                    for (int i = 0; i < NV; i++) acc[h][i] = vf_fma(p, vv[i], acc[h][i]);
+                    const vf p = vf_set1(s[g][t]);
+                    for (int u = 0; u < NV; u++) al[g][u] = vf_fma(p, vv[u], al[g][u]);
                 }
             }
+            for (int g = 0; g < G; g++)
+                for (int u = 0; u < NV; u++) acc[kh * G + g][u] = al[g][u];
         }
     }
-    for (int h = 0; h < H; h++) {
+    for (int h = kh0 * G; h < kh1 * G; h++) {
         const vf inv = vf_set1(l[h] > 0.f ? 1.f / l[h] : 0.f);
         const int64_t ooff = ((int64_t)b * H + h) * D;
         for (int i = 0; i < NV; i++) vf_store(out, ooff + i * VW, vf_mul(acc[h][i], inv), is_bf16);
@@ -160,20 +245,33 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
 }
 #define ATTN_FAST attn_seq_vec
 #define ATTN_VW VW
+// work items per sequence: with fewer sequences than 4 (a single stream) each KV head is one, so every thread works
+#define ATTN_SPLIT(B) ((B) >= 4 ? 1 : Hkv)
 #else
 #define ATTN_FAST attn_seq
 #define ATTN_VW 1
+#define ATTN_SPLIT(B) 1
 #endif
 
+// item w of B · split: sequence w / split, its KV heads of part w % split
+#define ITEM_ARGS(w, split, HKV) \
+    block_tables + (int64_t)((w) / (split)) * max_blocks, WSTART(ctx_lens[(w) / (split)]), ctx_lens[(w) / (split)], out, \
+    (w) / (split)
+#define ITEM_TAIL(w, split, HKV) \
+    (w) % (split) == (split) - 1 ? NEXT_SEQ_BLK((w) / (split)) : -1, (w) % (split) * (HKV) / (split), \
+    ((w) % (split) + 1) * (HKV) / (split)
 #define DISPATCH(HKV, GV, DV, BF)                                                                         \
     if (Hkv == HKV && G == GV && D == DV && is_bf16 == BF) {                                              \
-        _Pragma("omp parallel for schedule(dynamic, 1)") for (int b = 0; b < B; b++)                      \
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b], out, b, HKV, GV, DV, bs, scale, BF); \
+        const int split = ATTN_SPLIT(B);                                                                  \
+        _Pragma("omp parallel for schedule(dynamic, 1)") for (int w = 0; w < B * split; w++)              \
+            ATTN_FAST(q, k_cache, v_cache, ITEM_ARGS(w, split, HKV), HKV, GV, DV, bs, scale, BF, ITEM_TAIL(w, split, HKV)); \
         return 0;                                                                                         \
     }
 
 // the first key a query at position ctx - 1 sees under a sliding window (0: the whole context)
 #define WSTART(ctx) (window > 0 && (ctx) > window ? (ctx) - window : 0)
+// the first block sequence b + 1 reads (-1: b is the last)
+#define NEXT_SEQ_BLK(b) ((b) + 1 < B && ctx_lens[(b) + 1] > 0 ? block_tables[(int64_t)((b) + 1) * max_blocks + WSTART(ctx_lens[(b) + 1]) / bs] : -1)
 
 // dtype: 0 = float32, 1 = bfloat16 (q, caches and out share it). window > 0: a sliding-window layer, the query at
 // position p sees keys p - window < j <= p (transformers' convention) and only the blocks holding them are read.
@@ -186,14 +284,14 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     DISPATCH(3, 3, 64, 0)
     DISPATCH(1, 4, 256, 1)  // Gemma 3 270M
     DISPATCH(8, 4, 64, 1)   // Llama 3.2 1B
+    const int split = D % ATTN_VW == 0 ? ATTN_SPLIT(B) : 1;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int b = 0; b < B; b++) {
+    for (int w = 0; w < B * split; w++) {
         if (D % ATTN_VW == 0)
-            ATTN_FAST(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                      out, b, Hkv, G, D, bs, scale, is_bf16);
+            ATTN_FAST(q, k_cache, v_cache, ITEM_ARGS(w, split, Hkv), Hkv, G, D, bs, scale, is_bf16,
+                      ITEM_TAIL(w, split, Hkv));
         else
-            attn_seq(q, k_cache, v_cache, block_tables + (int64_t)b * max_blocks, WSTART(ctx_lens[b]), ctx_lens[b],
-                     out, b, Hkv, G, D, bs, scale, is_bf16);
+            attn_seq(q, k_cache, v_cache, ITEM_ARGS(w, split, Hkv), Hkv, G, D, bs, scale, is_bf16, -1, 0, Hkv);
     }
     return 0;
 }

@@ -148,6 +148,10 @@ int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s) {
         if (L->mlp_out_norm) rms_norm(s->x, L->mlp_out_norm, s->x, M, s->hidden, s->hidden, s->eps, s->is_bf16);
         PHASE(DP_NORM)
     }
+    if (s->final_norm) {  // the model's final norm, as the caller's RMSNorm.add_forward would run it
+        add_rms_norm(s->x, s->residual, s->final_norm, s->final_out, M, s->hidden, s->eps, s->is_bf16);
+        PHASE(DP_NORM)
+    }
     return 0;
 }
 

@@ -35,6 +35,9 @@ int qk_gemm_ks(const void *x, int M, const uint8_t *w, const int8_t *scm, const 
                int is_bf16, int bits, int sub);
 int qk_gemm_kss(const void *x, int M, const uint8_t *w, const int8_t *sc, const uint16_t *d, void *y, int N, int K,
                 int is_bf16, int bits, int sub);
+int qk_rows(const uint8_t *w, const void *scales, const uint16_t *sb, const int64_t *ids, int R, int N, int K,
+            int bits, int sub, int mode, void *out, int is_bf16);
+int argmax_rows(const float *x, int rows, int n, int64_t stride, int64_t *out);
 
 // ---- the fused decode step ----
 // ---- the decoder stack of a Llama-family model for decode rows, in one call ----
@@ -73,6 +76,9 @@ typedef struct {
     // a hybrid KV cache (engine/hybrid_kv.py): slots and block tables of the sliding-window layers' own pool, used
     // by layers with a window; NULL: every layer uses slots / block_tables
     const int64_t *local_slots, *local_block_tables;
+    // the model's final norm, or NULL: after the last layer residual += x and final_out = RMSNorm(residual) · w
+    const void *final_norm;
+    void *final_out;
 } step_desc;
 
 int decode_layers(const layer_desc *layers, int n_layers, const step_desc *s);
