@@ -16,7 +16,7 @@
 // _mm512_cvtps_epi32), with dx (scale), sx = dx · Σ xq and isum = Σ xq per group. Plain C, bit-identical on
 // every tier; it vectorises.
 static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_t *xq, float *dx, float *sx,
-                           int32_t *isum) {
+                           int32_t *isum, int32_t *isum8) {
 #if defined(VW) && VW == 16  // the same steps 16 lanes at a time (a hot path: every quantized linear, every step)
     for (int g = 0; g < K / 32; g++) {
         const __m512 a = vf_load(x, off + g * 32, is_bf16), b = vf_load(x, off + g * 32 + 16, is_bf16);
@@ -30,6 +30,7 @@ static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_
         dx[g] = d;
         sx[g] = d * (float)sum;
         isum[g] = sum;
+        isum8[g] = -8 * sum;
     }
     return;
 #endif
@@ -50,11 +51,13 @@ static void quantize_q8_32(const void *x, int64_t off, int K, int is_bf16, int8_
         dx[g] = d;
         sx[g] = d * (float)s;
         isum[g] = s;
+        isum8[g] = -8 * s;
     }
 }
 
 // M rows of K activations → int8 per group of 32 (row-major, in a per-thread buffer that grows as needed), with
-// dx, sx, isum (M, K/32) per group; NULL if the buffer cannot be allocated.
+// dx, sx, isum (M, K/32) per group (isum followed by −8 · isum, the offset of symmetric 4-bit weights); NULL if
+// the buffer cannot be allocated.
 static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, int M, int K, int is_bf16, const float **dx,
                                          const float **sx, const int32_t **isum) {
     static __thread int8_t *xq = NULL;
@@ -68,7 +71,7 @@ static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, 
         cap = M * K;
         xq = (int8_t *)aligned_alloc(64, ((size_t)cap + 63) / 64 * 64);
         dsx = (float *)malloc(sizeof(float) * 2 * (size_t)(cap / 32));
-        is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(cap / 32));
+        is = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)(cap / 32));  // Σ xq, then −8 Σ xq
         if (!xq || !dsx || !is) {
             cap = 0;
             return NULL;
@@ -82,7 +85,8 @@ static __attribute__((unused)) const int8_t *quantize_rows_q8_32(const void *x, 
     // for 16 of K = 8192)
 #pragma omp parallel for schedule(static) if (M > 1 && (int64_t)M * K >= Q4_PAR_QUANT)
     for (int m = 0; m < M; m++)
-        quantize_q8_32(x, (int64_t)m * K, K, is_bf16, q + (int64_t)m * K, ds + m * G, ds + M * G + m * G, su + m * G);
+        quantize_q8_32(x, (int64_t)m * K, K, is_bf16, q + (int64_t)m * K, ds + m * G, ds + M * G + m * G, su + m * G,
+                       su + M * G + m * G);
     *dx = dsx;
     *sx = dsx + M * G;
     *isum = is;
@@ -95,6 +99,7 @@ typedef struct {
     const float *dx, *sx;
     const int32_t *isum;
     const int32_t *isum16;  // Σ xq per 16 (M, K/32, 2), for symmetric weights with scales per 16 (else NULL)
+    const int32_t *isum8;   // −8 Σ xq per 32 (M, K/32): the offset of symmetric 4-bit weights, ready to broadcast
 } qact;
 
 // ---- 4-bit weights in a row-interleaved layout for AVX512-VNNI (int8 activations, as llama.cpp) ----
@@ -145,7 +150,7 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
             // its integer sum (no float term for it)
             const int64_t i = (m0 + r) * G + g;
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            if (OFF && NS == 1) s0 = _mm512_set1_epi32(-OFF * a->isum[i]);
+            if (OFF == 8 && NS == 1) s0 = _mm512_set1_epi32(a->isum8[i]);
             if (OFF && NS == 2) {
                 s0 = _mm512_set1_epi32(-OFF * a->isum16[2 * i]);
                 s1 = _mm512_set1_epi32(-OFF * a->isum16[2 * i + 1]);
@@ -835,6 +840,7 @@ static __attribute__((unused)) int prepare(const void *x, int M, int N, int K, i
     if (M < 1 || N % 16 || K % 32 || K > Q4_MAXK) return -1;
     a->xq = quantize_rows_q8_32(x, M, K, is_bf16, &a->dx, &a->sx, &a->isum);
     a->isum16 = NULL;
+    a->isum8 = a->xq ? a->isum + (int64_t)M * (K / 32) : NULL;
     return a->xq ? 0 : -1;
 }
 
