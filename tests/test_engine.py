@@ -137,7 +137,9 @@ def test_n_greater_than_one_shares_prompt_blocks(tiny_llm):
 def test_abort_frees_blocks(tiny_llm):
     eng = tiny_llm.engine
     free0 = eng.kv.num_free_blocks
-    eng.add_request("to-abort", prompts(tiny_llm.tokenizer, 1, seed=10)[0], SamplingParams(max_tokens=200))
+    # ignore_eos: sampled at temperature 1, a first token that is EOS would end the request in this very step
+    eng.add_request("to-abort", prompts(tiny_llm.tokenizer, 1, seed=10)[0],
+                    SamplingParams(max_tokens=200, ignore_eos=True))
     eng.step()
     assert eng.kv.num_free_blocks < free0
     ro = eng.abort_request("to-abort")
