@@ -136,6 +136,27 @@ def test_embedding_rows_equal_the_dequantized_table(type_name):
                     layer.dequantized_rows(bad)
 
 
+def test_bf16_rows_of_a_nan_scale_stay_nan():
+    """A NaN scale (fp16 0x7FFF, every mantissa bit set: a corrupt file) dequantizes to NaN in bf16, as in torch:
+    the C rounding to bf16 once carried such a NaN into the sign bit and stored -0.0. (NaN bits differ: torch's
+    vector conversion gives 0xFFFF, its scalar one and ours 0x7FC0.)"""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    d, m = torch.rand(16, 2, generator=g).half().float(), -torch.rand(16, 2, generator=g).half().float()
+    ids = torch.tensor([0, 3])
+    for tier in runnable_tiers():
+        with use_tier(tier):
+            layer = QKLinear(q, d, m, 4, 32)
+            if layer.layout != "qkrows16":  # no C rows on this tier
+                continue
+            layer.dm.view(torch.int16).view(-1)[0] = 0x7FFF  # row 0's d of group 0
+            want = layer.dequantized_rows_torch(ids).bfloat16()
+            got = cpu_kernels.qk_rows(ids, layer.packed, layer.dm, None, 16, 64, 4, 32, 0, torch.bfloat16)
+            assert got is not None and torch.isnan(want[0, 0])
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), tier
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), tier
+
+
 def test_mixed_q8_and_k_layer_kept_dequantized():
     rng = np.random.default_rng(3)
     ws = [(rng.standard_normal((16, 256)) * 0.05).astype(np.float32) for _ in range(2)]

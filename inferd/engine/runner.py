@@ -51,7 +51,7 @@ def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dty
 
 def decode_table(reqs: list[Request], table: str) -> torch.Tensor:
     """One block-table row per decode row (`reqs`: the sequence of each row; a verifying sequence has several
-    rows), zero-padded; each sequence's table is converted once. Released entries (-1, hybrid KV) read as block 0:
+    rows), zero-padded, built from Python lists in one tensor. Released entries (-1, hybrid KV) read as block 0:
     they lie before every row's window and are never read."""
     tables = [getattr(r, table) for r in reqs]
     width = max(len(t) for t in tables)

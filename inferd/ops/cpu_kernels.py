@@ -220,7 +220,8 @@ def qk_rows(ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, sb: torch.
     multipliers with fp16 super-block factors `sb`; 2: symmetric K-quant (Q6_K). None when the kernel does not
     apply (no C library, another dtype, an id out of range: the caller's torch path then runs or raises)."""
     lib = _lib()
-    if lib is None or dtype not in _FLOAT_TYPES or ids.dtype != torch.int64 or ids.dim() != 1:
+    if (lib is None or dtype not in _FLOAT_TYPES or ids.dtype != torch.int64 or ids.dim() != 1
+            or (mode > 0 and sb is None) or any(t.device.type != "cpu" for t in (ids, w, scales))):
         return None
     ids = ids.contiguous()
     out = torch.empty(ids.shape[0], k, dtype=dtype)

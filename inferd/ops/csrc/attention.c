@@ -1,7 +1,7 @@
 // Attention over the paged KV cache, read in place (no gather copy).
 //
-// paged_decode_attention: one query token per sequence. Parallel over (sequence, kv head); the G query heads
-// of a KV head share every K/V load; online softmax one block of tokens at a time.
+// paged_decode_attention: one query token per sequence. Parallel over sequences (fewer than 4: over (sequence,
+// kv head)); the G query heads of a KV head share every K/V load; online softmax one block of tokens at a time.
 #include "kernels.h"
 
 // One K or V row of D values from the cache, as fp32.
@@ -130,9 +130,6 @@ static inline float vf_hsum_all(vf v) {
 }
 #endif
 
-// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time. Scores VW keys at a time: each
-// key's dot product as FMAs into one vector per head, the VW vectors summed across lanes together
-// (vf_reduce_lanes); the block's softmax (max, exp, sum) on vectors of keys; V accumulated with broadcast FMAs.
 // Fetch the K and V row of one token and KV head (row_bytes at byte offset off) into the cache.
 static inline void prefetch_row(const void *k_cache, const void *v_cache, int64_t off, int row_bytes) {
     for (int x = 0; x < row_bytes; x += 64) {
@@ -141,6 +138,9 @@ static inline void prefetch_row(const void *k_cache, const void *v_cache, int64_
     }
 }
 
+// Vector version for D a multiple of VW: K/V rows converted VW lanes at a time. Scores VW keys at a time: each
+// key's dot product as FMAs into one vector per head, the VW vectors summed across lanes together
+// (vf_reduce_lanes); the block's softmax (max, exp, sum) on vectors of keys; V accumulated with broadcast FMAs.
 // next_seq_blk: the first block the next work item reads (-1: none), fetched while this one's last block is
 // computed. KV heads kh0 .. kh1-1 only (and their query heads): a sequence may be split among threads.
 static inline __attribute__((always_inline)) void attn_seq_vec(

@@ -27,6 +27,7 @@ static inline float bf16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return 0x7FC0;  // NaN: a quiet NaN (rounding could carry it into the sign)
     u += 0x7FFF + ((u >> 16) & 1);  // round to nearest even
     return (uint16_t)(u >> 16);
 }
@@ -66,6 +67,7 @@ static inline __m256 v8_round_bf16(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
     u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
                                              _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    u = _mm256_blendv_epi8(u, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
 }
 static inline void v8_store(void *p, int64_t off, __m256 v, const int is_bf16) {
@@ -90,10 +92,11 @@ static inline vf vf_load(const void *p, int64_t off, const int is_bf16) {
     }
     return _mm512_loadu_ps((const float *)p + off);
 }
-static inline vf vf_round_bf16(vf v) {  // round to nearest even bf16 (as f32_to_bf16), kept as fp32
+static inline vf vf_round_bf16(vf v) {  // round to nearest even bf16 (as f32_to_bf16, NaN too), kept as fp32
     __m512i u = _mm512_castps_si512(v);
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
                                              _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 static inline void vf_store(void *p, int64_t off, vf v, const int is_bf16) {

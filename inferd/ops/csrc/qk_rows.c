@@ -6,7 +6,8 @@
 //
 // The arithmetic is the torch path's, operation for operation, so the rows are bit-identical to it: d = d_sb·sc,
 // m = dmin_sb·mn (K-quant scales) or the fp16 d, m (Q5_0 / Q5_1), then w = q·d + m as a product and a sum (never
-// contracted to an FMA, which rounds once where torch rounds twice). Portable C: every tier, ARM included.
+// contracted to an FMA, which rounds once where torch rounds twice). Portable C, built on every tier, ARM included;
+// it runs where layers take the qkrows16 layout (the tiers with the quantized GEMMs).
 #include "kernels.h"
 
 #if defined(__clang__)
