@@ -106,7 +106,6 @@ static inline vf vf_reduce_lanes(const vf *v) {
     return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
 }
 #define vf_hmax _mm512_reduce_max_ps
-#define vf_hsum_all _mm512_reduce_add_ps
 #else
 static inline vf vf_reduce_lanes(const vf *v) {
     vf a[4], b[2];
@@ -122,11 +121,6 @@ static inline float vf_hmax(vf v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-static inline float vf_hsum_all(vf v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 #endif
 
@@ -221,7 +215,7 @@ static inline __attribute__((always_inline)) void attn_seq_vec(
                 for (int t = n; t < tend; t++) s[g][t] = 0.f;
                 vf sum = vf_zero();
                 for (int c = 0; c < nch; c++) sum = vf_add(sum, vf_load(s[g], t0 + c * VW, 0));
-                l[h] += vf_hsum_all(sum);
+                l[h] += vf_hsum(sum);
                 m[h] = mx;
             }
             for (int t = t0; t < n; t++) {
