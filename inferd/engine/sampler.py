@@ -101,9 +101,11 @@ class Sampler:
             view = logits[:, : self.vocab_size]
             best = cpu_kernels.argmax_rows(view)  # torch's argmax exactly, one C call (ops/csrc/argmax_rows.c)
             return SamplerOutput((view.argmax(dim=-1) if best is None else best).tolist(), [None] * B)
-        # a private copy: the steps below change rows in place, and the caller's logits may be the engine's own
-        # (an inference-mode tensor, which cannot be changed in place outside inference mode)
-        logits = logits[:, : self.vocab_size].clone()
+        # the steps below change rows in place: the engine hands over logits no one reads after this (its gathered
+        # rows, or all of a step's logits), but an inference-mode tensor cannot be changed outside inference mode
+        logits = logits[:, : self.vocab_size]
+        if torch.is_inference(logits) and not torch.is_inference_mode_enabled():
+            logits = logits.clone()
         logits = self.apply_penalties(logits, reqs)
         logits = self.apply_logit_bias(logits, reqs)
         for i, r in enumerate(reqs):  # min_tokens: EOS and stop tokens are banned until reached
