@@ -272,6 +272,14 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     const int G = K / 32;
 #define Q4_T(MR, WS, G0, G1, PART, WB, SB) \
     q4_tile(MR, NB, NS, BUF, OFF, WS, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16, G0, G1, PART, WB, SB)
+// the tile of the 1-3 rows left before row M1 (none: nothing)
+#define Q4_REST(M1, WS, G0, G1, PART, WB, SB)                   \
+    switch ((M1) - m0) {                                          \
+        case 3: Q4_T(3, WS, G0, G1, PART, WB, SB); break;         \
+        case 2: Q4_T(2, WS, G0, G1, PART, WB, SB); break;         \
+        case 1: Q4_T(1, WS, G0, G1, PART, WB, SB); break;         \
+        default: break;                                           \
+    }
     if (!BUF && NS == 2 && OFF == 32 && M >= 2 * Q4_MR) {
         // symmetric 6-bit weights (Q6_K) at 2 · Q4_MR rows or more: K in blocks of Q4_KB groups; per block the first
         // tile unpacks the weights and converts the scales in registers (7 vector ops a vector) and leaves them in
@@ -284,36 +292,21 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
             for (int g0 = 0; g0 < G; g0 += Q4_KB) {
                 const int g1 = G - g0 < Q4_KB ? G : g0 + Q4_KB;
                 int64_t m0 = c0;
-                if (c1 - c0 >= Q4_MR) {
-                    Q4_T(Q4_MR, 1, g0, g1, part, wb, sbuf);
-                    m0 += Q4_MR;
-                } else {  // a last chunk of fewer rows: one tile, no reuse
-                    switch (c1 - m0) {
-                        case 3: Q4_T(3, 0, g0, g1, part, wb, sbuf); break;
-                        case 2: Q4_T(2, 0, g0, g1, part, wb, sbuf); break;
-                        default: Q4_T(1, 0, g0, g1, part, wb, sbuf); break;
-                    }
+                if (c1 - c0 < Q4_MR) {  // a last chunk of fewer rows: one tile, no reuse
+                    Q4_REST(c1, 0, g0, g1, part, wb, sbuf)
                     continue;
                 }
-                for (; m0 + Q4_MR <= c1; m0 += Q4_MR) Q4_T(Q4_MR, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf);
-                switch (c1 - m0) {
-                    case 3: Q4_T(3, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
-                    case 2: Q4_T(2, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
-                    case 1: Q4_T(1, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf); break;
-                    default: break;
-                }
+                Q4_T(Q4_MR, 1, g0, g1, part, wb, sbuf);
+                for (m0 += Q4_MR; m0 + Q4_MR <= c1; m0 += Q4_MR) Q4_T(Q4_MR, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf);
+                Q4_REST(c1, 2, g0, g1, part + (m0 - c0) * NB, wb, sbuf)
             }
         }
         return;
     }
     int64_t m0 = 0;
     for (; m0 + Q4_MR <= M; m0 += Q4_MR) Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL);
-    switch (M - m0) {  // the rows left: fewer than Q4_MR
-        case 3: Q4_T(3, 0, 0, G, NULL, NULL, NULL); break;
-        case 2: Q4_T(2, 0, 0, G, NULL, NULL, NULL); break;
-        case 1: Q4_T(1, 0, 0, G, NULL, NULL, NULL); break;
-        default: break;
-    }
+    Q4_REST(M, 0, 0, G, NULL, NULL, NULL)  // the rows left: fewer than Q4_MR
+#undef Q4_REST
 #undef Q4_T
 }
 
