@@ -14,6 +14,7 @@ import pytest
 from inferd import LLM, SamplingParams
 from inferd.engine.async_engine import AsyncLLM
 from inferd.loader.repack_cache import DENSE_ALIGN, map_entry, mapped_rss
+from tests.proc_maps import vm_flags
 from tests.tiny_models import write_gguf, write_hf
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -58,26 +59,14 @@ def test_release_takes_the_mapped_copies_out_of_rss_and_a_big_step_maps_them_bac
     assert mapped_rss(entry) - idle >= pages  # the big step mapped them again
 
 
-def _vm_flags(path: Path) -> list[set[str]]:
-    """The VmFlags of each of this process's mappings of `path` (/proc/self/smaps)."""
-    flags, mapped = [], False
-    for line in open("/proc/self/smaps"):
-        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
-            mapped = line.rstrip().endswith(str(path))
-        elif mapped and line.startswith("VmFlags:"):
-            flags.append(set(line.split()[1:]))
-    return flags
-
-
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @pytest.mark.skipif(not THP.is_file() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
 def test_the_entry_is_mapped_asking_for_huge_pages(tmp_path, home):
     llm = _llm(tmp_path)
-    (entry,) = (home / "repack").glob("*.safetensors")
-    flags = _vm_flags(entry)
-    assert flags and all("hg" in f for f in flags)  # MADV_HUGEPAGE on the mapping the layers view
+    packed = next(m.packed for m in llm.engine.lm.model.modules() if getattr(m, "packed", None) is not None)
+    assert "hg" in vm_flags(packed)  # MADV_HUGEPAGE on the mapping the layers view
     assert llm.generate([[5, 6]], GREEDY)[0].outputs[0].token_ids
 
 

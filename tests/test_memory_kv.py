@@ -15,6 +15,7 @@ from inferd.engine.block_manager import KVCacheManager
 from inferd.engine.request import Request
 from inferd.engine.runner import lazy_zeros
 from inferd.sampling_params import SamplingParams
+from tests.proc_maps import vm_flags
 from tests.tiny_models import write_hf
 
 
@@ -119,26 +120,13 @@ def test_metrics_report_weight_and_kv_bytes(tiny_llm):
     eng.abort_request("mem")
 
 
-def _vm_flags(t: torch.Tensor) -> set[str]:
-    """The kernel's VmFlags for the mapping holding tensor t (from /proc/self/smaps)."""
-    addr, flags, inside = t.data_ptr(), set(), False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= addr < hi
-        elif inside and head == "VmFlags:":
-            flags = set(line.split()[1:])
-    return flags
-
-
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
                     reason="needs Linux /proc/self/smaps and a kernel with transparent huge pages")
 def test_kv_pool_page_size_follows_profile(tiny_llm, tiny_hf):
     # the pool asks for 2 MiB pages (fast: fewer TLB misses at many streams) or forbids them (small, balanced)
-    assert "hg" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=True))
-    assert "nh" in _vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=False))
+    assert "hg" in vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=True))
+    assert "nh" in vm_flags(lazy_zeros((4, 1 << 20), torch.float32, huge_pages=False))
     assert tiny_llm.engine.config.memory_profile == "balanced"
-    assert "nh" in _vm_flags(tiny_llm.engine.runner.kv_caches[0])
+    assert "nh" in vm_flags(tiny_llm.engine.runner.kv_caches[0])
     fast = LLM(str(tiny_hf), dtype="float32", kv_cache_memory=0.01, memory_profile="fast")
-    assert "hg" in _vm_flags(fast.engine.runner.kv_caches[0])
+    assert "hg" in vm_flags(fast.engine.runner.kv_caches[0])
