@@ -152,16 +152,25 @@ def _held_stream(url: str, body: dict) -> tuple[int, dict, str]:
 
 def test_overload_is_503_with_retry_after_at_the_ingress(cluster):
     """2 replicas x 16 ongoing + 16 queued at the ingress: 80 requests at once cannot all be taken. Each admitted
-    request streams 480 tokens, so the first 48 are still running when the last ones arrive, however fast the CPU
-    (with 64-token requests a fast host drained them as quickly as they came and never refused one)."""
+    request streams 480 tokens, so the first 48 are still running when the last ones arrive on a quiet host (with
+    64-token requests a fast host drained them as quickly as they came and never refused one). On a loaded host the
+    ingress's relay of 32 streams can become the slower side: the replicas finish generating and free their slots
+    before the ingress forwards the next requests, and a burst is admitted whole (seen once in CI). Then the burst
+    is sent again, up to three times: with the limit broken no burst is ever refused, so the test still fails."""
     url, _ = cluster
     body = {"messages": [{"role": "user", "content": "overload"}], "max_tokens": 480, "ignore_eos": True,
             "stream": True}
-    with cf.ThreadPoolExecutor(80) as pool:
-        rs = list(pool.map(lambda _: _held_stream(url, body), range(80)))
-    codes = [code for code, _, _ in rs]
-    assert set(codes) <= {200, 503} and codes.count(200) >= 32 and codes.count(503) >= 1, codes
-    assert all(text.rstrip().endswith("data: [DONE]") for code, _, text in rs if code == 200)
+    bursts = []
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(80) as pool:
+            rs = list(pool.map(lambda _: _held_stream(url, body), range(80)))
+        codes = [code for code, _, _ in rs]
+        bursts.append(codes)
+        assert set(codes) <= {200, 503} and codes.count(200) >= 32, codes
+        assert all(text.rstrip().endswith("data: [DONE]") for code, _, text in rs if code == 200)
+        if 503 in codes:
+            break
+    assert 503 in codes, [(b.count(200), b.count(503)) for b in bursts]
     _, headers, text = next(r for r in rs if r[0] == 503)
     assert headers["retry-after"] == "1" and json.loads(text)["error"]["type"] == "overloaded"
 
