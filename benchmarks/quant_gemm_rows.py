@@ -6,6 +6,10 @@ benchmarks/int8_peak.py's vpdpbusd ceiling.
 
     python benchmarks/quant_gemm_rows.py --old d24d462 --rows 1 4 8 16 64
 
+Each timing cycles through copies of the weights, together at least --dram-mb (default 256 MB, far above the L3),
+so every call reads its weights from DRAM as a decode step does (one layer after the other); with --copies 1 a
+matrix that fits in the L3 is read from there after the first call, which hides the kernels' waits on DRAM.
+
 Types: Q4_0 (q4s_gemm, or q4_gemm in a library without it), Q8_0 (q8_gemm), Q4_K (qk_gemm_ks, 4 bits, scales per 32), Q6_K (qk_gemm_kss, 6 bits, per 16,
 or qk_gemm_ks in a library without it).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import platform
 import statistics
@@ -68,7 +73,7 @@ def operands(typ: str, n: int, k: int, g: torch.Generator) -> tuple[list[torch.T
         return [u8(n * k), f16(n * gk)], ()
     bits, sub = (4, 32) if typ == "Q4_K" else (6, 16)
     scm = torch.randint(0, 64, (n * gk * 2 * (32 // sub),), dtype=torch.int8, generator=g)
-    return [u8(n * gk * (256 + 64 * (bits - 4))), scm, f16(n * (k // 256) * 2)], (bits, sub)
+    return [u8(n // 16 * gk * (256 + 64 * (bits - 4))), scm, f16(n * (k // 256) * 2)], (bits, sub)  # (rb, g, bytes)
 
 
 def call(lib: ctypes.CDLL, typ: str, x: torch.Tensor, ops: list[torch.Tensor], extra: tuple[int, ...],
@@ -93,11 +98,13 @@ def call(lib: ctypes.CDLL, typ: str, x: torch.Tensor, ops: list[torch.Tensor], e
         raise RuntimeError(f"{typ}: the kernel refused the shape {m}x{k} -> {n}")
 
 
-def time_one(lib: ctypes.CDLL, typ: str, x, ops, extra, y, min_s: float, clock) -> float:
-    call(lib, typ, x, ops, extra, y)
+def time_one(lib: ctypes.CDLL, typ: str, x, copies, extra, y, min_s: float, clock) -> float:
+    """Seconds per call, the calls cycling through the weight copies."""
+    for ops in copies:
+        call(lib, typ, x, ops, extra, y)
     reps, t0 = 0, clock()
     while True:
-        call(lib, typ, x, ops, extra, y)
+        call(lib, typ, x, copies[reps % len(copies)], extra, y)
         reps += 1
         el = clock() - t0
         if el >= min_s:
@@ -112,6 +119,10 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=3, help="alternating old/new rounds (the median is shown)")
     ap.add_argument("--min-s", type=float, default=0.05, help="seconds of calls per timing")
+    ap.add_argument("--copies", type=int, default=0,
+                    help="copies of each weight matrix the calls cycle through (0: enough for --dram-mb)")
+    ap.add_argument("--dram-mb", type=float, default=256.0,
+                    help="with --copies 0: the copies' total size, so the weights come from DRAM")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time (with OMP_NUM_THREADS=1 the kernel runs on it), steadier on a "
                          "shared host than wall time")
@@ -125,7 +136,8 @@ def main() -> None:
         return
     load = os.getloadavg()[0]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, tier {kern.tier}, "
-          f"OMP threads {os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, {args.clock} clock, load {load:.2f} (at start)")
+          f"OMP threads {os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, {args.clock} clock, weights "
+          f"{'x' + str(args.copies) if args.copies else f'copied to {args.dram_mb:.0f} MB'}, load {load:.2f} (at start)")
     g = torch.Generator().manual_seed(0)
     secs: dict[tuple[str, str, str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,13 +151,16 @@ def main() -> None:
             for shape in args.shapes:
                 n, k = SHAPES[shape]
                 ops, extra = operands(typ, n, k, g)
+                size = sum(t.numel() * t.element_size() for t in ops)
+                count = args.copies or max(1, math.ceil(args.dram_mb * 1e6 / size))
+                copies = [ops] + [[t.clone() for t in ops] for _ in range(count - 1)]
                 for m in args.rows:
                     x = torch.randn(m, k, generator=g)
                     y = torch.empty(m, n)
                     times: dict[str, list[float]] = {name: [] for name in libs}
                     for _ in range(args.rounds):
                         for name, lib in libs.items():
-                            times[name].append(time_one(lib, typ, x, ops, extra, y, args.min_s, clock))
+                            times[name].append(time_one(lib, typ, x, copies, extra, y, args.min_s, clock))
                     gops = {name: 2 * m * n * k / statistics.median(t) / 1e9 for name, t in times.items()}
                     for name, t in times.items():
                         secs[(name, typ, shape, m)] = statistics.median(t)

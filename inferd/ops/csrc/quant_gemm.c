@@ -281,8 +281,8 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     const int64_t nrbs = N / 16;  // row blocks in all
     // 4-bit weights unpacked in the tile at 2 · Q4_MR rows or more: tiles 1..pft (after the first, which streams
     // this group's weights from DRAM) ask for the next row-block group's packed weights into L2, pfn lines a group,
-    // so that group's first tile finds them there instead of waiting on DRAM (measured 1.04-1.29x at 8-24 rows on
-    // weights that do not stay in the caches; at 32-64 rows, where the first tile is a smaller share, neutral)
+    // so that group's first tile finds them there instead of waiting on DRAM (measured 1.03-1.29x at 8-24 rows on
+    // weights read from DRAM as in a decode step; 0.98-1.11x at 32-64 rows, where the first tile is a smaller share)
     const int pft = !BUF && NS == 1 && M >= 2 * Q4_MR ? (M / Q4_MR - 1 < Q4_PF_TILES ? M / Q4_MR - 1 : Q4_PF_TILES) : 0;
     const int64_t nbytes = (int64_t)NB * G * 256;
     const int pfn = pft ? (int)((nbytes / 64 + (int64_t)pft * G - 1) / ((int64_t)pft * G)) : 0;
@@ -361,10 +361,10 @@ static int q4_gemm_tiled(const qact *a, const float *sx16, int M, const uint8_t 
                          int off) {
     const int nrb = N / 16, ngr = (nrb + Q4_NB - 1) / Q4_NB, G = K / 32, gb = 256 + 64 * (bits - 4);
     int failed = 0;
-    // guided, as every quantized GEMM's loop here: on a shared host one core is often slower for a while (another
-    // guest on its sibling), and static halves then wait for it; guided chunks shrink towards the end, so the faster
-    // core takes more of the work, while the first chunks stay long and sequential (measured the same as static on
-    // a quiet host, 1.05-1.15x while one core was disturbed)
+    // guided, as every quantized GEMM's loop here: on a shared host one core can run slower for a while, and static
+    // halves then wait for it at the barrier; guided chunks shrink towards the end, so the faster core takes more of
+    // the work, while the first chunks stay long and sequential (measured equal to static when static ran at its
+    // best, 1.13-1.29x in runs where the host slowed static; docs/benchmarks.md, seventh session)
 #pragma omp parallel for schedule(guided) reduction(| : failed)
     for (int gr = 0; gr < ngr; gr++) {
         static __thread void *scb = NULL, *uwb = NULL;  // scales (G, NB, [d, m], ns, 16) fp32; weights (G, NB, 8, 64)
