@@ -163,8 +163,8 @@ static inline __attribute__((always_inline)) void q4_tile(const int MR, const in
         }
         if (pf)
             for (int j = 0; j < pfn; j++) {
-                const uint8_t *p = pf + ((int64_t)(g - g0) * pfn + j) * 64;
-                if (p < pfend) _mm_prefetch((const char *)p, _MM_HINT_T1);
+                const int64_t off = ((int64_t)(g - g0) * pfn + j) * 64;  // (an offset: no pointer past pfend)
+                if (off < pfend - pf) _mm_prefetch((const char *)(pf + off), _MM_HINT_T1);
             }
         if (!BUF && WS != 2 && m0 == 0 && g + Q4_PREFETCH < G)  // the first tile streams the packed weights from DRAM:
             _Pragma("GCC unroll 2") for (int b = 0; b < NB; b++)  // ask for them Q4_PREFETCH groups ahead
@@ -284,10 +284,10 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     // so that group's first tile finds them there instead of waiting on DRAM (measured 1.03-1.29x at 8-24 rows on
     // weights read from DRAM as in a decode step; 0.98-1.11x at 32-64 rows, where the first tile is a smaller share)
     const int pft = !BUF && NS == 1 && M >= 2 * Q4_MR ? (M / Q4_MR - 1 < Q4_PF_TILES ? M / Q4_MR - 1 : Q4_PF_TILES) : 0;
-    const int64_t nbytes = (int64_t)NB * G * 256;
+    // (byte offsets into w: the next group's may lie past its end, where no pointer is formed)
+    const int64_t nbytes = (int64_t)NB * G * 256, nx = (rb + NB) * G * 256, wbytes = nrbs * G * 256;
     const int pfn = pft ? (int)((nbytes / 64 + (int64_t)pft * G - 1) / ((int64_t)pft * G)) : 0;
-    const uint8_t *nx = w + (rb + NB) * G * 256, *wend = w + nrbs * G * 256;
-    const uint8_t *pfend = nx + nbytes < wend ? nx + nbytes : wend;
+    const uint8_t *pfend = w + (nx + nbytes < wbytes ? nx + nbytes : wbytes);
 #define Q4_T(MR, WS, G0, G1, PART, WB, SB, PF, PFN, PFEND)                                                          \
     q4_tile(MR, NB, NS, BUF, OFF, WS, a, sx16, m0, K, w, uw, dm, scm, sb, sc, rb, y, N, is_bf16, G0, G1, PART, WB, SB, \
             PF, PFN, PFEND)
@@ -327,9 +327,8 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     if (pft) {  // (the first tile apart: the prefetch test leaves its inlined body)
         Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, NULL, 0, NULL);
         for (m0 = Q4_MR; m0 + Q4_MR <= M; m0 += Q4_MR) {
-            const int64_t t = m0 / Q4_MR;
-            const uint8_t *pf = t <= pft ? nx + (t - 1) * G * pfn * 64 : pfend;
-            Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, pf < pfend ? pf : NULL, pfn, pfend);
+            const int64_t t = m0 / Q4_MR, pf = nx + (t - 1) * G * pfn * 64;
+            Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, t <= pft && pf < pfend - w ? w + pf : NULL, pfn, pfend);
         }
     }
     for (; m0 + Q4_MR <= M; m0 += Q4_MR) Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, NULL, 0, NULL);
