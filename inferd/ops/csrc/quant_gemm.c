@@ -284,7 +284,9 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
     // so that group's first tile finds them there instead of waiting on DRAM (measured 1.03-1.29x at 8-24 rows on
     // weights read from DRAM as in a decode step; 0.98-1.11x at 32-64 rows, where the first tile is a smaller share)
     const int pft = !BUF && NS == 1 && M >= 2 * Q4_MR ? (M / Q4_MR - 1 < Q4_PF_TILES ? M / Q4_MR - 1 : Q4_PF_TILES) : 0;
-    // (byte offsets into w: the next group's may lie past its end, where no pointer is formed)
+    // (byte offsets into w, 256 bytes per row block and group as at 4 bits, the only weights prefetched: the next
+    // group's may lie past the end, where no pointer is formed. With guided scheduling the last group of a thread's
+    // chunk prefetches one another thread takes: 32 KB of a few chunks per call.)
     const int64_t nbytes = (int64_t)NB * G * 256, nx = (rb + NB) * G * 256, wbytes = nrbs * G * 256;
     const int pfn = pft ? (int)((nbytes / 64 + (int64_t)pft * G - 1) / ((int64_t)pft * G)) : 0;
     const uint8_t *pfend = w + (nx + nbytes < wbytes ? nx + nbytes : wbytes);
@@ -324,11 +326,11 @@ static inline __attribute__((always_inline)) void q4_rows(const int NB, const in
         return;
     }
     int64_t m0 = 0;
-    if (pft) {  // (the first tile apart: the prefetch test leaves its inlined body)
+    if (pft) {  // the first tile, then tiles 1..pft with their slices (the others, below, without the test)
         Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, NULL, 0, NULL);
-        for (m0 = Q4_MR; m0 + Q4_MR <= M; m0 += Q4_MR) {
-            const int64_t t = m0 / Q4_MR, pf = nx + (t - 1) * G * pfn * 64;
-            Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, t <= pft && pf < pfend - w ? w + pf : NULL, pfn, pfend);
+        for (m0 = Q4_MR; m0 <= (int64_t)pft * Q4_MR; m0 += Q4_MR) {
+            const int64_t pf = nx + (m0 / Q4_MR - 1) * G * pfn * 64;
+            Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, pf < pfend - w ? w + pf : NULL, pfn, pfend);
         }
     }
     for (; m0 + Q4_MR <= M; m0 += Q4_MR) Q4_T(Q4_MR, 0, 0, G, NULL, NULL, NULL, NULL, 0, NULL);
